@@ -1,0 +1,118 @@
+// Fused dropout on the CPU: Philox mask + scale in one pass, no mask tensor.
+// Bytes per element: read x, write y (2·sizeof(T)); the cost is the Philox ALU work, so the
+// Philox block below is written as fixed-trip-count loops the compiler vectorizes (AVX-512/AVX2
+// clones picked at load time), 4 elements per Philox call.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "dropout.h"
+
+namespace dropreg {
+namespace {
+
+constexpr int64_t kBlockGroups = 32;  // Philox calls per vectorized block (128 elements)
+constexpr int64_t kBlockElems = 4 * kBlockGroups;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DROPREG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DROPREG_CPU_CLONES
+#endif
+
+// u[e] = u32(4·first_group + e) for the kBlockElems elements of a block, in element order.
+// The rounds run over structure-of-arrays counters with the group loop innermost, so the compiler
+// vectorizes across groups (all groups share the key schedule); the words are then interleaved.
+DROPREG_CPU_CLONES void philox_block(uint64_t seed, uint64_t offset, uint64_t stream,
+                                     uint64_t first_group, uint32_t* __restrict__ u) {
+  uint32_t c0[kBlockGroups], c1[kBlockGroups], c2[kBlockGroups], c3[kBlockGroups];
+  const uint64_t s = offset + stream;
+  for (int64_t j = 0; j < kBlockGroups; ++j) {
+    const uint64_t g = first_group + static_cast<uint64_t>(j);
+    c0[j] = static_cast<uint32_t>(g);
+    c1[j] = static_cast<uint32_t>(g >> 32);
+    c2[j] = static_cast<uint32_t>(s);
+    c3[j] = static_cast<uint32_t>(s >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int64_t j = 0; j < kBlockGroups; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int64_t j = 0; j < kBlockGroups; ++j) {
+    u[4 * j] = c0[j];
+    u[4 * j + 1] = c1[j];
+    u[4 * j + 2] = c2[j];
+    u[4 * j + 3] = c3[j];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,
+                                    const uint32_t* __restrict__ u, int64_t count,
+                                    uint64_t threshold, acc_t scale) {
+  for (int64_t e = 0; e < count; ++e) y[e] = dropout_element<scalar_t, acc_t>(x[e], u[e], threshold, scale);
+}
+
+template <typename scalar_t, typename acc_t>
+void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t scale,
+                    uint64_t seed, uint64_t offset) {
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint32_t u[kBlockElems];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * kBlockElems;
+      philox_block(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(b * kBlockGroups), u);
+      apply_block<scalar_t, acc_t>(x + begin, y + begin, u, std::min(kBlockElems, n - begin),
+                                   threshold, scale);
+    }
+  });
+}
+
+void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng) {
+  const int64_t* state = rng.data_ptr<int64_t>();
+  const uint64_t seed = static_cast<uint64_t>(state[0]);
+  const uint64_t offset = static_cast<uint64_t>(state[1]);
+  const uint64_t threshold = dropout_threshold(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dropout_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    x.numel(), threshold, dropout_scale<acc_t>(p), seed, offset);
+  });
+}
+
+void check_args(const at::Tensor& x, double p, const at::Tensor& rng) {
+  DROPREG_CHECK_FLOATING(x);
+  DROPREG_CHECK_PROB(p);
+  DROPREG_CHECK_RNG(rng, x);
+}
+
+at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& rng) {
+  check_args(x, p, rng);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  dropout_into(xc, y, p, rng.contiguous());
+  return y;
+}
+
+void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) {
+  check_args(x, p, rng);
+  TORCH_CHECK(x.is_contiguous(), "argument 'x' of dropout_ must be contiguous");
+  dropout_into(x, x, p, rng.contiguous());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
+  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_", &dropout_cpu_);
+}
+
+}  // namespace dropreg

@@ -1,0 +1,90 @@
+// Philox4x32-10 (Salmon et al., SC'11; Random123 constants) and the project's counter layout.
+//
+// Written once here for the C++ CPU and CUDA kernels; the Triton twin is
+// triton_kernels/philox.py and the int64-arithmetic twin is dropreg_ext/reference.py::philox4x32_10.
+// All three are tested against the Random123 known-answer vectors and against each other.
+//
+// Counter layout (the random-number contract, DESIGN.md §3):
+//   key     = (lo32(seed), hi32(seed))
+//   counter = (lo32(g), hi32(g), lo32(s), hi32(s)),  g = i >> 2,  s = offset + stream  (mod 2^64)
+//   u32(i)  = philox(counter, key)[i & 3]
+// where i is the logical (row-major, contiguous) element index of the tensor the stream is drawn
+// for, (seed, offset) is the per-call RNG state, and `stream` separates the independent streams of
+// one call (dropout mask, site noise, Gumbel noise). Nothing depends on threads, grids or tiling.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DROPREG_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DROPREG_HOST_DEVICE inline
+#endif
+
+namespace dropreg {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+// Independent streams of one call: they differ in counter words 2-3, so they never share counters.
+enum Stream : uint64_t {
+  kStreamDropoutMask = 0,
+  kStreamSiteNoise = 1,
+  kStreamGumbel = 2,
+};
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+DROPREG_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// One Philox round with round key (k0, k1).
+DROPREG_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+                                      uint32_t k0, uint32_t k1) {
+  const uint32_t hi0 = mulhi32(kPhiloxM0, c0);
+  const uint32_t lo0 = kPhiloxM0 * c0;
+  const uint32_t hi1 = mulhi32(kPhiloxM1, c2);
+  const uint32_t lo1 = kPhiloxM1 * c2;
+  c0 = hi1 ^ c1 ^ k0;
+  c1 = lo1;
+  c2 = hi0 ^ c3 ^ k1;
+  c3 = lo0;
+}
+
+// Round r (0-based) uses key (k0 + r·W0, k1 + r·W1).
+DROPREG_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                          uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four 32-bit draws for elements 4g .. 4g+3 of stream `stream` under (seed, offset).
+DROPREG_HOST_DEVICE Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t stream,
+                                         uint64_t group) {
+  const uint64_t s = offset + stream;
+  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                       static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Keep test on integers: an element is dropped iff u32 < threshold, threshold = round(q * 2^32)
+// in [0, 2^32]. q = 0 gives 0 (keep all) and q = 1 gives 2^32 (drop all), with no special case.
+DROPREG_HOST_DEVICE bool keep(uint32_t u, uint64_t threshold) {
+  return static_cast<uint64_t>(u) >= threshold;
+}
+
+}  // namespace dropreg

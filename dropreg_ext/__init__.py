@@ -1,0 +1,39 @@
+"""dropreg_ext: fused dropout and the explicit/implicit regularizers that explain it.
+
+    >>> import dropreg_ext as dr
+    >>> dr.replace_dropout(model)                 # fused, mask-free, bit-reproducible dropout
+    >>> dr.set_backend("triton")                  # or "auto" | "cuda" | "cpu" | "reference"
+"""
+
+from . import _ext, functional, ops, reference
+from .nn import Dropout, replace_dropout
+from .ops import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dropout",
+    "replace_dropout",
+    "functional",
+    "ops",
+    "reference",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "build_info",
+]
+
+
+def build_info() -> dict:
+    """Facts about this install: versions the extension was built against and usable backends."""
+    import torch
+
+    return {
+        "dropreg_ext": __version__,
+        "torch_installed": torch.__version__,
+        "extension_loaded": _ext.HAS_CPU,
+        "built_against": _ext.BUILD_INFO,
+        "triton": _ext.HAS_TRITON,
+        "cuda_device": torch.cuda.is_available(),
+        "backend": get_backend(),
+    }

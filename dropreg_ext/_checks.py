@@ -1,0 +1,41 @@
+"""Argument checks of the public Python API: each error names the argument and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_prob(p, name: str = "p") -> float:
+    """p must be a real number in [0, 1] (not bool, not NaN); returned as float."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"argument '{name}' must be a float in [0, 1], got {type(p).__name__}")
+    p = float(p)
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"argument '{name}' must be a probability in [0, 1], got {p}")
+    return p
+
+
+def check_float_tensor(x, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"argument '{name}' must be a float64, float32, float16 or bfloat16 tensor, got {x.dtype}"
+        )
+
+
+def check_seed(seed, name: str = "seed"):
+    """None, or an integer in [0, 2^64); returned as the int64 with the same bits."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"argument '{name}' must be None or an int in [0, 2**64), got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"argument '{name}' must be None or an int in [0, 2**64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed

@@ -1,0 +1,55 @@
+"""Fused dropout in Triton: Philox mask + scale in one pass, no mask tensor.
+
+    y_i = keep_i ? x_i · scale : 0,   keep_i = u32(i) >= round(p·2^32),   scale = 1/(1-p)
+
+computed in float32 (float64 for float64 inputs) and rounded once. Bytes per element: read x,
+write y. Each program handles BLOCK elements as a (BLOCK/4, 4) tile so one Philox call serves the
+four elements of a row of the tile, matching the counter layout of ``philox.py``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import dropout_scale, dropout_threshold
+from ._launch import kernel_launcher
+from .philox import philox_groups
+from .rounding import round_to
+
+STREAM_DROPOUT_MASK: tl.constexpr = 0
+
+
+@triton.jit
+def _dropout_kernel(x_ptr, y_ptr, scale_ptr, rng_ptr, n, threshold, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    lane = tl.arange(0, 4)
+    offs = group[:, None] * 4 + lane[None, :]
+    mask = offs < n
+    r0, r1, r2, r3 = philox_groups(rng_ptr, STREAM_DROPOUT_MASK, group)
+    u = tl.where(
+        lane[None, :] == 0,
+        r0[:, None],
+        tl.where(lane[None, :] == 1, r1[:, None], tl.where(lane[None, :] == 2, r2[:, None], r3[:, None])),
+    )
+    keep = u.to(tl.int64) >= threshold
+    scale = tl.load(scale_ptr)
+    x = tl.load(x_ptr + offs, mask=mask, other=0)
+    y = tl.where(keep, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
+    """Launcher: x any shape (made contiguous), rng int64 [seed, offset] on x's device."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return y
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale_t = torch.full((), dropout_scale(p), dtype=acc, device=x.device)
+    block = 1024
+    kernel_launcher(_dropout_kernel)[(triton.cdiv(n, block),)](
+        x, y, scale_t, rng, n, dropout_threshold(p), BLOCK=block
+    )
+    return y
