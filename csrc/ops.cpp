@@ -34,4 +34,26 @@ TORCH_LIBRARY(dropreg, m) {
   m.def("dropout_(Tensor(a!) x, float p, Tensor rng) -> ()");
   // Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2), values in [0, 2^32) -> int64 (N, 4).
   m.def("philox(Tensor counter, Tensor key) -> Tensor");
+
+  // Cross-entropy with a sampled label, one pass over each row of z (N, C):
+  // loss (N,) = lse - z[target] (0 on ignored rows), lse (N,), yhat (N,) int64 = argmax(z + Gumbel)
+  // (ignore_index on ignored rows). loss/lse are float32 (float64 for float64 z).
+  m.def(
+      "cross_entropy_sample(Tensor z, Tensor target, Tensor rng, int ignore_index) -> "
+      "(Tensor loss, Tensor lse, Tensor yhat)");
+  // G (N, C) = row_scale ⊙ (exp(z - lse) - onehot(label)), 0 on ignored rows; z's dtype.
+  m.def("ce_grad(Tensor z, Tensor lse, Tensor label, Tensor row_scale, int ignore_index) -> Tensor");
+  // VJP of ce_grad: grad_z = row_scale ⊙ p ⊙ (u - <p,u>), grad_row_scale = <p,u> - u[label].
+  m.def(
+      "ce_grad_backward(Tensor u, Tensor z, Tensor lse, Tensor label, Tensor row_scale, "
+      "int ignore_index) -> (Tensor grad_z, Tensor grad_row_scale)");
+
+  // Site penalty: [sum (g_e*h)^2, sum g_i*eta*h] (2,) with eta regenerated from rng
+  // (noise = "rademacher" | "dropout"); a missing g_e / g_i contributes 0.
+  m.def("site_penalty(Tensor h, Tensor? g_e, Tensor? g_i, float q, str noise, Tensor rng) -> Tensor");
+  // Its gradients for grad = [a, b]: dh = 2a g_e^2 h + b g_i eta, dg_e = 2a g_e h^2, dg_i = b eta h;
+  // an empty tensor stands for the gradient of a missing input.
+  m.def(
+      "site_penalty_backward(Tensor grad, Tensor h, Tensor? g_e, Tensor? g_i, float q, str noise, "
+      "Tensor rng) -> (Tensor grad_h, Tensor grad_g_e, Tensor grad_g_i)");
 }

@@ -6,7 +6,7 @@
 """
 
 from . import _ext, functional, ops, reference
-from .nn import Dropout, replace_dropout
+from .nn import Dropout, DropoutRegularizer, k_sample_loss, replace_dropout
 from .ops import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Dropout",
     "replace_dropout",
+    "DropoutRegularizer",
+    "k_sample_loss",
     "functional",
     "ops",
     "reference",

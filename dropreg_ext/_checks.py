@@ -39,3 +39,25 @@ def check_seed(seed, name: str = "seed"):
     if not 0 <= seed < 2**64:
         raise ValueError(f"argument '{name}' must be None or an int in [0, 2**64), got {seed}")
     return seed - 2**64 if seed >= 2**63 else seed
+
+
+def check_rng(rng, like: torch.Tensor, name: str = "rng") -> None:
+    """rng must be an int64 tensor [seed, offset] of shape (2,) on the device of ``like``."""
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.int64 or rng.shape != (2,):
+        raise TypeError(
+            f"argument '{name}' must be an int64 tensor [seed, offset] of shape (2,), got "
+            f"{getattr(rng, 'dtype', type(rng).__name__)} of shape {tuple(getattr(rng, 'shape', ()))}"
+        )
+    if rng.device != like.device:
+        raise ValueError(f"argument '{name}' must be on the input's device ({like.device}), got {rng.device}")
+
+
+def check_philox_args(counter, key) -> None:
+    """counter int64 (N, 4) and key int64 (N, 2) on one device."""
+    for name, t, width in (("counter", counter, 4), ("key", key, 2)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2 or t.shape[1] != width:
+            raise TypeError(f"argument '{name}' must be an int64 tensor of shape (N, {width})")
+    if key.shape[0] != counter.shape[0]:
+        raise ValueError(f"argument 'key' must have one row per counter row ({counter.shape[0]}), got {key.shape[0]}")
+    if key.device != counter.device:
+        raise ValueError("arguments 'counter' and 'key' must be on the same device")

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from . import _ext, reference
-from ._checks import check_float_tensor, check_prob, check_seed
+from ._checks import check_float_tensor, check_philox_args, check_prob, check_rng, check_seed
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +42,9 @@ __all__ = [
     "fused_dropout",
     "dropout",
     "philox",
+    "cross_entropy_sample",
+    "ce_grad",
+    "site_penalty",
 ]
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
@@ -126,82 +129,254 @@ def make_rng(device, seed: Optional[int] = None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered ops: one per backend, each with a fake kernel and the same autograd formula.
-# Dropout is linear in x with a mask fixed by rng, so d/dx applies the same op to the gradient:
-# backward and double backward regenerate the mask and save only rng.
+# Registered ops. Each op exists once per backend (C++ "dropreg::<op>" for cpu/cuda, Python
+# "dropreg::<op>_triton" and "dropreg::<op>_reference"), with one fake kernel and one autograd
+# formula shared by all backends; a backend's backward calls that backend's ops.
 # ---------------------------------------------------------------------------------------------
 
-
-def _dropout_fake(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _register_dropout_autograd(op_name: str, op: Callable) -> None:
-    def setup_context(ctx, inputs, output):
-        _, p, rng = inputs
-        ctx.p = p
-        ctx.save_for_backward(rng)
-
-    def backward(ctx, grad):
-        (rng,) = ctx.saved_tensors
-        return op(grad, ctx.p, rng), None, None
-
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+Tensor = torch.Tensor
+OP_NAMES = (
+    "dropout",
+    "philox",
+    "cross_entropy_sample",
+    "ce_grad",
+    "ce_grad_backward",
+    "site_penalty",
+    "site_penalty_backward",
+)
 
 
-@torch.library.custom_op("dropreg::dropout_reference", mutates_args=())
-def _dropout_reference(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    return reference.dropout(x, p, rng)
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_dropout_reference.register_fake(_dropout_fake)
-_register_dropout_autograd("dropreg::dropout_reference", torch.ops.dropreg.dropout_reference)
+def _empty() -> Tensor:
+    return torch.empty(0)
 
 
-@torch.library.custom_op("dropreg::philox_reference", mutates_args=())
-def _philox_reference(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    return reference.philox(counter, key)
+_FAKES = {
+    "dropout": lambda x, p, rng: torch.empty(x.shape, dtype=x.dtype, device=x.device),
+    "philox": lambda c, k: torch.empty((c.shape[0], 4), dtype=torch.int64, device=c.device),
+    "cross_entropy_sample": lambda z, t, rng, ii: (
+        z.new_empty(z.shape[:1], dtype=_acc(z.dtype)),
+        z.new_empty(z.shape[:1], dtype=_acc(z.dtype)),
+        z.new_empty(z.shape[:1], dtype=torch.int64),
+    ),
+    "ce_grad": lambda z, lse, label, rs, ii: torch.empty(z.shape, dtype=z.dtype, device=z.device),
+    "ce_grad_backward": lambda u, z, lse, label, rs, ii: (
+        torch.empty(z.shape, dtype=z.dtype, device=z.device),
+        rs.new_empty(rs.shape),
+    ),
+    "site_penalty": lambda h, ge, gi, q, noise, rng: h.new_empty((2,), dtype=_acc(h.dtype)),
+    "site_penalty_backward": lambda grad, h, ge, gi, q, noise, rng: (
+        torch.empty(h.shape, dtype=h.dtype, device=h.device),
+        torch.empty(h.shape, dtype=ge.dtype, device=h.device) if ge is not None else h.new_empty((0,)),
+        torch.empty(h.shape, dtype=gi.dtype, device=h.device) if gi is not None else h.new_empty((0,)),
+    ),
+}
 
 
-@_philox_reference.register_fake
-def _philox_fake(counter, key):
-    return torch.empty((counter.shape[0], 4), dtype=torch.int64, device=counter.device)
+def _python_op_bodies(kernels) -> dict:
+    """Typed bodies (the schema is inferred from the annotations) calling ``kernels``' functions."""
+
+    # Argument checks that the C++ ops make in their launchers (metadata only: no host sync).
+    def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
+        check_rng(rng, x)
+        return kernels.dropout(x, p, rng)
+
+    def philox(counter: Tensor, key: Tensor) -> Tensor:
+        check_philox_args(counter, key)
+        return kernels.philox(counter, key)
+
+    def cross_entropy_sample(
+        z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        check_rng(rng, z)
+        return tuple(kernels.cross_entropy_sample(z, target, rng, ignore_index))
+
+    def ce_grad(z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
+        return kernels.ce_grad(z, lse, label, row_scale, ignore_index)
+
+    def ce_grad_backward(
+        u: Tensor, z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int
+    ) -> tuple[Tensor, Tensor]:
+        return tuple(kernels.ce_grad_backward(u, z, lse, label, row_scale, ignore_index))
+
+    def site_penalty(
+        h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
+    ) -> Tensor:
+        check_rng(rng, h)
+        return kernels.site_penalty(h, g_e, g_i, q, noise, rng)
+
+    def site_penalty_backward(
+        grad: Tensor, h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        check_rng(rng, h)
+        dh, dge, dgi = kernels.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng)
+        return (dh, dge if dge is not None else h.new_empty((0,)), dgi if dgi is not None else h.new_empty((0,)))
+
+    return {name: fn for name, fn in locals().items() if name in OP_NAMES}
 
 
-_DROPOUT_OPS = {"reference": torch.ops.dropreg.dropout_reference}
-_PHILOX_OPS = {"reference": torch.ops.dropreg.philox_reference}
+def _none_if_empty(t: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
+    return None if like is None else t
+
+
+def _register_autograd(qualname: str, name: str, ops: dict) -> None:
+    """The autograd formula of op ``name``; ``ops`` maps op names to this backend's ops."""
+
+    if name == "dropout":
+        # Linear in x with a mask fixed by rng: backward applies the same op (mask regenerated).
+        def setup_context(ctx, inputs, output):
+            ctx.p = inputs[1]
+            ctx.save_for_backward(inputs[2])
+
+        def backward(ctx, grad):
+            (rng,) = ctx.saved_tensors
+            return ops["dropout"](grad, ctx.p, rng), None, None
+
+    elif name == "cross_entropy_sample":
+        # d loss_r / d z_r = softmax(z_r) - onehot(y_r) = ce_grad row; d lse / d z = softmax(z).
+        def setup_context(ctx, inputs, output):
+            z, target, _, ignore_index = inputs
+            ctx.ignore_index = ignore_index
+            ctx.save_for_backward(z, target, output[1])
+
+        def backward(ctx, grad_loss, grad_lse, _grad_yhat):
+            z, target, lse = ctx.saved_tensors
+            grad_z = None
+            if grad_loss is not None:
+                grad_z = ops["ce_grad"](z, lse, target, grad_loss.to(lse.dtype), ctx.ignore_index)
+            if grad_lse is not None:
+                from_lse = (grad_lse[:, None] * torch.exp(z.to(lse.dtype) - lse[:, None])).to(z.dtype)
+                grad_z = from_lse if grad_z is None else grad_z + from_lse
+            return grad_z, None, None, None
+
+    elif name == "ce_grad":
+        # lse is an input for speed, but ce_grad is a function of z alone (lse = logsumexp(z)).
+        def setup_context(ctx, inputs, output):
+            z, lse, label, row_scale, ignore_index = inputs
+            ctx.ignore_index = ignore_index
+            ctx.save_for_backward(z, lse, label, row_scale)
+
+        def backward(ctx, u):
+            z, lse, label, row_scale = ctx.saved_tensors
+            grad_z, grad_scale = ops["ce_grad_backward"](u, z, lse, label, row_scale, ctx.ignore_index)
+            return grad_z, None, None, grad_scale, None
+
+    elif name == "ce_grad_backward":
+        # Third-order derivatives: composite PyTorch (softmax recomputed from z, so exact).
+        def setup_context(ctx, inputs, output):
+            u, z, lse, label, row_scale, ignore_index = inputs
+            ctx.ignore_index = ignore_index
+            ctx.save_for_backward(u, z, label, row_scale)
+
+        def backward(ctx, grad_gz, grad_gs):
+            u, z, label, row_scale = ctx.saved_tensors
+            with torch.enable_grad():
+                u_, z_, rs_ = (t.detach().requires_grad_() for t in (u, z, row_scale))
+                lse_ = torch.logsumexp(z_.to(_acc(z.dtype)), dim=-1)
+                outs = reference.ce_grad_backward(u_, z_, lse_, label, rs_, ctx.ignore_index)
+                gu, gz, gs = torch.autograd.grad(
+                    outs, (u_, z_, rs_), (grad_gz, grad_gs), create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
+            return gu, gz, None, None, gs, None
+
+    elif name == "site_penalty":
+        def setup_context(ctx, inputs, output):
+            h, g_e, g_i, q, noise, rng = inputs
+            ctx.q, ctx.noise = q, noise
+            ctx.save_for_backward(h, g_e, g_i, rng)
+
+        def backward(ctx, grad):
+            h, g_e, g_i, rng = ctx.saved_tensors
+            dh, dge, dgi = ops["site_penalty_backward"](grad.contiguous(), h, g_e, g_i, ctx.q, ctx.noise, rng)
+            return dh, _none_if_empty(dge, g_e), _none_if_empty(dgi, g_i), None, None, None
+
+    elif name == "site_penalty_backward":
+        # Only needed for third-order derivatives: composite PyTorch around the reference.
+        def setup_context(ctx, inputs, output):
+            grad, h, g_e, g_i, q, noise, rng = inputs
+            ctx.q, ctx.noise = q, noise
+            ctx.save_for_backward(grad, h, g_e, g_i, rng)
+
+        def backward(ctx, ddh, ddge, ddgi):
+            grad, h, g_e, g_i, rng = ctx.saved_tensors
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad, h, g_e, g_i)]
+            with torch.enable_grad():
+                outs = reference.site_penalty_backward(*leaves, ctx.q, ctx.noise, rng)
+                pairs = [(o, c) for o, c in zip(outs, (ddh, ddge, ddgi)) if o is not None and c is not None]
+                wrt = [t for t in leaves if t is not None]
+                got = torch.autograd.grad(
+                    [o for o, _ in pairs], wrt, [c for _, c in pairs],
+                    create_graph=torch.is_grad_enabled(), allow_unused=True,
+                )
+            it = iter(got)
+            grads = [next(it) if t is not None else None for t in leaves]
+            return (*grads, None, None, None)
+
+    else:  # philox: integer outputs, nothing to differentiate
+        return
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+def _register_backend(backend: str, qualnames: dict) -> dict:
+    """Fakes and autograd for one backend's ops; returns {op name: callable op}."""
+    ops = {name: getattr(torch.ops.dropreg, qn.split("::")[1]) for name, qn in qualnames.items()}
+    for name, qualname in qualnames.items():
+        _register_autograd(qualname, name, ops)
+    return ops
+
+
+def _define_python_backend(backend: str, kernels, define) -> dict:
+    qualnames = {}
+    for name, body in _python_op_bodies(kernels).items():
+        if not hasattr(kernels, name):
+            continue
+        qualname = f"dropreg::{name}_{backend}"
+        define(qualname, mutates_args=())(body).register_fake(_FAKES[name])
+        qualnames[name] = qualname
+    return _register_backend(backend, qualnames)
+
+
+# backend -> {op name -> op}
+BACKEND_OPS = {"reference": _define_python_backend("reference", reference, torch.library.custom_op)}
 
 if _ext.HAS_CPU:
-    torch.library.register_fake("dropreg::dropout")(_dropout_fake)
+    _cpp = {name: f"dropreg::{name}" for name in OP_NAMES}
+    for _name, _qualname in _cpp.items():
+        torch.library.register_fake(_qualname)(_FAKES[_name])
     torch.library.register_fake("dropreg::dropout_")(lambda x, p, rng: None)
-    torch.library.register_fake("dropreg::philox")(_philox_fake)
-    _register_dropout_autograd("dropreg::dropout", torch.ops.dropreg.dropout)
-    _DROPOUT_OPS["cpu"] = _DROPOUT_OPS["cuda"] = torch.ops.dropreg.dropout
-    _PHILOX_OPS["cpu"] = _PHILOX_OPS["cuda"] = torch.ops.dropreg.philox
+    BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = _register_backend("cpu", _cpp)
 
 if _ext.HAS_TRITON:
-    from .triton_kernels import dropout as _triton_dropout
-    from .triton_kernels import philox as _triton_philox
+    import importlib
 
-    # triton_op lets torch.compile trace into the launcher. Under TRITON_INTERPRET=1, wrap_triton
+    class _TritonKernels:
+        pass
+
+    for _module, _names in (
+        ("dropout", ("dropout",)),
+        ("philox", ("philox",)),
+        ("cross_entropy", ("cross_entropy_sample", "ce_grad", "ce_grad_backward")),
+        ("site_penalty", ("site_penalty", "site_penalty_backward")),
+    ):
+        try:  # TODO(issue 3): strict once every Triton launcher has landed
+            _mod = importlib.import_module(f".triton_kernels.{_module}", __package__)
+        except ImportError:
+            continue
+        for _n in _names:
+            if hasattr(_mod, _n):
+                setattr(_TritonKernels, _n, staticmethod(getattr(_mod, _n)))
+
+    # triton_op lets torch.compile trace into the launchers. Under TRITON_INTERPRET=1, wrap_triton
     # hands back the bare interpreted kernel, which cannot run on fake tensors: there the ops are
-    # registered as opaque custom ops (with the explicit fakes below) instead.
+    # registered as opaque custom ops (with the explicit fakes) instead.
     _interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(torch.library, "triton_op")
-    _triton_op = torch.library.custom_op if _interpreted else torch.library.triton_op
+    _define = torch.library.custom_op if _interpreted else torch.library.triton_op
+    BACKEND_OPS["triton"] = _define_python_backend("triton", _TritonKernels, _define)
 
-    @_triton_op("dropreg::dropout_triton", mutates_args=())
-    def _dropout_triton(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-        return _triton_dropout.dropout(x, p, rng)
-
-    @_triton_op("dropreg::philox_triton", mutates_args=())
-    def _philox_triton(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        return _triton_philox.philox(counter, key)
-
-    _dropout_triton.register_fake(_dropout_fake)
-    _philox_triton.register_fake(_philox_fake)
-    _register_dropout_autograd("dropreg::dropout_triton", torch.ops.dropreg.dropout_triton)
-    _DROPOUT_OPS["triton"] = torch.ops.dropreg.dropout_triton
-    _PHILOX_OPS["triton"] = torch.ops.dropreg.philox_triton
+_DROPOUT_OPS = {b: ops["dropout"] for b, ops in BACKEND_OPS.items()}
 
 
 def fused_dropout(
@@ -219,6 +394,7 @@ def fused_dropout(
     """
     check_float_tensor(x, "x")
     p = check_prob(p, "p")
+    check_rng(rng, x)
     return _DROPOUT_OPS[resolve_backend(x, backend)](x, p, rng)
 
 
@@ -263,6 +439,9 @@ def dropout(
     needs_graph = torch.is_grad_enabled() and input.requires_grad
     if backend in ("cpu", "cuda") and not needs_graph and input.is_contiguous():
         torch.ops.dropreg.dropout_(input, p, rng)
+        # The kernel wrote through the data pointer: bump the version counter so autograd
+        # rejects graphs that saved the old values (as it does for torch's in-place dropout).
+        torch.autograd.graph.increment_version(input)
         return input
     return input.copy_(_DROPOUT_OPS[backend](input, p, rng))
 
@@ -270,7 +449,98 @@ def dropout(
 def philox(counter: torch.Tensor, key: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Raw Philox4x32-10 (Random123): ``counter`` int64 (N, 4) and ``key`` int64 (N, 2) holding
     uint32 values; returns the four output words of each row, int64 (N, 4)."""
-    for name, t, width in (("counter", counter, 4), ("key", key, 2)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 2 or t.shape[1] != width:
-            raise TypeError(f"argument '{name}' must be an int64 tensor of shape (N, {width})")
-    return _PHILOX_OPS[resolve_backend(counter, backend)](counter, key)
+    check_philox_args(counter, key)
+    return BACKEND_OPS[resolve_backend(counter, backend)]["philox"](counter, key)
+
+
+def _check_logits_rows(z, target_name: str, target, lse=None, row_scale=None) -> None:
+    check_float_tensor(z, "z")
+    if z.dim() != 2:
+        raise ValueError(f"argument 'z' must be 2-D logits (N, C), got shape {tuple(z.shape)}")
+    if z.shape[1] == 0 and z.shape[0] > 0:
+        raise ValueError("argument 'z' must have at least one class (C >= 1)")
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != z.shape[:1]:
+        raise TypeError(
+            f"argument '{target_name}' must be an int64 tensor of shape ({z.shape[0]},), got "
+            f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}"
+        )
+    acc = _acc(z.dtype)
+    for name, t in (("lse", lse), ("row_scale", row_scale)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
+            raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
+
+
+def cross_entropy_sample(
+    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int = -100, *, backend: Optional[str] = None
+) -> tuple:
+    """Cross-entropy, log-sum-exp and a label sampled from the model's own softmax, in one pass.
+
+    For each row r of the logits z (N, C):
+        lse_r = log Σ_c exp(z_rc),  loss_r = lse_r - z_r[y_r],
+        ŷ_r = argmax_c (z_rc + G_rc) ~ softmax(z_r)   (Gumbel-max; G from the Philox Gumbel stream)
+    Rows whose target is ``ignore_index`` get loss 0 and ŷ = ignore_index. ``loss`` and ``lse`` are
+    differentiable in z (d loss_r/d z_r = softmax(z_r) - onehot(y_r)); the draw is not.
+
+    Shapes: z (N, C) float64/float32/float16/bfloat16; target (N,) int64; returns loss (N,),
+    lse (N,) in float32 (float64 for float64 z) and yhat (N,) int64.
+    """
+    _check_logits_rows(z, "target", target)
+    check_rng(rng, z)
+    return BACKEND_OPS[resolve_backend(z, backend)]["cross_entropy_sample"](z, target, rng, int(ignore_index))
+
+
+def ce_grad(
+    z: Tensor,
+    lse: Tensor,
+    label: Tensor,
+    row_scale: Tensor,
+    ignore_index: int = -100,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """G = row_scale ⊙ (softmax(z) - onehot(label)): the gradient of Σ_r row_scale_r · CE(z_r, label_r).
+
+    One pass over z; ``lse`` must be logsumexp(z) (from :func:`cross_entropy_sample`). Differentiable
+    in z and row_scale with the backward ``u ↦ row_scale ⊙ p ⊙ (u - ⟨p, u⟩)`` (the softmax Jacobian
+    is symmetric), so it can sit inside ``create_graph=True`` graphs. Rows with label ==
+    ignore_index are 0.
+
+    Shapes: z (N, C); lse, row_scale (N,) float32 (float64 for float64 z); label (N,) int64;
+    returns (N, C) in z's dtype.
+    """
+    _check_logits_rows(z, "label", label, lse, row_scale)
+    return BACKEND_OPS[resolve_backend(z, backend)]["ce_grad"](z, lse, label, row_scale, int(ignore_index))
+
+
+def site_penalty(
+    h: Tensor,
+    g_e: Optional[Tensor],
+    g_i: Optional[Tensor],
+    q: float,
+    noise: str,
+    rng: Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """[Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h] in one pass, with η drawn in-kernel and a deterministic reduction.
+
+    η has mean 0 and variance q/(1-q): ``noise="rademacher"`` gives ±sqrt(q/(1-q)), ``"dropout"``
+    gives m/(1-q) - 1 with m ~ Bernoulli(1-q). A missing (None) g_e or g_i contributes 0. The
+    backward is elementwise and regenerates η from ``rng``:
+    dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h for output gradient [a, b].
+
+    Shapes: h, g_e, g_i share one shape; returns (2,) float32 (float64 for float64 h).
+    """
+    check_float_tensor(h, "h")
+    for name, g in (("g_e", g_e), ("g_i", g_i)):
+        if g is not None:
+            check_float_tensor(g, name)
+            if g.shape != h.shape:
+                raise ValueError(f"argument '{name}' must have h's shape {tuple(h.shape)}, got {tuple(g.shape)}")
+    q = check_prob(q, "q")
+    if q >= 1.0:
+        raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
+    if noise not in reference.NOISE_KINDS:
+        raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
+    check_rng(rng, h)
+    return BACKEND_OPS[resolve_backend(h, backend)]["site_penalty"](h, g_e, g_i, q, noise, rng)

@@ -13,6 +13,8 @@ counter layout of ``csrc/include/philox.h`` (DESIGN.md §3)::
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 __all__ = [
@@ -124,6 +126,187 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
 
 
 def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2), values in [0, 2^32) → int64 (N, 4)."""
-    words = philox4x32_10(counter.unbind(-1), key.unbind(-1))
+    """Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2) → int64 (N, 4) in [0, 2^32).
+
+    Input words are taken modulo 2^32 (their low 32 bits), as the C++ and Triton kernels do.
+    """
+    words = philox4x32_10((counter & _MASK32).unbind(-1), (key & _MASK32).unbind(-1))
     return torch.stack(words, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy with a sampled label (DESIGN.md §2, fused op 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_rows(z: torch.Tensor, label: torch.Tensor, ignore_index: int, name: str) -> torch.Tensor:
+    """Boolean mask of valid rows; raises if a valid label is outside [0, C)."""
+    valid = label != ignore_index
+    bad = valid & ((label < 0) | (label >= z.shape[-1]))
+    if bool(bad.any()):
+        raise ValueError(
+            f"argument '{name}' must hold class indices in [0, {z.shape[-1]}) or ignore_index={ignore_index}, "
+            f"got {int(label[bad][0])}"
+        )
+    return valid
+
+
+def gumbel_noise(rng: torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:
+    """Standard Gumbel noise G (float32, shape (rows, cols)) of the Gumbel stream.
+
+    u = ((u32(i) >> 9) + 1/2) · 2^-23 with i = r·cols + c (exact in float32, in (0, 1)),
+    G = -log(-log(u)).
+    """
+    u32 = philox_uint32(rng, STREAM_GUMBEL, rows * cols, device).reshape(rows, cols)
+    u = ((u32 >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+    return -torch.log(-torch.log(u))
+
+
+def cross_entropy_sample(
+    z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy, log-sum-exp and a sample ŷ ~ softmax(z) in one pass over the logits.
+
+    Args:
+        z: logits (N, C), float64/float32/float16/bfloat16.
+        target: int64 (N,), class indices or ``ignore_index``.
+        rng: int64 [seed, offset]; ŷ_r = argmax_c (z_rc + G_rc), G from :func:`gumbel_noise`
+            (ties to the smallest index).
+
+    Returns:
+        loss (N,) = lse_r - z_r[y_r] (0 on ignored rows), lse (N,) — both float32 (float64 for
+        float64 logits) — and yhat (N,) int64 (``ignore_index`` on ignored rows).
+    """
+    acc = _acc_dtype(z.dtype)
+    za = z.to(acc)
+    valid = _check_rows(z, target, ignore_index, "target")
+    lse = torch.logsumexp(za, dim=-1)
+    safe = torch.where(valid, target, 0)
+    loss = torch.where(valid, lse - za.gather(1, safe[:, None]).squeeze(1), 0.0)
+    score = za + gumbel_noise(rng.to(z.device), z.shape[0], z.shape[1], z.device).to(acc)
+    yhat = torch.where(valid, score.argmax(dim=-1), ignore_index)
+    return loss, lse, yhat
+
+
+def ce_grad(
+    z: torch.Tensor, lse: torch.Tensor, label: torch.Tensor, row_scale: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """G = row_scale ⊙ (softmax(z) - onehot(label)), the gradient of Σ_r row_scale_r·CE(z_r, label_r).
+
+    softmax(z) = exp(z - lse); rows with label == ignore_index are 0. Shapes: z (N, C), lse (N,)
+    (the log-sum-exp of z: taken as given, its dependence on z is in the formula), label (N,),
+    row_scale (N,) float32/float64; output (N, C) in z's dtype.
+    """
+    acc = _acc_dtype(z.dtype)
+    valid = _check_rows(z, label, ignore_index, "label")
+    p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
+    onehot = torch.zeros_like(p).scatter_(1, torch.where(valid, label, 0)[:, None], 1.0)
+    g = (p - onehot) * torch.where(valid, row_scale.to(acc), 0.0)[:, None]
+    return g.to(z.dtype)
+
+
+def ce_grad_backward(
+    u: torch.Tensor,
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    label: torch.Tensor,
+    row_scale: torch.Tensor,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of :func:`ce_grad` with cotangent u (N, C).
+
+    The softmax Jacobian diag(p) - ppᵀ is symmetric, so
+        grad_z = row_scale ⊙ p ⊙ (u - ⟨p, u⟩),   grad_row_scale = ⟨p, u⟩ - u[label],
+    both 0 on ignored rows; grad_z in z's dtype, grad_row_scale in row_scale's dtype.
+    """
+    acc = _acc_dtype(z.dtype)
+    valid = _check_rows(z, label, ignore_index, "label")
+    p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
+    ua = u.to(acc)
+    pu = (p * ua).sum(dim=-1)
+    scale = torch.where(valid, row_scale.to(acc), 0.0)
+    grad_z = (scale[:, None] * p * (ua - pu[:, None])).to(z.dtype)
+    u_label = ua.gather(1, torch.where(valid, label, 0)[:, None]).squeeze(1)
+    grad_scale = torch.where(valid, pu - u_label, 0.0).to(row_scale.dtype)
+    return grad_z, grad_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Site penalty: explicit term Σ (g_e ⊙ h)² and implicit term Σ g_i ⊙ η ⊙ h (fused op 3)
+# ---------------------------------------------------------------------------------------------
+
+NOISE_KINDS = ("rademacher", "dropout")
+
+
+def site_noise(shape, q: float, noise: str, rng: torch.Tensor, dtype=torch.float32, device=None) -> torch.Tensor:
+    """η of the site-noise stream, mean 0 and variance q/(1-q), in ``dtype`` (float32/float64).
+
+    rademacher: η_i = ±sqrt(q/(1-q)), + iff u32(i) >= 2^31 (top bit);
+    dropout:    η_i = q/(1-q) if u32(i) >= round(q·2^32) (kept) else -1  (= m_i/(1-q) - 1).
+    """
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"argument 'noise' must be one of {NOISE_KINDS}, got {noise!r}")
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    u = philox_uint32(rng, STREAM_SITE_NOISE, numel, device).reshape(shape)
+    if noise == "rademacher":
+        a = torch.tensor((q / (1.0 - q)) ** 0.5, dtype=dtype, device=u.device)
+        return torch.where(u >= 2**31, a, -a)
+    up = torch.tensor(q / (1.0 - q), dtype=dtype, device=u.device)
+    return torch.where(u >= dropout_threshold(q), up, torch.tensor(-1.0, dtype=dtype, device=u.device))
+
+
+def site_penalty(
+    h: torch.Tensor,
+    g_e: Optional[torch.Tensor],
+    g_i: Optional[torch.Tensor],
+    q: float,
+    noise: str,
+    rng: torch.Tensor,
+) -> torch.Tensor:
+    """[Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h] as a (2,) tensor (float32; float64 for float64 h).
+
+    η from :func:`site_noise`; a missing g_e or g_i contributes 0. h, g_e, g_i share one shape.
+    """
+    acc = _acc_dtype(h.dtype)
+    ha = h.to(acc)
+    zero = torch.zeros((), dtype=acc, device=h.device)
+    explicit = ((g_e.to(acc) * ha) ** 2).sum() if g_e is not None else zero
+    if g_i is not None:
+        eta = site_noise(h.shape, q, noise, rng.to(h.device), acc, h.device)
+        implicit = (g_i.to(acc) * eta * ha).sum()
+    else:
+        implicit = zero
+    return torch.stack([explicit, implicit])
+
+
+def site_penalty_backward(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    g_e: Optional[torch.Tensor],
+    g_i: Optional[torch.Tensor],
+    q: float,
+    noise: str,
+    rng: torch.Tensor,
+) -> tuple:
+    """Gradients of ``a·Σ (g_e h)² + b·Σ g_i η h`` for grad = [a, b]:
+
+        dh = 2a·g_e²·h + b·g_i·η,   dg_e = 2a·g_e·h²,   dg_i = b·η·h
+
+    (None for a missing input), each in its input's dtype.
+    """
+    acc = _acc_dtype(h.dtype)
+    a, b = grad.to(acc).unbind(0)
+    ha = h.to(acc)
+    dh = torch.zeros_like(ha)
+    dg_e = dg_i = None
+    if g_e is not None:
+        ge = g_e.to(acc)
+        dh = dh + 2 * a * ge * ge * ha
+        dg_e = (2 * a * ge * ha * ha).to(g_e.dtype)
+    if g_i is not None:
+        eta = site_noise(h.shape, q, noise, rng.to(h.device), acc, h.device)
+        dh = dh + b * g_i.to(acc) * eta
+        dg_i = (b * eta * ha).to(g_i.dtype)
+    return dh.to(h.dtype), dg_e, dg_i

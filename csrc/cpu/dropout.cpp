@@ -11,48 +11,15 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu_kernels.h"
 #include "dropout.h"
 
 namespace dropreg {
 namespace {
 
-constexpr int64_t kBlockGroups = 32;  // Philox calls per vectorized block (128 elements)
-constexpr int64_t kBlockElems = 4 * kBlockGroups;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DROPREG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DROPREG_CPU_CLONES
-#endif
-
-// u[e] = u32(4·first_group + e) for the kBlockElems elements of a block, in element order.
-// The rounds run over structure-of-arrays counters with the group loop innermost, so the compiler
-// vectorizes across groups (all groups share the key schedule); the words are then interleaved.
-DROPREG_CPU_CLONES void philox_block(uint64_t seed, uint64_t offset, uint64_t stream,
-                                     uint64_t first_group, uint32_t* __restrict__ u) {
-  uint32_t c0[kBlockGroups], c1[kBlockGroups], c2[kBlockGroups], c3[kBlockGroups];
-  const uint64_t s = offset + stream;
-  for (int64_t j = 0; j < kBlockGroups; ++j) {
-    const uint64_t g = first_group + static_cast<uint64_t>(j);
-    c0[j] = static_cast<uint32_t>(g);
-    c1[j] = static_cast<uint32_t>(g >> 32);
-    c2[j] = static_cast<uint32_t>(s);
-    c3[j] = static_cast<uint32_t>(s >> 32);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int64_t j = 0; j < kBlockGroups; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  for (int64_t j = 0; j < kBlockGroups; ++j) {
-    u[4 * j] = c0[j];
-    u[4 * j + 1] = c1[j];
-    u[4 * j + 2] = c2[j];
-    u[4 * j + 3] = c3[j];
-  }
-}
+using cpu::kBlockElems;
+using cpu::kBlockGroups;
+using cpu::philox_block;
 
 template <typename scalar_t, typename acc_t>
 DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,

@@ -1,0 +1,275 @@
+// Cross-entropy with a sampled label on the CPU (reference.cross_entropy_sample, ce_grad,
+// ce_grad_backward). Rows run in parallel; each row is read from memory once and then revisited
+// in 128-element blocks while it sits in cache: pass 1 finds the row max, pass 2 accumulates
+// Σ exp(z - max) and the Gumbel-max argmax, with exp/log vectorized by SLEEF (cpu_kernels.h).
+// The Gumbel draws use the global element index r·C + c, so ŷ does not depend on threading.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+#include "regularizer.h"
+
+namespace dropreg {
+namespace {
+
+using cpu::kBlockElems;
+
+// Rows per parallel task: enough elements per task to amortize scheduling.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+// Exact Gumbel scores z + G for the elements k[0..n) of a block (G as in reference.gumbel_noise:
+// the same SLEEF log, so the same bits), merged into `best` in index order.
+template <typename scalar_t, typename acc_t>
+void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k, int64_t n,
+                        int64_t first_col, float* scratch, ArgmaxState<acc_t>& best) {
+  for (int64_t j = 0; j < n; ++j) scratch[j] = uniform_open01(ub[k[j]]);
+  cpu::vlog_inplace(scratch, n);
+  for (int64_t j = 0; j < n; ++j) scratch[j] = -scratch[j];
+  cpu::vlog_inplace(scratch, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t score = static_cast<acc_t>(zb[k[j]]) + static_cast<acc_t>(-scratch[j]);
+    best = argmax_merge<acc_t>(best, {score, first_col + k[j]});
+  }
+}
+
+// Per row: pass 1 finds the max m (and NaN/inf); pass 2, per 128-element block, adds exp(z - m)
+// to the log-sum-exp and finds the Gumbel-max argmax ŷ = argmax_c z_c + G_c, G_c = -log E_c,
+// E_c = -log u_c. Computing both logs for every element would triple the transcendental work,
+// so the exact score is computed only for candidates: with S the best score so far,
+// z_c + G_c > S  ⇔  E_c < exp(z_c - S) = e_c · exp(m - S), and E_c ≥ 1 - u_c, so an element with
+// 1 - u_c ≥ e_c · exp(m - S) · (1 + 1e-3) cannot win (the margin covers the float rounding of
+// e_c and of the scores). About exp(lse - S) = O(1) elements per row pass the filter; they get the
+// reference's exact score, so ŷ is the reference's bit for bit. Rows with NaN or ±inf take the
+// exact path for every element.
+template <typename scalar_t, typename acc_t>
+void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t N, int64_t C,
+                               int64_t ignore_index, uint64_t seed, uint64_t offset, acc_t* loss,
+                               acc_t* lse_out, int64_t* yhat) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kMargin = acc_t(1.001);
+  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
+    alignas(64) uint32_t u[kBlockElems];
+    alignas(64) acc_t e[kBlockElems];
+    alignas(64) float scratch[kBlockElems];
+    alignas(64) int32_t cand[kBlockElems];
+    alignas(64) int32_t all[kBlockElems];
+    for (int32_t k = 0; k < kBlockElems; ++k) all[k] = k;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * C;
+      const int64_t t = target[r];
+      const bool valid = t != ignore_index;
+      TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
+                  ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
+      acc_t m = -kInf;
+      bool finite = true;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t x = static_cast<acc_t>(zr[c]);
+        m = x > m ? x : m;
+        finite &= std::isfinite(x);
+      }
+      acc_t sum = 0;
+      ArgmaxState<acc_t> best = argmax_identity<acc_t>();
+      acc_t bound = kInf;  // exp(m - S)·margin: +inf until a best score S exists
+      const int64_t begin = r * C;
+      const int64_t end = begin + C;
+      for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems) {
+        const int64_t lo = std::max(begin, blk);
+        const int64_t n = std::min(end, blk + kBlockElems) - lo;
+        const scalar_t* zb = zr + (lo - begin);
+        cpu::philox_block(seed, offset, kStreamGumbel, static_cast<uint64_t>(blk) / 4, u);
+        const uint32_t* ub = u + (lo - blk);
+        for (int64_t k = 0; k < n; ++k) e[k] = static_cast<acc_t>(zb[k]) - m;
+        cpu::vexp_inplace(e, n);
+        for (int64_t k = 0; k < n; ++k) sum += e[k];
+        if (!finite || !(bound < kInf)) {
+          merge_exact_scores<scalar_t, acc_t>(zb, ub, all, n, lo - begin, scratch, best);
+        } else {
+          int64_t count = 0;
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(ub[k]));
+            cand[count] = static_cast<int32_t>(k);
+            count += one_minus_u < e[k] * bound;
+          }
+          merge_exact_scores<scalar_t, acc_t>(zb, ub, cand, count, lo - begin, scratch, best);
+        }
+        if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+      }
+      // All -inf or a +inf: lse = m, as torch.logsumexp (exp(m - m) above would be NaN).
+      const acc_t lse = std::isinf(m) ? m : m + std::log(sum);
+      lse_out[r] = lse;
+      loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
+      yhat[r] = valid ? best.index : ignore_index;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, const acc_t* row_scale,
+                  int64_t N, int64_t C, int64_t ignore_index, scalar_t* out) {
+  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t p[kBlockElems];
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * C;
+      scalar_t* gr = out + r * C;
+      const int64_t y = label[r];
+      if (y == ignore_index) {
+        std::fill(gr, gr + C, scalar_t(0));
+        continue;
+      }
+      TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
+                  ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+      const acc_t l = lse[r];
+      const acc_t s = row_scale[r];
+      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
+        const int64_t n = std::min(kBlockElems, C - c0);
+        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
+        cpu::vexp_inplace(p, n);
+        for (int64_t k = 0; k < n; ++k) {
+          gr[c0 + k] = static_cast<scalar_t>((p[k] - (c0 + k == y ? acc_t(1) : acc_t(0))) * s);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* lse, const int64_t* label,
+                           const acc_t* row_scale, int64_t N, int64_t C, int64_t ignore_index,
+                           scalar_t* grad_z, acc_t* grad_scale) {
+  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t p[kBlockElems];
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* zr = z + r * C;
+      const scalar_t* ur = u + r * C;
+      scalar_t* gr = grad_z + r * C;
+      const int64_t y = label[r];
+      if (y == ignore_index) {
+        std::fill(gr, gr + C, scalar_t(0));
+        grad_scale[r] = 0;
+        continue;
+      }
+      TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
+                  ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+      const acc_t l = lse[r];
+      const acc_t s = row_scale[r];
+      acc_t pu = 0;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
+        const int64_t n = std::min(kBlockElems, C - c0);
+        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
+        cpu::vexp_inplace(p, n);
+        for (int64_t k = 0; k < n; ++k) pu += p[k] * static_cast<acc_t>(ur[c0 + k]);
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
+        const int64_t n = std::min(kBlockElems, C - c0);
+        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
+        cpu::vexp_inplace(p, n);
+        for (int64_t k = 0; k < n; ++k) {
+          gr[c0 + k] = static_cast<scalar_t>(
+              ce_grad_backward_element<acc_t>(p[k], static_cast<acc_t>(ur[c0 + k]), pu, s));
+        }
+      }
+      grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
+    }
+  });
+}
+
+// z (N, C) floating; target/label (N,) int64; lse/row_scale (N,) in z's accumulation dtype.
+void check_rows(const at::Tensor& z, const at::Tensor& label, const char* label_name) {
+  DROPREG_CHECK_FLOATING(z);
+  TORCH_CHECK(z.dim() == 2, "argument 'z' must be 2-D logits (N, C), got shape ", z.sizes());
+  TORCH_CHECK(z.size(1) > 0 || z.size(0) == 0, "argument 'z' must have at least one class");
+  TORCH_CHECK(label.scalar_type() == at::kLong && label.dim() == 1 && label.size(0) == z.size(0),
+              "argument '", label_name, "' must be an int64 tensor of shape (", z.size(0), "), got ",
+              label.scalar_type(), " of shape ", label.sizes());
+  DROPREG_CHECK_SAME_DEVICE(z, label);
+}
+
+void check_row_vector(const at::Tensor& v, const char* name, const at::Tensor& z) {
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(v.scalar_type() == acc && v.dim() == 1 && v.size(0) == z.size(0), "argument '", name,
+              "' must be a ", acc, " tensor of shape (", z.size(0), "), got ", v.scalar_type(),
+              " of shape ", v.sizes());
+  DROPREG_CHECK_SAME_DEVICE(z, v);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at::Tensor& z_in,
+                                                                        const at::Tensor& target_in,
+                                                                        const at::Tensor& rng,
+                                                                        int64_t ignore_index) {
+  check_rows(z_in, target_in, "target");
+  DROPREG_CHECK_RNG(rng, z_in);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const int64_t N = z.size(0), C = z.size(1);
+  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({N}, z.options().dtype(acc));
+  at::Tensor lse = at::empty({N}, z.options().dtype(acc));
+  at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
+  const int64_t* state = rng.contiguous().const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_sample_rows<scalar_t, acc_t>(
+        z.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
+        static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]), loss.data_ptr<acc_t>(),
+        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>());
+  });
+  return {loss, lse, yhat};
+}
+
+at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& label,
+                       const at::Tensor& row_scale, int64_t ignore_index) {
+  check_rows(z_in, label, "label");
+  check_row_vector(lse, "lse", z_in);
+  check_row_vector(row_scale, "row_scale", z_in);
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ce_grad_rows<scalar_t, acc_t>(z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
+                                  label.contiguous().const_data_ptr<int64_t>(),
+                                  row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0), z.size(1),
+                                  ignore_index, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, const at::Tensor& z_in,
+                                                        const at::Tensor& lse, const at::Tensor& label,
+                                                        const at::Tensor& row_scale, int64_t ignore_index) {
+  check_rows(z_in, label, "label");
+  check_row_vector(lse, "lse", z_in);
+  check_row_vector(row_scale, "row_scale", z_in);
+  TORCH_CHECK(u_in.sizes() == z_in.sizes() && u_in.scalar_type() == z_in.scalar_type(),
+              "argument 'u' must match z (", z_in.scalar_type(), " of shape ", z_in.sizes(), "), got ",
+              u_in.scalar_type(), " of shape ", u_in.sizes());
+  DROPREG_CHECK_SAME_DEVICE(u_in, z_in);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor u = u_in.contiguous();
+  at::Tensor grad_z = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor grad_scale = at::empty_like(row_scale, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ce_grad_backward_rows<scalar_t, acc_t>(
+        u.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
+        label.contiguous().const_data_ptr<int64_t>(), row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0),
+        z.size(1), ignore_index, grad_z.data_ptr<scalar_t>(), grad_scale.data_ptr<acc_t>());
+  });
+  return {grad_z, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
+  m.impl("cross_entropy_sample", &cross_entropy_sample_cpu);
+  m.impl("ce_grad", &ce_grad_cpu);
+  m.impl("ce_grad_backward", &ce_grad_backward_cpu);
+}
+
+}  // namespace dropreg

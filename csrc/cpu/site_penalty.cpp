@@ -1,0 +1,195 @@
+// Site penalty on the CPU (reference.site_penalty / site_penalty_backward): one pass over
+// (h, g_e, g_i) with η regenerated from the site-noise stream.
+//
+// Deterministic reduction: the elements are cut into fixed 4096-element chunks (independent of
+// the thread count); each chunk is summed in order in acc_t, and the chunk sums are added in
+// chunk order in double. Bytes per element: forward reads h, g_e, g_i; backward reads them and
+// writes dh, dg_e, dg_i.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+#include "regularizer.h"
+
+namespace dropreg {
+namespace {
+
+using cpu::kBlockElems;
+constexpr int64_t kChunk = 32 * kBlockElems;  // elements per deterministic partial sum
+
+struct NoiseParams {
+  NoiseKind kind;
+  double amplitude;  // positive noise value, cast to acc_t by the kernels
+  uint64_t threshold;
+  uint64_t seed;
+  uint64_t offset;
+};
+
+NoiseParams noise_params(double q, const std::string& noise, const at::Tensor& rng) {
+  check_noise_prob(q);
+  const NoiseKind kind = parse_noise(noise);
+  const int64_t* state = rng.contiguous().const_data_ptr<int64_t>();
+  return {kind, site_noise_amplitude(q, kind), dropout_threshold(q), static_cast<uint64_t>(state[0]),
+          static_cast<uint64_t>(state[1])};
+}
+
+// η for the elements [blk, blk + n) (blk a multiple of kBlockElems) into eta[0..n).
+template <typename acc_t>
+void noise_block(const NoiseParams& np, int64_t blk, int64_t n, uint32_t* u, acc_t* eta) {
+  cpu::philox_block(np.seed, np.offset, kStreamSiteNoise, static_cast<uint64_t>(blk) / 4, u);
+  const acc_t a = static_cast<acc_t>(np.amplitude);
+  for (int64_t k = 0; k < n; ++k) eta[k] = site_noise_value<acc_t>(u[k], np.kind, a, np.threshold);
+}
+
+template <typename scalar_t, typename acc_t>
+void penalty_kernel(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t n,
+                    const NoiseParams& np, double* out) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(2 * chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    alignas(64) uint32_t u[kBlockElems];
+    alignas(64) acc_t eta[kBlockElems];
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t explicit_sum = 0, implicit_sum = 0;
+      const int64_t end = std::min(n, (c + 1) * kChunk);
+      for (int64_t blk = c * kChunk; blk < end; blk += kBlockElems) {
+        const int64_t m = std::min(kBlockElems, end - blk);
+        if (ge != nullptr) {
+          for (int64_t k = 0; k < m; ++k) {
+            explicit_sum += site_explicit_term<acc_t>(static_cast<acc_t>(ge[blk + k]), static_cast<acc_t>(h[blk + k]));
+          }
+        }
+        if (gi != nullptr) {
+          noise_block<acc_t>(np, blk, m, u, eta);
+          for (int64_t k = 0; k < m; ++k) {
+            implicit_sum += site_implicit_term<acc_t>(static_cast<acc_t>(gi[blk + k]), eta[k],
+                                                      static_cast<acc_t>(h[blk + k]));
+          }
+        }
+      }
+      partial[2 * c] = explicit_sum;
+      partial[2 * c + 1] = implicit_sum;
+    }
+  });
+  out[0] = out[1] = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    out[0] += partial[2 * c];
+    out[1] += partial[2 * c + 1];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t* ge, const scalar_t* gi,
+                             int64_t n, const NoiseParams& np, scalar_t* dh, scalar_t* dge, scalar_t* dgi) {
+  const acc_t a2 = acc_t(2) * a;
+  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint32_t u[kBlockElems];
+    alignas(64) acc_t eta[kBlockElems];
+    for (int64_t blkno = b0; blkno < b1; ++blkno) {
+      const int64_t blk = blkno * kBlockElems;
+      const int64_t m = std::min(kBlockElems, n - blk);
+      if (gi != nullptr) noise_block<acc_t>(np, blk, m, u, eta);
+      for (int64_t k = 0; k < m; ++k) {
+        const acc_t hv = static_cast<acc_t>(h[blk + k]);
+        acc_t d = 0;
+        if (ge != nullptr) {
+          const acc_t gev = static_cast<acc_t>(ge[blk + k]);
+          d = site_dh_explicit<acc_t>(a2, gev, hv);
+          dge[blk + k] = static_cast<scalar_t>(site_dg_explicit<acc_t>(a2, gev, hv));
+        }
+        if (gi != nullptr) {
+          d = add_rn(d, site_dh_implicit<acc_t>(b, static_cast<acc_t>(gi[blk + k]), eta[k]));
+          dgi[blk + k] = static_cast<scalar_t>(site_dg_implicit<acc_t>(b, eta[k], hv));
+        }
+        dh[blk + k] = static_cast<scalar_t>(d);
+      }
+    }
+  });
+}
+
+// h floating; g_e / g_i (optional) of h's shape and dtype; rng on h's device.
+void check_site_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                     const std::optional<at::Tensor>& g_i, const at::Tensor& rng) {
+  DROPREG_CHECK_FLOATING(h);
+  DROPREG_CHECK_RNG(rng, h);
+  for (const auto& [name, g] : {std::pair<const char*, const std::optional<at::Tensor>*>{"g_e", &g_e},
+                                std::pair<const char*, const std::optional<at::Tensor>*>{"g_i", &g_i}}) {
+    if (!g->has_value()) continue;
+    const at::Tensor& t = g->value();
+    TORCH_CHECK(t.sizes() == h.sizes() && t.scalar_type() == h.scalar_type(), "argument '", name,
+                "' must match h (", h.scalar_type(), " of shape ", h.sizes(), "), got ", t.scalar_type(),
+                " of shape ", t.sizes());
+    TORCH_CHECK(t.device() == h.device(), "argument '", name, "' must be on h's device");
+  }
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+at::Tensor site_penalty_cpu(const at::Tensor& h_in, const std::optional<at::Tensor>& g_e,
+                            const std::optional<at::Tensor>& g_i, double q, c10::string_view noise,
+                            const at::Tensor& rng) {
+  check_site_args(h_in, g_e, g_i, rng);
+  const NoiseParams np = noise_params(q, std::string(noise), rng);
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor ge = contiguous_or_undefined(g_e);
+  const at::Tensor gi = contiguous_or_undefined(g_i);
+  const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  double sums[2];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    penalty_kernel<scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge),
+                                    ptr_or_null<scalar_t>(gi), h.numel(), np, sums);
+  });
+  return at::tensor({sums[0], sums[1]}, h.options().dtype(at::kDouble)).to(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& h_in, const std::optional<at::Tensor>& g_e,
+    const std::optional<at::Tensor>& g_i, double q, c10::string_view noise, const at::Tensor& rng) {
+  check_site_args(h_in, g_e, g_i, rng);
+  const auto acc = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad.numel() == 2 && grad.dim() == 1 && grad.scalar_type() == acc,
+              "argument 'grad' must be a ", acc, " tensor of shape (2,), got ", grad.scalar_type(),
+              " of shape ", grad.sizes());
+  const NoiseParams np = noise_params(q, std::string(noise), rng);
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor ge = contiguous_or_undefined(g_e);
+  const at::Tensor gi = contiguous_or_undefined(g_i);
+  at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
+  at::Tensor dge = ge.defined() ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
+  at::Tensor dgi = gi.defined() ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
+  const at::Tensor g = grad.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* ab = g.const_data_ptr<acc_t>();
+    penalty_backward_kernel<scalar_t, acc_t>(
+        ab[0], ab[1], h.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gi),
+        h.numel(), np, dh.data_ptr<scalar_t>(), ge.defined() ? dge.data_ptr<scalar_t>() : nullptr,
+        gi.defined() ? dgi.data_ptr<scalar_t>() : nullptr);
+  });
+  return {dh, dge, dgi};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
+  m.impl("site_penalty", &site_penalty_cpu);
+  m.impl("site_penalty_backward", &site_penalty_backward_cpu);
+}
+
+}  // namespace dropreg

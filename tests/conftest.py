@@ -1,0 +1,196 @@
+"""Shared test setup: Triton interpreter switch, backend fixtures, the tolerance table, and assertion
+helpers that print the first mismatches.
+
+This file is imported before any test module, so the environment is fixed here, *before*
+``dropreg_ext`` (and with it Triton) is imported: without a CUDA device the Triton kernels run under
+the interpreter (``TRITON_INTERPRET=1``). Nothing here allocates CUDA memory or creates a CUDA
+context, so the suite collects on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+CUDA_AVAILABLE = torch.cuda.is_available()  # driver query only: no CUDA context is created
+if not CUDA_AVAILABLE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import dropreg_ext as dr  # noqa: E402  (must follow the TRITON_INTERPRET switch)
+from dropreg_ext import _ext  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# Markers and skips
+# ------------------------------------------------------------------------------------------------
+
+_skip_no_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+CUDA_MARKS = (pytest.mark.cuda, _skip_no_cuda)
+
+
+def requires_cuda(obj):
+    """Decorator for GPU tests: marked ``cuda`` (select with ``-m cuda``) and skipped without a GPU."""
+    for mark in CUDA_MARKS:
+        obj = mark(obj)
+    return obj
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped cleanly without one)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend name and the device its tensors live on."""
+
+    name: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.device}"
+
+
+TRITON_ON_CPU = "triton" in dr.ops.available_backends("cpu")
+
+CPU_BACKENDS = [
+    pytest.param(
+        Backend("cpu", "cpu"),
+        id="cpu",
+        marks=pytest.mark.skipif(not _ext.HAS_CPU, reason="dropreg_ext._C not loaded"),
+    ),
+    pytest.param(Backend("reference", "cpu"), id="reference"),
+    pytest.param(
+        Backend("triton", "cpu"),
+        id="triton-interp",
+        marks=pytest.mark.skipif(
+            not TRITON_ON_CPU, reason="triton on CPU tensors needs triton and TRITON_INTERPRET=1"
+        ),
+    ),
+]
+
+CUDA_BACKENDS = [
+    pytest.param(
+        Backend("cuda", "cuda"),
+        id="cuda",
+        marks=[*CUDA_MARKS, pytest.mark.skipif(not _ext.HAS_CUDA, reason="extension built without CUDA")],
+    ),
+    pytest.param(
+        Backend("triton", "cuda"),
+        id="triton-cuda",
+        marks=[*CUDA_MARKS, pytest.mark.skipif(not _ext.HAS_TRITON, reason="triton not importable")],
+    ),
+    pytest.param(Backend("reference", "cuda"), id="reference-cuda", marks=list(CUDA_MARKS)),
+]
+
+ALL_BACKENDS = CPU_BACKENDS + CUDA_BACKENDS
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request) -> Backend:
+    """Every backend on every device: CPU ones run here, CUDA ones skip without a GPU."""
+    return request.param
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request) -> Backend:
+    """Backends runnable on CPU tensors: cpu (C++), reference, triton (interpreter, if available)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _isolate_global_state():
+    """Every test starts from backend "auto" and a fixed global seed, and leaves them as found."""
+    previous = dr.get_backend()
+    dr.set_backend("auto")
+    torch.manual_seed(0)
+    yield
+    dr.set_backend(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dtypes and the one tolerance table
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = [
+    pytest.param(torch.float64, id="f64"),
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.float16, id="f16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+# Comparisons against exact (float64) math: about two units in the last place of each dtype
+# (one for the float32 scale, one for the final rounding). Bit-exact comparisons between backends
+# use assert_bitwise_equal, never these.
+TOL = {
+    torch.float64: dict(rtol=1e-14, atol=1e-300),
+    torch.float32: dict(rtol=3e-7, atol=1e-30),
+    torch.float16: dict(rtol=1.5e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=1.2e-2, atol=1e-30),
+}
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of the kernels: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled_like_kernels(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x · 1/(1-p) by the dtype rule of the contract: the scale rounded to the compute dtype, the
+    product taken there and rounded once to x's dtype."""
+    acc = acc_dtype(x.dtype)
+    scale = torch.tensor(dr.reference.dropout_scale(p), dtype=acc, device=x.device)
+    return (x.to(acc) * scale).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Assertion helpers that show the first mismatches
+# ------------------------------------------------------------------------------------------------
+
+
+def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Tensor, limit: int = 8) -> str:
+    idx = bad.nonzero()
+    lines = [f"{idx.shape[0]} of {bad.numel()} elements differ; first {min(limit, idx.shape[0])}:"]
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    for row in idx[:limit].tolist():
+        pos = tuple(row)
+        lines.append(f"  at {pos}: actual {a[pos].item()!r}  expected {e[pos].item()!r}")
+    return "\n".join(lines)
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Same shape, dtype and bits (NaN payloads and signed zeros included)."""
+    prefix = f"{what}: " if what else ""
+    assert actual.shape == expected.shape, f"{prefix}shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{prefix}dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
+    if a.dtype in _BITS:
+        bad = a.view(_BITS[a.dtype]) != e.view(_BITS[e.dtype])
+    else:
+        bad = a != e
+    if bool(bad.any()):
+        pytest.fail(prefix + _mismatch_report(a, e, bad), pytrace=False)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "") -> None:
+    """|actual - expected| <= atol + rtol·|expected| with the TOL entry of ``dtype`` (default: actual's)."""
+    tol = TOL[dtype or actual.dtype]
+    prefix = f"{what}: " if what else ""
+    assert actual.shape == expected.shape, f"{prefix}shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    bad = (a - e).abs() > tol["atol"] + tol["rtol"] * e.abs()
+    bad |= a.isnan() != e.isnan()
+    if bool(bad.any()):
+        pytest.fail(f"{prefix}(rtol={tol['rtol']}, atol={tol['atol']}) " + _mismatch_report(a, e, bad),
+                    pytrace=False)
