@@ -331,8 +331,6 @@ def _register_backend(backend: str, qualnames: dict) -> dict:
 def _define_python_backend(backend: str, kernels, define) -> dict:
     qualnames = {}
     for name, body in _python_op_bodies(kernels).items():
-        if not hasattr(kernels, name):
-            continue
         qualname = f"dropreg::{name}_{backend}"
         define(qualname, mutates_args=())(body).register_fake(_FAKES[name])
         qualnames[name] = qualname
@@ -350,24 +348,19 @@ if _ext.HAS_CPU:
     BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = _register_backend("cpu", _cpp)
 
 if _ext.HAS_TRITON:
-    import importlib
+    from .triton_kernels import cross_entropy as _tk_ce
+    from .triton_kernels import dropout as _tk_dropout
+    from .triton_kernels import philox as _tk_philox
+    from .triton_kernels import site_penalty as _tk_site
 
     class _TritonKernels:
-        pass
-
-    for _module, _names in (
-        ("dropout", ("dropout",)),
-        ("philox", ("philox",)),
-        ("cross_entropy", ("cross_entropy_sample", "ce_grad", "ce_grad_backward")),
-        ("site_penalty", ("site_penalty", "site_penalty_backward")),
-    ):
-        try:  # TODO(issue 3): strict once every Triton launcher has landed
-            _mod = importlib.import_module(f".triton_kernels.{_module}", __package__)
-        except ImportError:
-            continue
-        for _n in _names:
-            if hasattr(_mod, _n):
-                setattr(_TritonKernels, _n, staticmethod(getattr(_mod, _n)))
+        dropout = staticmethod(_tk_dropout.dropout)
+        philox = staticmethod(_tk_philox.philox)
+        cross_entropy_sample = staticmethod(_tk_ce.cross_entropy_sample)
+        ce_grad = staticmethod(_tk_ce.ce_grad)
+        ce_grad_backward = staticmethod(_tk_ce.ce_grad_backward)
+        site_penalty = staticmethod(_tk_site.site_penalty)
+        site_penalty_backward = staticmethod(_tk_site.site_penalty_backward)
 
     # triton_op lets torch.compile trace into the launchers. Under TRITON_INTERPRET=1, wrap_triton
     # hands back the bare interpreted kernel, which cannot run on fake tensors: there the ops are

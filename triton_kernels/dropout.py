@@ -16,7 +16,7 @@ from ._launch import kernel_launcher
 from .philox import philox_groups
 from .rounding import round_to
 
-STREAM_DROPOUT_MASK: tl.constexpr = 0
+STREAM_DROPOUT_MASK = tl.constexpr(0)
 
 
 @triton.jit

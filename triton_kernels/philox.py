@@ -13,10 +13,10 @@ import triton.language as tl
 
 from ._launch import kernel_launcher
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
@@ -84,3 +84,18 @@ def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
             counter.contiguous(), key.contiguous(), out, n, BLOCK=block
         )
     return out
+
+
+@triton.jit
+def philox_tile(rng_ptr, stream, group):
+    """u32 of elements ``4·group + (0, 1, 2, 3)`` as a uint32 tile of shape (len(group), 4).
+
+    One Philox call serves the four elements of a tile row: the layout's ``i >> 2`` / ``i & 3`` split.
+    """
+    r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(
+        lane == 0,
+        r0[:, None],
+        tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])),
+    )
