@@ -6,13 +6,26 @@
 """
 
 from . import _ext, functional, ops, reference
-from .nn import Dropout, DropoutRegularizer, k_sample_loss, replace_dropout
+from .nn import (
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    DropoutRegularizer,
+    LockedDropout,
+    k_sample_loss,
+    replace_dropout,
+)
 from .ops import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "LockedDropout",
     "replace_dropout",
     "DropoutRegularizer",
     "k_sample_loss",

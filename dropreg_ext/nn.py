@@ -11,10 +11,19 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import ops
+from . import functional, ops
 from ._checks import check_prob
 
-__all__ = ["Dropout", "replace_dropout", "DropoutRegularizer", "k_sample_loss"]
+__all__ = [
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "LockedDropout",
+    "replace_dropout",
+    "DropoutRegularizer",
+    "k_sample_loss",
+]
 
 # The DropoutRegularizer whose capture() is active (at most one at a time).
 _active_capture: Optional["DropoutRegularizer"] = None
@@ -57,28 +66,117 @@ class Dropout(torch.nn.Dropout):
         return f"p={self.p}, inplace={self.inplace}, backend={ops.get_backend()}"
 
 
-def replace_dropout(model: torch.nn.Module) -> int:
-    """Swap every :class:`torch.nn.Dropout` inside ``model`` for :class:`Dropout`, in place.
+class _ChannelDropout:
+    """Shared forward of the channel-dropout modules (a regularizer site like :class:`Dropout`)."""
 
-    Keeps ``p``, ``inplace`` and the training flag of each module. Subclasses of
-    ``torch.nn.Dropout`` with their own behaviour (and ``Dropout1d/2d/3d``, ``AlphaDropout``) are
-    left alone. Returns the number of modules replaced.
+    _functional = None
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(check_prob(p, "p"), inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        reg = _active_capture
+        if reg is not None and reg._is_site(self):
+            return reg._record_site(input, self.p)
+        return type(self)._functional(input, self.p, self.training, self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}, backend={ops.get_backend()}"
+
+
+class Dropout1d(_ChannelDropout, torch.nn.Dropout1d):
+    """Drop-in :class:`torch.nn.Dropout1d`: zeroes whole channels of (N, C, L) / (C, L) inputs with a
+    mask of shape (N, C, 1) drawn by the Philox contract (:func:`ops.broadcast_dropout`)."""
+
+    _functional = staticmethod(functional.dropout1d)
+
+
+class Dropout2d(_ChannelDropout, torch.nn.Dropout2d):
+    """Drop-in :class:`torch.nn.Dropout2d`: zeroes whole feature maps of (N, C, H, W) / (C, H, W) inputs
+    with a mask of shape (N, C, 1, 1) drawn by the Philox contract."""
+
+    _functional = staticmethod(functional.dropout2d)
+
+
+class Dropout3d(_ChannelDropout, torch.nn.Dropout3d):
+    """Drop-in :class:`torch.nn.Dropout3d`: zeroes whole channels of (N, C, D, H, W) / (C, D, H, W)
+    inputs with a mask of shape (N, C, 1, 1, 1) drawn by the Philox contract."""
+
+    _functional = staticmethod(functional.dropout3d)
+
+
+class LockedDropout(torch.nn.Module):
+    r"""Locked (variational) dropout, as in AWD-LSTM (the paper's model): one mask per sequence,
+    shared along the time axis. :math:`y_{t,b,:} = m_{b,:} \odot x_{t,b,:} / (1-p)`.
+
+    Args:
+        p: probability of an element of the per-sequence mask to be zeroed. Default: 0.5
+        batch_first: inputs are (B, T, *) instead of (T, B, *). Default: False
+
+    Shape:
+        - Input: :math:`(T, B, *)` (or :math:`(B, T, *)`), float.
+        - Output: same shape. The mask, :math:`(1, B, *)`, is T times smaller than the input.
+    """
+
+    def __init__(self, p: float = 0.5, batch_first: bool = False) -> None:
+        super().__init__()
+        self.p = check_prob(p, "p")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"argument 'batch_first' must be a bool, got {type(batch_first).__name__}")
+        self.batch_first = batch_first
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        reg = _active_capture
+        if reg is not None and reg._is_site(self):
+            return reg._record_site(input, self.p)
+        return functional.locked_dropout(input, self.p, self.training, self.batch_first)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, batch_first={self.batch_first}, backend={ops.get_backend()}"
+
+
+# Modules whose calls become DropoutRegularizer sites.
+_SITE_TYPES = (Dropout, Dropout1d, Dropout2d, Dropout3d, LockedDropout)
+
+
+def replace_dropout(model: torch.nn.Module, *, locked: bool = False, batch_first: bool = False) -> int:
+    """Swap torch's dropout modules inside ``model`` for the fused ones, in place.
+
+    ``torch.nn.Dropout`` → :class:`Dropout` (or, with ``locked=True``, :class:`LockedDropout` with
+    ``batch_first`` — opt-in, since it changes the mask from per element to per sequence), and
+    ``torch.nn.Dropout1d/2d/3d`` → :class:`Dropout1d/2d/3d`. Keeps ``p``, ``inplace`` and the
+    training flag. Other subclasses (``AlphaDropout``, user subclasses) are left alone. Returns the
+    number of modules replaced.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    if type(model) is torch.nn.Dropout:
+    if type(model) in _REPLACEMENTS:
         raise ValueError(
-            "argument 'model' is itself a torch.nn.Dropout; replace it with dropreg_ext.Dropout(p) directly"
+            f"argument 'model' is itself a torch.nn.{type(model).__name__}; "
+            "construct the dropreg_ext module directly"
         )
     count = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Dropout:
-                new = Dropout(child.p, child.inplace)
-                new.train(child.training)
-                setattr(parent, name, new)
-                count += 1
+            kind = type(child)
+            if kind not in _REPLACEMENTS:
+                continue
+            if kind is torch.nn.Dropout and locked:
+                new = LockedDropout(child.p, batch_first=batch_first)
+            else:
+                new = _REPLACEMENTS[kind](child.p, child.inplace)
+            new.train(child.training)
+            setattr(parent, name, new)
+            count += 1
     return count
+
+
+_REPLACEMENTS = {
+    torch.nn.Dropout: Dropout,
+    torch.nn.Dropout1d: Dropout1d,
+    torch.nn.Dropout2d: Dropout2d,
+    torch.nn.Dropout3d: Dropout3d,
+}
 
 
 @dataclass
@@ -92,8 +190,8 @@ class DropoutRegularizer:
     r"""Dropout's explicit and implicit regularization effects as analytic terms
     (Wei, Kakade & Ma, ICML 2020), computed with fused kernels.
 
-    Inside :meth:`capture`, every :class:`Dropout` of ``model`` that is in training mode is a
-    *site* i: it does not drop, but passes its input h_i through a fresh autograd node o_i and
+    Inside :meth:`capture`, every fused dropout module of ``model`` (:class:`Dropout`, the channel
+    and locked variants) that is in training mode is a *site* i: it does not drop, but passes its input h_i through a fresh autograd node o_i and
     records it (a module called T times, e.g. in a recurrent loop, gives T sites). :meth:`loss`
     then returns, for logits z with rows r (N_eff rows not ignored)::
 
@@ -178,7 +276,7 @@ class DropoutRegularizer:
         global _active_capture
         if _active_capture is not None:
             raise RuntimeError("a DropoutRegularizer capture is already active; captures cannot be nested")
-        self._modules = {id(m) for m in self.model.modules() if isinstance(m, Dropout)}
+        self._modules = {id(m) for m in self.model.modules() if isinstance(m, _SITE_TYPES)}
         self._sites = []
         _active_capture = self
         try:
@@ -186,7 +284,7 @@ class DropoutRegularizer:
         finally:
             _active_capture = None
 
-    def _is_site(self, module: Dropout) -> bool:
+    def _is_site(self, module: torch.nn.Module) -> bool:
         return module.training and module.p > 0 and torch.is_grad_enabled() and id(module) in self._modules
 
     def _record_site(self, h: torch.Tensor, q: float) -> torch.Tensor:

@@ -41,6 +41,7 @@ __all__ = [
     "make_rng",
     "fused_dropout",
     "dropout",
+    "broadcast_dropout",
     "philox",
     "cross_entropy_sample",
     "ce_grad",
@@ -437,6 +438,41 @@ def dropout(
         torch.autograd.graph.increment_version(input)
         return input
     return input.copy_(_DROPOUT_OPS[backend](input, p, rng))
+
+
+def broadcast_dropout(
+    input: torch.Tensor,
+    p: float,
+    mask_shape: tuple,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """Dropout with one draw per element of a mask of shape ``mask_shape``, broadcast over ``input``.
+
+    ``y = x ⊙ m``, ``m = keep / (1 - p)`` of shape ``mask_shape`` (broadcastable to x), drawn by
+    :func:`fused_dropout` on a tensor of ones: the mask follows the same Philox contract (element j
+    of the mask at logical index j), so it is bit-identical across backends. Channel dropout uses
+    ``(N, C, 1, ...)``; locked (variational) dropout ``(1, B, H)`` for ``(T, B, H)`` inputs. The mask
+    is ``numel(x)/numel(m)`` times smaller than x; it is the only tensor autograd keeps.
+    """
+    check_float_tensor(input, "input")
+    p = check_prob(p, "p")
+    check_seed(seed)
+    try:
+        shape = torch.broadcast_shapes(tuple(mask_shape), input.shape)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"argument 'mask_shape' {tuple(mask_shape)} must broadcast to the input's shape "
+                         f"{tuple(input.shape)}") from exc
+    if shape != input.shape:
+        raise ValueError(f"argument 'mask_shape' {tuple(mask_shape)} must broadcast to the input's shape "
+                         f"{tuple(input.shape)}")
+    if not training:
+        return input
+    ones = torch.ones(tuple(mask_shape), dtype=input.dtype, device=input.device)
+    mask = fused_dropout(ones, p, make_rng(input.device, seed))
+    return input.mul_(mask) if inplace else input * mask
 
 
 def philox(counter: torch.Tensor, key: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -119,8 +119,8 @@ class Net(torch.nn.Module):
                 ),
             ]
         )
-        self.keep_2d = torch.nn.Dropout2d(0.5)
-        self.keep_1d = torch.nn.Dropout1d(0.5)
+        self.channel_2d = torch.nn.Dropout2d(0.5)
+        self.channel_1d = torch.nn.Dropout1d(0.5)
         self.keep_alpha = torch.nn.AlphaDropout(0.5)
         self.keep_feature_alpha = torch.nn.FeatureAlphaDropout(0.5)
         self.keep_subclass = MyDropout(0.5)
@@ -140,7 +140,7 @@ def test_replace_dropout_nested_count_and_attributes():
     before = {name: (type(m), getattr(m, "p", None), getattr(m, "inplace", None), m.training)
               for name, m in model.named_modules()}
     count = dr.replace_dropout(model)
-    assert count == 3
+    assert count == 5
     after = {name: m for name, m in model.named_modules()}
     assert set(after) == set(before), "module tree changed shape"
     replaced = ["drop", "blocks.0.1", "blocks.1.1.0"]
@@ -151,9 +151,9 @@ def test_replace_dropout_nested_count_and_attributes():
         assert type(new) is dr.Dropout, name
         assert (new.p, new.inplace, new.training) == (p, inplace, training), name
     assert after["blocks.1.1.0"].training is False
+    assert type(after["channel_2d"]) is dr.Dropout2d and after["channel_2d"].p == 0.5
+    assert type(after["channel_1d"]) is dr.Dropout1d and after["channel_1d"].p == 0.5
     untouched = {
-        "keep_2d": torch.nn.Dropout2d,
-        "keep_1d": torch.nn.Dropout1d,
         "keep_alpha": torch.nn.AlphaDropout,
         "keep_feature_alpha": torch.nn.FeatureAlphaDropout,
         "keep_subclass": MyDropout,
