@@ -194,3 +194,40 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what:
     if bool(bad.any()):
         pytest.fail(f"{prefix}(rtol={tol['rtol']}, atol={tol['atol']}) " + _mismatch_report(a, e, bad),
                     pytrace=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Regularizer ops: backends that register a given op, and tolerances of reductions
+# ------------------------------------------------------------------------------------------------
+
+
+def op_backends(op: str, params=None) -> list:
+    """``params`` (default ALL_BACKENDS) with a skip added to every backend whose ``dr.ops.BACKEND_OPS``
+    entry lacks the registered op ``op``: new launchers are picked up as soon as they land."""
+    out = []
+    for param in ALL_BACKENDS if params is None else params:
+        (be,) = param.values
+        marks = list(param.marks)
+        if op not in dr.ops.BACKEND_OPS.get(be.name, {}):
+            marks.append(pytest.mark.skip(reason=f"backend {be.name!r} registers no {op!r} op"))
+        out.append(pytest.param(be, id=param.id, marks=marks))
+    return out
+
+
+def acc_eps(dtype: torch.dtype) -> float:
+    """Unit roundoff of the compute dtype of ``dtype`` inputs (float64 or float32)."""
+    return torch.finfo(acc_dtype(dtype)).eps / 2
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, atol, what: str = "") -> None:
+    """|actual - expected| <= atol elementwise (``atol`` a number or a tensor broadcastable to the
+    shape, e.g. an error bound built from the inputs); NaN must match NaN."""
+    prefix = f"{what}: " if what else ""
+    assert actual.shape == expected.shape, f"{prefix}shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().cpu().double()
+    e = expected.detach().cpu().double()
+    bound = torch.as_tensor(atol, dtype=torch.float64).cpu()
+    bad = ((a - e).abs() > bound) & ~(a.isnan() & e.isnan())
+    bad |= a.isnan() != e.isnan()
+    if bool(bad.any()):
+        pytest.fail(f"{prefix}(error bound exceeded) " + _mismatch_report(a, e, bad), pytrace=False)
