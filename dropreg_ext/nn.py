@@ -194,7 +194,8 @@ class DropoutRegularizer:
     and locked variants) that is in training mode is a *site* i: it does not drop, but passes its
     input h_i through a fresh autograd node o_i and records it (a module called T times, e.g. in a
     recurrent loop, gives T sites; the terms treat every element of a site as independent, as the
-    authors' code does for locked dropout). :meth:`loss` then returns, for logits z with rows r (N_eff rows not ignored)::
+    authors' code does for locked dropout). :meth:`loss` then returns, for logits z with rows r
+    (N_eff rows not ignored)::
 
         loss = J + Σ_i λ_i R_i + T,    J = (1/N_eff) Σ_r CE(z_r, y_r),    λ_i = scale · ½ · q_i/(1-q_i)
 
