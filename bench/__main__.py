@@ -1,0 +1,152 @@
+"""``python -m bench [--quick|--full] [--only dropout|train] [--device cpu|cuda] [--out DIR]``
+
+Runs the per-op dropout benchmark and the training-step benchmark, prints the tables and the
+acceptance checks, and writes ``results.json``, ``results.csv`` and PNG plots to
+``bench/results/<device-tag>/`` (or ``--out``). ``--quick`` (default) fits in 5 minutes on 2 CPU
+cores; ``--full`` is for GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import checks, dropout, env, output, plots, train
+from .config import Config, make_config, size_label
+
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SECTIONS = {"dropout": dropout, "train": train}
+
+
+def parse_args(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick", help="default")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full", help="GPU sizes")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--only", choices=sorted(SECTIONS), help="run one section")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    parser.add_argument("--out", help="output folder (default bench/results/<device-tag>)")
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "python -m bench: --device cuda was asked for but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'})"
+        )
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Progress:
+    """A tqdm bar over the run's units (one dropout case, one training case); ``progress(label)``
+    marks the previous unit done and names the next. tqdm hides it when stderr is not a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, unit="case", disable=None, dynamic_ncols=True)
+        self.started = False
+
+    def __call__(self, label: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_description(label)
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.update()
+        self.bar.close()
+
+
+def _units(section: str, cfg: Config) -> int:
+    if section == "dropout":
+        return len(dropout.case_keys(cfg))
+    return len(train.CASES)
+
+
+def build_result(cfg: Config, tags: dict, rows: list, elapsed: dict, load_start: float) -> dict:
+    """The content of results.json: run settings, tagged rows, acceptance checks. The 1-minute
+    load average at the start and now says how busy a shared machine was during the run."""
+    rows = [{**tags, **row} for row in rows]
+    has_dropout = any(r["section"] == "dropout" for r in rows)
+    return {
+        "meta": {**describe(cfg, tags), "elapsed_s": elapsed, "load_avg_1min": [load_start, env.load_average()]},
+        "rows": rows,
+        "checks": checks.acceptance(rows, cfg.device.type) if has_dropout else [],
+    }
+
+
+def run_sections(names: list, cfg: Config, tags: dict, out_dir: str) -> dict:
+    """Runs the sections; results.json/csv are rewritten after each one, so a run cut short by a
+    time limit (bench/gpu_check.sh) still leaves the sections it finished."""
+    rows, elapsed, load_start = [], {}, env.load_average()
+    progress = Progress(sum(_units(name, cfg) for name in names))
+    try:
+        for name in names:
+            start = time.perf_counter()
+            rows += SECTIONS[name].run(cfg, progress)
+            elapsed[name] = time.perf_counter() - start
+            tqdm.write(f"[{name}] {elapsed[name]:.1f} s")
+            output.write_results(build_result(cfg, tags, rows, elapsed, load_start), out_dir)
+    finally:
+        progress.close()
+    return build_result(cfg, tags, rows, elapsed, load_start)
+
+
+def describe(cfg: Config, tags: dict) -> dict:
+    return {
+        **tags,
+        "preset": cfg.preset,
+        "device_type": cfg.device.type,
+        "threads": torch.get_num_threads(),
+        "p": cfg.p,
+        "sizes": cfg.sizes,
+        "op_reps": dataclasses.asdict(cfg.op_reps),
+        "train_reps": dataclasses.asdict(cfg.train_reps),
+        "train_scale": cfg.train_scale,
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+    }
+
+
+def _short(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def main(argv: list | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # cpp_extension warns on every torch.compile of a CPU-only machine that no CUDA runtime exists.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    device = resolve_device(args.device)
+    cfg = make_config(args.preset, device)
+    tags = env.row_tags(device)
+    out_dir = args.out or os.path.join(RESULTS_ROOT, tags["device_tag"])
+    names = [args.only] if args.only else list(SECTIONS)
+    print(f"bench --{cfg.preset} on {tags['device']} [{tags['device_tag']}]")
+    print(f"{env.versions_line(tags)}, {tags['date']}")
+    print("dropout sizes: " + "; ".join(f"{d} {', '.join(map(size_label, s))}" for d, s in cfg.sizes.items()))
+    print(f"our backends on {device.type}: {dropout.our_backends(device)}; output: {out_dir}")
+
+    start = time.perf_counter()
+    result = run_sections(names, cfg, tags, out_dir)
+    output.print_report(result)
+    paths = output.write_results(result, out_dir) + plots.write_plots(result, out_dir)
+    print("\nwrote " + ", ".join(_short(p) for p in paths))
+    sections = ", ".join(f"{name} {sec:.1f} s" for name, sec in result["meta"]["elapsed_s"].items())
+    load = result["meta"]["load_avg_1min"]
+    print(f"elapsed: {sections}; total {time.perf_counter() - start:.1f} s; load average {load[0]} -> {load[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Per-op dropout benchmark: forward, backward and forward+backward of one tensor of n elements.
+
+Providers (:func:`providers`): ``eager`` (``torch.nn.functional.dropout``), ``compile``
+(``torch.compile`` of the same call, static shapes, recompiled for each case) and each backend of
+ours that runs natively on the device (``dr.ops.available_backends`` minus ``reference``, and
+minus ``triton`` on CPU, where it would only run under the interpreter).
+
+Modes: ``fwd`` times ``y = dropout(x)`` with ``x`` not requiring grad (an inference-style forward
+in training mode); ``bwd`` times ``torch.autograd.grad(y, x, g, retain_graph=True)`` for a fixed
+``y``; ``fwd+bwd`` times both from scratch. ``peak memory`` is taken on ``fwd+bwd``.
+
+Bytes moved, counted by hand per element of itemsize s:
+
+* ``bytes_min``: the least any dropout can move, read x + write y (2s), and read g + write dx (2s)
+  in backward. All GB/s called *effective* divide this same count by each provider's time, so
+  they compare like with like.
+* ``bytes_own``: what the provider really moves (:func:`own_bytes_per_elem`), for its own GB/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import dropreg_ext as dr
+
+from .config import Config, dtype_name, size_label
+from .measure import Timing, peak_bytes, time_fns
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+BASELINES = ("eager", "compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """A dropout implementation under test: ``make(p)`` returns ``fn(x) -> y`` in training mode."""
+
+    name: str
+    make: Callable[[float], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _eager(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: F.dropout(x, p, training=True)
+
+
+def _compiled(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    # A fresh dynamo state per case: every case gets its own static-shape graph (the best case
+    # for the baseline) and the recompile limit is never hit.
+    torch._dynamo.reset()
+    return torch.compile(lambda x: F.dropout(x, p, training=True), dynamic=False)
+
+
+def _ours(backend: str) -> Callable[[float], Callable[[torch.Tensor], torch.Tensor]]:
+    def make(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            with dr.use_backend(backend):
+                return dr.functional.dropout(x, p, training=True)
+
+        return fn
+
+    return make
+
+
+def our_backends(device: torch.device) -> list:
+    """Our backends that run natively on ``device`` (no reference, no interpreted Triton)."""
+    names = [b for b in dr.ops.available_backends(device) if b != "reference"]
+    if device.type == "cpu":
+        names = [b for b in names if b != "triton"]
+    return names
+
+
+def providers(device: torch.device) -> list:
+    return [Provider("eager", _eager), Provider("compile", _compiled)] + [
+        Provider(b, _ours(b)) for b in our_backends(device)
+    ]
+
+
+def own_bytes_per_elem(provider: str, mode: str, itemsize: int, device: torch.device) -> int:
+    """Bytes a provider really moves per element (read + written), from how each one is built.
+
+    * ours (and the copy): 2s per pass; ours regenerates the mask from (seed, offset), never stores it.
+    * eager on CUDA: ``native_dropout`` also writes a 1-byte bool mask, which backward reads.
+    * eager on CPU: ``aten::dropout`` draws a noise tensor of x's dtype (bernoulli_ writes s,
+      div_ by 1-p reads and writes s, x * noise reads 2s and writes s: 6s); backward is
+      g * noise (3s).
+    * compile: Inductor reads x and writes y; when x requires grad it also saves a 1-byte mask,
+      which backward reads (``fwd`` is timed without grad, so there it stores none).
+    """
+    s = itemsize
+    if provider == "eager" and device.type == "cpu":
+        fwd = fwd_grad = 6 * s
+        bwd = 3 * s
+    elif provider == "eager":
+        fwd = fwd_grad = bwd = 2 * s + 1
+    elif provider == "compile":
+        fwd, fwd_grad, bwd = 2 * s, 2 * s + 1, 2 * s + 1
+    else:
+        fwd = fwd_grad = bwd = 2 * s
+    return {"copy": fwd, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_grad + bwd}[mode]
+
+
+def min_bytes_per_elem(mode: str, itemsize: int) -> int:
+    """Read the input and write the output once per pass (``copy`` moves exactly that too)."""
+    return {"copy": 2, "fwd": 2, "bwd": 2, "fwd+bwd": 4}[mode] * itemsize
+
+
+@dataclasses.dataclass
+class Case:
+    """One (dtype, n) point: the tensors every provider shares."""
+
+    dtype: torch.dtype
+    numel: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        self.x = torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype)
+        self.g = torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype)
+        self.x_grad = self.x.clone().requires_grad_()
+
+
+def mode_fn(fn: Callable[[torch.Tensor], torch.Tensor], mode: str, case: Case) -> Callable[[], None]:
+    """A zero-argument closure doing one ``mode`` pass of ``fn`` on the case's tensors."""
+    x, g = case.x_grad, case.g
+
+    def fwd() -> None:
+        fn(case.x)
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(fn(x), x, g)
+
+    def bwd(y: torch.Tensor) -> Callable[[], None]:
+        def call() -> None:
+            torch.autograd.grad(y, x, g, retain_graph=True)
+
+        return call
+
+    if mode == "fwd":
+        return fwd
+    if mode == "fwd+bwd":
+        return fwd_bwd
+    if mode == "bwd":
+        return bwd(fn(x))
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def case_keys(cfg: Config) -> list:
+    """(dtype, n) of every case, in run order."""
+    return [(dtype, numel) for dtype in cfg.dtypes for numel in cfg.sizes[dtype_name(dtype)]]
+
+
+def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
+    s = case.x.element_size()
+    bytes_min = min_bytes_per_elem(mode, s) * case.numel
+    bytes_own = own_bytes_per_elem(provider, mode, s, case.device) * case.numel
+    seconds = timing.median_ms / 1e3
+    return {
+        "section": "dropout",
+        "case": "dropout",
+        "provider": provider,
+        "mode": mode,
+        "dtype": dtype_name(case.dtype),
+        "numel": case.numel,
+        **dataclasses.asdict(timing),
+        "bytes_min": bytes_min,
+        "bytes_own": bytes_own,
+        "gbps_eff": bytes_min / seconds / 1e9,
+        "gbps_own": bytes_own / seconds / 1e9,
+        "pct_copy": 100 * bytes_min / seconds / 1e9 / copy_gbps,
+    }
+
+
+def run_case(case: Case, cfg: Config) -> list:
+    """Every provider and mode on one case, timed in interleaved rounds with the device copy
+    ``y.copy_(x)`` of the same size (the bandwidth reference); ratios come from this run."""
+    out = torch.empty_like(case.x)
+    calls = {("copy", "copy"): lambda: out.copy_(case.x)}
+    for provider in providers(cfg.device):
+        fn = provider.make(cfg.p)
+        calls.update({(provider.name, mode): mode_fn(fn, mode, case) for mode in MODES})
+    timings = time_fns(calls, cfg.device, cfg.op_reps)
+    copy = timings[("copy", "copy")]
+    copy_gbps = min_bytes_per_elem("copy", case.x.element_size()) * case.numel / (copy.median_ms / 1e3) / 1e9
+    rows = []
+    for (provider, mode), timing in timings.items():
+        row = _row(case, provider, mode, timing, copy_gbps)
+        if mode == "fwd+bwd":
+            row["peak_bytes"] = peak_bytes(calls[(provider, mode)], cfg.device)
+        rows.append(row)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list) -> None:
+    """``speedup_vs_eager`` and ``speedup_vs_compile``: baseline median / provider median, same mode."""
+    by_key = {(r["provider"], r["mode"]): r for r in rows}
+    for row in rows:
+        for base in BASELINES:
+            ref = by_key.get((base, row["mode"]))
+            if ref is not None:
+                row[f"speedup_vs_{base}"] = ref["median_ms"] / row["median_ms"]
+
+
+def run(cfg: Config, progress: Callable[[str], None]) -> list:
+    """All dropout cases of ``cfg``; ``progress(label)`` is called before each case."""
+    rows = []
+    for dtype, numel in case_keys(cfg):
+        progress(f"dropout {dtype_name(dtype)} n={size_label(numel)}")
+        rows += run_case(Case(dtype, numel, cfg.device), cfg)
+    return rows

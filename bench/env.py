@@ -1,0 +1,82 @@
+"""Where and with what a run happens: device name and tag, library versions, date.
+
+Every result row carries these fields (:func:`row_tags`), so a CSV row read alone still says what
+produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+
+import torch
+
+import dropreg_ext as dr
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The 1-minute load average (how many runnable processes share the cores), -1 if unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} ({cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """Short folder name for a device: ``cpu-2core``, ``cuda-h200``."""
+    if device.type == "cuda":
+        words = re.sub(r"(?i)\bnvidia\b", "", torch.cuda.get_device_name(device)).split()
+        model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
+        return f"cuda-{model}"
+    return f"cpu-{cpu_count()}core"
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    return {"torch": torch.__version__, "triton": triton_version, "dropreg_ext": dr.__version__}
+
+
+def row_tags(device: torch.device) -> dict:
+    """Fields stamped on every result row: device, versions and the date of the run."""
+    return {
+        "device": device_name(device),
+        "device_tag": device_tag(device),
+        **versions(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def versions_line(tags: dict) -> str:
+    return f"torch {tags['torch']}, triton {tags['triton']}, dropreg_ext {tags['dropreg_ext']}"

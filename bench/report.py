@@ -1,0 +1,150 @@
+"""Render the results tables of ``bench/results/README.md`` from the ``results.json`` files.
+
+    python -m bench.report                  # rewrite the generated part of bench/results/README.md
+    python -m bench.report --print DIR ...  # print the section of each results folder, write nothing
+
+Every number in the README comes from a ``results.json`` through this script, so none is edited
+by hand. The generated part sits between the two marker lines :data:`BEGIN` and :data:`END`; the
+rest of the README is left as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .checks import format_check
+from .config import size_label
+
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+README = os.path.join(RESULTS_ROOT, "README.md")
+BEGIN = "<!-- BEGIN GENERATED RESULTS: `python -m bench.report` writes this part; do not edit by hand -->"
+END = "<!-- END GENERATED RESULTS -->"
+
+
+def markdown_table(headers: list, rows: list) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _opt(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else ""
+
+
+def dropout_headline(rows: list) -> str:
+    """Every provider at the largest n measured for each dtype."""
+    rows = [r for r in rows if r["section"] == "dropout"]
+    largest = {}
+    for r in rows:
+        largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["numel"])
+    picked = [r for r in rows if r["numel"] == largest[r["dtype"]]]
+    body = [
+        [
+            r["dtype"],
+            size_label(r["numel"]),
+            r["mode"],
+            r["provider"],
+            f"{r['median_ms']:.3f}",
+            f"{r['gbps_eff']:.3g}",
+            f"{r['pct_copy']:.0f}%",
+            _opt(r, "speedup_vs_eager", ".2f"),
+            _opt(r, "speedup_vs_compile", ".2f"),
+            f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "",
+        ]
+        for r in picked
+    ]
+    headers = ["dtype", "n", "mode", "provider", "median ms", "eff GB/s", "of copy", "x eager", "x compile",
+               "peak MiB"]  # fmt: skip
+    return markdown_table(headers, body)
+
+
+def train_headline(rows: list) -> str:
+    body = [
+        [
+            r["case"],
+            r["provider"],
+            f"{r['throughput']:.0f} {r['unit']}/s",
+            f"{r['median_ms']:.1f}",
+            f"{r['peak_bytes'] / 2**20:.1f}",
+            f"{r['speedup_vs_eager']:.2f}",
+        ]
+        for r in rows
+        if r["section"] == "train"
+    ]
+    return markdown_table(["case", "variant", "throughput", "median step ms", "peak MiB", "x eager"], body)
+
+
+def render_section(result: dict, folder: str, link: str) -> str:
+    """The README section of the results folder ``folder``; images are linked as ``link/<png>``."""
+    meta, rows = result["meta"], result["rows"]
+    parts = [
+        f"### {meta['device_tag']}",
+        "",
+        f"- device: {meta['device']}",
+        f"- versions: torch {meta['torch']}, triton {meta['triton']}, dropreg_ext {meta['dropreg_ext']}",
+        f"- date: {meta['date']}; command: `{meta['command']}`; p = {meta['p']}",
+        "- time per section: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["elapsed_s"].items())
+        + f"; 1-min load average at start / end: {' / '.join(map(str, meta.get('load_avg_1min', [])))}"
+        + f" on {meta['threads']} threads",
+    ]
+    if any(r["section"] == "dropout" for r in rows):
+        title = "Dropout at the largest size of each dtype (eff GB/s: minimal bytes / median time):"
+        parts += ["", title, "", dropout_headline(rows)]
+    if result.get("checks"):
+        parts += ["", "Acceptance checks (targets set for 2 CPU cores):", "", "```"]
+        parts += [format_check(c).strip() for c in result["checks"]] + ["```"]
+    if any(r["section"] == "train" for r in rows):
+        parts += ["", "Training steps:", "", train_headline(rows)]
+    plots = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+    parts += [""] + [f"![{p}]({link}/{p})" for p in plots]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def load(folder: str) -> dict:
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+def result_folders(root: str) -> list:
+    return sorted(
+        name for name in os.listdir(root) if os.path.isfile(os.path.join(root, name, "results.json"))
+    )
+
+
+def update_readme(root: str = RESULTS_ROOT, readme: str = README) -> None:
+    """Replace the text between the markers of ``readme`` with a section per results folder."""
+    with open(readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} lacks the marker lines; restore them:\n{BEGIN}\n{END}")
+    sections = []
+    for name in result_folders(root):
+        folder = os.path.join(root, name)
+        sections.append(render_section(load(folder), folder, name))
+    body = "\n".join(sections) if sections else "No results yet: run `python -m bench`.\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(readme, "w") as f:
+        f.write(f"{head}{BEGIN}\n\n{body}\n{END}{tail}")
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--print", nargs="+", metavar="DIR", dest="folders",
+        help="print the sections of these results folders instead of updating the README",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.folders:
+        for folder in args.folders:
+            print(render_section(load(folder), folder, folder))
+        return 0
+    update_readme()
+    print(f"updated {os.path.relpath(README)} from {', '.join(result_folders(RESULTS_ROOT)) or 'no results'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

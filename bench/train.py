@@ -1,0 +1,266 @@
+"""End-to-end training steps: the same model trained with torch's dropout and with ours.
+
+A *case* (:class:`TrainCase`) builds a model and one batch; a *variant* (:class:`Variant`) decides how
+that model is trained: it gets its own deep copy of the model (same initial weights for every
+variant), may change it, and returns the loss function of a step. Both live in plain lists,
+:data:`CASES` and :data:`VARIANTS`; a new model or a new way of training (for instance a
+regularizer that replaces dropout) is one more entry, and the runner, the table, the JSON and the
+plots pick it up.
+
+One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
+with plain SGD. Throughput is ``units_per_step / median step time`` (samples for the MLP, tokens
+for the language models). Peak memory is the peak of one step above the model and optimizer
+state (gradients are freed at the end of each step, so they count inside it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dropreg_ext as dr
+
+from .config import Config, dtype_name
+from .measure import Timing, peak_bytes, time_fns
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp(in_features: int, hidden: int, classes: int) -> nn.Module:
+    """The dropout-paper MLP: dropout 0.2 on the input, 0.5 after each hidden ReLU layer."""
+    return nn.Sequential(
+        nn.Dropout(0.2),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, classes),
+    )
+
+
+class LSTMLanguageModel(nn.Module):
+    """embedding -> dropout -> LSTM -> dropout -> Linear over the vocabulary (Zaremba et al. style)."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, p: float = 0.5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.drop_in = nn.Dropout(p)
+        self.lstm = nn.LSTM(dim, dim, layers, batch_first=True)
+        self.drop_out = nn.Dropout(p)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.lstm(self.drop_in(self.embed(tokens)))
+        return self.head(self.drop_out(hidden))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm encoder block with every dropout as an ``nn.Dropout`` module: on the attention
+    probabilities, on both residual branches and inside the feed-forward (``nn.TransformerEncoderLayer``
+    applies its attention dropout inside ``F.multi_head_attention_forward``, out of a module's reach)."""
+
+    def __init__(self, dim: int, heads: int, ff: int, p: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(p)
+        self.proj = nn.Linear(dim, dim)
+        self.resid_drop1 = nn.Dropout(p)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Dropout(p), nn.Linear(ff, dim))
+        self.resid_drop2 = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = self.attn_drop((q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)).softmax(-1))
+        x = x + self.resid_drop1(self.proj((att @ v).transpose(1, 2).reshape(b, t, d)))
+        return x + self.resid_drop2(self.ff(self.norm2(x)))
+
+
+class TransformerTagger(nn.Module):
+    """embedding -> one :class:`TransformerBlock` -> Linear over the vocabulary, per token."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.block = TransformerBlock(dim, heads, ff)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(tokens)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: a model and one batch, at a "small" (CPU) or "large" (GPU) scale
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Workload:
+    model: nn.Module
+    inputs: torch.Tensor
+    target: torch.Tensor
+    units_per_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    name: str
+    unit: str  # what throughput counts: "samples" or "tokens"
+    sizes: dict  # scale ("small" | "large") -> keyword arguments of build
+    build: Callable[..., Workload]
+
+
+def _mlp_workload(device: torch.device, batch: int, hidden: int) -> Workload:
+    model = mlp(784, hidden, 10)
+    x = torch.randn(batch, 784, device=device)
+    return Workload(model, x, torch.randint(0, 10, (batch,), device=device), batch)
+
+
+def _token_workload(model: nn.Module, device: torch.device, vocab: int, batch: int, seq: int) -> Workload:
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    return Workload(model, tokens[:, :-1], tokens[:, 1:], batch * seq)
+
+
+def _lstm_workload(device: torch.device, vocab: int, dim: int, layers: int, batch: int, seq: int) -> Workload:
+    return _token_workload(LSTMLanguageModel(vocab, dim, layers), device, vocab, batch, seq)
+
+
+def _transformer_workload(
+    device: torch.device, vocab: int, dim: int, heads: int, ff: int, batch: int, seq: int
+) -> Workload:
+    return _token_workload(TransformerTagger(vocab, dim, heads, ff), device, vocab, batch, seq)
+
+
+CASES = [
+    TrainCase(
+        "mlp",
+        "samples",
+        {"small": dict(batch=256, hidden=2048), "large": dict(batch=4096, hidden=4096)},
+        _mlp_workload,
+    ),
+    TrainCase(
+        "lstm_lm",
+        "tokens",
+        {
+            "small": dict(vocab=10_000, dim=256, layers=1, batch=20, seq=35),
+            "large": dict(vocab=10_000, dim=1024, layers=2, batch=64, seq=70),
+        },
+        _lstm_workload,
+    ),
+    TrainCase(
+        "transformer_block",
+        "tokens",
+        {
+            "small": dict(vocab=2_000, dim=256, heads=4, ff=1024, batch=16, seq=128),
+            "large": dict(vocab=10_000, dim=1024, heads=16, ff=4096, batch=16, seq=512),
+        },
+        _transformer_workload,
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: how a case's model is trained
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """``setup(model)`` receives a private copy of the case's model, may modify it in place, and
+    returns the step's loss function ``loss_fn(inputs, target)``."""
+
+    name: str
+    setup: Callable[[nn.Module], LossFn]
+
+
+def _cross_entropy(model: nn.Module) -> LossFn:
+    def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    return loss_fn
+
+
+def _with_our_dropout(model: nn.Module) -> LossFn:
+    if dr.replace_dropout(model) == 0:
+        raise RuntimeError("the model has no torch.nn.Dropout to replace")
+    return _cross_entropy(model)
+
+
+EAGER = "eager"
+VARIANTS = [
+    Variant(EAGER, _cross_entropy),
+    Variant("dropreg", _with_our_dropout),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------------------------
+
+
+def make_step(variant: Variant, work: Workload) -> Callable[[], None]:
+    """One SGD training step of ``variant`` on a fresh copy of the workload's model."""
+    model = copy.deepcopy(work.model).train()
+    loss_fn = variant.setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss_fn(work.inputs, work.target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: int) -> dict:
+    return {
+        "section": "train",
+        "case": case.name,
+        "provider": variant,
+        "mode": "step",
+        "dtype": dtype_name(next(work.model.parameters()).dtype),
+        **dataclasses.asdict(timing),
+        "unit": case.unit,
+        "units_per_step": work.units_per_step,
+        "throughput": work.units_per_step / (timing.median_ms / 1e3),
+        "peak_bytes": peak,
+    }
+
+
+def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> list:
+    torch.manual_seed(0)
+    work = case.build(cfg.device, **case.sizes[cfg.train_scale])
+    work.model.to(cfg.device)
+    progress(f"train {case.name}")
+    steps = {variant.name: make_step(variant, work) for variant in VARIANTS}
+    timings = time_fns(steps, cfg.device, cfg.train_reps)
+    rows = []
+    for name, step in steps.items():
+        rows.append(_row(case, name, work, timings[name], peak_bytes(step, cfg.device)))
+    eager = next(r for r in rows if r["provider"] == EAGER)
+    for row in rows:
+        row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+    return rows
+
+
+def run(cfg: Config, progress: Callable[[str], None]) -> list:
+    """Every case under every variant (variants timed in interleaved rounds); ``progress(label)``
+    is called before each case."""
+    return [row for case in CASES for row in run_case(case, cfg, progress)]
