@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -179,6 +180,22 @@ _REPLACEMENTS = {
 }
 
 
+_compile_warned = False
+
+
+def _warn_compile_once() -> None:
+    global _compile_warned
+    if not _compile_warned:
+        _compile_warned = True
+        warnings.warn(
+            "dropreg_ext.DropoutRegularizer under torch.compile: the model is compiled, but each dropout "
+            "site and the objective (which needs torch.autograd.grad(create_graph=True), not traced by "
+            "dynamo) run eagerly, with graph breaks there; results are those of eager mode.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 @dataclass
 class _Site:
     h: torch.Tensor  # the activation entering the dropout module
@@ -289,6 +306,9 @@ class DropoutRegularizer:
     def _is_site(self, module: torch.nn.Module) -> bool:
         return module.training and module.p > 0 and torch.is_grad_enabled() and id(module) in self._modules
 
+    # Under torch.compile the site bookkeeping and the objective (autograd.grad with create_graph,
+    # which dynamo does not trace) run eagerly: graph breaks instead of silently lost sites.
+    @torch.compiler.disable
     def _record_site(self, h: torch.Tensor, q: float) -> torch.Tensor:
         if q >= 1.0:
             raise ValueError(
@@ -309,6 +329,7 @@ class DropoutRegularizer:
         sites, self._sites = self._sites, None
         return sites
 
+    @torch.compiler.disable
     def terms(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> tuple:
         """(J, Σ_i λ_i R_i, T) as tensors with their graphs, for the last captured forward."""
         sites = self._take_sites()
@@ -375,6 +396,8 @@ class DropoutRegularizer:
 
         Sets :attr:`last` to ``{"loss": J, "explicit": Σ λ_i R_i, "implicit": T}`` (detached).
         """
+        if torch.compiler.is_compiling():
+            _warn_compile_once()
         J, explicit, implicit = self.terms(logits, target, ignore_index)
         self.last = {"loss": J.detach(), "explicit": explicit.detach(), "implicit": implicit.detach()}
         return J + explicit + implicit
