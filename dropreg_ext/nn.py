@@ -201,6 +201,7 @@ class _Site:
     h: torch.Tensor  # the activation entering the dropout module
     o: torch.Tensor  # h passed through a fresh autograd node: gradients "at the site"
     q: float  # drop probability
+    version: int  # h._version when recorded: an in-place change afterwards would alter the terms
 
 
 class DropoutRegularizer:
@@ -317,7 +318,7 @@ class DropoutRegularizer:
         # view_as gives a fresh autograd node, so d(.)/d o is the gradient at the site only (not
         # through skip paths). An input that needs no gradient gets a leaf of its own.
         o = h.view_as(h) if h.requires_grad else h.detach().requires_grad_()
-        self._sites.append(_Site(h=h, o=o, q=q))
+        self._sites.append(_Site(h=h, o=o, q=q, version=h._version))
         return o
 
     def _take_sites(self) -> list:
@@ -333,6 +334,13 @@ class DropoutRegularizer:
     def terms(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> tuple:
         """(J, Σ_i λ_i R_i, T) as tensors with their graphs, for the last captured forward."""
         sites = self._take_sites()
+        for site in sites:
+            if site.h._version != site.version:
+                raise RuntimeError(
+                    "a dropout site's input was modified in place after the site was recorded (e.g. by an "
+                    "in-place activation such as ReLU(inplace=True) after the dropout): the regularizer needs "
+                    "the original values; use the out-of-place op"
+                )
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
             raise ValueError("argument 'logits' must be a tensor of shape (..., C) with C >= 1")
         if not isinstance(target, torch.Tensor) or target.shape != logits.shape[:-1]:
@@ -359,23 +367,27 @@ class DropoutRegularizer:
         ones = torch.ones_like(lse)
         outs = [s.o for s in sites]
 
-        def site_grads(label: torch.Tensor, row_scale: torch.Tensor) -> tuple:
-            cotangent = ops.ce_grad(z, lse, label, row_scale, ignore_index)
+        def site_grads(label: torch.Tensor, row_scale: torch.Tensor, skip: int = ignore_index) -> tuple:
+            cotangent = ops.ce_grad(z, lse, label, row_scale, skip)
             return torch.autograd.grad(z, outs, cotangent, create_graph=True, allow_unused=True)
 
         g_e = g_i = [None] * len(sites)
         if self.explicit is not None:
-            g_e = site_grads(yhat if self.explicit == "sampled" else t, ones)
+            # ŷ may equal ignore_index when that is a real class: mark excluded rows by the target
+            # instead, with a label that is never a class.
+            label = torch.where(t != ignore_index, yhat, -1) if self.explicit == "sampled" else t
+            g_e = site_grads(label, ones, -1 if self.explicit == "sampled" else ignore_index)
         if self.implicit:
             if self.explicit == "true":  # ∂J/∂o_i = g_e / N_eff: no second backward pass
                 g_i = [g / n_eff if g is not None else None for g in g_e]
             else:
                 g_i = site_grads(t, ones / n_eff)
 
-        # Site i draws its noise at offset + 4·i: distinct counters for every site and stream.
+        # Site i draws its noise at offset + 4·i: distinct counters for every site and stream
+        # (built on the device: no host-to-device copy).
         base = ops.make_rng(z.device)
-        steps = torch.tensor([0, 4], device=z.device, dtype=torch.int64)
-        rngs = base[None, :] + torch.arange(len(sites), device=z.device, dtype=torch.int64)[:, None] * steps
+        offsets = base[1] + 4 * torch.arange(len(sites), device=z.device, dtype=torch.int64)
+        rngs = torch.stack([base[0].expand(len(sites)), offsets], dim=1)
         explicit = implicit = zero
         for i, site in enumerate(sites):
             if g_e[i] is None and g_i[i] is None:

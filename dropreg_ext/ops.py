@@ -177,13 +177,60 @@ _FAKES = {
 }
 
 
+def _check_dropout(x, p, rng) -> None:
+    check_float_tensor(x, "x")
+    check_prob(p, "p")
+    check_rng(rng, x)
+
+
+def _check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_logits_rows(z, target_name: str, target, lse=None, row_scale=None, ignore_index: int = -100) -> None:
+    check_float_tensor(z, "z")
+    _check_ignore_index(ignore_index)
+    if z.dim() != 2:
+        raise ValueError(f"argument 'z' must be 2-D logits (N, C), got shape {tuple(z.shape)}")
+    if z.shape[1] == 0 and z.shape[0] > 0:
+        raise ValueError("argument 'z' must have at least one class (C >= 1)")
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != z.shape[:1]:
+        raise TypeError(
+            f"argument '{target_name}' must be an int64 tensor of shape ({z.shape[0]},), got "
+            f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}"
+        )
+    acc = _acc(z.dtype)
+    for name, t in (("lse", lse), ("row_scale", row_scale)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
+            raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
+
+
+def _check_site(h, g_e, g_i, q, noise, rng) -> None:
+    check_float_tensor(h, "h")
+    for name, g in (("g_e", g_e), ("g_i", g_i)):
+        if g is not None:
+            check_float_tensor(g, name)
+            if g.shape != h.shape or g.dtype != h.dtype:
+                raise ValueError(
+                    f"argument '{name}' must match h ({h.dtype} of shape {tuple(h.shape)}), "
+                    f"got {g.dtype} of shape {tuple(g.shape)}"
+                )
+    if check_prob(q, "q") >= 1.0:
+        raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
+    if noise not in reference.NOISE_KINDS:
+        raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
+    check_rng(rng, h)
+
+
 def _python_op_bodies(kernels) -> dict:
     """Typed bodies (the schema is inferred from the annotations) calling ``kernels``' functions."""
 
-    # Argument checks that the C++ ops make in their launchers (metadata only: no host sync).
+    # The argument checks the C++ ops make in their launchers (metadata only: no host sync); rng
+    # is made contiguous because the kernels read its two words through a pointer.
     def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
-        check_rng(rng, x)
-        return kernels.dropout(x, p, rng)
+        _check_dropout(x, p, rng)
+        return kernels.dropout(x, p, rng.contiguous())
 
     def philox(counter: Tensor, key: Tensor) -> Tensor:
         check_philox_args(counter, key)
@@ -192,28 +239,35 @@ def _python_op_bodies(kernels) -> dict:
     def cross_entropy_sample(
         z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
     ) -> tuple[Tensor, Tensor, Tensor]:
+        _check_logits_rows(z, "target", target, ignore_index=ignore_index)
         check_rng(rng, z)
-        return tuple(kernels.cross_entropy_sample(z, target, rng, ignore_index))
+        return tuple(kernels.cross_entropy_sample(z, target, rng.contiguous(), ignore_index))
 
     def ce_grad(z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
+        _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
         return kernels.ce_grad(z, lse, label, row_scale, ignore_index)
 
     def ce_grad_backward(
         u: Tensor, z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int
     ) -> tuple[Tensor, Tensor]:
+        _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
+        if not isinstance(u, torch.Tensor) or u.shape != z.shape or u.dtype != z.dtype:
+            raise ValueError(f"argument 'u' must match z ({z.dtype} of shape {tuple(z.shape)})")
         return tuple(kernels.ce_grad_backward(u, z, lse, label, row_scale, ignore_index))
 
     def site_penalty(
         h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
     ) -> Tensor:
-        check_rng(rng, h)
-        return kernels.site_penalty(h, g_e, g_i, q, noise, rng)
+        _check_site(h, g_e, g_i, q, noise, rng)
+        return kernels.site_penalty(h, g_e, g_i, q, noise, rng.contiguous())
 
     def site_penalty_backward(
         grad: Tensor, h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        check_rng(rng, h)
-        dh, dge, dgi = kernels.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng)
+        _check_site(h, g_e, g_i, q, noise, rng)
+        if not isinstance(grad, torch.Tensor) or grad.shape != (2,) or grad.dtype != _acc(h.dtype):
+            raise ValueError(f"argument 'grad' must be a {_acc(h.dtype)} tensor of shape (2,)")
+        dh, dge, dgi = kernels.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng.contiguous())
         return (dh, dge if dge is not None else h.new_empty((0,)), dgi if dgi is not None else h.new_empty((0,)))
 
     return {name: fn for name, fn in locals().items() if name in OP_NAMES}
@@ -277,7 +331,7 @@ def _register_autograd(qualname: str, name: str, ops: dict) -> None:
             with torch.enable_grad():
                 u_, z_, rs_ = (t.detach().requires_grad_() for t in (u, z, row_scale))
                 lse_ = torch.logsumexp(z_.to(_acc(z.dtype)), dim=-1)
-                outs = reference.ce_grad_backward(u_, z_, lse_, label, rs_, ctx.ignore_index)
+                outs = reference.ce_grad_backward_unchecked(u_, z_, lse_, label, rs_, ctx.ignore_index)
                 gu, gz, gs = torch.autograd.grad(
                     outs, (u_, z_, rs_), (grad_gz, grad_gs), create_graph=torch.is_grad_enabled(), allow_unused=True
                 )
@@ -386,10 +440,8 @@ def fused_dropout(
 
     Shape: output has x's shape (contiguous), dtype and device.
     """
-    check_float_tensor(x, "x")
-    p = check_prob(p, "p")
-    check_rng(rng, x)
-    return _DROPOUT_OPS[resolve_backend(x, backend)](x, p, rng)
+    _check_dropout(x, p, rng)
+    return _DROPOUT_OPS[resolve_backend(x, backend)](x, float(p), rng)
 
 
 def dropout(
@@ -482,23 +534,6 @@ def philox(counter: torch.Tensor, key: torch.Tensor, *, backend: Optional[str] =
     return BACKEND_OPS[resolve_backend(counter, backend)]["philox"](counter, key)
 
 
-def _check_logits_rows(z, target_name: str, target, lse=None, row_scale=None) -> None:
-    check_float_tensor(z, "z")
-    if z.dim() != 2:
-        raise ValueError(f"argument 'z' must be 2-D logits (N, C), got shape {tuple(z.shape)}")
-    if z.shape[1] == 0 and z.shape[0] > 0:
-        raise ValueError("argument 'z' must have at least one class (C >= 1)")
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != z.shape[:1]:
-        raise TypeError(
-            f"argument '{target_name}' must be an int64 tensor of shape ({z.shape[0]},), got "
-            f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}"
-        )
-    acc = _acc(z.dtype)
-    for name, t in (("lse", lse), ("row_scale", row_scale)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
-            raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
-
-
 def cross_entropy_sample(
     z: Tensor, target: Tensor, rng: Tensor, ignore_index: int = -100, *, backend: Optional[str] = None
 ) -> tuple:
@@ -513,9 +548,9 @@ def cross_entropy_sample(
     Shapes: z (N, C) float64/float32/float16/bfloat16; target (N,) int64; returns loss (N,),
     lse (N,) in float32 (float64 for float64 z) and yhat (N,) int64.
     """
-    _check_logits_rows(z, "target", target)
+    _check_logits_rows(z, "target", target, ignore_index=ignore_index)
     check_rng(rng, z)
-    return BACKEND_OPS[resolve_backend(z, backend)]["cross_entropy_sample"](z, target, rng, int(ignore_index))
+    return BACKEND_OPS[resolve_backend(z, backend)]["cross_entropy_sample"](z, target, rng, ignore_index)
 
 
 def ce_grad(
@@ -537,8 +572,8 @@ def ce_grad(
     Shapes: z (N, C); lse, row_scale (N,) float32 (float64 for float64 z); label (N,) int64;
     returns (N, C) in z's dtype.
     """
-    _check_logits_rows(z, "label", label, lse, row_scale)
-    return BACKEND_OPS[resolve_backend(z, backend)]["ce_grad"](z, lse, label, row_scale, int(ignore_index))
+    _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
+    return BACKEND_OPS[resolve_backend(z, backend)]["ce_grad"](z, lse, label, row_scale, ignore_index)
 
 
 def site_penalty(
@@ -560,16 +595,6 @@ def site_penalty(
 
     Shapes: h, g_e, g_i share one shape; returns (2,) float32 (float64 for float64 h).
     """
-    check_float_tensor(h, "h")
-    for name, g in (("g_e", g_e), ("g_i", g_i)):
-        if g is not None:
-            check_float_tensor(g, name)
-            if g.shape != h.shape:
-                raise ValueError(f"argument '{name}' must have h's shape {tuple(h.shape)}, got {tuple(g.shape)}")
-    q = check_prob(q, "q")
-    if q >= 1.0:
-        raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
-    if noise not in reference.NOISE_KINDS:
-        raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
-    check_rng(rng, h)
+    _check_site(h, g_e, g_i, q, noise, rng)
+    q = float(q)
     return BACKEND_OPS[resolve_backend(h, backend)]["site_penalty"](h, g_e, g_i, q, noise, rng)

@@ -178,6 +178,11 @@ def cross_entropy_sample(
         float64 logits) — and yhat (N,) int64 (``ignore_index`` on ignored rows).
     """
     acc = _acc_dtype(z.dtype)
+    if z.shape[1] == 0:
+        if z.shape[0] > 0:
+            raise ValueError("argument 'z' must have at least one class (C >= 1)")
+        empty = z.new_empty((0,), dtype=acc)
+        return empty, empty.clone(), z.new_empty((0,), dtype=torch.int64)
     za = z.to(acc)
     valid = _check_rows(z, target, ignore_index, "target")
     lse = torch.logsumexp(za, dim=-1)
@@ -219,8 +224,22 @@ def ce_grad_backward(
         grad_z = row_scale ⊙ p ⊙ (u - ⟨p, u⟩),   grad_row_scale = ⟨p, u⟩ - u[label],
     both 0 on ignored rows; grad_z in z's dtype, grad_row_scale in row_scale's dtype.
     """
+    _check_rows(z, label, ignore_index, "label")
+    return ce_grad_backward_unchecked(u, z, lse, label, row_scale, ignore_index)
+
+
+def ce_grad_backward_unchecked(
+    u: torch.Tensor,
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    label: torch.Tensor,
+    row_scale: torch.Tensor,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ce_grad_backward` without the label range check (which reads data, so it cannot be
+    traced by torch.compile): for composite derivative formulas whose labels were checked already."""
     acc = _acc_dtype(z.dtype)
-    valid = _check_rows(z, label, ignore_index, "label")
+    valid = label != ignore_index
     p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
     ua = u.to(acc)
     pu = (p * ua).sum(dim=-1)

@@ -212,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at
   at::Tensor loss = at::empty({N}, z.options().dtype(acc));
   at::Tensor lse = at::empty({N}, z.options().dtype(acc));
   at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
-  const int64_t* state = rng.contiguous().const_data_ptr<int64_t>();
+  const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
+  const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cross_entropy_sample_rows<scalar_t, acc_t>(

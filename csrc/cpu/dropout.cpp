@@ -13,6 +13,7 @@
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "dropout.h"
+#include "dropout_host.h"
 
 namespace dropreg {
 namespace {
@@ -55,25 +56,11 @@ void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor
   });
 }
 
-void check_args(const at::Tensor& x, double p, const at::Tensor& rng) {
-  DROPREG_CHECK_FLOATING(x);
-  DROPREG_CHECK_PROB(p);
-  DROPREG_CHECK_RNG(rng, x);
-}
-
 at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& rng) {
-  check_args(x, p, rng);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_into(xc, y, p, rng.contiguous());
-  return y;
+  return dropout_out_of_place(x, p, rng, &dropout_into);
 }
 
-void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) {
-  check_args(x, p, rng);
-  TORCH_CHECK(x.is_contiguous(), "argument 'x' of dropout_ must be contiguous");
-  dropout_into(x, x, p, rng.contiguous());
-}
+void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) { dropout_in_place(x, p, rng, &dropout_into); }
 
 }  // namespace
 

@@ -35,7 +35,8 @@ struct NoiseParams {
 NoiseParams noise_params(double q, const std::string& noise, const at::Tensor& rng) {
   check_noise_prob(q);
   const NoiseKind kind = parse_noise(noise);
-  const int64_t* state = rng.contiguous().const_data_ptr<int64_t>();
+  const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
+  const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   return {kind, site_noise_amplitude(q, kind), dropout_threshold(q), static_cast<uint64_t>(state[0]),
           static_cast<uint64_t>(state[1])};
 }
@@ -102,7 +103,7 @@ void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t
         acc_t d = 0;
         if (ge != nullptr) {
           const acc_t gev = static_cast<acc_t>(ge[blk + k]);
-          d = site_dh_explicit<acc_t>(a2, gev, hv);
+          d = add_rn(d, site_dh_explicit<acc_t>(a2, gev, hv));  // 0 + term: +0 for a -0 term, as the reference
           dge[blk + k] = static_cast<scalar_t>(site_dg_explicit<acc_t>(a2, gev, hv));
         }
         if (gi != nullptr) {

@@ -45,6 +45,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_utils.cuh"
 #include "philox.h"
 #include "regularizer.h"
 
@@ -70,34 +71,10 @@ constexpr int kElementwiseThreads = 256;
 // Philox draw and two logs are skipped without changing ŷ.
 constexpr float kGumbelBound = 17.0f;
 
-template <typename scalar_t>
-struct ChunkShape {
-  // Philox groups per chunk: one 16-byte vector (8 halves = 2 groups), at least one group.
-  static constexpr int kGroups = sizeof(scalar_t) >= 4 ? 1 : 16 / (4 * sizeof(scalar_t));
-  static constexpr int kElems = 4 * kGroups;
-  static constexpr uintptr_t kAlign = sizeof(scalar_t) * kElems;
-};
-
-template <typename scalar_t, int kElems>
-struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
-  scalar_t v[kElems];
-};
-
-bool is_aligned(const void* p, uintptr_t align) {
-  return reinterpret_cast<uintptr_t>(p) % align == 0;
-}
-
-// Blocks of `threads` that fit on the device at once: grids are capped at one resident wave and
-// loop (grid-stride) beyond it.
-int64_t resident_blocks(int threads) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  return static_cast<int64_t>(props->multiProcessorCount) *
-         std::max(1, props->maxThreadsPerMultiProcessor / threads);
-}
-
-int grid_size(int64_t work_blocks, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min(work_blocks, resident_blocks(threads))));
-}
+using cuda::AlignedVec;
+using cuda::ChunkShape;
+using cuda::grid_size;
+using cuda::is_aligned;
 
 // ---------------------------------------------------------------------------------------------
 // Reductions over the kRowThreads threads of a row (a warp, or the whole block).

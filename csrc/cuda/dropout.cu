@@ -15,17 +15,17 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "cuda_utils.cuh"
 #include "dropout.h"
+#include "dropout_host.h"
 
 namespace dropreg {
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, int kElems>
-struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
-  scalar_t v[kElems];
-};
+using cuda::AlignedVec;
+using cuda::ChunkShape;
 
 // kGroups Philox calls (4·kGroups elements) per chunk; kAligned: x and y are aligned to a chunk.
 template <typename scalar_t, typename acc_t, int kGroups, bool kAligned>
@@ -69,17 +69,12 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 void launch(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t scale,
             const int64_t* rng) {
-  constexpr int kGroups = sizeof(scalar_t) >= 4 ? 1 : 16 / (4 * sizeof(scalar_t));
-  constexpr int kElems = 4 * kGroups;
-  constexpr uintptr_t kAlign = sizeof(scalar_t) * kElems;
+  constexpr int kGroups = ChunkShape<scalar_t>::kGroups;
+  constexpr int kElems = ChunkShape<scalar_t>::kElems;
+  constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
   const int64_t chunks = (n + kElems - 1) / kElems;
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t max_blocks =
-      static_cast<int64_t>(props->multiProcessorCount) * (props->maxThreadsPerMultiProcessor / kThreads);
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((chunks + kThreads - 1) / kThreads, max_blocks)));
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 &&
-                       reinterpret_cast<uintptr_t>(y) % kAlign == 0;
+  const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
+  const bool aligned = cuda::is_aligned(x, kAlign) && cuda::is_aligned(y, kAlign);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (aligned) {
     dropout_kernel<scalar_t, acc_t, kGroups, true>
@@ -102,25 +97,11 @@ void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor
   });
 }
 
-void check_args(const at::Tensor& x, double p, const at::Tensor& rng) {
-  DROPREG_CHECK_FLOATING(x);
-  DROPREG_CHECK_PROB(p);
-  DROPREG_CHECK_RNG(rng, x);
-}
-
 at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& rng) {
-  check_args(x, p, rng);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_into(xc, y, p, rng.contiguous());
-  return y;
+  return dropout_out_of_place(x, p, rng, &dropout_into);
 }
 
-void dropout_cuda_(at::Tensor& x, double p, const at::Tensor& rng) {
-  check_args(x, p, rng);
-  TORCH_CHECK(x.is_contiguous(), "argument 'x' of dropout_ must be contiguous");
-  dropout_into(x, x, p, rng.contiguous());
-}
+void dropout_cuda_(at::Tensor& x, double p, const at::Tensor& rng) { dropout_in_place(x, p, rng, &dropout_into); }
 
 }  // namespace
 

@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_utils.cuh"
 #include "dropout.h"
 #include "philox.h"
 #include "regularizer.h"
@@ -41,22 +42,9 @@ constexpr int kFinalThreads = 256;        // stage 2
 constexpr int64_t kElemsPerBlock = 4096;  // stage-1 grid: one block per 4096 elements ...
 constexpr int64_t kMaxPartials = 1024;    // ... up to 1024 blocks (one resident wave on H100/H200)
 
-template <typename scalar_t>
-struct ChunkShape {
-  // Philox groups per chunk: one 16-byte vector (8 halves = 2 groups), at least one group.
-  static constexpr int kGroups = sizeof(scalar_t) >= 4 ? 1 : 16 / (4 * sizeof(scalar_t));
-  static constexpr int kElems = 4 * kGroups;
-  static constexpr uintptr_t kAlign = sizeof(scalar_t) * kElems;
-};
-
-template <typename scalar_t, int kElems>
-struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
-  scalar_t v[kElems];
-};
-
-bool is_aligned(const void* p, uintptr_t align) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % align == 0;
-}
+using cuda::AlignedVec;
+using cuda::ChunkShape;
+using cuda::is_aligned;
 
 // What every site-noise kernel needs to regenerate η.
 template <typename acc_t>
@@ -250,7 +238,8 @@ __global__ void __launch_bounds__(kThreads)
       load_chunk<scalar_t, acc_t, kElems, kAligned>(g_e, base, n, gx);
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
-        dhx[e] = site_dh_explicit<acc_t>(a2, gx[e], hx[e]);
+        // 0 + term, as the reference's zeros + ...: a -0 term gives +0 there too.
+        dhx[e] = add_rn(dhx[e], site_dh_explicit<acc_t>(a2, gx[e], hx[e]));
         dgx[e] = site_dg_explicit<acc_t>(a2, gx[e], hx[e]);
       }
       store_chunk<scalar_t, acc_t, kElems, kAligned>(dg_e, base, n, dgx);
@@ -390,11 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
         constexpr int kElems = ChunkShape<scalar_t>::kElems;
         constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
         const int64_t chunks = (n + kElems - 1) / kElems;
-        const auto* props = at::cuda::getCurrentDeviceProperties();
-        const int64_t max_blocks = static_cast<int64_t>(props->multiProcessorCount) *
-                                   std::max(1, props->maxThreadsPerMultiProcessor / kThreads);
-        const int blocks = static_cast<int>(
-            std::max<int64_t>(1, std::min((chunks + kThreads - 1) / kThreads, max_blocks)));
+        const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
         const scalar_t* hp = hc.const_data_ptr<scalar_t>();
         const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
         const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
