@@ -295,6 +295,8 @@ def _register_autograd(qualname: str, name: str, ops: dict) -> None:
         def setup_context(ctx, inputs, output):
             z, target, _, ignore_index = inputs
             ctx.ignore_index = ignore_index
+            # An unused output's gradient stays None instead of zeros: no pass over the logits for it.
+            ctx.set_materialize_grads(False)
             ctx.save_for_backward(z, target, output[1])
 
         def backward(ctx, grad_loss, grad_lse, _grad_yhat):
