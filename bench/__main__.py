@@ -1,6 +1,7 @@
-"""``python -m bench [--quick|--full] [--only dropout|train] [--device cpu|cuda] [--out DIR]``
+"""``python -m bench [--quick|--full] [--only dropout|ce|site|train] [--device cpu|cuda] [--out DIR]``
 
-Runs the per-op dropout benchmark and the training-step benchmark, prints the tables and the
+Runs the per-op benchmarks (dropout, cross-entropy with a sampled label, site penalty) and the
+training-step benchmark (dropout and the dropout regularizer), prints the tables and the
 acceptance checks, and writes ``results.json``, ``results.csv`` and PNG plots to
 ``bench/results/<device-tag>/`` (or ``--out``). ``--quick`` (default) fits in 5 minutes on 2 CPU
 cores; ``--full`` is for GPUs.
@@ -18,11 +19,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import checks, dropout, env, output, plots, train
+from . import ce, checks, dropout, env, output, plots, site_penalty, train
 from .config import Config, make_config, size_label
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SECTIONS = {"dropout": dropout, "train": train}
+SECTIONS = {"dropout": dropout, "ce": ce, "site": site_penalty, "train": train}
 
 
 def parse_args(argv: list) -> argparse.Namespace:
@@ -69,20 +70,19 @@ class Progress:
 
 
 def _units(section: str, cfg: Config) -> int:
-    if section == "dropout":
-        return len(dropout.case_keys(cfg))
-    return len(train.CASES)
+    if section == "train":
+        return len(train.CASES)
+    return len(SECTIONS[section].case_keys(cfg))
 
 
 def build_result(cfg: Config, tags: dict, rows: list, elapsed: dict, load_start: float) -> dict:
     """The content of results.json: run settings, tagged rows, acceptance checks. The 1-minute
     load average at the start and now says how busy a shared machine was during the run."""
     rows = [{**tags, **row} for row in rows]
-    has_dropout = any(r["section"] == "dropout" for r in rows)
     return {
         "meta": {**describe(cfg, tags), "elapsed_s": elapsed, "load_avg_1min": [load_start, env.load_average()]},
         "rows": rows,
-        "checks": checks.acceptance(rows, cfg.device.type) if has_dropout else [],
+        "checks": checks.acceptance(rows, cfg.device.type),
     }
 
 
@@ -96,7 +96,8 @@ def run_sections(names: list, cfg: Config, tags: dict, out_dir: str) -> dict:
             start = time.perf_counter()
             rows += SECTIONS[name].run(cfg, progress)
             elapsed[name] = time.perf_counter() - start
-            tqdm.write(f"[{name}] {elapsed[name]:.1f} s")
+            planned = f" (planned {cfg.budget_s[name]} s)" if name in cfg.budget_s else ""
+            tqdm.write(f"[{name}] {elapsed[name]:.1f} s{planned}; load average {env.load_average()}")
             output.write_results(build_result(cfg, tags, rows, elapsed, load_start), out_dir)
     finally:
         progress.close()
@@ -109,11 +110,16 @@ def describe(cfg: Config, tags: dict) -> dict:
         "preset": cfg.preset,
         "device_type": cfg.device.type,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": env.omp_wait_policy(),
         "p": cfg.p,
         "sizes": cfg.sizes,
+        "ce_shapes": cfg.ce_shapes,
+        "site_sizes": cfg.site_sizes,
         "op_reps": dataclasses.asdict(cfg.op_reps),
+        "ce_reps": dataclasses.asdict(cfg.ce_reps),
         "train_reps": dataclasses.asdict(cfg.train_reps),
         "train_scale": cfg.train_scale,
+        "budget_s": cfg.budget_s,
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
     }
 
@@ -135,7 +141,10 @@ def main(argv: list | None = None) -> int:
     print(f"bench --{cfg.preset} on {tags['device']} [{tags['device_tag']}]")
     print(f"{env.versions_line(tags)}, {tags['date']}")
     print("dropout sizes: " + "; ".join(f"{d} {', '.join(map(size_label, s))}" for d, s in cfg.sizes.items()))
-    print(f"our backends on {device.type}: {dropout.our_backends(device)}; output: {out_dir}")
+    print("ce (N, C): " + "; ".join(f"{d} {', '.join(f'{n}x{c}' for n, c in s)}" for d, s in cfg.ce_shapes.items()))
+    print("site sizes: " + "; ".join(f"{d} {', '.join(map(size_label, s))}" for d, s in cfg.site_sizes.items()))
+    print(f"our backends on {device.type}: {dropout.our_backends(device)}; {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={env.omp_wait_policy()}; output: {out_dir}")
 
     start = time.perf_counter()
     result = run_sections(names, cfg, tags, out_dir)

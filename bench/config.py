@@ -1,7 +1,9 @@
 """Run presets: which sizes, dtypes and how many repetitions each ``--quick`` / ``--full`` run uses.
 
-``--quick`` is sized to finish in under 5 minutes on 2 CPU cores (it is the default); ``--full`` is
-meant for GPUs: every second power of two from 2^16 to 2^26, more repetitions, larger models.
+``--quick`` is sized to finish in under 5 minutes on 2 CPU cores, all four sections together (it is
+the default); ``--full`` is meant for GPUs: every second power of two from 2^16 to 2^26 for the
+elementwise ops, vocabularies of 1k to 128k classes for the cross-entropy, more repetitions, larger
+models.
 """
 
 from __future__ import annotations
@@ -33,13 +35,24 @@ class Config:
     device: torch.device
     sizes: dict  # dtype name -> tuple of element counts for the per-op dropout cases
     p: float
-    op_reps: Reps
+    op_reps: Reps  # per-op dropout and site-penalty cases
     train_reps: Reps
     train_scale: str  # "small" | "large": model sizes of the training cases (bench/train.py)
+    ce_shapes: dict  # dtype name -> tuple of (rows N, classes C) for the cross-entropy cases
+    ce_reps: Reps
+    site_sizes: dict  # dtype name -> tuple of element counts for the site-penalty cases
+    budget_s: dict  # section -> seconds it is planned to take (quick on CPU only; printed with the elapsed time)
 
     @property
     def dtypes(self) -> list:
         return [getattr(torch, name) for name in self.sizes]
+
+
+CE_ROWS = 2048
+
+
+def _ce(*classes: int) -> tuple:
+    return tuple((CE_ROWS, c) for c in classes)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -57,24 +70,44 @@ def _pow2(*exponents: int) -> tuple:
 
 
 def make_config(preset: str, device: torch.device) -> Config:
-    """The preset for ``device``. Quick on CPU is the one budgeted to 5 minutes on 2 cores: its
-    largest case, 2^24 float32, is the size the acceptance checks are stated for."""
+    """The preset for ``device``. Quick on CPU is the one budgeted to 5 minutes on 2 cores; it keeps
+    the sizes the acceptance checks are stated for (bench/checks.py): dropout at 2^24 float32,
+    cross-entropy at N = 2048, C = 10k float32, the training cases at their "small" scale."""
     on_gpu = device.type == "cuda"
-    if preset == "quick":
-        sizes = {
-            "float32": _pow2(16, 18, 20, 22, 24),
-            "bfloat16": _pow2(16, 20, 22) if not on_gpu else _pow2(16, 18, 20, 22, 24),
-        }
-        # One warm-up call suffices (it compiles the torch.compile provider); the largest CPU case
-        # then costs 11 calls of every provider and mode, the bulk of the 5-minute budget.
-        op_reps = Reps(warmup=1, min_reps=10, max_reps=200, budget_s=0.25 if not on_gpu else 0.1)
-        train_reps = Reps(warmup=1, min_reps=8, max_reps=50, budget_s=1.5 if not on_gpu else 0.5)
+    if preset == "quick" and not on_gpu:
+        sizes = {"float32": _pow2(16, 20, 24), "bfloat16": _pow2(16, 20)}
+        # One warm-up call suffices (it compiles the torch.compile provider); the largest case then
+        # costs 11 calls of every provider and mode (5 left the 3x check to noise). The sweep keeps
+        # 3 float32 and 2 bfloat16 sizes: every size costs two torch.compile runs (~10 s each with
+        # a cold inductor cache). The cross-entropy cases stop at C = 10k: the eager provider
+        # (softmax + multinomial over N·C) takes 1.5 s per call there, ~5 s at 32k.
+        op_reps = Reps(warmup=1, min_reps=10, max_reps=200, budget_s=0.25)
+        ce_shapes = {"float32": _ce(1000, 10_000), "bfloat16": _ce(1000, 10_000)}
+        ce_reps = Reps(warmup=1, min_reps=5, max_reps=100, budget_s=0.5)
+        site_sizes = {"float32": _pow2(16, 20, 22)}
+        train_reps = Reps(warmup=1, min_reps=5, max_reps=30, budget_s=2.0)
+        budget = {"dropout": 110, "ce": 70, "site": 30, "train": 60}  # cold inductor cache, load average 4.5
+        scale = "small"
+    elif preset == "quick":
+        sizes = {"float32": _pow2(16, 18, 20, 22, 24), "bfloat16": _pow2(16, 18, 20, 22, 24)}
+        op_reps = Reps(warmup=1, min_reps=10, max_reps=200, budget_s=0.1)
+        ce_shapes = {"float32": _ce(1000, 10_000, 32_000, 128_000), "bfloat16": _ce(10_000, 128_000)}
+        ce_reps = Reps(warmup=1, min_reps=10, max_reps=200, budget_s=0.1)
+        site_sizes = {"float32": _pow2(16, 20, 24), "bfloat16": _pow2(20, 24)}
+        train_reps = Reps(warmup=1, min_reps=8, max_reps=50, budget_s=0.5)
+        budget = {}
         scale = "small"
     elif preset == "full":
         sizes = {"float32": _pow2(16, 18, 20, 22, 24, 26), "bfloat16": _pow2(16, 18, 20, 22, 24, 26)}
         op_reps = Reps(warmup=5, min_reps=30, max_reps=2000, budget_s=0.15 if on_gpu else 2.0)
+        ce_shapes = {name: _ce(1000, 10_000, 32_000, 128_000) for name in ("float32", "bfloat16")}
+        ce_reps = Reps(warmup=3, min_reps=20, max_reps=1000, budget_s=0.15 if on_gpu else 2.0)
+        site_sizes = dict(sizes)
         train_reps = Reps(warmup=3, min_reps=20, max_reps=200, budget_s=1.0 if on_gpu else 10.0)
+        budget = {}
         scale = "large" if on_gpu else "small"
     else:
         raise ValueError(f"preset must be 'quick' or 'full', got {preset!r}")
-    return Config(preset, device, sizes, P_DROP, op_reps, train_reps, scale)
+    return Config(
+        preset, device, sizes, P_DROP, op_reps, train_reps, scale, ce_shapes, ce_reps, site_sizes, budget
+    )

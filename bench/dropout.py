@@ -46,11 +46,15 @@ def _eager(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: F.dropout(x, p, training=True)
 
 
-def _compiled(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    # A fresh dynamo state per case: every case gets its own static-shape graph (the best case
-    # for the baseline) and the recompile limit is never hit.
+def fresh_compile(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` with a fresh dynamo state, so that every case gets its own static-shape
+    graph (the best case for the baseline) and the recompile limit is never hit."""
     torch._dynamo.reset()
-    return torch.compile(lambda x: F.dropout(x, p, training=True), dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+def _compiled(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return fresh_compile(lambda x: F.dropout(x, p, training=True))
 
 
 def _ours(backend: str) -> Callable[[float], Callable[[torch.Tensor], torch.Tensor]]:
@@ -190,12 +194,13 @@ def run_case(case: Case, cfg: Config) -> list:
         if mode == "fwd+bwd":
             row["peak_bytes"] = peak_bytes(calls[(provider, mode)], cfg.device)
         rows.append(row)
-    _add_ratios(rows)
+    add_ratios(rows)
     return rows
 
 
-def _add_ratios(rows: list) -> None:
-    """``speedup_vs_eager`` and ``speedup_vs_compile``: baseline median / provider median, same mode."""
+def add_ratios(rows: list) -> None:
+    """``speedup_vs_eager`` and ``speedup_vs_compile``: baseline median / provider median, same mode.
+    ``rows`` are the rows of one case (also used by :mod:`bench.ce` and :mod:`bench.site_penalty`)."""
     by_key = {(r["provider"], r["mode"]): r for r in rows}
     for row in rows:
         for base in BASELINES:

@@ -78,5 +78,10 @@ def row_tags(device: torch.device) -> dict:
     }
 
 
+def omp_wait_policy() -> str:
+    """The OpenMP wait policy of this process (bench/__init__.py sets PASSIVE unless the caller chose)."""
+    return os.environ.get("OMP_WAIT_POLICY", "-")
+
+
 def versions_line(tags: dict) -> str:
     return f"torch {tags['torch']}, triton {tags['triton']}, dropreg_ext {tags['dropreg_ext']}"

@@ -34,29 +34,37 @@ def _num(value: Optional[float], fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def dropout_table(rows: list) -> str:
+def size_text(row: dict) -> str:
+    """``2^24`` for an elementwise case, ``2048x10000`` (N x C) for a cross-entropy case."""
+    return f"{row['rows']}x{row['classes']}" if "classes" in row else size_label(row["numel"])
+
+
+def op_table(rows: list, section: str) -> str:
+    """The per-op table of ``section`` ("dropout", "ce" or "site"); the own-GB/s column only where
+    the section counts each provider's own traffic (dropout)."""
+    rows = [r for r in rows if r["section"] == section]
+    own = any("gbps_own" in r for r in rows)
     headers = [
-        "dtype", "n", "mode", "provider", "median ms", "p20-p80 ms", "reps",
-        "eff GB/s", "own GB/s", "% copy", "x eager", "x compile", "peak MiB",
+        "dtype", "N x C" if section == "ce" else "n", "mode", "provider", "median ms", "p20-p80 ms", "reps",
+        "eff GB/s", *(["own GB/s"] if own else []), "% copy", "x eager", "x compile", "peak MiB",
     ]  # fmt: skip
     body = [
         [
             r["dtype"],
-            size_label(r["numel"]),
+            size_text(r),
             r["mode"],
             r["provider"],
             f"{r['median_ms']:.3f}",
             f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
             r["reps"],
             f"{r['gbps_eff']:.2f}",
-            f"{r['gbps_own']:.2f}",
+            *([f"{r['gbps_own']:.2f}"] if own else []),
             f"{r['pct_copy']:.1f}",
             _num(r.get("speedup_vs_eager"), ".2f"),
             _num(r.get("speedup_vs_compile"), ".2f"),
             _num(r["peak_bytes"] / MIB if "peak_bytes" in r else None, ".2f"),
         ]
         for r in rows
-        if r["section"] == "dropout"
     ]
     return format_table(headers, body, text_cols=4)
 
@@ -64,7 +72,7 @@ def dropout_table(rows: list) -> str:
 def train_table(rows: list) -> str:
     headers = [
         "case", "variant", "dtype", "unit", "median ms", "p20-p80 ms", "reps",
-        "units/s", "peak MiB", "x eager",
+        "units/s", "peak MiB", "x eager", "x reg_plain",
     ]  # fmt: skip
     body = [
         [
@@ -78,11 +86,25 @@ def train_table(rows: list) -> str:
             f"{r['throughput']:.0f}",
             f"{r['peak_bytes'] / MIB:.1f}",
             f"{r['speedup_vs_eager']:.2f}",
+            _num(r.get("speedup_vs_reg_plain"), ".2f"),
         ]
         for r in rows
         if r["section"] == "train"
     ]
     return format_table(headers, body, text_cols=4)
+
+
+def regularizer_headlines(rows: list) -> list:
+    """Per training case: the fused regularized step vs the plain-autograd one, and its cost in
+    plain (eager ``nn.Dropout``) dropout steps of the same model."""
+    lines = []
+    for r in rows:
+        if r["section"] == "train" and r["provider"] == "reg_fused" and "speedup_vs_reg_plain" in r:
+            lines.append(
+                f"{r['case']}: reg_fused is {r['speedup_vs_reg_plain']:.2f}x as fast as reg_plain; "
+                f"one reg_fused step costs {1 / r['speedup_vs_eager']:.2f} eager dropout steps"
+            )
+    return lines
 
 
 TABLE_NOTES = """\
@@ -92,16 +114,40 @@ CUDA, a full noise tensor of x's dtype on CPU) / median time. % copy: eff GB/s /
 same size, measured in this run. x eager, x compile: baseline median / this median, same mode, same run.
 peak MiB: peak allocation of one fwd+bwd (or training step) above what was live before it."""
 
+CE_NOTES = """\
+sample+grad: per-row loss CE(z, y), ŷ ~ softmax(z) and G = softmax(z) - onehot(ŷ) from z (N x C).
+ours: cross_entropy_sample + ce_grad; eager: F.cross_entropy + softmax + multinomial + one_hot + (p - onehot);
+compile: torch.compile of eager. eff GB/s counts ours' passes: read z (sample) + read z, write G (grad) =
+3 x itemsize x N x C bytes, for every provider. % copy vs out.copy_(z). peak MiB: one call, outputs included."""
+
+SITE_NOTES = """\
+[Σ (g_e h)², Σ g_i η h] with Rademacher η; eager draws η with torch.randint. eff GB/s counts fwd: read h,
+g_e, g_i (3 x itemsize per element); fwd+bwd adds a read of the three and a write of their gradients (9 x)."""
+
 
 def print_report(result: dict) -> None:
     rows = result["rows"]
-    if any(r["section"] == "dropout" for r in rows):
+    sections = {r["section"] for r in rows}
+    if "dropout" in sections:
         print(f"\n== dropout, p={result['meta']['p']} ==")
-        print(dropout_table(rows))
+        print(op_table(rows, "dropout"))
         print(TABLE_NOTES)
-    if any(r["section"] == "train" for r in rows):
-        print("\n== training steps (SGD step: forward, cross-entropy, backward, update) ==")
+    if "ce" in sections:
+        print("\n== cross-entropy + sampled label + gradient ==")
+        print(op_table(rows, "ce"))
+        print(CE_NOTES)
+    if "site" in sections:
+        print(f"\n== site penalty, q={result['meta']['p']} ==")
+        print(op_table(rows, "site"))
+        print(SITE_NOTES)
+    if "train" in sections:
+        print("\n== training steps (SGD step: forward, loss, backward, update) ==")
         print(train_table(rows))
+        print("reg_plain / reg_fused: dropout's explicit (sampled ŷ) + implicit regularizer instead of dropout,")
+        print("plain autograd (bench.train.plain_objective) / dr.DropoutRegularizer. x eager: vs the eager")
+        print("nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
+        for line in regularizer_headlines(rows):
+            print("  " + line)
     if result["checks"]:
         print(f"\n== acceptance checks (targets set for 2 CPU cores; device: {result['meta']['device']}) ==")
         for check in result["checks"]:

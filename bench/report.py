@@ -17,6 +17,7 @@ import sys
 
 from .checks import format_check
 from .config import size_label
+from .output import regularizer_headlines, size_text
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(RESULTS_ROOT, "README.md")
@@ -60,6 +61,29 @@ def dropout_headline(rows: list) -> str:
     return markdown_table(headers, body)
 
 
+def op_headline(rows: list, section: str) -> str:
+    """Every provider of ``section`` ("ce" or "site") at every size measured."""
+    body = [
+        [
+            r["dtype"],
+            size_text(r),
+            r["mode"],
+            r["provider"],
+            f"{r['median_ms']:.3f}",
+            f"{r['gbps_eff']:.3g}",
+            f"{r['pct_copy']:.0f}%",
+            _opt(r, "speedup_vs_eager", ".2f"),
+            _opt(r, "speedup_vs_compile", ".2f"),
+            f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "",
+        ]
+        for r in rows
+        if r["section"] == section
+    ]
+    headers = ["dtype", "N x C" if section == "ce" else "n", "mode", "provider", "median ms", "eff GB/s",
+               "of copy", "x eager", "x compile", "peak MiB"]  # fmt: skip
+    return markdown_table(headers, body)
+
+
 def train_headline(rows: list) -> str:
     body = [
         [
@@ -69,11 +93,13 @@ def train_headline(rows: list) -> str:
             f"{r['median_ms']:.1f}",
             f"{r['peak_bytes'] / 2**20:.1f}",
             f"{r['speedup_vs_eager']:.2f}",
+            _opt(r, "speedup_vs_reg_plain", ".2f"),
         ]
         for r in rows
         if r["section"] == "train"
     ]
-    return markdown_table(["case", "variant", "throughput", "median step ms", "peak MiB", "x eager"], body)
+    headers = ["case", "variant", "throughput", "median step ms", "peak MiB", "x eager", "x reg_plain"]
+    return markdown_table(headers, body)
 
 
 def render_section(result: dict, folder: str, link: str) -> str:
@@ -87,16 +113,26 @@ def render_section(result: dict, folder: str, link: str) -> str:
         f"- date: {meta['date']}; command: `{meta['command']}`; p = {meta['p']}",
         "- time per section: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["elapsed_s"].items())
         + f"; 1-min load average at start / end: {' / '.join(map(str, meta.get('load_avg_1min', [])))}"
-        + f" on {meta['threads']} threads",
+        + f" on {meta['threads']} threads (OMP_WAIT_POLICY={meta.get('omp_wait_policy', '-')})",
     ]
     if any(r["section"] == "dropout" for r in rows):
         title = "Dropout at the largest size of each dtype (eff GB/s: minimal bytes / median time):"
         parts += ["", title, "", dropout_headline(rows)]
+    if any(r["section"] == "ce" for r in rows):
+        title = ("Cross-entropy + sampled label + gradient (eff GB/s: 3 x itemsize x N x C bytes, the passes"
+                 " of ours, / median time):")  # fmt: skip
+        parts += ["", title, "", op_headline(rows, "ce")]
+    if any(r["section"] == "site" for r in rows):
+        title = "Site penalty [Σ (g_e h)², Σ g_i η h] (eff GB/s: 3 (fwd) or 9 (fwd+bwd) x itemsize x n bytes):"
+        parts += ["", title, "", op_headline(rows, "site")]
     if result.get("checks"):
         parts += ["", "Acceptance checks (targets set for 2 CPU cores):", "", "```"]
         parts += [format_check(c).strip() for c in result["checks"]] + ["```"]
     if any(r["section"] == "train" for r in rows):
         parts += ["", "Training steps:", "", train_headline(rows)]
+        headlines = regularizer_headlines(rows)
+        if headlines:
+            parts += ["", "Regularized steps (explicit sampled + implicit):", ""] + [f"- {h}" for h in headlines]
     plots = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
     parts += [""] + [f"![{p}]({link}/{p})" for p in plots]
     return "\n".join(parts).rstrip() + "\n"

@@ -1,0 +1,148 @@
+"""Per-op cross-entropy with a sampled label: for N rows of C logits z, the per-row loss
+CE(z_r, y_r), a label ŷ_r ~ softmax(z_r) and the gradient G = softmax(z) - onehot(ŷ) (the
+cotangent of the regularizer's explicit term, DESIGN.md §2). One mode, ``sample+grad``: all three
+outputs from z and y, nothing requiring grad.
+
+Providers:
+
+* ours, per backend that runs natively on the device (:func:`bench.dropout.our_backends`):
+  ``loss, lse, ŷ = ops.cross_entropy_sample(z, y, rng)`` (one pass: max, log-sum-exp, the true-label
+  loss and a Gumbel-max ŷ), then ``G = ops.ce_grad(z, lse, ŷ, ones)`` (one more pass);
+* ``eager``: ``F.cross_entropy(z, y, reduction="none")``, ``p = torch.softmax(z)``,
+  ``ŷ = torch.multinomial(p, 1)``, ``G = p - F.one_hot(ŷ, C)``: the same outputs;
+* ``compile``: ``torch.compile`` of the eager function (static shapes, recompiled for each case).
+
+Bytes (``bytes_min``, the same count for every provider, so GB/s compare like with like): ours reads
+z once in the sample pass and reads z and writes G in the grad pass, ``3 · s · N · C`` for itemsize s
+(the (N,) vectors y, loss, lse, ŷ are left out: under 0.1% at C >= 1k). ``pct_copy`` divides that
+GB/s by the GB/s of ``out.copy_(z)`` (``2 · s · N · C`` bytes) timed in the same rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import dropreg_ext as dr
+
+from .config import Config, dtype_name
+from .dropout import add_ratios, fresh_compile, our_backends
+from .measure import Timing, peak_bytes, time_fns
+
+MODE = "sample+grad"
+CeFn = Callable[[torch.Tensor, torch.Tensor], tuple]
+
+
+def eager_ce_sample(z: torch.Tensor, y: torch.Tensor) -> tuple:
+    """(per-row loss, ŷ ~ softmax(z), softmax(z) - onehot(ŷ)) in eager PyTorch ops."""
+    loss = F.cross_entropy(z, y, reduction="none")
+    p = torch.softmax(z, dim=-1)
+    yhat = torch.multinomial(p, 1).squeeze(1)
+    return loss, yhat, p - F.one_hot(yhat, z.shape[1]).to(p.dtype)
+
+
+def ours_ce_sample(backend: str) -> CeFn:
+    """(per-row loss, ŷ, G) by the fused ops of ``backend``."""
+
+    def fn(z: torch.Tensor, y: torch.Tensor) -> tuple:
+        with dr.use_backend(backend):
+            loss, lse, yhat = dr.ops.cross_entropy_sample(z, y, dr.ops.make_rng(z.device))
+            return loss, yhat, dr.ops.ce_grad(z, lse, yhat, torch.ones_like(lse))
+
+    return fn
+
+
+def providers(device: torch.device) -> dict:
+    """Provider name -> a ``make()`` returning ``fn(z, y) -> (loss, ŷ, G)``; compile compiles afresh."""
+    makers = {"eager": lambda: eager_ce_sample, "compile": lambda: fresh_compile(eager_ce_sample)}
+    makers.update({b: (lambda b=b: ours_ce_sample(b)) for b in our_backends(device)})
+    return makers
+
+
+def bytes_per_elem(itemsize: int) -> int:
+    """Read z (sample pass) + read z and write G (grad pass), per logit."""
+    return 3 * itemsize
+
+
+@dataclasses.dataclass
+class Case:
+    """One (dtype, N, C) point: logits and targets every provider shares."""
+
+    dtype: torch.dtype
+    rows: int
+    classes: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        z = torch.randn(self.rows, self.classes, generator=gen, device=self.device)
+        self.z = (2 * z).to(self.dtype)  # logits of a trained-ish model: softmax not flat
+        self.y = torch.randint(0, self.classes, (self.rows,), generator=gen, device=self.device)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.classes
+
+
+def case_keys(cfg: Config) -> list:
+    """(dtype, N, C) of every case, in run order."""
+    return [(getattr(torch, name), n, c) for name, shapes in cfg.ce_shapes.items() for n, c in shapes]
+
+
+def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
+    s = case.z.element_size()
+    nbytes = (bytes_per_elem(s) if mode == MODE else 2 * s) * case.numel
+    gbps = nbytes / (timing.median_ms / 1e3) / 1e9
+    return {
+        "section": "ce",
+        "case": "ce_sample",
+        "provider": provider,
+        "mode": mode,
+        "dtype": dtype_name(case.dtype),
+        "rows": case.rows,
+        "classes": case.classes,
+        "numel": case.numel,
+        **dataclasses.asdict(timing),
+        "bytes_min": nbytes,
+        "gbps_eff": gbps,
+        "pct_copy": 100 * gbps / copy_gbps,
+    }
+
+
+def case_call(fn: CeFn, case: Case) -> Callable[[], None]:
+    """A zero-argument closure doing one call of ``fn`` on the case's tensors."""
+    def call() -> None:
+        fn(case.z, case.y)  # the outputs are allocated (and count in the peak), then dropped
+
+    return call
+
+
+def run_case(case: Case, cfg: Config) -> list:
+    """Every provider on one case, timed in interleaved rounds with ``out.copy_(z)``; peak memory of
+    one call each."""
+    out = torch.empty_like(case.z)
+    calls = {"copy": lambda: out.copy_(case.z)}
+    for name, make in providers(cfg.device).items():
+        calls[name] = case_call(make(), case)
+    timings = time_fns(calls, cfg.device, cfg.ce_reps)
+    copy_gbps = 2 * case.z.element_size() * case.numel / (timings["copy"].median_ms / 1e3) / 1e9
+    rows = []
+    for name, timing in timings.items():
+        row = _row(case, name, "copy" if name == "copy" else MODE, timing, copy_gbps)
+        if name != "copy":
+            row["peak_bytes"] = peak_bytes(calls[name], cfg.device)
+        rows.append(row)
+    add_ratios(rows)
+    return rows
+
+
+def run(cfg: Config, progress: Callable[[str], None]) -> list:
+    """All cross-entropy cases of ``cfg``; ``progress(label)`` is called before each case."""
+    rows = []
+    for dtype, n, c in case_keys(cfg):
+        progress(f"ce {dtype_name(dtype)} N={n} C={c}")
+        rows += run_case(Case(dtype, n, c, cfg.device), cfg)
+    return rows

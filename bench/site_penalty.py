@@ -1,0 +1,147 @@
+"""Per-op site penalty: the two sums of one regularizer site (DESIGN.md §2) over n elements,
+
+    [Σ (g_e ⊙ h)²,  Σ g_i ⊙ η ⊙ h],   η = ±sqrt(q/(1-q)) (Rademacher), q = the dropout p of the run.
+
+Providers: ours, per backend that runs natively on the device (``ops.site_penalty(h, g_e, g_i, q,
+"rademacher", rng)``: one pass, η drawn in-kernel, regenerated in backward); ``eager``: the same sums
+in torch ops with η from ``torch.randint`` (a stored noise tensor); ``compile``: ``torch.compile`` of
+the eager function (static shapes, recompiled for each case).
+
+Modes: ``fwd`` (inputs without grad) and ``fwd+bwd`` (``torch.autograd.grad`` of both sums, output
+gradient [1, 1], w.r.t. h, g_e and g_i). Peak memory is taken on ``fwd+bwd``.
+
+Bytes (``bytes_min``, the same count for every provider), per element of itemsize s: fwd reads h,
+g_e, g_i (3s); backward reads them again and writes dh, dg_e, dg_i (6s); fwd+bwd 9s. η is not
+counted: ours never stores it. ``pct_copy`` compares with ``y.copy_(x)`` of n elements (2s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+import dropreg_ext as dr
+
+from .config import Config, dtype_name, size_label
+from .dropout import add_ratios, fresh_compile, our_backends
+from .measure import Timing, peak_bytes, time_fns
+
+MODES = ("fwd", "fwd+bwd")
+NOISE = "rademacher"
+SiteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def eager_site_penalty(q: float) -> SiteFn:
+    """``fn(h, g_e, g_i) -> [Σ (g_e h)², Σ g_i η h]`` in eager torch ops, η Rademacher by randint."""
+    amplitude = math.sqrt(q / (1 - q))
+
+    def fn(h: torch.Tensor, g_e: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
+        sign = torch.randint(0, 2, h.shape, dtype=h.dtype, device=h.device) * 2 - 1
+        return torch.stack([((g_e * h) ** 2).sum(), (g_i * (sign * amplitude) * h).sum()])
+
+    return fn
+
+
+def ours_site_penalty(backend: str, q: float) -> SiteFn:
+    def fn(h: torch.Tensor, g_e: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
+        return dr.ops.site_penalty(h, g_e, g_i, q, NOISE, dr.ops.make_rng(h.device), backend=backend)
+
+    return fn
+
+
+def providers(device: torch.device, q: float) -> dict:
+    """Provider name -> a ``make()`` returning ``fn(h, g_e, g_i)``; compile compiles afresh."""
+    makers = {"eager": lambda: eager_site_penalty(q), "compile": lambda: fresh_compile(eager_site_penalty(q))}
+    makers.update({b: (lambda b=b: ours_site_penalty(b, q)) for b in our_backends(device)})
+    return makers
+
+
+def bytes_per_elem(mode: str, itemsize: int) -> int:
+    return {"copy": 2, "fwd": 3, "fwd+bwd": 9}[mode] * itemsize
+
+
+@dataclasses.dataclass
+class Case:
+    """One (dtype, n) point: h, g_e, g_i (and copies requiring grad) shared by every provider."""
+
+    dtype: torch.dtype
+    numel: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        self.inputs = [
+            torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype) for _ in range(3)
+        ]
+        self.inputs_grad = [t.clone().requires_grad_() for t in self.inputs]
+        self.grad_out = torch.ones(2, device=self.device, dtype=torch.float32)
+
+
+def mode_fn(fn: SiteFn, mode: str, case: Case) -> Callable[[], None]:
+    """A zero-argument closure doing one ``mode`` pass of ``fn`` on the case's tensors."""
+
+    def fwd() -> None:
+        fn(*case.inputs)
+
+    def fwd_bwd() -> None:
+        out = fn(*case.inputs_grad)
+        torch.autograd.grad(out, case.inputs_grad, case.grad_out.to(out.dtype))
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return fwd if mode == "fwd" else fwd_bwd
+
+
+def case_keys(cfg: Config) -> list:
+    """(dtype, n) of every case, in run order."""
+    return [(getattr(torch, name), n) for name, sizes in cfg.site_sizes.items() for n in sizes]
+
+
+def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
+    nbytes = bytes_per_elem(mode, case.inputs[0].element_size()) * case.numel
+    gbps = nbytes / (timing.median_ms / 1e3) / 1e9
+    return {
+        "section": "site",
+        "case": "site_penalty",
+        "provider": provider,
+        "mode": mode,
+        "dtype": dtype_name(case.dtype),
+        "numel": case.numel,
+        **dataclasses.asdict(timing),
+        "bytes_min": nbytes,
+        "gbps_eff": gbps,
+        "pct_copy": 100 * gbps / copy_gbps,
+    }
+
+
+def run_case(case: Case, cfg: Config) -> list:
+    """Every provider and mode on one case, timed in interleaved rounds with ``y.copy_(x)``."""
+    x = case.inputs[0]
+    out = torch.empty_like(x)
+    calls = {("copy", "copy"): lambda: out.copy_(x)}
+    for name, make in providers(cfg.device, cfg.p).items():
+        fn = make()
+        calls.update({(name, mode): mode_fn(fn, mode, case) for mode in MODES})
+    timings = time_fns(calls, cfg.device, cfg.op_reps)
+    copy_s = timings[("copy", "copy")].median_ms / 1e3
+    copy_gbps = bytes_per_elem("copy", x.element_size()) * case.numel / copy_s / 1e9
+    rows = []
+    for (name, mode), timing in timings.items():
+        row = _row(case, name, mode, timing, copy_gbps)
+        if mode == "fwd+bwd":
+            row["peak_bytes"] = peak_bytes(calls[(name, mode)], cfg.device)
+        rows.append(row)
+    add_ratios(rows)
+    return rows
+
+
+def run(cfg: Config, progress: Callable[[str], None]) -> list:
+    """All site-penalty cases of ``cfg``; ``progress(label)`` is called before each case."""
+    rows = []
+    for dtype, numel in case_keys(cfg):
+        progress(f"site {dtype_name(dtype)} n={size_label(numel)}")
+        rows += run_case(Case(dtype, numel, cfg.device), cfg)
+    return rows
