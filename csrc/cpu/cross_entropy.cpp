@@ -39,15 +39,15 @@ void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k
   }
 }
 
-// Per row: pass 1 finds the max m (and NaN/inf); pass 2, per 128-element block, adds exp(z - m)
-// to the log-sum-exp and finds the Gumbel-max argmax ŷ = argmax_c z_c + G_c, G_c = -log E_c,
+// Per row, in one read, per 128-element block: the online max m (earlier sums rescaled when it
+// grows), Σ exp(z - m) for the log-sum-exp, and the Gumbel-max argmax ŷ = argmax_c z_c + G_c, G_c = -log E_c,
 // E_c = -log u_c. Computing both logs for every element would triple the transcendental work,
 // so the exact score is computed only for candidates: with S the best score so far,
 // z_c + G_c > S  ⇔  E_c < exp(z_c - S) = e_c · exp(m - S), and E_c ≥ 1 - u_c, so an element with
 // 1 - u_c ≥ e_c · exp(m - S) · (1 + 1e-3) cannot win (the margin covers the float rounding of
 // e_c and of the scores). About exp(lse - S) = O(1) elements per row pass the filter; they get the
-// reference's exact score, so ŷ is the reference's bit for bit. Rows with NaN or ±inf take the
-// exact path for every element.
+// reference's exact score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is seen, the
+// rest of the row takes the exact path.
 template <typename scalar_t, typename acc_t>
 void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t N, int64_t C,
                                int64_t ignore_index, uint64_t seed, uint64_t offset, acc_t* loss,
@@ -67,14 +67,9 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
       const bool valid = t != ignore_index;
       TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
                   ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
-      acc_t m = -kInf;
+      acc_t m = -kInf;  // running row max (online: the row is read once)
       bool finite = true;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t x = static_cast<acc_t>(zr[c]);
-        m = x > m ? x : m;
-        finite &= std::isfinite(x);
-      }
-      acc_t sum = 0;
+      acc_t sum = 0;    // Σ exp(z - m) so far
       ArgmaxState<acc_t> best = argmax_identity<acc_t>();
       acc_t bound = kInf;  // exp(m - S)·margin: +inf until a best score S exists
       const int64_t begin = r * C;
@@ -83,11 +78,26 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
         const int64_t lo = std::max(begin, blk);
         const int64_t n = std::min(end, blk + kBlockElems) - lo;
         const scalar_t* zb = zr + (lo - begin);
+        acc_t block_max = -kInf;
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t x = static_cast<acc_t>(zb[k]);
+          e[k] = x;
+          block_max = x > block_max ? x : block_max;
+          finite &= std::isfinite(x);
+        }
+        if (block_max > m) {  // rescale what was summed so far to the new max
+          sum *= std::exp(m - block_max);
+          m = block_max;
+          if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+        }
         cpu::philox_block(seed, offset, kStreamGumbel, static_cast<uint64_t>(blk) / 4, u);
         const uint32_t* ub = u + (lo - blk);
-        for (int64_t k = 0; k < n; ++k) e[k] = static_cast<acc_t>(zb[k]) - m;
+        for (int64_t k = 0; k < n; ++k) e[k] -= m;
         cpu::vexp_inplace(e, n);
-        for (int64_t k = 0; k < n; ++k) sum += e[k];
+        // While m = -inf every value so far is -inf and adds 0 (exp(-inf - -inf) would be NaN).
+        if (m > -kInf) {
+          for (int64_t k = 0; k < n; ++k) sum += e[k];
+        }
         if (!finite || !(bound < kInf)) {
           merge_exact_scores<scalar_t, acc_t>(zb, ub, all, n, lo - begin, scratch, best);
         } else {
