@@ -30,7 +30,18 @@ __all__ = [
 _active_capture: Optional["DropoutRegularizer"] = None
 
 
-class Dropout(torch.nn.Dropout):
+class _FusedDropout:
+    """Forward shared by the fused dropout modules: inside a DropoutRegularizer capture the call is a
+    site (input passed through and recorded), otherwise the module's own dropout (``_drop``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        reg = _active_capture
+        if reg is not None and reg._is_site(self):
+            return reg._record_site(input, self.p)
+        return self._drop(input)
+
+
+class Dropout(_FusedDropout, torch.nn.Dropout):
     r"""Drop-in :class:`torch.nn.Dropout` with fused, mask-free kernels.
 
     During training, zeroes each element with probability ``p`` and scales the rest by
@@ -57,28 +68,22 @@ class Dropout(torch.nn.Dropout):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__(check_prob(p, "p"), inplace)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        reg = _active_capture
-        if reg is not None and reg._is_site(self):
-            return reg._record_site(input, self.p)
+    def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return ops.dropout(input, self.p, self.training, self.inplace)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}, backend={ops.get_backend()}"
 
 
-class _ChannelDropout:
-    """Shared forward of the channel-dropout modules (a regularizer site like :class:`Dropout`)."""
+class _ChannelDropout(_FusedDropout):
+    """Shared by the channel-dropout modules."""
 
     _functional = None
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__(check_prob(p, "p"), inplace)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        reg = _active_capture
-        if reg is not None and reg._is_site(self):
-            return reg._record_site(input, self.p)
+    def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return type(self)._functional(input, self.p, self.training, self.inplace)
 
     def extra_repr(self) -> str:
@@ -106,7 +111,7 @@ class Dropout3d(_ChannelDropout, torch.nn.Dropout3d):
     _functional = staticmethod(functional.dropout3d)
 
 
-class LockedDropout(torch.nn.Module):
+class LockedDropout(_FusedDropout, torch.nn.Module):
     r"""Locked (variational) dropout, as in AWD-LSTM (the paper's model): one mask per sequence,
     shared along the time axis. :math:`y_{t,b,:} = m_{b,:} \odot x_{t,b,:} / (1-p)`.
 
@@ -126,18 +131,12 @@ class LockedDropout(torch.nn.Module):
             raise TypeError(f"argument 'batch_first' must be a bool, got {type(batch_first).__name__}")
         self.batch_first = batch_first
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        reg = _active_capture
-        if reg is not None and reg._is_site(self):
-            return reg._record_site(input, self.p)
+    def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return functional.locked_dropout(input, self.p, self.training, self.batch_first)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, batch_first={self.batch_first}, backend={ops.get_backend()}"
 
-
-# Modules whose calls become DropoutRegularizer sites.
-_SITE_TYPES = (Dropout, Dropout1d, Dropout2d, Dropout3d, LockedDropout)
 
 
 def replace_dropout(model: torch.nn.Module, *, locked: bool = False, batch_first: bool = False) -> int:
@@ -296,7 +295,7 @@ class DropoutRegularizer:
         global _active_capture
         if _active_capture is not None:
             raise RuntimeError("a DropoutRegularizer capture is already active; captures cannot be nested")
-        self._modules = {id(m) for m in self.model.modules() if isinstance(m, _SITE_TYPES)}
+        self._modules = {id(m) for m in self.model.modules() if isinstance(m, _FusedDropout)}
         self._sites = []
         _active_capture = self
         try:
