@@ -75,6 +75,8 @@ using cuda::AlignedVec;
 using cuda::ChunkShape;
 using cuda::grid_size;
 using cuda::is_aligned;
+using cuda::load_chunk;
+using cuda::store_chunk;
 
 // ---------------------------------------------------------------------------------------------
 // Reductions over the kRowThreads threads of a row (a warp, or the whole block).
@@ -325,24 +327,13 @@ __global__ void __launch_bounds__(kElementwiseThreads)
                    const int64_t* __restrict__ label, const acc_t* __restrict__ row_scale,
                    scalar_t* __restrict__ out, int64_t n, int64_t cols, int64_t ignore_index) {
   constexpr int kElems = ChunkShape<scalar_t>::kElems;
-  using Vec = AlignedVec<scalar_t, kElems>;
   const int64_t chunks = (n + kElems - 1) / kElems;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kElementwiseThreads;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * kElementwiseThreads + threadIdx.x;
        k < chunks; k += stride) {
     const int64_t base = k * kElems;
-    const bool full = base + kElems <= n;
     acc_t x[kElems];
-    if (kAligned && full) {
-      const Vec v = *reinterpret_cast<const Vec*>(z + base);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) x[e] = static_cast<acc_t>(v.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        x[e] = base + e < n ? static_cast<acc_t>(z[base + e]) : acc_t(0);
-      }
-    }
+    load_chunk<scalar_t, acc_t, kElems, kAligned>(z, base, n, x);
     int64_t row = base / cols;
     int64_t col = base - row * cols;
     RowParams<acc_t> p = load_row_params<acc_t>(lse, label, row_scale, row, cols, ignore_index);
@@ -356,17 +347,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
         p = load_row_params<acc_t>(lse, label, row_scale, row, cols, ignore_index);
       }
     }
-    if (kAligned && full) {
-      Vec v;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
-      *reinterpret_cast<Vec*>(out + base) = v;
-    } else {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        if (base + e < n) out[base + e] = static_cast<scalar_t>(y[e]);
-      }
-    }
+    store_chunk<scalar_t, acc_t, kElems, kAligned>(out, base, n, y);
   }
 }
 

@@ -23,6 +23,40 @@ struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
   scalar_t v[kElems];
 };
 
+// x[e] = src[base + e] in acc_t for the chunk's elements below n (0 beyond n, never used).
+template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ src, int64_t base,
+                                           int64_t n, acc_t (&x)[kElems]) {
+  using Vec = AlignedVec<scalar_t, kElems>;
+  if (kAligned && base + kElems <= n) {
+    const Vec v = *reinterpret_cast<const Vec*>(src + base);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) x[e] = static_cast<acc_t>(v.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      x[e] = base + e < n ? static_cast<acc_t>(src[base + e]) : acc_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
+__device__ __forceinline__ void store_chunk(scalar_t* __restrict__ dst, int64_t base, int64_t n,
+                                            const acc_t (&y)[kElems]) {
+  using Vec = AlignedVec<scalar_t, kElems>;
+  if (kAligned && base + kElems <= n) {
+    Vec v;
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
+    *reinterpret_cast<Vec*>(dst + base) = v;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      if (base + e < n) dst[base + e] = static_cast<scalar_t>(y[e]);
+    }
+  }
+}
+
 // A missing (null) optional input never blocks the vector path.
 inline bool is_aligned(const void* p, uintptr_t align) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % align == 0;

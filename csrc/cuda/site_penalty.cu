@@ -42,9 +42,10 @@ constexpr int kFinalThreads = 256;        // stage 2
 constexpr int64_t kElemsPerBlock = 4096;  // stage-1 grid: one block per 4096 elements ...
 constexpr int64_t kMaxPartials = 1024;    // ... up to 1024 blocks (one resident wave on H100/H200)
 
-using cuda::AlignedVec;
 using cuda::ChunkShape;
 using cuda::is_aligned;
+using cuda::load_chunk;
+using cuda::store_chunk;
 
 // What every site-noise kernel needs to regenerate η.
 template <typename acc_t>
@@ -54,39 +55,6 @@ struct NoiseParams {
   uint64_t threshold;  // round(q·2^32), dropout noise only
 };
 
-// x[e] = src[base + e] in acc_t for the chunk's elements below n (0 beyond n, never used).
-template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ src, int64_t base,
-                                           int64_t n, acc_t (&x)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base + kElems <= n) {
-    const Vec v = *reinterpret_cast<const Vec*>(src + base);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) x[e] = static_cast<acc_t>(v.v[e]);
-  } else {
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      x[e] = base + e < n ? static_cast<acc_t>(src[base + e]) : acc_t(0);
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void store_chunk(scalar_t* __restrict__ dst, int64_t base, int64_t n,
-                                            const acc_t (&y)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base + kElems <= n) {
-    Vec v;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
-    *reinterpret_cast<Vec*>(dst + base) = v;
-  } else {
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      if (base + e < n) dst[base + e] = static_cast<scalar_t>(y[e]);
-    }
-  }
-}
 
 // eta[e] = η of flat element base + e (base is a multiple of kElems, so the chunk is kGroups
 // whole Philox groups).
