@@ -9,7 +9,7 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f) setup.py
 JOBS ?= $(shell nproc)
 
-.PHONY: all deps build test bench info lint clean
+.PHONY: all deps build test bench repro info lint clean
 
 all: test
 
@@ -36,6 +36,10 @@ test: build
 
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default.
+repro: build
+	$(PY) -m bench.repro all $(or $(REPRO_ARGS),--quick)
 
 lint: deps
 	$(PY) -m ruff check dropreg_ext triton_kernels tests bench

