@@ -1,6 +1,7 @@
 # `make test` and `make bench` set everything up on a fresh machine: a .venv with the pinned
 # requirements, the extension built (CUDA kernels too wherever torch has CUDA and nvcc exists),
-# rebuilt only when csrc/ or setup.py change.
+# rebuilt only when csrc/ or setup.py change. `make test-compat` does the same with the oldest
+# supported torch and triton (those of the GPU image) in .compat/, on a copy of the source tree.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,11 +10,11 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f) setup.py
 JOBS ?= $(shell nproc)
 
-.PHONY: all deps build test bench repro info lint clean
+.PHONY: all deps build test test-compat compat-src bench repro info lint clean
 
 all: test
 
-$(DEPS_STAMP): requirements.txt
+$(DEPS_STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install -r requirements.txt
@@ -41,8 +42,35 @@ bench: build
 repro: build
 	$(PY) -m bench.repro all $(or $(REPRO_ARGS),--quick)
 
+# The oldest supported versions. The extension .so has the same file name for both torches, so
+# this builds and tests a copy of the tree (.compat/src, refreshed on every run) with its own venv;
+# the CUDA kernels are compiled for sm_90 only (what the GPU image builds), the CPU kernels run.
+COMPAT := .compat
+COMPAT_PY := $(COMPAT)/venv/bin/python
+COMPAT_DEPS_STAMP := $(COMPAT)/venv/.deps-installed
+COMPAT_BUILD_STAMP := $(COMPAT)/venv/.extension-built
+
+$(COMPAT_DEPS_STAMP): requirements-compat.txt requirements-dev.txt
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT)/venv
+	$(COMPAT_PY) -m pip install --upgrade pip setuptools wheel
+	$(COMPAT_PY) -m pip install -r requirements-compat.txt
+	touch $@
+
+compat-src:
+	mkdir -p $(COMPAT)/src
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./$(COMPAT) --exclude=./build \
+	    --exclude='*.so' --exclude='*.egg-info' --exclude=__pycache__ . | tar -xf - -C $(COMPAT)/src
+
+$(COMPAT_BUILD_STAMP): $(COMPAT_DEPS_STAMP) $(CSRC) | compat-src
+	cd $(COMPAT)/src && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$${MAX_JOBS:-$(JOBS)} \
+	    ../venv/bin/python -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: compat-src $(COMPAT_BUILD_STAMP)
+	cd $(COMPAT)/src && ../venv/bin/python -m dropreg_ext.info && ../venv/bin/python -m pytest tests
+
 lint: deps
 	$(PY) -m ruff check dropreg_ext triton_kernels tests bench
 
 clean:
-	rm -rf build *.egg-info dropreg_ext/_C*.so $(BUILD_STAMP)
+	rm -rf build *.egg-info dropreg_ext/_C*.so $(BUILD_STAMP) $(COMPAT)/src $(COMPAT_BUILD_STAMP)

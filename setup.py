@@ -2,7 +2,8 @@
 
 No GPU is needed to build the CUDA kernels. Environment:
   DROPREG_CUDA=0|1        force the CUDA kernels off / on (on fails loudly if it cannot build)
-  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0+PTX": A100 and H100/H200 machine code, plus
+                          compute_90 PTX that newer GPUs (sm_100, sm_120) compile when they load it)
   MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -37,7 +38,18 @@ _locate_cuda_home()
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+# The supported range, tested at both ends (make test: 2.14.1; make test-compat: 2.11.0 + triton 3.6.0).
+MIN_TORCH = (2, 11)
+
+
+def _version_tuple(version: str) -> tuple:
+    """(2, 11) of "2.11.0+cu130", compared as numbers ("2.10" > "2.9", unlike the strings)."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+if _version_tuple(torch.__version__) < MIN_TORCH:
+    raise SystemExit(f"dropreg_ext needs torch >= {'.'.join(map(str, MIN_TORCH))}, found torch {torch.__version__}")
 
 
 def _log(msg: str) -> None:
@@ -78,7 +90,7 @@ def _extension():
     with_cuda = _want_cuda()
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17" if torch.__version__ < "2.10" else "-std=c++20"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
     archs = ""
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
@@ -110,5 +122,7 @@ setup(
     package_dir={"dropreg_ext.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={"triton": ["triton>=3.6"]},
 )

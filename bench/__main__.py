@@ -1,10 +1,10 @@
-"""``python -m bench [--quick|--full] [--only dropout|ce|site|train] [--device cpu|cuda] [--out DIR]``
+"""``python -m bench [--quick|--check|--full] [--only dropout|ce|site|train] [--device cpu|cuda] [--out DIR]``
 
 Runs the per-op benchmarks (dropout, cross-entropy with a sampled label, site penalty) and the
 training-step benchmark (dropout and the dropout regularizer), prints the tables and the
 acceptance checks, and writes ``results.json``, ``results.csv`` and PNG plots to
 ``bench/results/<device-tag>/`` (or ``--out``). ``--quick`` (default) fits in 5 minutes on 2 CPU
-cores; ``--full`` is for GPUs.
+cores; ``--check`` is the short GPU run of bench/gpu_check.sh; ``--full`` is for GPUs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick", help="default")
+    preset.add_argument("--check", dest="preset", action="store_const", const="check",
+                        help="a few GPU sizes per section (bench/gpu_check.sh)")
     preset.add_argument("--full", dest="preset", action="store_const", const="full", help="GPU sizes")
     parser.set_defaults(preset="quick")
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one section")

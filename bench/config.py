@@ -1,7 +1,8 @@
 """Run presets: which sizes, dtypes and how many repetitions each ``--quick`` / ``--full`` run uses.
 
 ``--quick`` is sized to finish in under 5 minutes on 2 CPU cores, all four sections together (it is
-the default); ``--full`` is meant for GPUs: every second power of two from 2^16 to 2^26 for the
+the default); ``--check`` is the short GPU run of ``bench/gpu_check.sh`` (a few sizes per section);
+``--full`` is meant for GPUs: every second power of two from 2^16 to 2^26 for the
 elementwise ops, vocabularies of 1k to 128k classes for the cross-entropy, more repetitions, larger
 models.
 """
@@ -31,7 +32,7 @@ class Reps:
 class Config:
     """Everything a run needs to know; built by :func:`make_config`."""
 
-    preset: str  # "quick" | "full"
+    preset: str  # "quick" | "check" | "full"
     device: torch.device
     sizes: dict  # dtype name -> tuple of element counts for the per-op dropout cases
     p: float
@@ -97,6 +98,18 @@ def make_config(preset: str, device: torch.device) -> Config:
         train_reps = Reps(warmup=1, min_reps=8, max_reps=50, budget_s=0.5)
         budget = {}
         scale = "small"
+    elif preset == "check":
+        # bench/gpu_check.sh: each section in under ~30 s of a GPU including its torch.compile
+        # builds; the sizes of the acceptance checks (2^24 float32, N = 2048 at C = 10k) plus the
+        # HBM-sized points (2^26 elements, GPT-2's and a 128k vocabulary).
+        sizes = {"float32": _pow2(24, 26), "bfloat16": _pow2(26)}
+        op_reps = Reps(warmup=3, min_reps=10, max_reps=200, budget_s=0.03)
+        ce_shapes = {"float32": ((2048, 10_000), (512, 50_257)), "bfloat16": ((2048, 32_000),)}
+        ce_reps = Reps(warmup=3, min_reps=10, max_reps=200, budget_s=0.03)
+        site_sizes = {"float32": _pow2(24), "bfloat16": _pow2(24)}
+        train_reps = Reps(warmup=2, min_reps=5, max_reps=50, budget_s=0.3)
+        budget = {}
+        scale = "large" if on_gpu else "small"
     elif preset == "full":
         sizes = {"float32": _pow2(16, 18, 20, 22, 24, 26), "bfloat16": _pow2(16, 18, 20, 22, 24, 26)}
         op_reps = Reps(warmup=5, min_reps=30, max_reps=2000, budget_s=0.15 if on_gpu else 2.0)
@@ -107,7 +120,7 @@ def make_config(preset: str, device: torch.device) -> Config:
         budget = {}
         scale = "large" if on_gpu else "small"
     else:
-        raise ValueError(f"preset must be 'quick' or 'full', got {preset!r}")
+        raise ValueError(f"preset must be 'quick', 'check' or 'full', got {preset!r}")
     return Config(
         preset, device, sizes, P_DROP, op_reps, train_reps, scale, ce_shapes, ce_reps, site_sizes, budget
     )

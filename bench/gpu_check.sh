@@ -1,68 +1,113 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: build, test and benchmark dropreg_ext on a CUDA machine (sized for an H200)
-# with ONE command, from the repository root or anywhere:
+# bench/gpu_check.sh: build, test and benchmark dropreg_ext on a CUDA machine (sized for one H200)
+# with ONE command that never wastes the run, from the repository root or anywhere:
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # or: OUT=/some/dir bash bench/gpu_check.sh
 #
-# OUT_DIR: the first argument, else $OUT, else bench/results/cuda-h200. Everything lands there:
-# stages.txt (one line per stage: seconds, exit code), logs/<stage>.log, results.json, results.csv
-# and the PNG plots of `python -m bench`.
+# OUT_DIR: the first argument, else $OUT, else bench/results/cuda-h200. The run writes its whole
+# tree to $GPU_CHECK_WORK (default /tmp/dropreg_gpu_check) and, after every stage, packs it into
+# OUT_DIR/gpu_check.tgz and copies the summary to OUT_DIR/summary.txt: two files, so the device
+# tool's limit on files coming back (8) never cuts the logs. Unpack the results to commit them:
+#   tar -xzf gpu_check.tgz -C bench/results/cuda-h200
+# The tree: machine.txt (nvidia-smi, versions, pip list), stages.tsv, logs/<stage>.log,
+# junit/<stage>-<file>.xml, bench-<section>/ (results.json, results.csv, PNGs), summary.txt.
 #
-# Stages, each under its own `timeout`; the limits add up to 470 s, so the script ends within 8 min:
-#   check    20 s  nvidia-smi answers, nvcc exists, a python with torch sees the GPU
-#   build   130 s  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e .
-#                  with the machine's own python, torch and triton (no venv; torch is never installed),
-#                  then checks that the CUDA kernels loaded
-#   tests    90 s  python -m pytest tests -q -m cuda   (TRITON_INTERPRET unset: Triton runs compiled)
-#   bench   220 s  python -m bench --full --device cuda --out OUT_DIR
-#   summary  10 s  python -m bench.report --print OUT_DIR, then the stage table
-# A failed check or build stops the script; a failed test or bench stage is recorded and the rest
-# still runs. Exit status: 0 if every stage passed, else the first failing stage's status
-# (124 = that stage hit its time limit; 3 = no usable GPU).
+# Stages, in order of value, each command under its own `timeout -s INT` (pytest then still prints
+# its failures and writes its junit file), one pytest process per test file, PYTHONUNBUFFERED=1:
+#   machine          record the machine; no GPU / torch without CUDA: exit 3 here
+#   build            the machine's own python and torch, sm_90 only, all cores; if the CUDA build
+#                    fails its log is kept, a CPU-only build installs the package (and its Triton
+#                    kernels), and the stages that need the CUDA kernels are skipped
+#   cuda-tests       the CUDA backend against the reference (-m cuda -k "not triton"), per file
+#   regularizer      the objective on CUDA against plain autograd (test_regularizer.py -m cuda)
+#   bench-train      python -m bench --check --only train
+#   triton-tests     the compiled Triton kernels (-m cuda -k triton), per file
+#   bench-dropout, bench-ce, bench-site
+#   summary          python -m bench.gpu_summary: stages, test counts, first failures, bandwidth
+# The limits add up to 410 s, so the script ends within 7 minutes even if every stage hits its
+# limit. Exit status: 0 if every stage passed, else the first failing stage's (124: a time limit).
+# On a machine without a GPU it lists the stages with their limits, says what is missing and exits 3.
 #
 # Measured stage times: NOT RUN ON A GPU YET. After the first real run, replace this line with
-#   check=?s build=?s tests=?s bench=?s summary=?s total=?s  (date, GPU, torch, triton versions)
+#   the stage times of summary.txt (date, GPU, torch, triton versions).
 
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
 OUT_DIR="${1:-${OUT:-bench/results/cuda-h200}}"
-mkdir -p "$OUT_DIR/logs" || exit 2
+WORK="${GPU_CHECK_WORK:-/tmp/dropreg_gpu_check}"
+mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-LOGS="$OUT_DIR/logs"
-STAGES="$OUT_DIR/stages.txt"
-: > "$STAGES"
+rm -rf "$WORK" && mkdir -p "$WORK/logs" "$WORK/junit" || exit 2
+export PYTHONUNBUFFERED=1
 T0=$SECONDS
 FIRST_FAILURE=0
+CUDA_BUILT=0
 
-record() {  # name seconds rc
-  local status=ok
-  [ "$3" -ne 0 ] && status="FAILED (exit $3)"
-  [ "$3" -eq 124 ] && status="TIMEOUT"
-  printf '%-8s %5ss  %s\n' "$1" "$2" "$status" | tee -a "$STAGES"
-  if [ "$3" -ne 0 ] && [ "$FIRST_FAILURE" -eq 0 ]; then FIRST_FAILURE=$3; fi
+# name:limit_s of each test file, per test stage (the limits are part of the 410 s).
+CUDA_TEST_FILES="test_philox:7 test_dropout:14 test_cross_entropy:18 test_site_penalty:11 test_special_values:6 test_ecosystem:14 test_fuzz:8"
+TRITON_TEST_FILES="test_philox:6 test_dropout:12 test_cross_entropy:20 test_site_penalty:11 test_special_values:6 test_ecosystem:12 test_fuzz:6"
+
+plan() {  # the stages and their limits, as run below
+  local sum_cuda=0 sum_triton=0 entry
+  for entry in $CUDA_TEST_FILES; do sum_cuda=$((sum_cuda + ${entry#*:})); done
+  for entry in $TRITON_TEST_FILES; do sum_triton=$((sum_triton + ${entry#*:})); done
+  cat <<EOF
+gpu_check plan (limit per stage; test stages: one pytest process per file):
+  machine        10 s
+  build         100 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
+  cuda-tests    ${sum_cuda} s   ${CUDA_TEST_FILES}
+  regularizer    25 s   test_regularizer.py -m cuda
+  bench-train    35 s   python -m bench --check --only train
+  triton-tests  ${sum_triton} s   ${TRITON_TEST_FILES}
+  bench-dropout  35 s
+  bench-ce       30 s
+  bench-site     15 s
+  summary         5 s
+results: $OUT_DIR/gpu_check.tgz and $OUT_DIR/summary.txt (work tree $WORK)
+EOF
 }
 
-run_stage() {  # name limit_s command...: run it under timeout, log it, record it; returns its status
+pack() {  # the work tree into OUT_DIR, atomically, after every stage
+  tar -czf "$OUT_DIR/.gpu_check.tgz.part" -C "$WORK" . && mv "$OUT_DIR/.gpu_check.tgz.part" "$OUT_DIR/gpu_check.tgz"
+  [ -f "$WORK/summary.txt" ] && cp "$WORK/summary.txt" "$OUT_DIR/summary.txt"
+  return 0
+}
+
+record() {  # name limit seconds rc
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$WORK/stages.tsv"
+  local status=ok
+  case "$4" in
+    0) ;; 5) status="no tests" ;; -1) status=skipped ;; 124) status=TIMEOUT ;; *) status="FAILED (exit $4)" ;;
+  esac
+  printf '== %-32s %4ss of %4ss  %s\n' "$1" "$3" "$2" "$status"
+  case "$4" in 0 | 5 | -1) ;; *) [ "$FIRST_FAILURE" -eq 0 ] && FIRST_FAILURE=$4 ;; esac
+  pack
+}
+
+run() {  # name limit command...: under timeout -s INT, logged; returns the command's status
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
   echo "== [$name] (limit ${limit} s) $*"
-  timeout --kill-after=2 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
-  rc=${PIPESTATUS[0]}
-  record "$name" $((SECONDS - start)) "$rc"
+  timeout -s INT --kill-after=5 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
+  rc=$?
+  [ "$rc" -eq 137 ] && rc=124  # killed after the grace period: still a time limit
+  tail -n 15 "$WORK/logs/$name.log"
+  record "$name" "$limit" $((SECONDS - start)) "$rc"
   return "$rc"
 }
 
 finish() {
-  printf '%-8s %5ss\n' total $((SECONDS - T0)) | tee -a "$STAGES"
-  echo "results in $OUT_DIR"
+  run summary 5 "${PY:-python3}" -m bench.gpu_summary "$WORK" > /dev/null
+  cat "$WORK/summary.txt" 2> /dev/null
+  echo "total $((SECONDS - T0)) s; results in $OUT_DIR/gpu_check.tgz (tar -xzf it into bench/results/cuda-h200)"
+  pack
   exit "$FIRST_FAILURE"
 }
 
-# --- the stages, as functions run by `timeout ... bash -c <name>` --------------------------------
-find_python() {  # the first of $PYTHON, python, python3 that imports torch
+find_python() {  # the first of $PYTHON, python3, python that imports torch
   local candidate
-  for candidate in ${PYTHON:-} python python3; do
+  for candidate in ${PYTHON:-} python3 python; do
     if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2> /dev/null; then
       echo "$candidate"
       return
@@ -70,41 +115,49 @@ find_python() {  # the first of $PYTHON, python, python3 that imports torch
   done
 }
 
-# Prints the python, torch, triton and GPU; exits non-zero when torch sees no GPU. (A variable and
-# not a heredoc inside check(): bash cannot export a function that contains a heredoc.)
-TORCH_PROBE='
-import sys, torch
-print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, CUDA build {torch.version.cuda}")
-try:
-    import triton
-    print(f"triton {triton.__version__}")
-except ImportError:
-    print("triton: not installed (the triton backend will be absent)")
+# Versions and the GPU, into machine.txt (its first lines head the summary); exits 3 without a GPU.
+PROBE='
+import importlib, sys
+import torch
+names = ["triton", "numpy", "pytest", "hypothesis", "matplotlib", "tqdm", "transformers", "ninja", "setuptools"]
+versions = []
+for name in names:
+    try:
+        versions.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception:
+        versions.append(f"{name} -")
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "-"
+print(f"GPU: {gpu}, capability {cap}; python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+print(", ".join(versions))
 if not torch.cuda.is_available():
     sys.exit(f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build {torch.version.cuda})")
-print(f"GPU: {torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
 '
 
-check() {  # names everything that is missing
-  local missing=() nvcc found=""
-  if ! command -v nvidia-smi > /dev/null; then
-    missing+=("nvidia-smi not found: no NVIDIA driver on this machine")
-  elif ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; then
-    missing+=("nvidia-smi failed: the driver cannot see a GPU")
-  fi
+machine() {
+  local missing=() nvcc="" candidate
   if [ -z "$PY" ]; then
-    missing+=("no python with torch: neither \$PYTHON, 'python' nor 'python3' can import torch")
-  elif ! "$PY" -c "$TORCH_PROBE"; then
+    missing+=("no python with torch: neither \$PYTHON, 'python3' nor 'python' can import torch")
+  elif ! "$PY" -c "$PROBE"; then
     missing+=("torch.cuda.is_available() is False for $PY: torch cannot use a GPU here")
   fi
-  for nvcc in "$(command -v nvcc)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-    if [ -n "$nvcc" ] && [ -x "$nvcc" ]; then found=$nvcc; break; fi
+  if ! command -v nvidia-smi > /dev/null; then
+    missing+=("nvidia-smi not found: no NVIDIA driver on this machine")
+  else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || \
+      missing+=("nvidia-smi failed: the driver cannot see a GPU")
+  fi
+  for candidate in "$(command -v nvcc)" "${CUDA_HOME:-/nonexistent}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ]; then nvcc=$candidate; break; fi
   done
-  if [ -z "$found" ]; then
+  if [ -z "$nvcc" ]; then
     missing+=("nvcc not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin): the CUDA kernels cannot be built")
   else
-    echo "nvcc: $found"
+    "$nvcc" --version | tail -n 2
   fi
+  echo "cores $(nproc); $(uname -srm)"
+  echo "--- nvidia-smi"; nvidia-smi 2>&1
+  echo "--- pip list"; [ -n "$PY" ] && "$PY" -m pip list 2>&1
   if [ ${#missing[@]} -gt 0 ]; then
     echo "gpu_check: this machine cannot run the GPU check; missing:"
     printf '  - %s\n' "${missing[@]}"
@@ -112,28 +165,56 @@ check() {  # names everything that is missing
   fi
 }
 
-build() {  # against this machine's torch; DROPREG_CUDA=1 makes setup.py fail loudly without CUDA kernels
-  # PIP_BREAK_SYSTEM_PACKAGES: system pythons marked EXTERNALLY-MANAGED (PEP 668) refuse any pip
-  # install otherwise; --no-deps keeps pip from touching torch or anything else.
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" DROPREG_CUDA=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
+build() {  # DROPREG_CUDA=1: setup.py fails loudly instead of silently building without CUDA kernels
+  # PIP_BREAK_SYSTEM_PACKAGES: a system python marked EXTERNALLY-MANAGED refuses pip otherwise;
+  # --no-deps --no-build-isolation: pip installs nothing and downloads nothing (no network there).
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" DROPREG_CUDA="${1:-1}" PIP_BREAK_SYSTEM_PACKAGES=1 \
     "$PY" -m pip install --no-build-isolation --no-deps -e . || return
-  "$PY" -m dropreg_ext.info || return
-  "$PY" -c 'import sys, dropreg_ext; sys.exit(0 if dropreg_ext._ext.HAS_CUDA else "CUDA kernels did not load")'
+  "$PY" -m dropreg_ext.info
+}
+
+pytest_files() {  # stage files marker keyword: one pytest process per file
+  local stage=$1 files=$2 marker=$3 keyword=$4 entry file limit
+  for entry in $files; do
+    file=${entry%%:*}
+    limit=${entry#*:}
+    run "$stage-$file" "$limit" "$PY" -m pytest "tests/$file.py" -m "$marker" -k "$keyword" -q -rfE \
+      --tb=short -p no:cacheprovider --junitxml="$WORK/junit/$stage-$file.xml"
+  done
+}
+
+bench_section() {  # name limit section
+  run "$1" "$2" "$PY" -m bench --check --device cuda --only "$3" --out "$WORK/$1"
 }
 
 PY="$(find_python)"
-export PY TORCH_PROBE
-export -f check build
-
-run_stage check 20 bash -c check || finish
-run_stage build 130 bash -c build || finish
+export PY PROBE
+export -f machine build
+plan
 unset TRITON_INTERPRET  # Triton must run compiled on the GPU, not interpreted
-run_stage tests 90 "$PY" -m pytest tests -q -m cuda -p no:cacheprovider
-run_stage bench 220 "$PY" -m bench --full --device cuda --out "$OUT_DIR"
-# Summary last: the headline numbers from results.json, then the stage table.
-if [ -f "$OUT_DIR/results.json" ]; then
-  run_stage summary 10 "$PY" -m bench.report --print "$OUT_DIR"
+
+run machine 10 bash -c machine
+cp "$WORK/logs/machine.log" "$WORK/machine.txt"
+[ "$FIRST_FAILURE" -ne 0 ] && { echo "gpu_check: no usable GPU here (see above); nothing else was run"; finish; }
+
+if run build 100 bash -c build; then
+  "$PY" -c 'import sys, dropreg_ext; sys.exit(0 if dropreg_ext._ext.HAS_CUDA else 1)' && CUDA_BUILT=1
 fi
-echo "== stages (also in $STAGES)"
-cat "$STAGES"
+if [ "$CUDA_BUILT" -eq 0 ]; then
+  echo "gpu_check: the CUDA kernels did not build or load (logs/build.log); CPU-only build for the Triton stages"
+  run build-cpu-only 40 bash -c "build 0"
+fi
+
+if [ "$CUDA_BUILT" -eq 1 ]; then
+  pytest_files cuda-tests "$CUDA_TEST_FILES" cuda "not triton"
+else
+  record cuda-tests 0 0 -1
+fi
+run regularizer 25 "$PY" -m pytest tests/test_regularizer.py -m cuda -q -rfE --tb=short -p no:cacheprovider \
+  --junitxml="$WORK/junit/regularizer-test_regularizer.xml"
+bench_section bench-train 35 train
+pytest_files triton-tests "$TRITON_TEST_FILES" cuda "triton"
+bench_section bench-dropout 35 dropout
+bench_section bench-ce 30 ce
+bench_section bench-site 15 site
 finish

@@ -2,8 +2,11 @@
 
 Timing: ``warmup`` untimed calls, then repeated timed calls in interleaved rounds (see
 :func:`time_fns` and :class:`bench.config.Reps`).
-On CUDA each call is timed with a pair of ``torch.cuda.Event`` around it, after zeroing a 256 MiB
-buffer so that no input is served from L2 (as ``triton.testing.do_bench`` does); on CPU with
+On CUDA each sample is a pair of ``torch.cuda.Event`` around ``k`` back-to-back calls, after
+zeroing a 256 MiB buffer so that the first call's inputs are not served from L2 (as
+``triton.testing.do_bench`` does); ``k`` is chosen once per function so that a sample lasts at least
+:data:`MIN_SAMPLE_S` (an event pair around one short kernel measures launch latency, not the
+kernel), and the sample is the batch's time over ``k``. On CPU, one call per sample, timed with
 ``time.perf_counter``. We report the median and the 20th/80th percentiles of the samples.
 
 Peak memory: bytes allocated above what was live when the function started, at the worst moment.
@@ -16,6 +19,7 @@ timestamp, and the running sum of those events, in time order, peaks at the answ
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Callable
@@ -25,6 +29,8 @@ import torch
 from .config import Reps
 
 _L2_FLUSH_BYTES = 256 * 2**20
+MIN_SAMPLE_S = 5e-4  # CUDA: calls are batched until a sample lasts this long
+MAX_BATCH = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +58,30 @@ def _cpu_call_s(fn: Callable[[], object]) -> float:
 
 
 class _CudaTimer:
-    """Times one call with CUDA events after flushing L2 with a memset of a large buffer."""
+    """Times a batch of back-to-back calls with CUDA events after flushing L2 with a memset of a
+    large buffer; returns the seconds per call."""
 
     def __init__(self, device: torch.device) -> None:
         self.flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
         self.start = torch.cuda.Event(enable_timing=True)
         self.end = torch.cuda.Event(enable_timing=True)
+        self.batch: dict = {}
+
+    def calibrate(self, fn: Callable[[], object]) -> None:
+        """The batch size of ``fn``: enough calls for a sample of MIN_SAMPLE_S (from one timed call)."""
+        self.batch[fn] = 1
+        one = self(fn)
+        self.batch[fn] = max(1, min(MAX_BATCH, math.ceil(MIN_SAMPLE_S / max(one, 1e-7))))
 
     def __call__(self, fn: Callable[[], object]) -> float:
+        calls = self.batch.get(fn, 1)
         self.flush.zero_()
         self.start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         self.end.record()
         self.end.synchronize()
-        return self.start.elapsed_time(self.end) / 1e3
+        return self.start.elapsed_time(self.end) / 1e3 / calls
 
 
 def time_fns(fns: dict, device: torch.device, reps: Reps) -> dict:
@@ -82,6 +98,8 @@ def time_fns(fns: dict, device: torch.device, reps: Reps) -> dict:
             fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        for fn in fns.values():
+            timer.calibrate(fn)
     samples = {key: [] for key in fns}
     deadline = time.perf_counter() + reps.budget_s * len(fns)
     rounds = 0

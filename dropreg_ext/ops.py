@@ -121,12 +121,16 @@ def make_rng(device, seed: Optional[int] = None) -> torch.Tensor:
 
     With ``seed=None`` both words are drawn from torch's generator of ``device`` (uniform int64)
     on the device itself, so no host sync and CUDA-graph replays draw fresh values; with an
-    explicit seed the state is ``[seed, 0]``.
+    explicit seed the state is ``[seed, 0]``, written by fill kernels that take the seed as an
+    argument (no host-to-device copy: no sync, and a CUDA graph can capture it; its replays then
+    reuse that seed, as an explicit seed means).
     """
     seed = check_seed(seed)
     if seed is None:
         return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device)
-    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    rng = torch.zeros(2, dtype=torch.int64, device=device)
+    rng[0].fill_(seed)
+    return rng
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,44 @@ def test_cuda_kernels_built_where_possible():
         f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is at {nvcc}, but the extension "
         f"was built with backends {dr._ext.BUILD_INFO['backends']}: rebuild without DROPREG_CUDA=0"
     )
+
+
+def test_default_archs_embed_ptx():
+    """setup.py's default arch list ends in +PTX: the compute_90 PTX lets GPUs newer than the listed
+    archs (sm_100, sm_120) JIT the kernels instead of failing with "no kernel image"."""
+    source = open(os.path.join(ROOT, "setup.py")).read()
+    match = re.search(r'^DEFAULT_ARCHS = "([^"]+)"', source, re.M)
+    assert match, "setup.py defines DEFAULT_ARCHS"
+    assert match.group(1).split(";")[-1].endswith("+PTX"), match.group(1)
+
+
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        return shutil.which("cuobjdump")
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def test_built_extension_holds_the_recorded_archs():
+    """The compiled extension carries machine code (ELF) for every arch its build info lists, and
+    PTX exactly when the list asks for it (+PTX): read from the .so with cuobjdump."""
+    if not dr._ext.HAS_CUDA:
+        pytest.skip("extension built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (triton bundles one)")
+    archs = dr._ext.BUILD_INFO["cuda_archs"].split(";")
+    listing = subprocess.run([tool, "--list-elf", "--list-ptx", dr._ext.C.__file__], capture_output=True,
+                             text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    for arch in archs:
+        sm = arch.replace("+PTX", "").replace(".", "")
+        assert f"sm_{sm}" in listing.stdout, f"no sm_{sm} machine code in {dr._ext.C.__file__}"
+    ptx = {line.split("sm_")[-1].split(".")[0] for line in listing.stdout.splitlines() if ".ptx" in line}
+    want_ptx = {a.replace("+PTX", "").replace(".", "") for a in archs if a.endswith("+PTX")}
+    assert ptx == want_ptx, f"PTX for {sorted(ptx)}, expected {sorted(want_ptx)}:\n{listing.stdout[:2000]}"
 
 
 FALLBACK_SCRIPT = textwrap.dedent(

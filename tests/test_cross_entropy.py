@@ -16,7 +16,6 @@ a few rows only.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -29,7 +28,9 @@ from conftest import (
     acc_eps,
     assert_bitwise_equal,
     assert_within,
+    assert_yhat_matches,
     op_backends,
+    sized_cases,
 )
 
 import dropreg_ext as dr
@@ -77,40 +78,6 @@ def _lse_bound(z, t, lse_ref):
     c = z.shape[1]
     z_y = za.gather(1, torch.where(t.cpu() == IGNORE, 0, t.cpu())[:, None]).squeeze(1).abs()
     return 4 * acc_eps(z.dtype) * (math.sqrt(c) + lse_ref.detach().cpu().double().abs() + z_y)
-
-
-def reference_scores(z, rng):
-    """The reference's Gumbel scores z + G in the compute dtype (what ŷ is the argmax of)."""
-    acc = acc_dtype(z.dtype)
-    g = R.gumbel_noise(rng.cpu(), z.shape[0], z.shape[1]).to(acc)
-    return z.detach().cpu().to(acc) + g
-
-
-# Mismatching ŷ rows found so far (backend, dtype, row, gap): reported as warnings, kept for the log.
-YHAT_TIES: list = []
-
-
-def assert_yhat_matches(yhat, yhat_ref, z, rng, what):
-    """ŷ equal to the reference's, except on rows where the reference's two best Gumbel scores are
-    within 4 units in the last place (a float tie that a 1-ulp different log can break either way);
-    there the backend must have picked one of those two columns."""
-    assert yhat.dtype == torch.int64 and yhat.shape == yhat_ref.shape, what
-    bad = (yhat.cpu() != yhat_ref.cpu()).nonzero().flatten().tolist()
-    if not bad:
-        return
-    scores = reference_scores(z, rng)
-    eps = torch.finfo(scores.dtype).eps
-    for r in bad:
-        top = scores[r].double().topk(2)
-        gap = float(top.values[0] - top.values[1])
-        allowed = 4 * eps * max(1.0, abs(float(top.values[0])))
-        picked = int(yhat[r])
-        assert picked in top.indices.tolist() and gap <= allowed, (
-            f"{what}: row {r}: yhat {picked} != reference {int(yhat_ref[r])}, and the reference's best two "
-            f"scores {top.values.tolist()} (columns {top.indices.tolist()}) are {gap:.3g} apart (> {allowed:.3g})"
-        )
-        YHAT_TIES.append((what, r, gap))
-        warnings.warn(f"{what}: yhat row {r} differs from the reference on a float tie (gap {gap:.3g})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,12 +136,16 @@ def test_reference_ce_grad_against_autograd():
 @pytest.mark.parametrize("be", CE_BACKENDS)
 def test_cross_entropy_sample_matches_reference(be, dtype, shape):
     z, t, rng = _inputs(shape, dtype, be.device, seed=11 * shape[0] + shape[1])
+    _check_cross_entropy_sample(be, z, t, rng, f"{be} {dtype} {shape}")
+
+
+def _check_cross_entropy_sample(be, z, t, rng, what):
+    """loss, lse (within _lse_bound) and ŷ (exact but for float ties) of ``be`` against the reference."""
     loss, lse, yhat = dr.ops.cross_entropy_sample(z, t, rng, IGNORE, backend=be.name)
     rloss, rlse, ryhat = R.cross_entropy_sample(z, t, rng, IGNORE)
-    acc = acc_dtype(dtype)
+    acc = acc_dtype(z.dtype)
     for out in (loss, lse):
-        assert out.dtype == acc and out.shape == (shape[0],) and out.device == z.device
-    what = f"{be} {dtype} {shape}"
+        assert out.dtype == acc and out.shape == (z.shape[0],) and out.device == z.device
     bound = _lse_bound(z, t, rlse)
     assert_within(lse, rlse, bound, f"{what} lse")
     assert_within(loss, rloss, bound, f"{what} loss")
@@ -269,15 +240,19 @@ def _softmax_terms(z, lse):
 @pytest.mark.parametrize("be", GRAD_BACKENDS)
 def test_ce_grad_matches_reference(be, dtype, shape):
     z, lse, label, scale, _ = _grad_inputs(shape, dtype, be.device, seed=3 * shape[0] + shape[1])
+    _check_ce_grad(be, z, lse, label, scale, f"{be} {dtype} {shape}")
+
+
+def _check_ce_grad(be, z, lse, label, scale, what):
     g = dr.ops.ce_grad(z, lse, label, scale, IGNORE, backend=be.name)
     expected = R.ce_grad(z, lse, label, scale, IGNORE)
-    assert g.dtype == dtype and g.shape == z.shape
+    assert g.dtype == z.dtype and g.shape == z.shape
     # exp(z - lse) in the compute dtype: 4u·|s|·p·(2 + |z - lse|); then one rounding to z's dtype (TOL)
     p, arg = _softmax_terms(z, lse)
     s = scale.cpu().double().abs()[:, None]
-    tol = TOL[dtype]
-    bound = tol["rtol"] * expected.cpu().double().abs() + tol["atol"] + 4 * acc_eps(dtype) * s * p * (2 + arg)
-    assert_within(g, expected, bound, f"{be} {dtype} {shape}")
+    tol = TOL[z.dtype]
+    bound = tol["rtol"] * expected.cpu().double().abs() + tol["atol"] + 4 * acc_eps(z.dtype) * s * p * (2 + arg)
+    assert_within(g, expected, bound, what)
     assert (g[label == IGNORE] == 0).all()
 
 
@@ -287,8 +262,13 @@ def test_ce_grad_matches_reference(be, dtype, shape):
 def test_ce_grad_backward_matches_reference(be, dtype, shape):
     """The registered op itself (called directly): grad_z = s·p ⊙ (u - ⟨p, u⟩), grad_s = ⟨p, u⟩ - u_y."""
     z, lse, label, scale, u = _grad_inputs(shape, dtype, be.device, seed=5 * shape[0] + shape[1])
+    _check_ce_grad_backward(be, u, z, lse, label, scale, f"{be} {dtype} {shape}")
+
+
+def _check_ce_grad_backward(be, u, z, lse, label, scale, what):
     grad_z, grad_s = _ops(be)["ce_grad_backward"](u, z, lse, label, scale, IGNORE)
     ez, es = R.ce_grad_backward(u, z, lse, label, scale, IGNORE)
+    dtype, shape = z.dtype, tuple(z.shape)
     assert grad_z.dtype == dtype and grad_z.shape == z.shape
     assert grad_s.dtype == scale.dtype and grad_s.shape == scale.shape
     # ⟨p, u⟩ is a reordered sum of C terms with relative errors ~(2 + |z - lse|)u each:
@@ -303,13 +283,41 @@ def test_ce_grad_backward_matches_reference(be, dtype, shape):
     tol = TOL[dtype]
     bound_z = (tol["rtol"] * ez.cpu().double().abs() + tol["atol"]
                + s * p * (4 * eps * (ua - pu).abs() * (2 + arg) + pu_err))
-    assert_within(grad_z, ez, bound_z, f"{be} {dtype} {shape} grad_z")
+    assert_within(grad_z, ez, bound_z, f"{what} grad_z")
     safe = torch.where(label.cpu() == IGNORE, 0, label.cpu())
     u_y = ua.gather(1, safe[:, None]) if c else torch.zeros(shape[0], 1, dtype=torch.float64)
     bound_s = (pu_err + 4 * eps * u_y.abs()).squeeze(1)
-    assert_within(grad_s, es, bound_s, f"{be} {dtype} {shape} grad_row_scale")
+    assert_within(grad_s, es, bound_s, f"{what} grad_row_scale")
     ignored = label == IGNORE
     assert (grad_z[ignored] == 0).all() and (grad_s[ignored] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes GPU users run: CUDA's block mode (C > 1024, one 512-thread block a row), Triton past one
+# chunk (C > 2048), vocabularies of GPT-2 (50257) and of 128k-token models, and for ce_grad a
+# grid-stride loop past one resident wave (N·C >= 2^25). The CPU runs the same C on fewer rows.
+# ------------------------------------------------------------------------------------------------
+
+LARGE_C = (4096, 32768, 50257, 131072)
+LARGE_C_CASES = sized_cases("cross_entropy_sample", {
+    "cpu": [(8, c) for c in LARGE_C],
+    "triton-interp": [(3, 4099)],
+    "cuda": [(48, c) for c in LARGE_C] + [(3, 131072), (256, 131072)],
+    "triton-cuda": [(48, c) for c in LARGE_C] + [(3, 131072), (256, 131072)],
+})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("be, shape", LARGE_C_CASES)
+def test_large_vocabulary_matches_reference(be, shape, dtype):
+    """cross_entropy_sample, ce_grad and ce_grad_backward at large C against the reference, with the
+    error bounds of the small-shape tests (they grow with √C and |lse|)."""
+    what = f"{be} {dtype} {shape}"
+    z, t, rng = _inputs(shape, dtype, be.device, seed=shape[1] % 1000 + shape[0])
+    _check_cross_entropy_sample(be, z, t, rng, what)
+    z, lse, label, scale, u = _grad_inputs(shape, dtype, be.device, seed=shape[1] % 997 + shape[0])
+    _check_ce_grad(be, z, lse, label, scale, f"{what} ce_grad")
+    _check_ce_grad_backward(be, u, z, lse, label, scale, f"{what} ce_grad_backward")
 
 
 # ------------------------------------------------------------------------------------------------

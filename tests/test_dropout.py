@@ -21,6 +21,7 @@ from conftest import (
     assert_close,
     requires_cuda,
     scaled_like_kernels,
+    sized_cases,
 )
 
 import dropreg_ext as dr
@@ -53,6 +54,20 @@ def test_backend_matches_reference(backend, dtype, n):
     y = run(backend, x, 0.3, rng)
     assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
     assert_bitwise_equal(y, R.dropout(x, 0.3, rng), f"{backend} {dtype} n={n}")
+
+
+# Past one resident wave of a grid-stride loop: on an H200 (132 SMs) the CUDA grid covers about 2^20
+# float32 elements per pass, so 2^25 + 3 takes ~32 passes and ends in a partial chunk. The CPU runs
+# 2^22 + 3 (the reference's int64 Philox costs seconds per 2^22 elements there).
+LARGE_N_CASES = sized_cases("dropout", {"cpu": [2**22 + 3], "cuda": [2**25 + 3], "triton-cuda": [2**25 + 3]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("be, n", LARGE_N_CASES)
+def test_large_tensor_matches_reference(be, n, dtype):
+    x = torch.randn(n, dtype=dtype, device=be.device)
+    rng = rng_for(n, be.device)
+    assert_bitwise_equal(run(be, x, 0.3, rng), R.dropout(x, 0.3, rng), f"{be} {dtype} n={n}")
 
 
 PROBS = [
@@ -204,7 +219,9 @@ def test_module_forward_backward(cpu_backend, dtype):
     """dr.Dropout in training mode: y = keep·x·scale, grad = keep·scale, per dtype."""
     dr.set_backend(cpu_backend.name)
     torch.manual_seed(4)
-    x = torch.randn(1000, dtype=dtype, requires_grad=True)
+    # Nonzero inputs, so that y != 0 is exactly the kept set (some torch versions' low-precision
+    # randn gives exact zeros).
+    x = (torch.rand(1000, dtype=dtype) + 0.5).requires_grad_()
     y = dr.Dropout(0.25)(x)
     keep = y != 0
     assert 0 < keep.sum() < x.numel()

@@ -200,6 +200,46 @@ def test_compile_regularized_step_matches_eager_and_warns_once():
     assert "DropoutRegularizer" in warned[0]
 
 
+@requires_cuda
+def test_compile_fullgraph_triton_backend_cuda(fresh_dynamo):
+    """The triton backend's ops are ``triton_op``s: on a GPU, torch.compile(fullgraph=True) traces
+    into their launchers (wrap_triton) instead of treating them as opaque. Dropout forward+backward,
+    cross-entropy with sampling and the site penalty with its backward, compiled vs eager on the
+    same RNG states: dropout, ŷ and the site-penalty backward bit for bit, the reductions to float32
+    rounding (inductor may lay the graph out differently around them)."""
+    if "triton" not in dr.ops.available_backends("cuda"):
+        pytest.skip("triton not available on cuda")
+    dr.set_backend("triton")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 33, device="cuda", generator=gen)
+    z = torch.randn(64, 3000, device="cuda", generator=gen)
+    t = torch.randint(0, 3000, (64,), device="cuda", generator=gen)
+    h, ge, gi = (torch.randn(70_000, device="cuda", generator=gen) for _ in range(3))
+    rngs = [dr.ops.make_rng("cuda", s) for s in (1, 2, 3)]
+
+    def f(x, z, h, ge, gi):
+        y = dr.ops.fused_dropout(x, 0.3, rngs[0])
+        loss, lse, yhat = dr.ops.cross_entropy_sample(z, t, rngs[1])
+        pen = dr.ops.site_penalty(h, ge, gi, 0.2, "rademacher", rngs[2])
+        return y, loss, lse, yhat, pen
+
+    def run(fn):
+        xl, hl = x.clone().requires_grad_(), h.clone().requires_grad_()
+        y, loss, lse, yhat, pen = fn(xl, z, hl, ge, gi)
+        gx, gh = torch.autograd.grad(y.sum() + pen.sum(), (xl, hl))  # the compiled backward, for compiled
+        return y, gx, loss, lse, yhat, pen, gh
+
+    compiled = run(torch.compile(f, fullgraph=True))
+    eager = run(f)
+    names = ("dropout", "dropout grad", "loss", "lse", "yhat", "site penalty", "site penalty grad")
+    for name, c, e in zip(names, compiled, eager):
+        if name in ("loss", "lse", "site penalty"):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert_bitwise_equal(c, e, f"{name}, compiled vs eager")
+    assert_bitwise_equal(eager[0], R.dropout(x, 0.3, rngs[0]), "dropout vs reference")
+
+
 # ------------------------------------------------------------------------------------------------
 # Mixed precision: autocast
 # ------------------------------------------------------------------------------------------------
@@ -443,6 +483,7 @@ def _op_workloads(device: str) -> dict:
     return {
         "functional.dropout": lambda: backward(dr.functional.dropout(x, 0.3)),
         "functional.dropout-inplace": lambda: dr.functional.dropout(x.detach().clone(), 0.3, inplace=True),
+        "functional.dropout-seed": lambda: backward(dr.functional.dropout(x, 0.3, seed=5)),
         "fused_dropout": with_rng(lambda rng: backward(dr.ops.fused_dropout(x, 0.3, rng))),
         "cross_entropy_sample": with_rng(lambda rng: backward(dr.ops.cross_entropy_sample(z, t, rng)[0])),
         "ce_grad": lambda: backward(dr.ops.ce_grad(z, torch.logsumexp(z.detach(), -1), t, scale)),
@@ -523,19 +564,30 @@ def _cuda_graph_capture(fn, warmups: int = 2):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_replays_draw_fresh_masks(backend):
+    """Each replay draws a fresh [seed, offset] on the device and its mask is the one the contract
+    gives for that state: the graph returns its rng too, and every replay's output is checked bit
+    for bit against the reference at the state that replay drew."""
     if backend not in dr.ops.available_backends("cuda"):
         pytest.skip(f"backend {backend} not available on cuda")
     dr.set_backend(backend)
     x = torch.randn(4096, device="cuda")
-    graph, out = _cuda_graph_capture(lambda: dr.functional.dropout(x, 0.5))
-    masks = []
-    for _ in range(3):
-        graph.replay()
-        masks.append(out == 0)
-    torch.cuda.synchronize()
+
+    def fn():
+        rng = dr.ops.make_rng("cuda")
+        return dr.ops.fused_dropout(x, 0.5, rng), rng, dr.functional.dropout(x, 0.5)
+
+    graph, (out, rng, out_functional) = _cuda_graph_capture(fn)
+    states, masks = [], []
     for i in range(3):
-        frac = masks[i].float().mean().item()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bitwise_equal(out, R.dropout(x, 0.5, rng), f"replay {i}: output vs reference at its rng")
+        states.append(tuple(rng.tolist()))
+        masks.append(out_functional == 0)
+        frac = masks[-1].float().mean().item()
         assert abs(frac - 0.5) < 0.05, f"replay {i}: fraction dropped {frac}"
+    assert len(set(states)) == 3, f"replays drew repeated rng states {states}"
+    for i in range(3):
         for j in range(i):
             assert not torch.equal(masks[i], masks[j]), f"replays {j} and {i} drew the same mask"
     torch.manual_seed(21)
@@ -546,8 +598,33 @@ def test_cuda_graph_replays_draw_fresh_masks(backend):
 
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_explicit_seed(backend):
+    """An explicit seed builds its state with fill kernels (no host-to-device copy): it can be
+    captured, no sync happens (sync debug mode "error"), and every replay gives that seed's mask."""
+    if backend not in dr.ops.available_backends("cuda"):
+        pytest.skip(f"backend {backend} not available on cuda")
+    dr.set_backend(backend)
+    x = torch.randn(4096, device="cuda")
+    expected = R.dropout(x, 0.5, torch.tensor([77, 0], device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = dr.functional.dropout(x, 0.5, seed=77)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_bitwise_equal(eager, expected, "eager, explicit seed")
+    graph, out = _cuda_graph_capture(lambda: dr.functional.dropout(x, 0.5, seed=77))
+    for i in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bitwise_equal(out, expected, f"replay {i}, explicit seed")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_cuda_graph_regularizer_ops_draw_fresh_noise(backend):
-    """The site noise and the Gumbel draw read rng in-kernel: replays see fresh values too."""
+    """The site noise and the Gumbel draw read rng in-kernel: each replay's values are the
+    reference's at the states that replay drew (returned by the graph), and differ across replays."""
     if backend not in dr.ops.available_backends("cuda"):
         pytest.skip(f"backend {backend} not available on cuda")
     dr.set_backend(backend)
@@ -556,16 +633,20 @@ def test_cuda_graph_regularizer_ops_draw_fresh_noise(backend):
     t = torch.randint(0, 50, (256,), device="cuda")
 
     def fn():
-        pen = dr.ops.site_penalty(h, h, h, 0.3, "rademacher", dr.ops.make_rng("cuda"))
-        _, _, yhat = dr.ops.cross_entropy_sample(z, t, dr.ops.make_rng("cuda"))
-        return pen, yhat
+        rng_site, rng_ce = dr.ops.make_rng("cuda"), dr.ops.make_rng("cuda")
+        pen = dr.ops.site_penalty(h, h, h, 0.3, "rademacher", rng_site)
+        _, _, yhat = dr.ops.cross_entropy_sample(z, t, rng_ce)
+        return pen, yhat, rng_site, rng_ce
 
-    graph, (pen, yhat) = _cuda_graph_capture(fn)
+    graph, (pen, yhat, rng_site, rng_ce) = _cuda_graph_capture(fn)
     seen = []
-    for _ in range(2):
+    for i in range(2):
         graph.replay()
+        torch.cuda.synchronize()
+        want = R.site_penalty(h, h, h, 0.3, "rademacher", rng_site)
+        torch.testing.assert_close(pen, want, rtol=1e-5, atol=1e-4, msg=lambda m, i=i: f"replay {i} penalty: {m}")
+        assert torch.equal(yhat, R.cross_entropy_sample(z, t, rng_ce)[2]), f"replay {i}: yhat vs reference"
         seen.append((pen.clone(), yhat.clone()))
-    torch.cuda.synchronize()
     assert seen[0][0][1] != seen[1][0][1], "implicit term: same noise in two replays"
     assert not torch.equal(seen[0][1], seen[1][1]), "yhat: same Gumbel draw in two replays"
     assert seen[0][0][0] == seen[1][0][0], "explicit term has no noise: equal across replays"

@@ -34,6 +34,7 @@ from conftest import (
     acc_eps,
     assert_bitwise_equal,
     assert_within,
+    assert_yhat_matches,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -240,23 +241,6 @@ def test_channel_and_locked_dropout_reject_bad_ranks(kind, rank):
 # ------------------------------------------------------------------------------------------------
 
 
-def _yhat_matches(yhat, yhat_ref, z, rng, what):
-    """ŷ equal to the reference's, except where the reference's two best Gumbel scores tie to
-    within 4 ulp (then the backend must have picked one of those two columns)."""
-    bad = (yhat != yhat_ref).nonzero().flatten().tolist()
-    if not bad:
-        return
-    acc = acc_dtype(z.dtype)
-    scores = z.to(acc) + R.gumbel_noise(rng, z.shape[0], z.shape[1]).to(acc)
-    eps = torch.finfo(acc).eps
-    for r in bad:
-        top = scores[r].double().topk(2)
-        gap = float(top.values[0] - top.values[1])
-        assert int(yhat[r]) in top.indices.tolist() and gap <= 4 * eps * max(1.0, abs(float(top.values[0]))), (
-            f"{what}: row {r}: yhat {int(yhat[r])} != reference {int(yhat_ref[r])} (gap {gap:.3g})"
-        )
-
-
 @FUZZ
 @given(n=st.integers(0, 6), c=st.integers(1, 9), dtype=dtypes, scale=st.sampled_from([0.0, 1e-3, 1.0, 20.0]),
        transposed=st.booleans(), ignore=st.lists(st.booleans(), min_size=6, max_size=6),
@@ -291,7 +275,7 @@ def test_cross_entropy_sample_and_ce_grad_vs_reference(n, c, dtype, scale, trans
         assert_within(lse, rlse, lse_bound, f"{what} lse")
         assert_within(loss, rloss, lse_bound, f"{what} loss")
         assert bool((loss[~valid] == 0).all()) and bool((yhat[~valid] == ignore_index).all())
-        _yhat_matches(yhat, ryhat, z, rng, what)
+        assert_yhat_matches(yhat, ryhat, z, rng, what)
         g = dr.ops.ce_grad(z, rlse, t, row_scale, ignore_index, backend=name)
         assert g.dtype == dtype and g.shape == z.shape
         assert_within(g, rgrad, grad_bound, f"{what} ce_grad")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, sized_cases
 
 import dropreg_ext as dr
 from dropreg_ext import reference as R
@@ -60,6 +60,23 @@ def test_backend_matches_reference_on_random_words(backend, n):
     out = dr.ops.philox(counter.to(backend.device), key.to(backend.device), backend=backend.name)
     assert_bitwise_equal(out.cpu(), expected, f"philox on {backend}")
     assert bool(((out >= 0) & (out <= MASK32)).all()), "outputs must be uint32 values"
+
+
+@pytest.mark.parametrize("be, n", sized_cases("philox", {"cuda": [2**29 + 3], "triton-cuda": [2**29 + 3]}))
+def test_raw_philox_past_2_29_rows(be, n):
+    """Row r's words sit at 4·r + j: past 2^29 rows that index passes 2^31 (int32 indexing would
+    wrap). The counters are the row numbers, so each row's expected output is computable alone;
+    the first and last 4096 rows are checked. Needs ~45 GB of device memory (counter, key, out)."""
+    if torch.cuda.mem_get_info()[0] < 48 * 2**30:
+        pytest.skip("needs 48 GiB of free device memory")
+    counter = torch.zeros((n, 4), dtype=torch.int64, device="cuda")
+    counter[:, 0] = torch.arange(n, device="cuda")
+    key = torch.full((n, 2), 7, dtype=torch.int64, device="cuda")
+    out = dr.ops.philox(counter, key, backend=be.name)
+    for rows in (slice(0, 4096), slice(n - 4096, n)):
+        assert_bitwise_equal(out[rows].cpu(), R.philox(counter[rows].cpu(), key[rows].cpu()), f"{be} rows {rows}")
+    del counter, key, out
+    torch.cuda.empty_cache()
 
 
 def test_philox_accepts_noncontiguous_rows(cpu_backend):

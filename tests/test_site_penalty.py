@@ -21,6 +21,7 @@ from conftest import (
     assert_bitwise_equal,
     assert_within,
     op_backends,
+    sized_cases,
 )
 
 import dropreg_ext as dr
@@ -158,6 +159,31 @@ def test_matches_reference(be, dtype, noise, shape):
     want = R.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng)
     for a, b, name in zip(got, want, ("dh", "dg_e", "dg_i")):
         assert_bitwise_equal(a, b, f"{what} {name}")
+
+
+# The forward's reduction with all its partial sums (CUDA: 1024 stage-1 blocks from n >= 2^22, each
+# thread over several chunks; CPU: 4096-element chunks, the last one partial) and the backward's
+# grid-stride loop past one resident wave (2^25 + 5).
+LARGE_N_CASES = sized_cases("site_penalty", {
+    "cpu": [2**22 + 4097],
+    "cuda": [2**22 + 4097, 2**25 + 5],
+    "triton-cuda": [2**22 + 4097, 2**25 + 5],
+})
+
+
+@pytest.mark.parametrize("be, n", LARGE_N_CASES)
+def test_large_site_matches_reference(be, n):
+    h, g_e, g_i, rng = _inputs((n,), torch.float32, be.device, n % 1009)
+    q, noise = 0.35, "dropout"
+    out = dr.ops.site_penalty(h, g_e, g_i, q, noise, rng, backend=be.name)
+    te, ti = _terms(h, g_e, g_i, q, noise, rng)
+    assert_within(out[0], te.sum(), _sum_bound(te, h.dtype), f"{be} n={n} explicit")
+    assert_within(out[1], ti.sum(), _sum_bound(ti, h.dtype), f"{be} n={n} implicit")
+    grad = torch.tensor([0.75, -1.25], device=be.device)
+    got = _ops(be)["site_penalty_backward"](grad, h, g_e, g_i, q, noise, rng)
+    want = R.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng)
+    for a, b, name in zip(got, want, ("dh", "dg_e", "dg_i")):
+        assert_bitwise_equal(a, b, f"{be} n={n} {name}")
 
 
 @pytest.mark.parametrize("noise", NOISES)

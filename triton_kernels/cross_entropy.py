@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._checks import FLOAT_DTYPES, check_float_tensor, check_rng
 from ..reference import STREAM_GUMBEL as _STREAM_GUMBEL
-from ._launch import kernel_launcher
+from ._launch import kernel_launcher, reduction_input
 from .philox import philox_tile
 from .rounding import round_to
 
@@ -64,6 +64,10 @@ def _cross_entropy_sample_kernel(
     acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
 
     m = tl.full((), float("-inf"), acc_dtype)
+    # A NaN anywhere makes the lse NaN and a +inf (without NaN) makes it +inf, as torch.logsumexp;
+    # the online sum below cannot tell (exp(inf - inf) is NaN), so these flags decide at the end.
+    has_nan = tl.zeros((), tl.int32)
+    has_pinf = tl.zeros((), tl.int32)
     sum_exp = tl.zeros((BLOCK_G, 4), acc_dtype)
     best = tl.full((BLOCK_G, 4), float("-inf"), acc_dtype)
     best_col = tl.zeros((BLOCK_G, 4), tl.int32)
@@ -74,6 +78,8 @@ def _cross_entropy_sample_kernel(
         mask = (col >= 0) & (col < n_cols)
         x = tl.load(z_row + col, mask=mask, other=float("-inf")).to(acc_dtype)
 
+        has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32)))
+        has_pinf = tl.maximum(has_pinf, tl.max((x == float("inf")).to(tl.int32)))
         m_new = tl.maximum(m, tl.max(x))
         # An all -inf prefix keeps m = -inf: shift by 0 there so exp never sees -inf - (-inf).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_dtype)
@@ -90,6 +96,8 @@ def _cross_entropy_sample_kernel(
 
     shift = tl.where(m == float("-inf"), 0.0, m).to(acc_dtype)
     lse = shift + tl.log(tl.sum(sum_exp))
+    lse = tl.where(has_pinf != 0, float("inf"), lse)
+    lse = tl.where(has_nan != 0, float("nan"), lse).to(acc_dtype)
 
     is_nan = best != best
     nan_col = tl.min(tl.where(is_nan, best_col, n_cols))
@@ -268,7 +276,7 @@ def cross_entropy_sample(
         return loss, lse, yhat
     if c == 0:
         raise ValueError("argument 'z' must have at least one class (C >= 1) to sample from, got C = 0")
-    z = _rows(z)
+    z = reduction_input(z)
     # Rows start at index r·C: unless C % 4 == 0 a row may straddle one extra Philox group.
     block = _block(c if c % 4 == 0 else c + 3)
     kernel_launcher(_cross_entropy_sample_kernel)[(n,)](
@@ -356,7 +364,7 @@ def ce_grad_backward(
         # ⟨p, u⟩ = 0 and no label can be valid (ignored rows give 0; others are out of range).
         bad = label != ignore_index
         return grad_z, torch.where(bad, float("nan"), 0.0).to(row_scale.dtype)
-    z, u = _rows(z), _rows(u)
+    z, u = reduction_input(z), reduction_input(u)
     block = _block(c)
     kernel_launcher(_ce_grad_backward_kernel)[(n,)](
         u,

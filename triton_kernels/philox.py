@@ -59,7 +59,7 @@ def philox_uint32(rng_ptr, stream, idx):
 
 @triton.jit
 def _philox_raw_kernel(counter_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # rows·4 passes 2^31 at 2^29 rows
     mask = rows < n
     c0 = tl.load(counter_ptr + rows * 4, mask=mask, other=0).to(tl.uint32)
     c1 = tl.load(counter_ptr + rows * 4 + 1, mask=mask, other=0).to(tl.uint32)

@@ -1,8 +1,14 @@
-"""Rounding to the output dtype, identical to the C++ kernels and the reference (round to nearest,
-ties to even) on every Triton backend."""
+"""Rounding identical to the C++ kernels and the reference on every Triton backend: to the output
+dtype (round to nearest, ties to even), and additions that are never fused into an FMA."""
+
+import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# Decided when the kernels are defined, as Triton decides whether @triton.jit interprets them.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -20,3 +26,18 @@ def round_to(v, dtype: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def add_rn(a, b):
+    """a + b rounded on its own (float32 or float64).
+
+    Triton's compiler contracts ``x * y + c`` into one FMA (``enable_fp_fusion`` is on by default),
+    which skips the rounding of the product that the reference and the C++/CUDA kernels
+    (``regularizer.h`` add_rn) do. libdevice's add_rn is never contracted; the interpreter has no
+    libdevice, but it computes with NumPy, which rounds every operation anyway.
+    """
+    if INTERPRETED:
+        return a + b
+    else:
+        return libdevice.add_rn(a, b)

@@ -22,9 +22,9 @@ import triton.language as tl
 from .._checks import check_float_tensor, check_rng
 from ..reference import NOISE_KINDS, dropout_threshold
 from ..reference import STREAM_SITE_NOISE as _STREAM_SITE_NOISE
-from ._launch import kernel_launcher
+from ._launch import kernel_launcher, reduction_input
 from .philox import philox_tile
-from .rounding import round_to
+from .rounding import add_rn, round_to
 
 STREAM_SITE_NOISE = tl.constexpr(_STREAM_SITE_NOISE)
 BLOCK_FORWARD = 4096
@@ -38,7 +38,9 @@ def _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER: tl.constexpr):
     -up (rademacher) or -1 (dropout). ``up`` is a scalar of the accumulation dtype."""
     bits = philox_tile(rng_ptr, STREAM_SITE_NOISE, group)
     up = tl.load(up_ptr)
-    down = -up if RADEMACHER else -1.0
+    # up·(-1), not -up: Triton 3.6 lowers negation to 0 - up, which turns up = +0 (q = 0) into +0
+    # where the reference's -a is -0.
+    down = up * -1.0 if RADEMACHER else -1.0
     return tl.where(bits.to(tl.int64) >= threshold, up, down).to(up.dtype)
 
 
@@ -126,13 +128,13 @@ def _site_penalty_backward_kernel(
     if HAS_GE:
         a = tl.load(grad_ptr).to(acc_dtype)
         g_e = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_dtype)
-        dh = dh + 2 * a * g_e * g_e * h
+        dh = add_rn(dh, 2 * a * g_e * g_e * h)
         tl.store(dge_ptr + offs, round_to(2 * a * g_e * h * h, dge_ptr.dtype.element_ty), mask=mask)
     if HAS_GI:
         b = tl.load(grad_ptr + 1).to(acc_dtype)
         g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_dtype)
         eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
-        dh = dh + b * g_i * eta
+        dh = add_rn(dh, b * g_i * eta)  # not an FMA: the product is rounded first, as in the reference
         tl.store(dgi_ptr + offs, round_to(b * eta * h, dgi_ptr.dtype.element_ty), mask=mask)
     tl.store(dh_ptr + offs, round_to(dh, dh_ptr.dtype.element_ty), mask=mask)
 
@@ -203,6 +205,7 @@ def site_penalty(
         rng: int64 [seed, offset] on h's device.
     """
     h, g_e, g_i, q = _check_site_args(h, g_e, g_i, q, noise, rng)
+    h, g_e, g_i = (None if t is None else reduction_input(t) for t in (h, g_e, g_i))
     acc = _acc_dtype(h.dtype)
     n = h.numel()
     if n == 0 or (g_e is None and g_i is None):

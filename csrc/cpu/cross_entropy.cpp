@@ -67,9 +67,13 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
       const bool valid = t != ignore_index;
       TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
                   ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
-      acc_t m = -kInf;  // running row max (online: the row is read once)
+      acc_t m = -kInf;  // running row max (online: the row is read once; NaN never wins it)
       bool finite = true;
-      acc_t sum = 0;    // Σ exp(z - m) so far
+      bool any_nan = false;  // a NaN makes the lse NaN, as in torch.logsumexp
+      // Σ exp(z - m) so far, in double: a float running sum over a 50k-class row would lose
+      // ~√C·u to rounding (the summands are float and exact in double, so this sum is exact to
+      // ~C·2^-53).
+      double sum = 0;
       ArgmaxState<acc_t> best = argmax_identity<acc_t>();
       acc_t bound = kInf;  // exp(m - S)·margin: +inf until a best score S exists
       const int64_t begin = r * C;
@@ -84,9 +88,10 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
           e[k] = x;
           block_max = x > block_max ? x : block_max;
           finite &= std::isfinite(x);
+          any_nan |= x != x;
         }
         if (block_max > m) {  // rescale what was summed so far to the new max
-          sum *= std::exp(m - block_max);
+          sum *= std::exp(static_cast<double>(m) - static_cast<double>(block_max));
           m = block_max;
           if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
         }
@@ -112,7 +117,8 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
         if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
       }
       // All -inf or a +inf: lse = m, as torch.logsumexp (exp(m - m) above would be NaN).
-      const acc_t lse = std::isinf(m) ? m : m + std::log(sum);
+      const acc_t lse = any_nan ? std::numeric_limits<acc_t>::quiet_NaN()
+                                : (std::isinf(m) ? m : static_cast<acc_t>(m + std::log(sum)));
       lse_out[r] = lse;
       loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
       yhat[r] = valid ? best.index : ignore_index;
@@ -169,13 +175,14 @@ void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* ls
                   ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
       const acc_t l = lse[r];
       const acc_t s = row_scale[r];
-      acc_t pu = 0;
+      double pu_sum = 0;  // ⟨p, u⟩ accumulated in double, as the lse's Σ exp above
       for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
         const int64_t n = std::min(kBlockElems, C - c0);
         for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
         cpu::vexp_inplace(p, n);
-        for (int64_t k = 0; k < n; ++k) pu += p[k] * static_cast<acc_t>(ur[c0 + k]);
+        for (int64_t k = 0; k < n; ++k) pu_sum += p[k] * static_cast<acc_t>(ur[c0 + k]);
       }
+      const acc_t pu = static_cast<acc_t>(pu_sum);
       for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
         const int64_t n = std::min(kBlockElems, C - c0);
         for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;

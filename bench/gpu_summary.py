@@ -1,0 +1,127 @@
+"""``python -m bench.gpu_summary DIR``: the one-screen summary of a ``bench/gpu_check.sh`` run.
+
+Reads what the script left in DIR: ``machine.txt`` (its first lines), ``stages.tsv`` (one row per
+stage and per test file: name, limit, seconds, exit status), ``junit/*.xml`` (one pytest process per
+test file) and ``bench-*/results.json`` (one benchmark section each). Prints the stage table, the
+test counts with the first failures, and for each benchmark section our backends' share of the
+copy bandwidth and their speedups over eager PyTorch and torch.compile; writes the same text to
+``DIR/summary.txt``. Needs no torch: it must also summarize a run on a machine where torch failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import xml.etree.ElementTree as ElementTree
+
+OURS = ("cuda", "triton", "cpu")
+MAX_FAILURES = 12
+
+
+def _status(rc: int) -> str:
+    return {0: "ok", 5: "no tests", 124: "TIMEOUT", 130: "TIMEOUT", -1: "skipped"}.get(rc, f"FAILED ({rc})")
+
+
+def stage_lines(folder: str) -> list:
+    path = os.path.join(folder, "stages.tsv")
+    if not os.path.exists(path):
+        return ["(no stages.tsv)"]
+    lines = [f"{'stage':<34} {'limit':>6} {'took':>6}  status"]
+    with open(path) as f:
+        for row in f:
+            name, limit, seconds, rc = row.rstrip("\n").split("\t")
+            lines.append(f"{name:<34} {limit + 's':>6} {seconds + 's':>6}  {_status(int(rc))}")
+    return lines
+
+
+def test_lines(folder: str) -> list:
+    """Per junit file: counts; then the first failing test ids with the first line of their message."""
+    lines, failures = [], []
+    total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for path in sorted(glob.glob(os.path.join(folder, "junit", "*.xml"))):
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as exc:
+            lines.append(f"{os.path.basename(path)}: unreadable ({exc})")
+            continue
+        suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in total}
+        for key in total:
+            total[key] += counts[key]
+        passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        lines.append(f"{os.path.basename(path)[:-4]:<40} {passed:5d} passed {counts['failures'] + counts['errors']:4d} "
+                     f"failed {counts['skipped']:5d} skipped")
+        for case in root.iter("testcase"):
+            for bad in list(case.findall("failure")) + list(case.findall("error")):
+                message = (bad.get("message") or bad.text or "").strip().splitlines()
+                failures.append(f"  {case.get('classname', '')}::{case.get('name', '')}: "
+                                f"{message[0][:150] if message else ''}")
+    passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    lines.append(f"{'all test files':<40} {passed:5d} passed {total['failures'] + total['errors']:4d} failed "
+                 f"{total['skipped']:5d} skipped")
+    if failures:
+        lines.append(f"first failures ({min(len(failures), MAX_FAILURES)} of {len(failures)}):")
+        lines += failures[:MAX_FAILURES]
+    return lines
+
+
+def _size(row: dict) -> str:
+    if row["section"] == "ce":
+        return f"{row['rows']}x{row['classes']}"
+    n = row["numel"]
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+def bench_lines(folder: str) -> list:
+    lines = []
+    for path in sorted(glob.glob(os.path.join(folder, "bench-*", "results.json"))):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        section = os.path.basename(os.path.dirname(path))
+        if section == "bench-train":
+            for r in rows:
+                vs_plain = f"  x reg_plain {r['speedup_vs_reg_plain']:.2f}" if "speedup_vs_reg_plain" in r else ""
+                lines.append(f"{section}: {r['case']:<12} {r['provider']:<10} {r['median_ms']:8.2f} ms/step  "
+                             f"x eager {r['speedup_vs_eager']:.2f}{vs_plain}")
+            continue
+        groups: dict = {}
+        for r in rows:
+            if r["provider"] in OURS:
+                groups.setdefault((r["dtype"], _size(r), r["provider"]), []).append(r)
+        for (dtype, size, provider), group in groups.items():
+            modes = "  ".join(f"{r['mode']} {r['pct_copy']:.0f}%" for r in group)
+            nan = float("nan")
+            speedups = "  ".join(
+                f"{r['mode']} x{r.get('speedup_vs_eager', nan):.2f}/x{r.get('speedup_vs_compile', nan):.2f}"
+                for r in group
+            )
+            lines.append(f"{section}: {dtype} {size} {provider:<7} of copy: {modes} | vs eager/compile: {speedups}")
+    return lines or ["(no benchmark results)"]
+
+
+def summary(folder: str) -> str:
+    parts = []
+    machine = os.path.join(folder, "machine.txt")
+    if os.path.exists(machine):
+        with open(machine) as f:
+            parts += [line.rstrip() for line in f.readlines()[:4]]
+    parts += [""] + stage_lines(folder) + [""] + test_lines(folder) + [""] + bench_lines(folder)
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not os.path.isdir(args[0]):
+        print("usage: python -m bench.gpu_summary DIR  (the folder a bench/gpu_check.sh run wrote)", file=sys.stderr)
+        return 2
+    text = summary(args[0])
+    with open(os.path.join(args[0], "summary.txt"), "w") as f:
+        f.write(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
