@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import textbook
 import torch
 from conftest import (
     CUDA_MARKS,
@@ -41,6 +42,16 @@ def run(backend, x, p, rng):
     return dr.ops.fused_dropout(x, p, rng, backend=backend.name)
 
 
+def expected(backend, x, p, rng):
+    """What ``backend`` must give: the reference's dropout, and for the reference backend itself the
+    textbook form (tests/textbook.py: counters built from the contract, the raw Philox)."""
+    return (textbook if backend.name == "reference" else R).dropout(x, p, rng)
+
+
+def expected_keep(backend, shape, p, rng):
+    return (textbook if backend.name == "reference" else R).dropout_keep(shape, p, rng).to(rng.device)
+
+
 # ------------------------------------------------------------------------------------------------
 # Every backend bit-identical to the reference
 # ------------------------------------------------------------------------------------------------
@@ -53,7 +64,7 @@ def test_backend_matches_reference(backend, dtype, n):
     rng = rng_for(2024 + n, backend.device)
     y = run(backend, x, 0.3, rng)
     assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
-    assert_bitwise_equal(y, R.dropout(x, 0.3, rng), f"{backend} {dtype} n={n}")
+    assert_bitwise_equal(y, expected(backend, x, 0.3, rng), f"{backend} {dtype} n={n}")
 
 
 # Past one resident wave of a grid-stride loop: on an H200 (132 SMs) the CUDA grid covers about 2^20
@@ -67,7 +78,7 @@ LARGE_N_CASES = sized_cases("dropout", {"cpu": [2**22 + 3], "cuda": [2**25 + 3],
 def test_large_tensor_matches_reference(be, n, dtype):
     x = torch.randn(n, dtype=dtype, device=be.device)
     rng = rng_for(n, be.device)
-    assert_bitwise_equal(run(be, x, 0.3, rng), R.dropout(x, 0.3, rng), f"{be} {dtype} n={n}")
+    assert_bitwise_equal(run(be, x, 0.3, rng), expected(be, x, 0.3, rng), f"{be} {dtype} n={n}")
 
 
 PROBS = [
@@ -85,7 +96,7 @@ PROBS = [
 def test_backend_matches_reference_over_p(backend, p):
     x = torch.randn(1031, dtype=torch.float32, device=backend.device)
     rng = rng_for(77, backend.device)
-    assert_bitwise_equal(run(backend, x, p, rng), R.dropout(x, p, rng), f"{backend} p={p}")
+    assert_bitwise_equal(run(backend, x, p, rng), expected(backend, x, p, rng), f"{backend} p={p}")
 
 
 LAYOUTS = {
@@ -105,8 +116,7 @@ def test_noncontiguous_input_uses_logical_index(backend, layout, dtype):
     assert not x.is_contiguous()
     rng = rng_for(5, backend.device)
     y = run(backend, x, 0.4, rng)
-    expected = R.dropout(x.contiguous(), 0.4, rng)
-    assert_bitwise_equal(y, expected, f"{backend} {layout}")
+    assert_bitwise_equal(y, expected(backend, x.contiguous(), 0.4, rng), f"{backend} {layout}")
     assert y.is_contiguous()
 
 
@@ -117,7 +127,7 @@ def test_multidim_shapes(backend, shape):
     x = torch.randn(shape, dtype=torch.float32, device=backend.device)
     rng = rng_for(11, backend.device)
     y = run(backend, x, 0.5, rng)
-    assert_bitwise_equal(y, R.dropout(x, 0.5, rng))
+    assert_bitwise_equal(y, expected(backend, x, 0.5, rng))
     # the mask depends on the row-major index only, not on the shape
     assert_bitwise_equal(y.flatten(), run(backend, x.flatten(), 0.5, rng))
 
@@ -130,11 +140,11 @@ def test_backward_regenerates_forward_mask(backend, dtype):
     rng = rng_for(31337, backend.device)
     y = run(backend, x, p, rng)
     y.sum().backward()
-    keep = R.dropout_keep(x.shape, p, rng)
+    keep = expected_keep(backend, x.shape, p, rng)
     assert_bitwise_equal(y != 0, keep, "forward mask")
     scale = scaled_like_kernels(torch.ones((), dtype=dtype, device=backend.device), p)
-    expected = torch.where(keep, scale, torch.zeros((), dtype=dtype, device=backend.device))
-    assert_bitwise_equal(x.grad, expected, "backward mask")
+    want = torch.where(keep, scale, torch.zeros((), dtype=dtype, device=backend.device))
+    assert_bitwise_equal(x.grad, want, "backward mask")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +181,7 @@ def test_kept_values_are_scaled_input(backend, dtype):
     x = torch.randn(4099, dtype=dtype, device=backend.device)
     rng = rng_for(9, backend.device)
     y = run(backend, x, p, rng)
-    keep = R.dropout_keep(x.shape, p, rng)
+    keep = expected_keep(backend, x.shape, p, rng)
     assert_bitwise_equal(y[keep], scaled_like_kernels(x, p)[keep], "kept values (dtype rule)")
     assert_close(y[keep], x[keep].double() / (1 - p), dtype, "kept values vs exact x/(1-p)")
     assert bool((y[~keep] == 0).all())
@@ -245,8 +255,8 @@ def test_inplace_writes_into_input_and_bumps_version(cpu_backend, contiguous):
     version = base._version
     y = dr.functional.dropout(x, 0.5, inplace=True, seed=17)
     assert y is x
-    expected = R.dropout(original if contiguous else original.t(), 0.5, rng_for(17))
-    assert_bitwise_equal(x.contiguous(), expected, "in-place result")
+    want = expected(cpu_backend, original if contiguous else original.t(), 0.5, rng_for(17))
+    assert_bitwise_equal(x.contiguous(), want, "in-place result")
     after = base._version
     assert after > version, f"an in-place write must bump the input's version counter ({version} -> {after})"
 
@@ -296,7 +306,7 @@ def test_inplace_autograd_through_non_leaf(cpu_backend, dtype):
     (y * w).sum().backward()
 
     x_ref = x.detach().clone().requires_grad_()
-    y_ref = R.dropout(x_ref * 2, 0.5, rng_for(9))
+    y_ref = expected(cpu_backend, x_ref * 2, 0.5, rng_for(9))
     (y_ref * w).sum().backward()
     assert_bitwise_equal(y.detach(), y_ref.detach(), "forward")
     assert_bitwise_equal(x.grad, x_ref.grad, "grad")
@@ -618,10 +628,10 @@ def test_rng_on_other_device_is_rejected():
 def test_cuda_matches_cpu_bit_for_bit(dtype):
     x = torch.randn(100_003, dtype=dtype)
     rng = rng_for(2**63 + 99)
-    expected = dr.ops.fused_dropout(x, 0.37, rng, backend="cpu" if dr._ext.HAS_CPU else "reference")
+    want = dr.ops.fused_dropout(x, 0.37, rng, backend="cpu" if dr._ext.HAS_CPU else "reference")
     for name in dr.ops.available_backends("cuda"):
         y = dr.ops.fused_dropout(x.cuda(), 0.37, rng.cuda(), backend=name)
-        assert_bitwise_equal(y.cpu(), expected, f"{name} on cuda")
+        assert_bitwise_equal(y.cpu(), want, f"{name} on cuda")
 
 
 @requires_cuda
