@@ -8,10 +8,11 @@ variant), may change it, and returns the loss function of a step. Both live in p
 runner, the table, the JSON and the plots pick it up.
 
 Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same with
-:func:`dropreg_ext.replace_dropout`), ``reg_plain`` (the objective J + Σ λ_i R_i + T of DESIGN.md §2,
-explicit="sampled" + implicit with Rademacher noise, in plain autograd: :func:`plain_objective`) and
-``reg_fused`` (the same objective by :class:`dropreg_ext.DropoutRegularizer`). Every model must
-therefore have a double backward: the LSTM is written in plain ops (:class:`LSTMLayer`).
+:func:`dropreg_ext.replace_dropout`), ``reg_plain`` (the objective J + Σ λ_i R_i + T of docs/design.md
+§2, explicit="sampled" + implicit with Rademacher noise, in plain autograd: the reference's
+``regularizer_objective``, tested against the fused one) and ``reg_fused`` (the same objective by
+:class:`dropreg_ext.DropoutRegularizer`). Every model must therefore have a double backward: the
+LSTM is the reproduction's layer in plain ops (``bench/repro/models.py::LSTMLayer``).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
 with plain SGD. Throughput is ``units_per_step / median step time`` (samples for the MLP, tokens
@@ -34,6 +35,7 @@ import dropreg_ext as dr
 
 from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, time_fns
+from .repro.models import LSTMLayer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,68 +59,25 @@ def mlp(in_features: int, hidden: int, classes: int) -> nn.Module:
     )
 
 
-class _Stack(torch.autograd.Function):
-    """``torch.stack(tensors, dim)`` with ``grad.unbind(dim)`` as its (differentiable) backward. Torch's
-    own stack backward selects each slice, and the double backward of T selects zero-fills and adds T
-    full-size tensors: O(T²) work per step of the regularized variants, which unbind's backward (one
-    stack) avoids."""
-
-    @staticmethod
-    def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:
-        ctx.dim = dim
-        return torch.stack(tensors, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:
-        return (None, *grad.unbind(ctx.dim))
-
-
-class LSTMLayer(nn.Module):
-    r"""One LSTM layer over a batch-first sequence, in plain torch ops, so that it has a double
-    backward (the regularized variants differentiate the model twice; cuDNN's fused ``nn.LSTM`` on
-    CUDA has no double backward). Gates in ``nn.LSTM``'s order and initialization::
-
-        [i f g o] = W_ih x_t + b + W_hh h_{t-1},   c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g),   h_t = σ(o) ⊙ tanh(c_t)
-
-    The input projection of all T steps is one matrix product; the loop does one ``addmm`` per step.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
-        self.bias = nn.Parameter(torch.empty(4 * hidden_size))
-        bound = 1.0 / math.sqrt(hidden_size)
-        for w in self.parameters():
-            nn.init.uniform_(w, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = c = x.new_zeros(x.shape[0], self.hidden_size)
-        w_hh = self.weight_hh.t()
-        outputs = []
-        # unbind, not xw[:, t]: its backward is one stack, not T zero-filled copies
-        for xw_t in F.linear(x, self.weight_ih, self.bias).unbind(1):
-            i, f, g, o = torch.addmm(xw_t, h, w_hh).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        return _Stack.apply(1, *outputs)
-
-
 class LSTMLanguageModel(nn.Module):
-    """embedding -> dropout -> (:class:`LSTMLayer` -> dropout) x layers -> Linear over the vocabulary:
-    dropout on every non-recurrent connection (Zaremba et al.), batch-first tokens."""
+    """embedding -> dropout -> (:class:`~bench.repro.models.LSTMLayer` -> dropout) x layers -> Linear
+    over the vocabulary: dropout on every non-recurrent connection (Zaremba et al.), batch-first
+    tokens. The LSTM is the reproduction's layer in plain ops, which has a double backward (cuDNN's
+    fused ``nn.LSTM`` on CUDA has none, and the regularized variants differentiate twice)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, p: float = 0.5) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.drop_in = nn.Dropout(p)
-        self.lstm = nn.Sequential(*(m for _ in range(layers) for m in (LSTMLayer(dim, dim), nn.Dropout(p))))
+        self.layers = nn.ModuleList(LSTMLayer(dim, dim) for _ in range(layers))
+        self.drops = nn.ModuleList(nn.Dropout(p) for _ in range(layers))
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(self.drop_in(self.embed(tokens))))
+        x = self.drop_in(self.embed(tokens)).transpose(0, 1)  # (T, B, dim): the layer is time-major
+        for layer, drop in zip(self.layers, self.drops):
+            x = drop(layer(x)[0])
+        return self.head(x.transpose(0, 1))
 
 
 class TransformerBlock(nn.Module):
@@ -272,64 +231,19 @@ def _regularized_fused(model: nn.Module) -> LossFn:
     return loss_fn
 
 
-class SiteRecorder(nn.Module):
-    """Stands in for an ``nn.Dropout`` under :func:`plain_objective`: it does not drop, but passes h
-    through a fresh autograd node ``o = h.view_as(h)`` (a leaf when h needs no gradient) and appends
-    ``(h, o, p)`` to the shared list ``sites``, so that gradients w.r.t. o are taken *at the site*."""
-
-    def __init__(self, p: float, sites: list) -> None:
-        super().__init__()
-        self.p = p
-        self.sites = sites
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        o = h.view_as(h) if h.requires_grad else h.detach().requires_grad_()
-        self.sites.append((h, o, self.p))
-        return o
-
-
-def plain_objective(logits: torch.Tensor, target: torch.Tensor, sites: list) -> torch.Tensor:
-    """``J + Σ_i λ_i R_i + T`` of DESIGN.md §2 (explicit="sampled", implicit, Rademacher noise) in plain
-    autograd, the baseline of the fused regularizer::
-
-        J = CE(z, y) (mean),   ŷ ~ softmax(z) (detached),   g_e = ∂ Σ_r CE(z_r, ŷ_r) / ∂o,   g_i = ∂J / ∂o
-        R_i = λ_i Σ (g_e ⊙ h)² / N,   λ_i = ½ q/(1-q),   T = Σ_i Σ g_i ⊙ η ⊙ h,   η = ±sqrt(q/(1-q))
-
-    both gradients with ``create_graph=True``, so that ``backward()`` differentiates through them.
-    """
-    z = logits.reshape(-1, logits.shape[-1])
-    y = target.reshape(-1)
-    J = F.cross_entropy(z, y)
-    yhat = torch.multinomial(torch.softmax(z.detach(), dim=-1), 1).squeeze(1)
-    outs = [o for _, o, _ in sites]
-    g_e = torch.autograd.grad(F.cross_entropy(z, yhat, reduction="sum"), outs, create_graph=True)
-    g_i = torch.autograd.grad(J, outs, create_graph=True)
-    explicit = implicit = J.new_zeros(())
-    for (h, _, q), ge, gi in zip(sites, g_e, g_i):
-        sign = torch.randint(0, 2, h.shape, device=h.device, dtype=h.dtype) * 2 - 1
-        eta = sign * math.sqrt(q / (1 - q))
-        explicit = explicit + 0.5 * q / (1 - q) * ((ge * h) ** 2).sum()
-        implicit = implicit + (gi * eta * h).sum()
-    sites.clear()
-    return J + explicit / z.shape[0] + implicit
-
-
 def _regularized_plain(model: nn.Module) -> LossFn:
-    """The same objective as :func:`_regularized_fused`, by :func:`plain_objective`: every
-    ``nn.Dropout`` of the model becomes a :class:`SiteRecorder`."""
-    sites: list = []
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, SiteRecorder(child.p, sites))
-                count += 1
-    if count == 0:
+    """The same objective as :func:`_regularized_fused` in plain autograd:
+    :func:`dropreg_ext.reference.regularizer_objective` on the sites of
+    :func:`dropreg_ext.record_sites` (the mechanism ``DropoutRegularizer.capture`` uses), with ŷ by
+    ``torch.multinomial`` and η by ``torch.randint``: the authors' way of writing it."""
+    if dr.replace_dropout(model) == 0:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        sites.clear()
-        return plain_objective(model(inputs), target, sites)
+        with dr.record_sites(model) as sites:
+            logits = model(inputs)
+        J, explicit, implicit, _ = dr.reference.regularizer_objective(logits, target, sites)
+        return J + explicit + implicit
 
     return loss_fn
 

@@ -5,18 +5,10 @@
     >>> dr.set_backend("triton")                  # or "auto" | "cuda" | "cpu" | "reference"
 """
 
-from . import _ext, functional, ops, reference
-from .nn import (
-    Dropout,
-    Dropout1d,
-    Dropout2d,
-    Dropout3d,
-    DropoutRegularizer,
-    LockedDropout,
-    k_sample_loss,
-    replace_dropout,
-)
-from .ops import get_backend, set_backend, use_backend
+from . import _ext, backends, functional, nn, ops, reference, regularizer
+from .backends import get_backend, set_backend, use_backend
+from .nn import Dropout, Dropout1d, Dropout2d, Dropout3d, LockedDropout, record_sites, replace_dropout
+from .regularizer import DropoutRegularizer, k_sample_loss
 
 __version__ = "0.1.0"
 
@@ -27,10 +19,14 @@ __all__ = [
     "Dropout3d",
     "LockedDropout",
     "replace_dropout",
+    "record_sites",
     "DropoutRegularizer",
     "k_sample_loss",
     "functional",
     "ops",
+    "backends",
+    "nn",
+    "regularizer",
     "reference",
     "set_backend",
     "get_backend",

@@ -1,18 +1,16 @@
-"""Modules and training objectives: :class:`Dropout`, :func:`replace_dropout`,
-:class:`DropoutRegularizer` (dropout's explicit and implicit regularizers) and
-:func:`k_sample_loss` (DROPOUT_k)."""
+"""The fused dropout modules (:class:`Dropout`, :class:`Dropout1d`/``2d``/``3d``,
+:class:`LockedDropout`), :func:`replace_dropout`, and :func:`record_sites`: how a forward pass turns
+the modules into the *sites* of dropout's regularizers (used by
+:class:`dropreg_ext.DropoutRegularizer` and by the plain-autograd objective of the reference)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from . import functional, ops
+from . import backends, functional
 from ._checks import check_prob
 
 __all__ = [
@@ -22,22 +20,20 @@ __all__ = [
     "Dropout3d",
     "LockedDropout",
     "replace_dropout",
-    "DropoutRegularizer",
-    "k_sample_loss",
+    "Site",
+    "record_sites",
 ]
-
-# The DropoutRegularizer whose capture() is active (at most one at a time).
-_active_capture: Optional["DropoutRegularizer"] = None
 
 
 class _FusedDropout:
-    """Forward shared by the fused dropout modules: inside a DropoutRegularizer capture the call is a
-    site (input passed through and recorded), otherwise the module's own dropout (``_drop``)."""
+    """Forward shared by the fused dropout modules: while :func:`record_sites` records this module's
+    model, the call is a site (input passed through and recorded), otherwise the module's own
+    dropout (``_drop``)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        reg = _active_capture
-        if reg is not None and reg._is_site(self):
-            return reg._record_site(input, self.p)
+        recording = _recording
+        if recording is not None and recording.is_site(self):
+            return recording.record(input, self.p)
         return self._drop(input)
 
 
@@ -69,10 +65,10 @@ class Dropout(_FusedDropout, torch.nn.Dropout):
         super().__init__(check_prob(p, "p"), inplace)
 
     def _drop(self, input: torch.Tensor) -> torch.Tensor:
-        return ops.dropout(input, self.p, self.training, self.inplace)
+        return functional.dropout(input, self.p, self.training, self.inplace)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}, backend={ops.get_backend()}"
+        return f"p={self.p}, inplace={self.inplace}, backend={backends.get_backend()}"
 
 
 class _ChannelDropout(_FusedDropout):
@@ -87,12 +83,12 @@ class _ChannelDropout(_FusedDropout):
         return type(self)._functional(input, self.p, self.training, self.inplace)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}, backend={ops.get_backend()}"
+        return f"p={self.p}, inplace={self.inplace}, backend={backends.get_backend()}"
 
 
 class Dropout1d(_ChannelDropout, torch.nn.Dropout1d):
     """Drop-in :class:`torch.nn.Dropout1d`: zeroes whole channels of (N, C, L) / (C, L) inputs with a
-    mask of shape (N, C, 1) drawn by the Philox contract (:func:`ops.broadcast_dropout`)."""
+    mask of shape (N, C, 1) drawn by the Philox contract (:func:`functional.broadcast_dropout`)."""
 
     _functional = staticmethod(functional.dropout1d)
 
@@ -135,7 +131,7 @@ class LockedDropout(_FusedDropout, torch.nn.Module):
         return functional.locked_dropout(input, self.p, self.training, self.batch_first)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, batch_first={self.batch_first}, backend={ops.get_backend()}"
+        return f"p={self.p}, batch_first={self.batch_first}, backend={backends.get_backend()}"
 
 
 
@@ -179,137 +175,26 @@ _REPLACEMENTS = {
 }
 
 
-_compile_warned = False
+class Site(NamedTuple):
+    """One call of a fused dropout module under :func:`record_sites`."""
 
-
-def _warn_compile_once() -> None:
-    global _compile_warned
-    if not _compile_warned:
-        _compile_warned = True
-        warnings.warn(
-            "dropreg_ext.DropoutRegularizer under torch.compile: the model is compiled, but each dropout "
-            "site and the objective (which needs torch.autograd.grad(create_graph=True), not traced by "
-            "dynamo) run eagerly, with graph breaks there; results are those of eager mode.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-@dataclass
-class _Site:
     h: torch.Tensor  # the activation entering the dropout module
-    o: torch.Tensor  # h passed through a fresh autograd node: gradients "at the site"
+    o: torch.Tensor  # h through a fresh identity node, which the model continued from
     q: float  # drop probability
     version: int  # h._version when recorded: an in-place change afterwards would alter the terms
 
 
-class DropoutRegularizer:
-    r"""Dropout's explicit and implicit regularization effects as analytic terms
-    (Wei, Kakade & Ma, ICML 2020), computed with fused kernels.
+class _Recording:
+    def __init__(self, modules) -> None:
+        self.modules = {id(m) for m in modules}
+        self.sites: list = []
 
-    Inside :meth:`capture`, every fused dropout module of ``model`` (:class:`Dropout`, the channel
-    and locked variants) that is in training mode is a *site* i: it does not drop, but passes its
-    input h_i through a fresh autograd node o_i and records it (a module called T times, e.g. in a
-    recurrent loop, gives T sites; the terms treat every element of a site as independent, as the
-    authors' code does for locked dropout). :meth:`loss` then returns, for logits z with rows r
-    (N_eff rows not ignored)::
+    def is_site(self, module: torch.nn.Module) -> bool:
+        return module.training and module.p > 0 and torch.is_grad_enabled() and id(module) in self.modules
 
-        loss = J + Σ_i λ_i R_i + T,    J = (1/N_eff) Σ_r CE(z_r, y_r),    λ_i = scale · ½ · q_i/(1-q_i)
-
-    - explicit ``"sampled"`` (the paper's R_approx): ŷ_r ~ softmax(z_r) (no gradient through the
-      draw), g_i = ∂[Σ_r CE(z_r, ŷ_r)]/∂o_i, R_i = (1/N_eff) Σ (g_i ⊙ h_i)². Unbiased for
-      (1/N_eff) Σ_r ⟨diag(J_iᵀ H_out J_i), h_i²⟩ with H_out = diag(p) - ppᵀ.
-      ``"true"`` (the paper's R̃): the same with ŷ = y. ``None``: no explicit term.
-    - implicit (the paper's ξ_approx): T = noise_scale · Σ_i ⟨∂J/∂o_i, η_i ⊙ h_i⟩ with fresh noise
-      η_i of variance q_i/(1-q_i) (``"rademacher"``: ±sqrt(q/(1-q)); ``"dropout"``: m/(1-q) - 1).
-      Its value is zero-mean noise; its gradient is the injected noise.
-
-    One ``loss.backward()`` gives the paper's update (a double backward through the model).
-
-    How the work is fused: one pass over the logits gives J, the log-sum-exp and ŷ
-    (:func:`ops.cross_entropy_sample`); one pass builds each cotangent softmax(z) - onehot(·)
-    (:func:`ops.ce_grad`); the gradients at all sites come from one ``autograd.grad`` call per
-    cotangent — a single one for ``explicit="true"`` with ``implicit``, whose two cotangents are
-    proportional; each site's two terms come from one pass over (h, g_e, g_i) with η drawn
-    in-kernel (:func:`ops.site_penalty`).
-
-    Args:
-        model: the module whose :class:`Dropout` layers become sites.
-        explicit: ``"sampled"``, ``"true"`` or ``None``.
-        implicit: add the implicit noise term T.
-        noise: ``"rademacher"`` or ``"dropout"``.
-        scale: multiplier of the Taylor coefficient λ_i (1 = the paper's coefficient).
-        noise_scale: multiplier of T (e.g. sqrt(1 - 1/k) on top of DROPOUT_k).
-
-    Shape:
-        logits (..., C), target (...) integer class indices.
-
-    Example::
-
-        >>> reg = DropoutRegularizer(model, explicit="sampled", implicit=True)
-        >>> with reg.capture():
-        ...     logits = model(x)
-        >>> loss = reg.loss(logits, y)
-        >>> loss.backward()
-        >>> reg.last   # {"loss": J, "explicit": Σ λ_i R_i, "implicit": T}
-    """
-
-    EXPLICIT = ("sampled", "true", None)
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        explicit: Optional[str] = "sampled",
-        implicit: bool = True,
-        noise: str = "rademacher",
-        scale: float = 1.0,
-        noise_scale: float = 1.0,
-    ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-        if explicit not in self.EXPLICIT:
-            raise ValueError(f"argument 'explicit' must be one of {self.EXPLICIT}, got {explicit!r}")
-        if not isinstance(implicit, bool):
-            raise TypeError(f"argument 'implicit' must be a bool, got {type(implicit).__name__}")
-        if noise not in ("rademacher", "dropout"):
-            raise ValueError(f"argument 'noise' must be 'rademacher' or 'dropout', got {noise!r}")
-        for name, value in (("scale", scale), ("noise_scale", noise_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"argument '{name}' must be a finite number >= 0, got {value!r}")
-        self.model = model
-        self.explicit = explicit
-        self.implicit = implicit
-        self.noise = noise
-        self.scale = float(scale)
-        self.noise_scale = float(noise_scale)
-        self.last: Optional[dict] = None
-        self._sites: Optional[list] = None
-        self._modules: set = set()
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator["DropoutRegularizer"]:
-        """Record the dropout sites of one forward pass of the model (see the class docstring).
-
-        Under ``torch.no_grad()`` (evaluation) nothing is recorded and the model runs as usual.
-        """
-        global _active_capture
-        if _active_capture is not None:
-            raise RuntimeError("a DropoutRegularizer capture is already active; captures cannot be nested")
-        self._modules = {id(m) for m in self.model.modules() if isinstance(m, _FusedDropout)}
-        self._sites = []
-        _active_capture = self
-        try:
-            yield self
-        finally:
-            _active_capture = None
-
-    def _is_site(self, module: torch.nn.Module) -> bool:
-        return module.training and module.p > 0 and torch.is_grad_enabled() and id(module) in self._modules
-
-    # Under torch.compile the site bookkeeping and the objective (autograd.grad with create_graph,
-    # which dynamo does not trace) run eagerly: graph breaks instead of silently lost sites.
+    # Under torch.compile the site bookkeeping runs eagerly (a graph break), not silently lost.
     @torch.compiler.disable
-    def _record_site(self, h: torch.Tensor, q: float) -> torch.Tensor:
+    def record(self, h: torch.Tensor, q: float) -> torch.Tensor:
         if q >= 1.0:
             raise ValueError(
                 "a Dropout with p = 1 cannot be a regularizer site: its coefficient q/(1-q) is infinite"
@@ -317,144 +202,32 @@ class DropoutRegularizer:
         # view_as gives a fresh autograd node, so d(.)/d o is the gradient at the site only (not
         # through skip paths). An input that needs no gradient gets a leaf of its own.
         o = h.view_as(h) if h.requires_grad else h.detach().requires_grad_()
-        self._sites.append(_Site(h=h, o=o, q=q, version=h._version))
+        self.sites.append(Site(h=h, o=o, q=q, version=h._version))
         return o
 
-    def _take_sites(self) -> list:
-        if self._sites is None:
-            raise RuntimeError(
-                "DropoutRegularizer.loss() needs a forward pass inside `with reg.capture():` first "
-                "(each capture is consumed by one loss() call)"
-            )
-        sites, self._sites = self._sites, None
-        return sites
 
-    @torch.compiler.disable
-    def terms(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> tuple:
-        """(J, Σ_i λ_i R_i, T) as tensors with their graphs, for the last captured forward."""
-        sites = self._take_sites()
-        for site in sites:
-            if site.h._version != site.version:
-                raise RuntimeError(
-                    "a dropout site's input was modified in place after the site was recorded (e.g. by an "
-                    "in-place activation such as ReLU(inplace=True) after the dropout): the regularizer needs "
-                    "the original values; use the out-of-place op"
-                )
-        if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
-            raise ValueError("argument 'logits' must be a tensor of shape (..., C) with C >= 1")
-        if not isinstance(target, torch.Tensor) or target.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"argument 'target' must have the logits' leading shape {tuple(logits.shape[:-1])}, "
-                f"got {tuple(getattr(target, 'shape', ()))}"
-            )
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"argument 'target' must be an integer tensor of class indices, got {target.dtype}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
-        num_classes = logits.shape[-1]
-        z = logits.reshape(-1, num_classes)
-        t = target.reshape(-1).to(torch.int64)
-        loss_rows, lse, yhat = ops.cross_entropy_sample(z, t, ops.make_rng(z.device), ignore_index)
-        n_eff = (t != ignore_index).sum().clamp_min(1).to(lse.dtype)
-        J = loss_rows.sum() / n_eff
-        zero = J.new_zeros(())
-        sites = [s for s in sites if s.q > 0]
-        if not sites or not torch.is_grad_enabled() or (self.explicit is None and not self.implicit):
-            return J, zero, zero
-
-        lse = lse.detach()
-        ones = torch.ones_like(lse)
-        outs = [s.o for s in sites]
-
-        def site_grads(label: torch.Tensor, row_scale: torch.Tensor, skip: int = ignore_index) -> tuple:
-            cotangent = ops.ce_grad(z, lse, label, row_scale, skip)
-            return torch.autograd.grad(z, outs, cotangent, create_graph=True, allow_unused=True)
-
-        g_e = g_i = [None] * len(sites)
-        if self.explicit is not None:
-            # ŷ may equal ignore_index when that is a real class: mark excluded rows by the target
-            # instead, with a label that is never a class.
-            label = torch.where(t != ignore_index, yhat, -1) if self.explicit == "sampled" else t
-            g_e = site_grads(label, ones, -1 if self.explicit == "sampled" else ignore_index)
-        if self.implicit:
-            if self.explicit == "true":  # ∂J/∂o_i = g_e / N_eff: no second backward pass
-                g_i = [g / n_eff if g is not None else None for g in g_e]
-            else:
-                g_i = site_grads(t, ones / n_eff)
-
-        # Site i draws its noise at offset + 4·i: distinct counters for every site and stream
-        # (built on the device: no host-to-device copy).
-        base = ops.make_rng(z.device)
-        offsets = base[1] + 4 * torch.arange(len(sites), device=z.device, dtype=torch.int64)
-        rngs = torch.stack([base[0].expand(len(sites)), offsets], dim=1)
-        explicit = implicit = zero
-        for i, site in enumerate(sites):
-            if g_e[i] is None and g_i[i] is None:
-                continue  # the logits do not depend on this site
-            pen = ops.site_penalty(site.h, g_e[i], g_i[i], site.q, self.noise, rngs[i])
-            lam = self.scale * 0.5 * site.q / (1.0 - site.q)
-            explicit = explicit + lam * pen[0]
-            implicit = implicit + pen[1]
-        return J, explicit / n_eff, self.noise_scale * implicit
-
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """``J + Σ_i λ_i R_i + T`` for the last captured forward, ready for ``backward()``.
-
-        Args:
-            logits: (..., C) model output of the captured forward.
-            target: (...) integer class indices (``ignore_index`` rows are excluded).
-            ignore_index: target value of rows to ignore.
-
-        Sets :attr:`last` to ``{"loss": J, "explicit": Σ λ_i R_i, "implicit": T}`` (detached).
-        """
-        if torch.compiler.is_compiling():
-            _warn_compile_once()
-        J, explicit, implicit = self.terms(logits, target, ignore_index)
-        self.last = {"loss": J.detach(), "explicit": explicit.detach(), "implicit": implicit.detach()}
-        return J + explicit + implicit
+# The recording in progress (at most one at a time).
+_recording: Optional[_Recording] = None
 
 
-def k_sample_loss(
-    model: torch.nn.Module,
-    x,
-    target: torch.Tensor,
-    k: int,
-    loss_fn: Optional[Callable] = None,
-    *,
-    implicit_correction: bool = False,
-    noise: str = "rademacher",
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """DROPOUT_k: the loss averaged over k independent dropout masks, (1/k) Σ_j ℓ(F(x, η_j), y);
-    its gradient noise has covariance Cov(ξ_drop)/k.
+@contextlib.contextmanager
+def record_sites(model: torch.nn.Module) -> Iterator[list]:
+    """Record the dropout sites of the forward passes run inside the block; yields the list of
+    :class:`Site` it fills.
 
-    Args:
-        model: a model in training mode with dropout layers.
-        x: the model input (called as ``model(x)``).
-        target: the targets for ``loss_fn``.
-        k: number of masks (int >= 1).
-        loss_fn: ``loss_fn(output, target) -> scalar``; default: cross-entropy over the last dim
-            with ``ignore_index``.
-        implicit_correction: add sqrt(1 - 1/k) · ξ_approx (the paper's DROPOUT_k + ξ): the implicit
-            term T of :class:`DropoutRegularizer` from one extra forward without dropout, scaled by
-            sqrt(1 - 1/k), which restores DROPOUT_1's gradient-noise level.
-        noise: noise kind of the correction, ``"rademacher"`` or ``"dropout"``.
-        ignore_index: target value of ignored rows (default loss and correction).
-
-    The k forward graphs stay alive together until ``backward()``.
+    Every fused dropout module of ``model`` that is in training mode, has ``p > 0`` and runs with
+    gradients enabled is a *site*: it does not drop, but returns its input h through a fresh
+    identity node o (``h.view_as(h)``, or a leaf when h needs no gradient) and records (h, o, q). A
+    module called T times (a recurrent loop) gives T sites. Gradients with respect to o are the
+    gradients *at the site*, not the total gradient of h (which would include skip paths).
+    Recordings cannot be nested.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"argument 'k' must be an int >= 1, got {k!r}")
-    if loss_fn is None:
-        def loss_fn(out, tgt):
-            return torch.nn.functional.cross_entropy(
-                out.reshape(-1, out.shape[-1]), tgt.reshape(-1), ignore_index=ignore_index
-            )
-    loss = torch.stack([loss_fn(model(x), target) for _ in range(k)]).mean()
-    if implicit_correction and k > 1:
-        reg = DropoutRegularizer(model, explicit=None, implicit=True, noise=noise, noise_scale=math.sqrt(1 - 1 / k))
-        with reg.capture():
-            logits = model(x)
-        _, _, implicit = reg.terms(logits, target, ignore_index)
-        loss = loss + implicit
-    return loss
+    global _recording
+    if _recording is not None:
+        raise RuntimeError("a DropoutRegularizer capture is already active; captures cannot be nested")
+    recording = _Recording(m for m in model.modules() if isinstance(m, _FusedDropout))
+    _recording = recording
+    try:
+        yield recording.sites
+    finally:
+        _recording = None

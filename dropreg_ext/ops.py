@@ -1,35 +1,63 @@
-"""Public functional ops: backend choice, the registered ops (fake kernels and autograd), and the
-user-facing ``dropout``.
+"""The fused ops: one registered ``torch.library`` op per backend, and their public wrappers.
 
-Every op exists once per backend as a registered ``torch.library`` op, so ``torch.compile`` traces
-it without graph breaks and ``torch.library.opcheck`` can test it:
+Every op exists once per backend, so ``torch.compile`` traces it without graph breaks and
+``torch.library.opcheck`` can test it: ``dropreg::<op>`` (C++, the ``cpu`` and ``cuda`` backends,
+schemas in ``csrc/ops.cpp``), ``dropreg::<op>_triton`` (``triton_kernels/<file>.py``, a
+``triton_op`` where the kernels compile, a plain custom op under ``TRITON_INTERPRET=1``) and
+``dropreg::<op>_reference`` (``reference.py``):
 
-===============================  =====================  ======================================
-op                               backend                implementation
-===============================  =====================  ======================================
-``dropreg::dropout``             ``cpu`` / ``cuda``     ``csrc/cpu/dropout.cpp``, ``csrc/cuda/dropout.cu``
-``dropreg::dropout_triton``      ``triton``             ``triton_kernels/dropout.py``
-``dropreg::dropout_reference``   ``reference``          ``reference.dropout``
-``dropreg::philox`` (+ twins)    all                    raw Philox4x32-10 (known-answer tests)
-===============================  =====================  ======================================
+=========================  ==============================================  ============================
+op                         computes                                        kernels (C++ / Triton)
+=========================  ==============================================  ============================
+``dropout``                m ⊙ x / (1 - p), m from the Philox mask stream  ``dropout.cpp/.cu/.py``
+``dropout_`` (C++ only)    the same, written into x                        ``dropout.cpp/.cu``
+``philox``                 raw Philox4x32-10 (known-answer tests)          ``philox.cpp/.cu/.py``
+``cross_entropy_sample``   loss, log-sum-exp, ŷ ~ softmax(z) in one pass   ``cross_entropy.*``
+``ce_grad``                row_scale ⊙ (softmax(z) - onehot(label))        ``cross_entropy.*``
+``ce_grad_backward``       its VJP (for create_graph graphs)               ``cross_entropy.*``
+``site_penalty``           [Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h]                   ``site_penalty.*``
+``site_penalty_backward``  its gradients (η regenerated)                   ``site_penalty.*``
+=========================  ==============================================  ============================
 
-RNG state: each call takes ``rng``, an int64 tensor ``[seed, offset]`` on the input's device (see
-``reference.py`` for the counter layout). :func:`make_rng` draws it from torch's generator of that
+Each op has one section below with everything Python knows about it: the signature of the Python
+backends' ops (``torch.library`` infers their schema from its annotations), the fake kernel, the
+argument checks, the autograd formula (written with the same backend's ops, so a backward runs on
+the backend of its forward) and the public wrapper; one loop at the end registers them for every
+backend. Adding an op: one section here, its kernels, a schema in ``csrc/ops.cpp``.
+
+Checks: one function per op, read metadata only (no host sync). The public wrapper runs it before
+the registered op (so torch.compile traces it, and a list passed as a tensor is named before the
+schema rejects it), and a Python backend's op runs it again in its body, so that a direct call of
+``torch.ops.dropreg.<op>_triton`` / ``_reference`` is checked too; the launchers check nothing. The
+C++ ops check in their own layer (``csrc/include/*_host.h``, shared by the CPU and CUDA kernels).
+
+RNG state: each call takes ``rng``, an int64 tensor ``[seed, offset]`` on the input's device (the
+counter layout is in ``reference.py``). :func:`make_rng` draws it from torch's generator of that
 device, so ``torch.manual_seed`` reproduces a run, or builds ``[seed, 0]`` from an explicit seed.
 The kernels read it themselves: no host sync, and backward regenerates the mask from it instead of
-saving one — the only tensor saved for backward is ``rng`` (2 elements).
+saving one: the only tensor saved for dropout's backward is ``rng`` (2 elements).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import os
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import _ext, reference
 from ._checks import check_float_tensor, check_philox_args, check_prob, check_rng, check_seed
+from .backends import (  # noqa: F401  (re-exported: dr.ops is the low-level namespace)
+    BACKENDS,
+    available_backends,
+    get_backend,
+    resolve_backend,
+    set_backend,
+    use_backend,
+)
+from .reference import acc_dtype
 
 __all__ = [
     "BACKENDS",
@@ -40,80 +68,14 @@ __all__ = [
     "available_backends",
     "make_rng",
     "fused_dropout",
-    "dropout",
-    "broadcast_dropout",
     "philox",
     "cross_entropy_sample",
     "ce_grad",
     "site_penalty",
+    "BACKEND_OPS",
 ]
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
-_backend = "auto"
-
-
-def set_backend(name: str) -> None:
-    """Choose the kernels used by every op: ``"auto"`` (the CUDA extension for GPU tensors, the C++
-    kernels for CPU tensors), ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"argument 'name' must be one of {BACKENDS}, got {name!r}")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    return _ext.HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def available_backends(device) -> list:
-    """Backends that can run ops on tensors of ``device`` in this process."""
-    device = torch.device(device)
-    names = ["reference"]
-    if _ext.HAS_CPU and device.type == "cpu":
-        names.append("cpu")
-    if _ext.HAS_CUDA and device.type == "cuda":
-        names.append("cuda")
-    if _triton_runs_on(device):
-        names.append("triton")
-    return names
-
-
-def resolve_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
-    """The concrete backend that runs an op on ``x`` under the current (or given) choice."""
-    name = _backend if backend is None else backend
-    if name not in BACKENDS:
-        raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {name!r}")
-    device = x.device
-    if name == "auto":
-        if device.type == "cuda":
-            return "cuda" if _ext.HAS_CUDA else ("triton" if _ext.HAS_TRITON else "reference")
-        return "cpu" if _ext.HAS_CPU and device.type == "cpu" else "reference"
-    if name not in available_backends(device):
-        why = {
-            "cpu": "needs a CPU tensor and the compiled extension",
-            "cuda": "needs a CUDA tensor and the extension built with CUDA kernels",
-            "triton": "needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)",
-        }[name]
-        raise RuntimeError(
-            f"backend {name!r} cannot run on a {device.type} tensor here: it {why}; "
-            f"available for {device.type}: {available_backends(device)}"
-        )
-    return name
+Tensor = torch.Tensor
 
 
 def make_rng(device, seed: Optional[int] = None) -> torch.Tensor:
@@ -133,58 +95,118 @@ def make_rng(device, seed: Optional[int] = None) -> torch.Tensor:
     return rng
 
 
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What Python knows about one op (see the module docstring)."""
+
+    name: str
+    signature: Callable  # the Python backends' op, typed (the body is unused)
+    fake: Callable
+    check: Callable  # the op's arguments -> None, or a clear exception naming the argument
+    autograd: Optional[Callable] = None  # backend ops -> (setup_context, backward)
+    to_schema: Callable = lambda out, *args: out  # kernel outputs -> the schema's outputs
+
+
+SPECS: dict = {}
+
+
+def _spec(**fields) -> OpSpec:
+    spec = OpSpec(**fields)
+    SPECS[spec.name] = spec
+    return spec
+
+
+# Filled by the registration loop at the end: backend -> {op name -> registered op}.
+BACKEND_OPS: dict = {}
+
+
+def _call(name: str, backend: Optional[str], *args):
+    """The registered op ``name`` on the backend that runs it for its first argument, after the
+    op's checks."""
+    SPECS[name].check(*args)
+    return BACKEND_OPS[resolve_backend(args[0], backend)][name](*args)
+
+
+def _empty_like_shape(t: Tensor, dtype=None) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype if dtype is None else dtype, device=t.device)
+
+
 # ---------------------------------------------------------------------------------------------
-# Registered ops. Each op exists once per backend (C++ "dropreg::<op>" for cpu/cuda, Python
-# "dropreg::<op>_triton" and "dropreg::<op>_reference"), with one fake kernel and one autograd
-# formula shared by all backends; a backend's backward calls that backend's ops.
+# dropout: y = m ⊙ x / (1 - p)
 # ---------------------------------------------------------------------------------------------
 
-Tensor = torch.Tensor
-OP_NAMES = (
-    "dropout",
-    "philox",
-    "cross_entropy_sample",
-    "ce_grad",
-    "ce_grad_backward",
-    "site_penalty",
-    "site_penalty_backward",
-)
 
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
-_FAKES = {
-    "dropout": lambda x, p, rng: torch.empty(x.shape, dtype=x.dtype, device=x.device),
-    "philox": lambda c, k: torch.empty((c.shape[0], 4), dtype=torch.int64, device=c.device),
-    "cross_entropy_sample": lambda z, t, rng, ii: (
-        z.new_empty(z.shape[:1], dtype=_acc(z.dtype)),
-        z.new_empty(z.shape[:1], dtype=_acc(z.dtype)),
-        z.new_empty(z.shape[:1], dtype=torch.int64),
-    ),
-    "ce_grad": lambda z, lse, label, rs, ii: torch.empty(z.shape, dtype=z.dtype, device=z.device),
-    "ce_grad_backward": lambda u, z, lse, label, rs, ii: (
-        torch.empty(z.shape, dtype=z.dtype, device=z.device),
-        rs.new_empty(rs.shape),
-    ),
-    "site_penalty": lambda h, ge, gi, q, noise, rng: h.new_empty((2,), dtype=_acc(h.dtype)),
-    "site_penalty_backward": lambda grad, h, ge, gi, q, noise, rng: (
-        torch.empty(h.shape, dtype=h.dtype, device=h.device),
-        torch.empty(h.shape, dtype=ge.dtype, device=h.device) if ge is not None else h.new_empty((0,)),
-        torch.empty(h.shape, dtype=gi.dtype, device=h.device) if gi is not None else h.new_empty((0,)),
-    ),
-}
+def _sig_dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
+    """Signature of ``dropreg::dropout_<backend>``."""
 
 
 def _check_dropout(x, p, rng) -> None:
     check_float_tensor(x, "x")
     check_prob(p, "p")
     check_rng(rng, x)
+
+
+def _dropout_autograd(ops: dict) -> tuple:
+    # Linear in x with a mask fixed by rng: backward applies the same op (mask regenerated).
+    def setup_context(ctx, inputs, output):
+        ctx.p = inputs[1]
+        ctx.save_for_backward(inputs[2])
+
+    def backward(ctx, grad):
+        (rng,) = ctx.saved_tensors
+        return ops["dropout"](grad, ctx.p, rng), None, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="dropout",
+    signature=_sig_dropout,
+    fake=lambda x, p, rng: _empty_like_shape(x),
+    check=_check_dropout,
+    autograd=_dropout_autograd,
+)
+
+
+def fused_dropout(x: Tensor, p: float, rng: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """``m ⊙ x / (1 - p)`` with the mask m regenerated from ``rng`` by the Philox contract.
+
+    Args:
+        x: tensor of any shape, float64/float32/float16/bfloat16.
+        p: drop probability in [0, 1].
+        rng: int64 tensor ``[seed, offset]`` on x's device (see :func:`make_rng`).
+        backend: override of the current backend for this call.
+
+    Shape: output has x's shape (contiguous), dtype and device.
+    """
+    return _call("dropout", backend, x, check_prob(p, "p"), rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# philox: raw Philox4x32-10
+# ---------------------------------------------------------------------------------------------
+
+
+def _sig_philox(counter: Tensor, key: Tensor) -> Tensor:
+    """Raw Philox4x32-10 (Random123): ``counter`` int64 (N, 4) and ``key`` int64 (N, 2) holding
+    uint32 values; returns the four output words of each row, int64 (N, 4)."""
+
+
+_spec(
+    name="philox",
+    signature=_sig_philox,
+    check=check_philox_args,
+    fake=lambda c, k: torch.empty((c.shape[0], 4), dtype=torch.int64, device=c.device),
+)
+
+
+def philox(counter: Tensor, key: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    return _call("philox", backend, counter, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy_sample, ce_grad, ce_grad_backward: cross-entropy with a sampled label
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_ignore_index(ignore_index) -> None:
@@ -204,340 +226,63 @@ def _check_logits_rows(z, target_name: str, target, lse=None, row_scale=None, ig
             f"argument '{target_name}' must be an int64 tensor of shape ({z.shape[0]},), got "
             f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}"
         )
-    acc = _acc(z.dtype)
+    if target.device != z.device:
+        raise ValueError(f"argument '{target_name}' must be on the device of 'z' ({z.device}), got {target.device}")
+    acc = acc_dtype(z.dtype)
     for name, t in (("lse", lse), ("row_scale", row_scale)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
             raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
+        if t is not None and t.device != z.device:
+            raise ValueError(f"argument '{name}' must be on the device of 'z' ({z.device}), got {t.device}")
 
 
-def _check_site(h, g_e, g_i, q, noise, rng) -> None:
-    check_float_tensor(h, "h")
-    for name, g in (("g_e", g_e), ("g_i", g_i)):
-        if g is not None:
-            check_float_tensor(g, name)
-            if g.shape != h.shape or g.dtype != h.dtype:
-                raise ValueError(
-                    f"argument '{name}' must match h ({h.dtype} of shape {tuple(h.shape)}), "
-                    f"got {g.dtype} of shape {tuple(g.shape)}"
-                )
-    if check_prob(q, "q") >= 1.0:
-        raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
-    if noise not in reference.NOISE_KINDS:
-        raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
-    check_rng(rng, h)
+def _sig_cross_entropy_sample(
+    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Signature of ``dropreg::cross_entropy_sample_<backend>``."""
 
 
-def _python_op_bodies(kernels) -> dict:
-    """Typed bodies (the schema is inferred from the annotations) calling ``kernels``' functions."""
-
-    # The argument checks the C++ ops make in their launchers (metadata only: no host sync); rng
-    # is made contiguous because the kernels read its two words through a pointer.
-    def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
-        _check_dropout(x, p, rng)
-        return kernels.dropout(x, p, rng.contiguous())
-
-    def philox(counter: Tensor, key: Tensor) -> Tensor:
-        check_philox_args(counter, key)
-        return kernels.philox(counter, key)
-
-    def cross_entropy_sample(
-        z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        _check_logits_rows(z, "target", target, ignore_index=ignore_index)
-        check_rng(rng, z)
-        return tuple(kernels.cross_entropy_sample(z, target, rng.contiguous(), ignore_index))
-
-    def ce_grad(z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
-        _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
-        return kernels.ce_grad(z, lse, label, row_scale, ignore_index)
-
-    def ce_grad_backward(
-        u: Tensor, z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int
-    ) -> tuple[Tensor, Tensor]:
-        _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
-        if not isinstance(u, torch.Tensor) or u.shape != z.shape or u.dtype != z.dtype:
-            raise ValueError(f"argument 'u' must match z ({z.dtype} of shape {tuple(z.shape)})")
-        return tuple(kernels.ce_grad_backward(u, z, lse, label, row_scale, ignore_index))
-
-    def site_penalty(
-        h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
-    ) -> Tensor:
-        _check_site(h, g_e, g_i, q, noise, rng)
-        return kernels.site_penalty(h, g_e, g_i, q, noise, rng.contiguous())
-
-    def site_penalty_backward(
-        grad: Tensor, h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        _check_site(h, g_e, g_i, q, noise, rng)
-        if not isinstance(grad, torch.Tensor) or grad.shape != (2,) or grad.dtype != _acc(h.dtype):
-            raise ValueError(f"argument 'grad' must be a {_acc(h.dtype)} tensor of shape (2,)")
-        dh, dge, dgi = kernels.site_penalty_backward(grad, h, g_e, g_i, q, noise, rng.contiguous())
-        return (dh, dge if dge is not None else h.new_empty((0,)), dgi if dgi is not None else h.new_empty((0,)))
-
-    return {name: fn for name, fn in locals().items() if name in OP_NAMES}
+def _check_cross_entropy_sample(z, target, rng, ignore_index) -> None:
+    _check_logits_rows(z, "target", target, ignore_index=ignore_index)
+    check_rng(rng, z)
 
 
-def _none_if_empty(t: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
-    return None if like is None else t
+def _cross_entropy_sample_fake(z, target, rng, ignore_index):
+    acc = acc_dtype(z.dtype)
+    return z.new_empty(z.shape[:1], dtype=acc), z.new_empty(z.shape[:1], dtype=acc), \
+        z.new_empty(z.shape[:1], dtype=torch.int64)
 
 
-def _register_autograd(qualname: str, name: str, ops: dict) -> None:
-    """The autograd formula of op ``name``; ``ops`` maps op names to this backend's ops."""
+def _cross_entropy_sample_autograd(ops: dict) -> tuple:
+    # d loss_r / d z_r = softmax(z_r) - onehot(y_r) = ce_grad row; d lse / d z = softmax(z).
+    def setup_context(ctx, inputs, output):
+        z, target, _, ignore_index = inputs
+        ctx.ignore_index = ignore_index
+        # An unused output's gradient stays None instead of zeros: no pass over the logits for it.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, target, output[1])
 
-    if name == "dropout":
-        # Linear in x with a mask fixed by rng: backward applies the same op (mask regenerated).
-        def setup_context(ctx, inputs, output):
-            ctx.p = inputs[1]
-            ctx.save_for_backward(inputs[2])
+    def backward(ctx, grad_loss, grad_lse, _grad_yhat):
+        z, target, lse = ctx.saved_tensors
+        grad_z = None
+        if grad_loss is not None:
+            grad_z = ops["ce_grad"](z, lse, target, grad_loss.to(lse.dtype), ctx.ignore_index)
+        if grad_lse is not None:
+            from_lse = (grad_lse[:, None] * torch.exp(z.to(lse.dtype) - lse[:, None])).to(z.dtype)
+            grad_z = from_lse if grad_z is None else grad_z + from_lse
+        return grad_z, None, None, None
 
-        def backward(ctx, grad):
-            (rng,) = ctx.saved_tensors
-            return ops["dropout"](grad, ctx.p, rng), None, None
-
-    elif name == "cross_entropy_sample":
-        # d loss_r / d z_r = softmax(z_r) - onehot(y_r) = ce_grad row; d lse / d z = softmax(z).
-        def setup_context(ctx, inputs, output):
-            z, target, _, ignore_index = inputs
-            ctx.ignore_index = ignore_index
-            # An unused output's gradient stays None instead of zeros: no pass over the logits for it.
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(z, target, output[1])
-
-        def backward(ctx, grad_loss, grad_lse, _grad_yhat):
-            z, target, lse = ctx.saved_tensors
-            grad_z = None
-            if grad_loss is not None:
-                grad_z = ops["ce_grad"](z, lse, target, grad_loss.to(lse.dtype), ctx.ignore_index)
-            if grad_lse is not None:
-                from_lse = (grad_lse[:, None] * torch.exp(z.to(lse.dtype) - lse[:, None])).to(z.dtype)
-                grad_z = from_lse if grad_z is None else grad_z + from_lse
-            return grad_z, None, None, None
-
-    elif name == "ce_grad":
-        # lse is an input for speed, but ce_grad is a function of z alone (lse = logsumexp(z)).
-        def setup_context(ctx, inputs, output):
-            z, lse, label, row_scale, ignore_index = inputs
-            ctx.ignore_index = ignore_index
-            ctx.save_for_backward(z, lse, label, row_scale)
-
-        def backward(ctx, u):
-            z, lse, label, row_scale = ctx.saved_tensors
-            grad_z, grad_scale = ops["ce_grad_backward"](u, z, lse, label, row_scale, ctx.ignore_index)
-            return grad_z, None, None, grad_scale, None
-
-    elif name == "ce_grad_backward":
-        # Third-order derivatives: composite PyTorch (softmax recomputed from z, so exact).
-        def setup_context(ctx, inputs, output):
-            u, z, lse, label, row_scale, ignore_index = inputs
-            ctx.ignore_index = ignore_index
-            ctx.save_for_backward(u, z, label, row_scale)
-
-        def backward(ctx, grad_gz, grad_gs):
-            u, z, label, row_scale = ctx.saved_tensors
-            with torch.enable_grad():
-                u_, z_, rs_ = (t.detach().requires_grad_() for t in (u, z, row_scale))
-                lse_ = torch.logsumexp(z_.to(_acc(z.dtype)), dim=-1)
-                outs = reference.ce_grad_backward_unchecked(u_, z_, lse_, label, rs_, ctx.ignore_index)
-                gu, gz, gs = torch.autograd.grad(
-                    outs, (u_, z_, rs_), (grad_gz, grad_gs), create_graph=torch.is_grad_enabled(), allow_unused=True
-                )
-            return gu, gz, None, None, gs, None
-
-    elif name == "site_penalty":
-        def setup_context(ctx, inputs, output):
-            h, g_e, g_i, q, noise, rng = inputs
-            ctx.q, ctx.noise = q, noise
-            ctx.save_for_backward(h, g_e, g_i, rng)
-
-        def backward(ctx, grad):
-            h, g_e, g_i, rng = ctx.saved_tensors
-            dh, dge, dgi = ops["site_penalty_backward"](grad.contiguous(), h, g_e, g_i, ctx.q, ctx.noise, rng)
-            return dh, _none_if_empty(dge, g_e), _none_if_empty(dgi, g_i), None, None, None
-
-    elif name == "site_penalty_backward":
-        # Only needed for third-order derivatives: composite PyTorch around the reference.
-        def setup_context(ctx, inputs, output):
-            grad, h, g_e, g_i, q, noise, rng = inputs
-            ctx.q, ctx.noise = q, noise
-            ctx.save_for_backward(grad, h, g_e, g_i, rng)
-
-        def backward(ctx, ddh, ddge, ddgi):
-            grad, h, g_e, g_i, rng = ctx.saved_tensors
-            leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad, h, g_e, g_i)]
-            with torch.enable_grad():
-                outs = reference.site_penalty_backward(*leaves, ctx.q, ctx.noise, rng)
-                pairs = [(o, c) for o, c in zip(outs, (ddh, ddge, ddgi)) if o is not None and c is not None]
-                wrt = [t for t in leaves if t is not None]
-                got = torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [c for _, c in pairs],
-                    create_graph=torch.is_grad_enabled(), allow_unused=True,
-                )
-            it = iter(got)
-            grads = [next(it) if t is not None else None for t in leaves]
-            return (*grads, None, None, None)
-
-    else:  # philox: integer outputs, nothing to differentiate
-        return
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    return setup_context, backward
 
 
-def _register_backend(backend: str, qualnames: dict) -> dict:
-    """Fakes and autograd for one backend's ops; returns {op name: callable op}."""
-    ops = {name: getattr(torch.ops.dropreg, qn.split("::")[1]) for name, qn in qualnames.items()}
-    for name, qualname in qualnames.items():
-        _register_autograd(qualname, name, ops)
-    return ops
-
-
-def _define_python_backend(backend: str, kernels, define) -> dict:
-    qualnames = {}
-    for name, body in _python_op_bodies(kernels).items():
-        qualname = f"dropreg::{name}_{backend}"
-        define(qualname, mutates_args=())(body).register_fake(_FAKES[name])
-        qualnames[name] = qualname
-    return _register_backend(backend, qualnames)
-
-
-# backend -> {op name -> op}
-BACKEND_OPS = {"reference": _define_python_backend("reference", reference, torch.library.custom_op)}
-
-if _ext.HAS_CPU:
-    _cpp = {name: f"dropreg::{name}" for name in OP_NAMES}
-    for _name, _qualname in _cpp.items():
-        torch.library.register_fake(_qualname)(_FAKES[_name])
-    torch.library.register_fake("dropreg::dropout_")(lambda x, p, rng: None)
-    BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = _register_backend("cpu", _cpp)
-
-if _ext.HAS_TRITON:
-    from .triton_kernels import cross_entropy as _tk_ce
-    from .triton_kernels import dropout as _tk_dropout
-    from .triton_kernels import philox as _tk_philox
-    from .triton_kernels import site_penalty as _tk_site
-
-    class _TritonKernels:
-        dropout = staticmethod(_tk_dropout.dropout)
-        philox = staticmethod(_tk_philox.philox)
-        cross_entropy_sample = staticmethod(_tk_ce.cross_entropy_sample)
-        ce_grad = staticmethod(_tk_ce.ce_grad)
-        ce_grad_backward = staticmethod(_tk_ce.ce_grad_backward)
-        site_penalty = staticmethod(_tk_site.site_penalty)
-        site_penalty_backward = staticmethod(_tk_site.site_penalty_backward)
-
-    # triton_op lets torch.compile trace into the launchers. Under TRITON_INTERPRET=1, wrap_triton
-    # hands back the bare interpreted kernel, which cannot run on fake tensors: there the ops are
-    # registered as opaque custom ops (with the explicit fakes) instead.
-    _interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(torch.library, "triton_op")
-    _define = torch.library.custom_op if _interpreted else torch.library.triton_op
-    BACKEND_OPS["triton"] = _define_python_backend("triton", _TritonKernels, _define)
-
-_DROPOUT_OPS = {b: ops["dropout"] for b, ops in BACKEND_OPS.items()}
-
-
-def fused_dropout(
-    x: torch.Tensor, p: float, rng: torch.Tensor, *, backend: Optional[str] = None
-) -> torch.Tensor:
-    """``m ⊙ x / (1 - p)`` with the mask m regenerated from ``rng`` by the Philox contract.
-
-    Args:
-        x: tensor of any shape, float64/float32/float16/bfloat16.
-        p: drop probability in [0, 1].
-        rng: int64 tensor ``[seed, offset]`` on x's device (see :func:`make_rng`).
-        backend: override of the current backend for this call.
-
-    Shape: output has x's shape (contiguous), dtype and device.
-    """
-    _check_dropout(x, p, rng)
-    return _DROPOUT_OPS[resolve_backend(x, backend)](x, float(p), rng)
-
-
-def dropout(
-    input: torch.Tensor,
-    p: float = 0.5,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    seed: Optional[int] = None,
-) -> torch.Tensor:
-    """Drop-in for :func:`torch.nn.functional.dropout` that stores no mask.
-
-    ``y = m ⊙ x / (1 - p)``, ``m_i ~ Bernoulli(1 - p)`` drawn by Philox4x32-10 from a per-call
-    ``(seed, offset)``; backward regenerates m. For a given ``seed`` the mask is bit-identical on
-    every backend and device.
-
-    Args:
-        input: float64/float32/float16/bfloat16 tensor of any shape.
-        p: probability of an element to be zeroed, in [0, 1].
-        training: apply dropout if True, else return ``input`` unchanged.
-        inplace: write the result into ``input`` (autograd sees the in-place write).
-        seed: optional int in [0, 2**64): fixes the mask; by default a fresh state is drawn from
-            torch's generator of input's device, so ``torch.manual_seed`` reproduces a run.
-
-    Example::
-
-        >>> x = torch.randn(4, 8)
-        >>> y = dropreg_ext.functional.dropout(x, 0.1, seed=0)
-    """
-    check_float_tensor(input, "input")
-    p = check_prob(p, "p")
-    if not isinstance(training, bool):
-        raise TypeError(f"argument 'training' must be a bool, got {type(training).__name__}")
-    check_seed(seed)
-    if not training:
-        return input
-    rng = make_rng(input.device, seed)
-    backend = resolve_backend(input)
-    if not inplace:
-        return _DROPOUT_OPS[backend](input, p, rng)
-    needs_graph = torch.is_grad_enabled() and input.requires_grad
-    if backend in ("cpu", "cuda") and not needs_graph and input.is_contiguous():
-        torch.ops.dropreg.dropout_(input, p, rng)
-        # The kernel wrote through the data pointer: bump the version counter so autograd
-        # rejects graphs that saved the old values (as it does for torch's in-place dropout).
-        torch.autograd.graph.increment_version(input)
-        return input
-    return input.copy_(_DROPOUT_OPS[backend](input, p, rng))
-
-
-def broadcast_dropout(
-    input: torch.Tensor,
-    p: float,
-    mask_shape: tuple,
-    training: bool = True,
-    inplace: bool = False,
-    *,
-    seed: Optional[int] = None,
-) -> torch.Tensor:
-    """Dropout with one draw per element of a mask of shape ``mask_shape``, broadcast over ``input``.
-
-    ``y = x ⊙ m``, ``m = keep / (1 - p)`` of shape ``mask_shape`` (broadcastable to x), drawn by
-    :func:`fused_dropout` on a tensor of ones: the mask follows the same Philox contract (element j
-    of the mask at logical index j), so it is bit-identical across backends. Channel dropout uses
-    ``(N, C, 1, ...)``; locked (variational) dropout ``(1, B, H)`` for ``(T, B, H)`` inputs. The mask
-    is ``numel(x)/numel(m)`` times smaller than x; it is the only tensor autograd keeps.
-    """
-    check_float_tensor(input, "input")
-    p = check_prob(p, "p")
-    check_seed(seed)
-    try:
-        shape = torch.broadcast_shapes(tuple(mask_shape), input.shape)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"argument 'mask_shape' {tuple(mask_shape)} must broadcast to the input's shape "
-                         f"{tuple(input.shape)}") from exc
-    if shape != input.shape:
-        raise ValueError(f"argument 'mask_shape' {tuple(mask_shape)} must broadcast to the input's shape "
-                         f"{tuple(input.shape)}")
-    if not training:
-        return input
-    ones = torch.ones(tuple(mask_shape), dtype=input.dtype, device=input.device)
-    mask = fused_dropout(ones, p, make_rng(input.device, seed))
-    return input.mul_(mask) if inplace else input * mask
-
-
-def philox(counter: torch.Tensor, key: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Raw Philox4x32-10 (Random123): ``counter`` int64 (N, 4) and ``key`` int64 (N, 2) holding
-    uint32 values; returns the four output words of each row, int64 (N, 4)."""
-    check_philox_args(counter, key)
-    return BACKEND_OPS[resolve_backend(counter, backend)]["philox"](counter, key)
+_spec(
+    name="cross_entropy_sample",
+    signature=_sig_cross_entropy_sample,
+    fake=_cross_entropy_sample_fake,
+    check=_check_cross_entropy_sample,
+    autograd=_cross_entropy_sample_autograd,
+    to_schema=lambda out, *args: tuple(out),
+)
 
 
 def cross_entropy_sample(
@@ -554,18 +299,43 @@ def cross_entropy_sample(
     Shapes: z (N, C) float64/float32/float16/bfloat16; target (N,) int64; returns loss (N,),
     lse (N,) in float32 (float64 for float64 z) and yhat (N,) int64.
     """
-    _check_logits_rows(z, "target", target, ignore_index=ignore_index)
-    check_rng(rng, z)
-    return BACKEND_OPS[resolve_backend(z, backend)]["cross_entropy_sample"](z, target, rng, ignore_index)
+    return _call("cross_entropy_sample", backend, z, target, rng, ignore_index)
+
+
+def _sig_ce_grad(z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
+    """Signature of ``dropreg::ce_grad_<backend>``."""
+
+
+def _check_ce_grad(z, lse, label, row_scale, ignore_index) -> None:
+    _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
+
+
+def _ce_grad_autograd(ops: dict) -> tuple:
+    # lse is an input for speed, but ce_grad is a function of z alone (lse = logsumexp(z)).
+    def setup_context(ctx, inputs, output):
+        z, lse, label, row_scale, ignore_index = inputs
+        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(z, lse, label, row_scale)
+
+    def backward(ctx, u):
+        z, lse, label, row_scale = ctx.saved_tensors
+        grad_z, grad_scale = ops["ce_grad_backward"](u, z, lse, label, row_scale, ctx.ignore_index)
+        return grad_z, None, None, grad_scale, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="ce_grad",
+    signature=_sig_ce_grad,
+    fake=lambda z, lse, label, rs, ii: _empty_like_shape(z),
+    check=_check_ce_grad,
+    autograd=_ce_grad_autograd,
+)
 
 
 def ce_grad(
-    z: Tensor,
-    lse: Tensor,
-    label: Tensor,
-    row_scale: Tensor,
-    ignore_index: int = -100,
-    *,
+    z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int = -100, *,
     backend: Optional[str] = None,
 ) -> Tensor:
     """G = row_scale ⊙ (softmax(z) - onehot(label)): the gradient of Σ_r row_scale_r · CE(z_r, label_r).
@@ -578,18 +348,105 @@ def ce_grad(
     Shapes: z (N, C); lse, row_scale (N,) float32 (float64 for float64 z); label (N,) int64;
     returns (N, C) in z's dtype.
     """
+    return _call("ce_grad", backend, z, lse, label, row_scale, ignore_index)
+
+
+def _sig_ce_grad_backward(
+    u: Tensor, z: Tensor, lse: Tensor, label: Tensor, row_scale: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """Signature of ``dropreg::ce_grad_backward_<backend>``."""
+
+
+def _check_ce_grad_backward(u, z, lse, label, row_scale, ignore_index) -> None:
     _check_logits_rows(z, "label", label, lse, row_scale, ignore_index)
-    return BACKEND_OPS[resolve_backend(z, backend)]["ce_grad"](z, lse, label, row_scale, ignore_index)
+    if not isinstance(u, torch.Tensor) or u.shape != z.shape or u.dtype != z.dtype or u.device != z.device:
+        raise ValueError(f"argument 'u' must match z ({z.dtype} of shape {tuple(z.shape)} on {z.device})")
+
+
+def _ce_grad_backward_autograd(ops: dict) -> tuple:
+    # Third-order derivatives: composite PyTorch (softmax recomputed from z, so exact).
+    def setup_context(ctx, inputs, output):
+        u, z, lse, label, row_scale, ignore_index = inputs
+        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(u, z, label, row_scale)
+
+    def backward(ctx, grad_gz, grad_gs):
+        u, z, label, row_scale = ctx.saved_tensors
+        with torch.enable_grad():
+            u_, z_, rs_ = (t.detach().requires_grad_() for t in (u, z, row_scale))
+            lse_ = torch.logsumexp(z_.to(acc_dtype(z.dtype)), dim=-1)
+            outs = reference.ce_grad_backward_unchecked(u_, z_, lse_, label, rs_, ctx.ignore_index)
+            gu, gz, gs = torch.autograd.grad(
+                outs, (u_, z_, rs_), (grad_gz, grad_gs), create_graph=torch.is_grad_enabled(), allow_unused=True
+            )
+        return gu, gz, None, None, gs, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="ce_grad_backward",
+    signature=_sig_ce_grad_backward,
+    check=_check_ce_grad_backward,
+    autograd=_ce_grad_backward_autograd,
+    fake=lambda u, z, lse, label, rs, ii: (_empty_like_shape(z), rs.new_empty(rs.shape)),
+    to_schema=lambda out, *args: tuple(out),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# site_penalty, site_penalty_backward: the explicit and implicit terms of one dropout site
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_site(h, g_e, g_i, q, noise, rng) -> None:
+    check_float_tensor(h, "h")
+    for name, g in (("g_e", g_e), ("g_i", g_i)):
+        if g is not None:
+            check_float_tensor(g, name)
+            if g.shape != h.shape or g.dtype != h.dtype or g.device != h.device:
+                raise ValueError(
+                    f"argument '{name}' must match h ({h.dtype} of shape {tuple(h.shape)} on {h.device}), "
+                    f"got {g.dtype} of shape {tuple(g.shape)} on {g.device}"
+                )
+    if check_prob(q, "q") >= 1.0:
+        raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
+    if noise not in reference.NOISE_KINDS:
+        raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
+    check_rng(rng, h)
+
+
+def _sig_site_penalty(
+    h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
+) -> Tensor:
+    """Signature of ``dropreg::site_penalty_<backend>``."""
+
+
+def _site_penalty_autograd(ops: dict) -> tuple:
+    def setup_context(ctx, inputs, output):
+        h, g_e, g_i, q, noise, rng = inputs
+        ctx.q, ctx.noise = q, noise
+        ctx.save_for_backward(h, g_e, g_i, rng)
+
+    def backward(ctx, grad):
+        h, g_e, g_i, rng = ctx.saved_tensors
+        dh, dge, dgi = ops["site_penalty_backward"](grad.contiguous(), h, g_e, g_i, ctx.q, ctx.noise, rng)
+        return dh, None if g_e is None else dge, None if g_i is None else dgi, None, None, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="site_penalty",
+    signature=_sig_site_penalty,
+    check=_check_site,
+    autograd=_site_penalty_autograd,
+    fake=lambda h, ge, gi, q, noise, rng: h.new_empty((2,), dtype=acc_dtype(h.dtype)),
+)
 
 
 def site_penalty(
-    h: Tensor,
-    g_e: Optional[Tensor],
-    g_i: Optional[Tensor],
-    q: float,
-    noise: str,
-    rng: Tensor,
-    *,
+    h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor, *,
     backend: Optional[str] = None,
 ) -> Tensor:
     """[Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h] in one pass, with η drawn in-kernel and a deterministic reduction.
@@ -601,6 +458,117 @@ def site_penalty(
 
     Shapes: h, g_e, g_i share one shape; returns (2,) float32 (float64 for float64 h).
     """
+    return _call("site_penalty", backend, h, g_e, g_i, check_prob(q, "q"), noise, rng)
+
+
+def _sig_site_penalty_backward(
+    grad: Tensor, h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Signature of ``dropreg::site_penalty_backward_<backend>``; an empty tensor stands for the
+    gradient of a missing g_e / g_i."""
+
+
+def _check_site_backward(grad, h, g_e, g_i, q, noise, rng) -> None:
     _check_site(h, g_e, g_i, q, noise, rng)
-    q = float(q)
-    return BACKEND_OPS[resolve_backend(h, backend)]["site_penalty"](h, g_e, g_i, q, noise, rng)
+    acc = acc_dtype(h.dtype)
+    if not isinstance(grad, torch.Tensor) or grad.shape != (2,) or grad.dtype != acc or grad.device != h.device:
+        raise ValueError(f"argument 'grad' must be a {acc} tensor of shape (2,) on {h.device}")
+
+
+def _site_penalty_backward_fake(grad, h, ge, gi, q, noise, rng):
+    return (
+        _empty_like_shape(h),
+        _empty_like_shape(h, ge.dtype) if ge is not None else h.new_empty((0,)),
+        _empty_like_shape(h, gi.dtype) if gi is not None else h.new_empty((0,)),
+    )
+
+
+def _site_penalty_backward_autograd(ops: dict) -> tuple:
+    # Only needed for third-order derivatives: composite PyTorch around the reference.
+    def setup_context(ctx, inputs, output):
+        grad, h, g_e, g_i, q, noise, rng = inputs
+        ctx.q, ctx.noise = q, noise
+        ctx.save_for_backward(grad, h, g_e, g_i, rng)
+
+    def backward(ctx, ddh, ddge, ddgi):
+        grad, h, g_e, g_i, rng = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad, h, g_e, g_i)]
+        with torch.enable_grad():
+            outs = reference.site_penalty_backward(*leaves, ctx.q, ctx.noise, rng)
+            pairs = [(o, c) for o, c in zip(outs, (ddh, ddge, ddgi)) if o is not None and c is not None]
+            wrt = [t for t in leaves if t is not None]
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [c for _, c in pairs],
+                create_graph=torch.is_grad_enabled(), allow_unused=True,
+            )
+        it = iter(got)
+        grads = [next(it) if t is not None else None for t in leaves]
+        return (*grads, None, None, None)
+
+    return setup_context, backward
+
+
+def _site_backward_outputs(out, grad, h, *args):
+    dh, dge, dgi = out
+    return dh, h.new_empty((0,)) if dge is None else dge, h.new_empty((0,)) if dgi is None else dgi
+
+
+_spec(
+    name="site_penalty_backward",
+    signature=_sig_site_penalty_backward,
+    fake=_site_penalty_backward_fake,
+    check=_check_site_backward,
+    autograd=_site_penalty_backward_autograd,
+    to_schema=_site_backward_outputs,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: the Python backends' ops from the signatures, fakes and autograd for every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _python_body(spec: OpSpec, kernel: Callable) -> Callable:
+    @functools.wraps(spec.signature)
+    def body(*args):
+        spec.check(*args)
+        return spec.to_schema(kernel(*args), *args)
+
+    return body
+
+
+def _register_autograd(ops: dict, qualnames: dict) -> None:
+    for name, qualname in qualnames.items():
+        if SPECS[name].autograd is not None:
+            setup_context, backward = SPECS[name].autograd(ops)
+            torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+def _define_python_backend(backend: str, kernels, define) -> dict:
+    qualnames = {name: f"dropreg::{name}_{backend}" for name in SPECS}
+    for name, spec in SPECS.items():
+        define(qualnames[name], mutates_args=())(_python_body(spec, getattr(kernels, name))).register_fake(spec.fake)
+    ops = {name: getattr(torch.ops.dropreg, f"{name}_{backend}") for name in SPECS}
+    _register_autograd(ops, qualnames)
+    return ops
+
+
+BACKEND_OPS["reference"] = _define_python_backend("reference", reference, torch.library.custom_op)
+
+if _ext.HAS_CPU:
+    _qualnames = {name: f"dropreg::{name}" for name in SPECS}
+    for _name, _qualname in _qualnames.items():
+        torch.library.register_fake(_qualname)(SPECS[_name].fake)
+    torch.library.register_fake("dropreg::dropout_")(lambda x, p, rng: None)
+    BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = {name: getattr(torch.ops.dropreg, name) for name in SPECS}
+    _register_autograd(BACKEND_OPS["cpu"], _qualnames)
+
+if _ext.HAS_TRITON:
+    from . import triton_kernels
+
+    # triton_op lets torch.compile trace into the launchers. Under TRITON_INTERPRET=1, wrap_triton
+    # hands back the bare interpreted kernel, which cannot run on fake tensors: there the ops are
+    # registered as opaque custom ops (with the explicit fakes) instead.
+    _interpreted = os.environ.get("TRITON_INTERPRET") == "1" or not hasattr(torch.library, "triton_op")
+    _define = torch.library.custom_op if _interpreted else torch.library.triton_op
+    BACKEND_OPS["triton"] = _define_python_backend("triton", triton_kernels, _define)

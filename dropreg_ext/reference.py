@@ -23,11 +23,21 @@ __all__ = [
     "STREAM_GUMBEL",
     "philox4x32_10",
     "philox_uint32",
+    "acc_dtype",
     "dropout_threshold",
     "dropout_scale",
     "dropout_keep",
     "dropout",
     "philox",
+    "gumbel_noise",
+    "cross_entropy_sample",
+    "ce_grad",
+    "ce_grad_backward",
+    "NOISE_KINDS",
+    "site_noise",
+    "site_penalty",
+    "site_penalty_backward",
+    "regularizer_objective",
 ]
 
 STREAM_DROPOUT_MASK = 0
@@ -102,7 +112,9 @@ def dropout_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation (compute) dtype of every op: float64 for float64 inputs, float32 otherwise.
+    The one rule of the Python side; C++ has ``at::opmath_type`` and ``acc_type`` (checks.h)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -119,7 +131,7 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     """y = m ⊙ x / (1 - p), m from :func:`dropout_keep`; computed in float32 (float64 for float64
     inputs) and rounded once to x's dtype. Differentiable through plain autograd."""
     keep = dropout_keep(x.shape, p, rng.to(x.device))
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
     scaled = (x.to(acc) * scale).to(x.dtype)
     return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -177,7 +189,7 @@ def cross_entropy_sample(
         loss (N,) = lse_r - z_r[y_r] (0 on ignored rows), lse (N,) — both float32 (float64 for
         float64 logits) — and yhat (N,) int64 (``ignore_index`` on ignored rows).
     """
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     if z.shape[1] == 0:
         if z.shape[0] > 0:
             raise ValueError("argument 'z' must have at least one class (C >= 1)")
@@ -202,7 +214,7 @@ def ce_grad(
     (the log-sum-exp of z: taken as given, its dependence on z is in the formula), label (N,),
     row_scale (N,) float32/float64; output (N, C) in z's dtype.
     """
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     valid = _check_rows(z, label, ignore_index, "label")
     p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
     onehot = torch.zeros_like(p).scatter_(1, torch.where(valid, label, 0)[:, None], 1.0)
@@ -238,7 +250,7 @@ def ce_grad_backward_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ce_grad_backward` without the label range check (which reads data, so it cannot be
     traced by torch.compile): for composite derivative formulas whose labels were checked already."""
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     valid = label != ignore_index
     p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
     ua = u.to(acc)
@@ -288,7 +300,7 @@ def site_penalty(
 
     η from :func:`site_noise`; a missing g_e or g_i contributes 0. h, g_e, g_i share one shape.
     """
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     ha = h.to(acc)
     zero = torch.zeros((), dtype=acc, device=h.device)
     explicit = ((g_e.to(acc) * ha) ** 2).sum() if g_e is not None else zero
@@ -315,7 +327,7 @@ def site_penalty_backward(
 
     (None for a missing input), each in its input's dtype.
     """
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     a, b = grad.to(acc).unbind(0)
     ha = h.to(acc)
     dh = torch.zeros_like(ha)
@@ -329,3 +341,90 @@ def site_penalty_backward(
         dh = dh + b * g_i.to(acc) * eta
         dg_i = (b * eta * ha).to(g_i.dtype)
     return dh.to(h.dtype), dg_e, dg_i
+
+
+# ---------------------------------------------------------------------------------------------
+# The regularized objective J + Σ λ_i R_i + T (docs/design.md §2), in plain autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _site_noise_draw(h: torch.Tensor, q: float, noise: str) -> torch.Tensor:
+    """η from torch's own generator (not the Philox contract): what a plain-autograd user writes."""
+    r = q / (1.0 - q)
+    if noise == "rademacher":
+        return (torch.randint(0, 2, h.shape, device=h.device, dtype=h.dtype) * 2 - 1) * r**0.5
+    return torch.bernoulli(torch.full_like(h, 1.0 - q)) / (1.0 - q) - 1.0
+
+
+def regularizer_objective(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    sites,
+    *,
+    explicit: Optional[str] = "sampled",
+    implicit: bool = True,
+    noise: str = "rademacher",
+    scale: float = 1.0,
+    noise_scale: float = 1.0,
+    ignore_index: int = -100,
+    rng_label: Optional[torch.Tensor] = None,
+    rng_noise: Optional[torch.Tensor] = None,
+) -> tuple:
+    """(J, Σ_i λ_i R_i, T, ŷ) of ``DropoutRegularizer`` by the formulas, in plain autograd.
+
+    ``sites``: the recorded sites (objects with ``h``, the activation, ``o``, the identity node the
+    model continued from, and ``q``), e.g. from :func:`dropreg_ext.regularizer.record_sites`. With
+    z the logits as rows (N_eff rows whose target is not ``ignore_index``; ŷ of a valid row counts
+    even if it equals ``ignore_index``)::
+
+        J   = (1/N_eff) Σ_r CE(z_r, y_r)                       (log_softmax and a gather)
+        g_i = ∂[Σ_r CE(z_r, ŷ_r)]/∂o_i  ("sampled"; y for "true"),  create_graph=True
+        R_i = (1/N_eff) Σ (g_i ⊙ h_i)²,  λ_i = scale·½·q_i/(1-q_i)
+        T   = noise_scale · Σ_i ⟨∂J/∂o_i, η_i ⊙ h_i⟩          (implicit)
+
+    ŷ and η follow the random-number contract when ``rng_label`` / ``rng_noise`` are given (ŷ from
+    :func:`cross_entropy_sample`, site i's η from :func:`site_noise` at ``rng_noise + [0, 4i]``, as
+    the fused objective draws them), and torch's own generator otherwise (``torch.multinomial`` and
+    ``randint`` / ``bernoulli``: the plain-autograd baseline of the benchmarks).
+    """
+    c = logits.shape[-1]
+    z = logits.reshape(-1, c)
+    t = target.reshape(-1).to(torch.int64)
+    valid = t != ignore_index
+    n_eff = valid.sum().clamp_min(1).to(z.dtype)
+    logp = torch.log_softmax(z, -1)
+
+    def ce_sum(label: torch.Tensor) -> torch.Tensor:
+        return -(logp.gather(1, torch.where(valid, label, 0)[:, None]).squeeze(1) * valid).sum()
+
+    J = ce_sum(t) / n_eff
+    if rng_label is not None:
+        _, _, yhat = cross_entropy_sample(z.detach(), t, rng_label, ignore_index)
+    else:
+        yhat = torch.multinomial(torch.softmax(z.detach().float(), -1), 1).squeeze(1)
+    zero = J.new_zeros(())
+    if not sites or (explicit is None and not implicit):
+        return J, zero, zero, yhat
+    outs = [s.o for s in sites]
+    explicit_term = implicit_term = zero
+    if explicit is not None:
+        label = torch.where(valid, yhat, t) if explicit == "sampled" else t
+        g_e = torch.autograd.grad(ce_sum(label), outs, create_graph=True, allow_unused=True)
+        for site, g in zip(sites, g_e):
+            if g is not None:
+                lam = scale * 0.5 * site.q / (1 - site.q)
+                explicit_term = explicit_term + lam * ((g * site.h) ** 2).sum()
+        explicit_term = explicit_term / n_eff
+    if implicit:
+        g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
+        for i, (site, g) in enumerate(zip(sites, g_i)):
+            if g is None:
+                continue
+            if rng_noise is not None:
+                rng = rng_noise + torch.tensor([0, 4 * i], device=rng_noise.device)
+                eta = site_noise(site.h.shape, site.q, noise, rng, site.h.dtype, site.h.device)
+            else:
+                eta = _site_noise_draw(site.h, site.q, noise)
+            implicit_term = implicit_term + (g * eta * site.h).sum()
+        implicit_term = noise_scale * implicit_term
+    return J, explicit_term, implicit_term, yhat

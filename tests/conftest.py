@@ -141,9 +141,7 @@ _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: 
          torch.bfloat16: torch.int16}
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The compute dtype of the kernels: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = dr.reference.acc_dtype  # the compute dtype of the kernels (the package's one rule)
 
 
 def scaled_like_kernels(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -114,9 +114,9 @@ def test_locked_dropout_bad_arguments():
 
 def test_broadcast_dropout_rejects_mask_shapes_that_do_not_broadcast():
     with pytest.raises(ValueError, match="argument 'mask_shape'"):
-        dr.ops.broadcast_dropout(torch.ones(4, 3), 0.5, (4, 2))
+        dr.functional.broadcast_dropout(torch.ones(4, 3), 0.5, (4, 2))
     with pytest.raises(ValueError, match="argument 'mask_shape'"):
-        dr.ops.broadcast_dropout(torch.ones(4, 3), 0.5, (2, 4, 3))
+        dr.functional.broadcast_dropout(torch.ones(4, 3), 0.5, (2, 4, 3))
 
 
 def test_replace_dropout_locked_is_opt_in():

@@ -1,23 +1,23 @@
 """The training objective: ``DropoutRegularizer`` (capture / loss / terms / last) and ``k_sample_loss``.
 
-The objective is compared with a plain-autograd implementation of DESIGN.md §2 written here (the
-sites made by hand as fresh identity nodes, CE by log_softmax, the site gradients by
+The fused objective is compared with the plain-autograd one of the reference
+(``reference.regularizer_objective``: CE by log_softmax, the site gradients by
 ``torch.autograd.grad(create_graph=True)``, ŷ and η from ``reference.py`` under the same RNG
-sequence as the package): values and parameter gradients, for every explicit / implicit / noise
-choice, on an MLP, a model with an input site and a residual path around a site, and a recurrent
-model (one Dropout called three times, (B, T, C) logits with ignored rows). Then gradcheck and
-gradgradcheck of the whole objective, the statistical properties (the sampled explicit term is
-unbiased for the closed-form value built from full Jacobians; the implicit term is zero-mean),
-DROPOUT_k, evaluation / no_grad behaviour and bad input.
+sequence as the package), on the sites of ``record_sites``: values and parameter gradients, for
+every explicit / implicit / noise choice, on an MLP, a model with an input site and a residual path
+around a site, and a recurrent model (one Dropout called three times, (B, T, C) logits with ignored
+rows). Then gradcheck and gradgradcheck of the whole objective, the statistical properties (the
+sampled explicit term is unbiased for the closed-form value built from full Jacobians; the implicit
+term is zero-mean), DROPOUT_k, evaluation / no_grad behaviour and bad input.
 
-RNG sequence of ``reg.loss`` (nn.py): the forward inside ``capture()`` draws nothing (every
-training-mode Dropout is a site); then ``make_rng`` gives the ŷ state and, when there are terms to
-compute, a second ``make_rng`` gives the base state of the site noise, site i using base + [0, 4·i].
+RNG sequence of ``reg.loss`` (regularizer.py): the forward inside ``capture()`` draws nothing
+(every training-mode Dropout is a site); then ``make_rng`` gives the ŷ state and, when there are
+terms to compute, a second ``make_rng`` gives the base state of the site noise, site i using
+base + [0, 4·i].
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -144,73 +144,6 @@ def make_case(name, seed=0):
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def plain_sites(model):
-    """Every training-mode fused dropout module of ``model`` becomes a site by hand: it returns its
-    input h through a fresh identity node o (a leaf if h needs no gradient) and records (h, o, q)."""
-    sites = []
-    modules = [m for m in model.modules() if isinstance(m, SITE_TYPES)]
-
-    def site_forward(module):
-        def forward(h):
-            assert module.training and module.p > 0 and torch.is_grad_enabled()
-            o = h.view_as(h) if h.requires_grad else h.detach().requires_grad_()
-            sites.append((h, o, module.p))
-            return o
-
-        return forward
-
-    for m in modules:
-        m.forward = site_forward(m)
-    try:
-        yield sites
-    finally:
-        for m in modules:
-            del m.forward
-
-
-def plain_terms(logits, target, sites, *, explicit, implicit, noise="rademacher", scale=1.0, noise_scale=1.0,
-                ignore_index=IGNORE, two_vjps=True):
-    """(J, Σ λ_i R_i, T, ŷ) by the formulas, drawing the two RNG states in the package's order.
-
-    Rows are excluded by their *target* only; ŷ_r (from reference.cross_entropy_sample) is a class
-    index of a valid row even if it happens to equal ignore_index."""
-    c = logits.shape[-1]
-    z = logits.reshape(-1, c)
-    t = target.reshape(-1)
-    valid = t != ignore_index
-    n_eff = valid.sum().clamp_min(1).to(z.dtype)
-    logp = torch.log_softmax(z, -1)
-
-    def ce_sum(label):
-        return -(logp.gather(1, torch.where(valid, label, 0)[:, None]).squeeze(1) * valid).sum()
-
-    J = ce_sum(t) / n_eff
-    _, _, yhat = R.cross_entropy_sample(z.detach(), t, dr.ops.make_rng(z.device), ignore_index)
-    zero = J.new_zeros(())
-    if not sites or (explicit is None and not implicit):
-        return J, zero, zero, yhat
-    base = dr.ops.make_rng(z.device)
-    outs = [o for _, o, _ in sites]
-    explicit_term = implicit_term = zero
-    if explicit is not None:
-        label = torch.where(valid, yhat, t) if explicit == "sampled" else t
-        g_e = torch.autograd.grad(ce_sum(label), outs, create_graph=True, allow_unused=True)
-        for (h, _, q), g in zip(sites, g_e):
-            if g is not None:
-                explicit_term = explicit_term + scale * 0.5 * q / (1 - q) * ((g * h) ** 2).sum()
-        explicit_term = explicit_term / n_eff
-    if implicit:
-        assert two_vjps
-        g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
-        for i, ((h, _, q), g) in enumerate(zip(sites, g_i)):
-            if g is not None:
-                eta = R.site_noise(h.shape, q, noise, base + torch.tensor([0, 4 * i], device=base.device), h.dtype)
-                implicit_term = implicit_term + (g * eta * h).sum()
-        implicit_term = noise_scale * implicit_term
-    return J, explicit_term, implicit_term, yhat
-
-
 def run_package(model, x, target, seed, ignore_index=IGNORE, **kwargs):
     reg = dr.DropoutRegularizer(model, **kwargs)
     torch.manual_seed(seed)
@@ -221,15 +154,19 @@ def run_package(model, x, target, seed, ignore_index=IGNORE, **kwargs):
 
 
 def run_plain(model, x, target, seed, ignore_index=IGNORE, **kwargs):
+    """The plain-autograd objective (reference.regularizer_objective) on the sites of one forward,
+    drawing the two RNG states in the package's order (ŷ first, then the site noise)."""
     torch.manual_seed(seed)
-    with plain_sites(model) as sites:
+    with dr.record_sites(model) as sites:
         logits = model(x)
-    J, ex, im, yhat = plain_terms(logits, target, sites, ignore_index=ignore_index, **kwargs)
+    rng_label = dr.ops.make_rng(logits.device)
+    rng_noise = dr.ops.make_rng(logits.device)
+    J, ex, im, yhat = R.regularizer_objective(logits, target, sites, ignore_index=ignore_index, rng_label=rng_label,
+                                              rng_noise=rng_noise, **kwargs)
     return J, ex, im, yhat, len(sites)
 
 
 TIGHT = dict(rtol=1e-9, atol=1e-12)
-SITE_TYPES = (dr.Dropout, dr.Dropout1d, dr.Dropout2d, dr.Dropout3d, dr.LockedDropout)
 
 
 def assert_matches_plain(model, x, target, seed=7, ignore_index=IGNORE, **kwargs):

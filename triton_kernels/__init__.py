@@ -1,6 +1,23 @@
-"""Triton kernels and their launchers (no autograd): installed as ``dropreg_ext.triton_kernels``.
+"""Triton kernels and their launchers (no autograd, no argument checks: the registered ops in
+``dropreg_ext.ops`` check before they launch); installed as ``dropreg_ext.triton_kernels``.
 
-Every launcher goes through ``torch.library.wrap_triton`` so that the ops registered with
-``torch.library.triton_op`` in ``dropreg_ext.ops`` trace under ``torch.compile``. On a machine
-without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``).
+One launcher per op, under the op's name (``dropreg_ext.ops`` registers them as
+``dropreg::<op>_triton``). The launches go through ``torch.library.wrap_triton`` so that the
+``triton_op`` registrations trace under ``torch.compile``. On a machine without a GPU the kernels
+run under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
+
+from .cross_entropy import ce_grad, ce_grad_backward, cross_entropy_sample
+from .dropout import dropout
+from .philox import philox
+from .site_penalty import site_penalty, site_penalty_backward
+
+__all__ = [
+    "dropout",
+    "philox",
+    "cross_entropy_sample",
+    "ce_grad",
+    "ce_grad_backward",
+    "site_penalty",
+    "site_penalty_backward",
+]

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import FLOAT_DTYPES, check_float_tensor, check_rng
 from ..reference import STREAM_GUMBEL as _STREAM_GUMBEL
+from ..reference import acc_dtype
 from ._launch import kernel_launcher, reduction_input
 from .philox import philox_tile
 from .rounding import round_to
@@ -61,43 +61,43 @@ def _cross_entropy_sample_kernel(
     valid = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
     tl.device_assert(in_range | ~valid, "target must be in [0, C) or ignore_index")
-    acc_dtype: tl.constexpr = lse_ptr.dtype.element_ty
+    acc_ty: tl.constexpr = lse_ptr.dtype.element_ty
 
-    m = tl.full((), float("-inf"), acc_dtype)
+    m = tl.full((), float("-inf"), acc_ty)
     # A NaN anywhere makes the lse NaN and a +inf (without NaN) makes it +inf, as torch.logsumexp;
     # the online sum below cannot tell (exp(inf - inf) is NaN), so these flags decide at the end.
     has_nan = tl.zeros((), tl.int32)
     has_pinf = tl.zeros((), tl.int32)
-    sum_exp = tl.zeros((BLOCK_G, 4), acc_dtype)
-    best = tl.full((BLOCK_G, 4), float("-inf"), acc_dtype)
+    sum_exp = tl.zeros((BLOCK_G, 4), acc_ty)
+    best = tl.full((BLOCK_G, 4), float("-inf"), acc_ty)
     best_col = tl.zeros((BLOCK_G, 4), tl.int32)
     lane = tl.arange(0, 4)[None, :]
     for g0 in range(start >> 2, (start + n_cols + 3) >> 2, BLOCK_G):
         group = g0 + tl.arange(0, BLOCK_G)
         col = (group[:, None] * 4 + lane - start).to(tl.int32)
         mask = (col >= 0) & (col < n_cols)
-        x = tl.load(z_row + col, mask=mask, other=float("-inf")).to(acc_dtype)
+        x = tl.load(z_row + col, mask=mask, other=float("-inf")).to(acc_ty)
 
         has_nan = tl.maximum(has_nan, tl.max((x != x).to(tl.int32)))
         has_pinf = tl.maximum(has_pinf, tl.max((x == float("inf")).to(tl.int32)))
         m_new = tl.maximum(m, tl.max(x))
         # An all -inf prefix keeps m = -inf: shift by 0 there so exp never sees -inf - (-inf).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_dtype)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
         sum_exp = sum_exp * tl.exp(m - shift) + tl.exp(x - shift)
         m = m_new
 
         if valid:
             bits = philox_tile(rng_ptr, STREAM_GUMBEL, group)
             u = ((bits >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
-            score = x + (-tl.log(-tl.log(u))).to(acc_dtype)
+            score = x + (-tl.log(-tl.log(u))).to(acc_ty)
             better = (score > best) | ((score != score) & (best == best))
             best = tl.where(better, score, best)
             best_col = tl.where(better, col, best_col)
 
-    shift = tl.where(m == float("-inf"), 0.0, m).to(acc_dtype)
+    shift = tl.where(m == float("-inf"), 0.0, m).to(acc_ty)
     lse = shift + tl.log(tl.sum(sum_exp))
     lse = tl.where(has_pinf != 0, float("inf"), lse)
-    lse = tl.where(has_nan != 0, float("nan"), lse).to(acc_dtype)
+    lse = tl.where(has_nan != 0, float("nan"), lse).to(acc_ty)
 
     is_nan = best != best
     nan_col = tl.min(tl.where(is_nan, best_col, n_cols))
@@ -105,11 +105,11 @@ def _cross_entropy_sample_kernel(
     top_col = tl.min(tl.where(best == top, best_col, n_cols))
     yhat = tl.where(nan_col < n_cols, nan_col, top_col).to(tl.int64)
 
-    z_target = tl.load(z_row + target, mask=valid & in_range, other=0).to(acc_dtype)
+    z_target = tl.load(z_row + target, mask=valid & in_range, other=0).to(acc_ty)
     # A valid target outside [0, C) (only caught by device_assert in debug builds) poisons the loss.
     loss = tl.where(in_range, lse - z_target, float("nan"))
     tl.store(lse_ptr + row, lse)
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0).to(acc_dtype))
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0).to(acc_ty))
     tl.store(yhat_ptr + row, tl.where(valid, yhat, ignore_index))
 
 
@@ -129,14 +129,14 @@ def _ce_grad_kernel(
     valid = label != ignore_index
     in_range = (label >= 0) & (label < n_cols)
     tl.device_assert(in_range | ~valid, "label must be in [0, C) or ignore_index")
-    acc_dtype: tl.constexpr = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc_ty: tl.constexpr = lse_ptr.dtype.element_ty  # the launcher's accumulation dtype
 
-    z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0).to(acc_dtype)
-    lse = tl.load(lse_ptr + row).to(acc_dtype)
-    scale = tl.load(scale_ptr + row).to(acc_dtype)
+    z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0).to(acc_ty)
+    lse = tl.load(lse_ptr + row).to(acc_ty)
+    scale = tl.load(scale_ptr + row).to(acc_ty)
     p = tl.exp(z - lse)
-    g = (p - tl.where(col == label, 1.0, 0.0).to(acc_dtype)) * scale
-    g = tl.where(valid, tl.where(in_range, g, float("nan")), 0.0).to(acc_dtype)
+    g = (p - tl.where(col == label, 1.0, 0.0).to(acc_ty)) * scale
+    g = tl.where(valid, tl.where(in_range, g, float("nan")), 0.0).to(acc_ty)
     tl.store(g_ptr + row * n_cols + col, round_to(g, g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -171,64 +171,38 @@ def _ce_grad_backward_kernel(
     tl.device_assert(in_range | ~valid, "label must be in [0, C) or ignore_index")
     z_row = z_ptr + row * stride_z
     u_row = u_ptr + row * stride_u
-    acc_dtype: tl.constexpr = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
-    lse = tl.load(lse_ptr + row).to(acc_dtype)
+    acc_ty: tl.constexpr = lse_ptr.dtype.element_ty  # the launcher's accumulation dtype
+    lse = tl.load(lse_ptr + row).to(acc_ty)
 
-    pu_lanes = tl.zeros((BLOCK,), acc_dtype)
+    pu_lanes = tl.zeros((BLOCK,), acc_ty)
     for c0 in range(0, n_cols, BLOCK):
         col = c0 + tl.arange(0, BLOCK)
         mask = col < n_cols
-        z = tl.load(z_row + col, mask=mask, other=0).to(acc_dtype)
-        u = tl.load(u_row + col, mask=mask, other=0).to(acc_dtype)
+        z = tl.load(z_row + col, mask=mask, other=0).to(acc_ty)
+        u = tl.load(u_row + col, mask=mask, other=0).to(acc_ty)
         pu_lanes += tl.where(mask, tl.exp(z - lse) * u, 0.0)
     pu = tl.sum(pu_lanes)
 
-    scale = tl.load(scale_ptr + row).to(acc_dtype)
-    scale = tl.where(valid, tl.where(in_range, scale, float("nan")), 0.0).to(acc_dtype)
+    scale = tl.load(scale_ptr + row).to(acc_ty)
+    scale = tl.where(valid, tl.where(in_range, scale, float("nan")), 0.0).to(acc_ty)
     for c0 in range(0, n_cols, BLOCK):
         col = c0 + tl.arange(0, BLOCK)
         mask = col < n_cols
-        z = tl.load(z_row + col, mask=mask, other=0).to(acc_dtype)
-        u = tl.load(u_row + col, mask=mask, other=0).to(acc_dtype)
+        z = tl.load(z_row + col, mask=mask, other=0).to(acc_ty)
+        u = tl.load(u_row + col, mask=mask, other=0).to(acc_ty)
         grad = scale * tl.exp(z - lse) * (u - pu)
         tl.store(grad_z_ptr + row * n_cols + col, round_to(grad, grad_z_ptr.dtype.element_ty), mask=mask)
 
-    u_label = tl.load(u_row + label, mask=valid & in_range, other=0).to(acc_dtype)
+    u_label = tl.load(u_row + label, mask=valid & in_range, other=0).to(acc_ty)
     grad_scale = tl.where(in_range, pu - u_label, float("nan"))
-    grad_scale = tl.where(valid, grad_scale, 0.0).to(acc_dtype)
+    grad_scale = tl.where(valid, grad_scale, 0.0).to(acc_ty)
     tl.store(grad_scale_ptr + row, round_to(grad_scale, grad_scale_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: argument checks, allocation, grid. They never read device values on the host.
+# Launchers: allocation, grid (the registered ops check the arguments). They never read device
+# values on the host.
 # ---------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_logits(z, name: str = "z") -> None:
-    check_float_tensor(z, name)
-    if z.dim() != 2:
-        raise ValueError(f"argument '{name}' must be 2-D (N, C), got shape {tuple(z.shape)}")
-
-
-def _check_row_vector(t, name: str, z: torch.Tensor, dtypes=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"argument '{name}' must be a tensor of dtype {allowed}, got {t.dtype}")
-    if t.shape != (z.shape[0],):
-        raise ValueError(f"argument '{name}' must have shape ({z.shape[0]},), got {tuple(t.shape)}")
-    if t.device != z.device:
-        raise ValueError(f"argument '{name}' must be on the device of 'z' ({z.device}), got {t.device}")
-
-
-def _check_ignore_index(ignore_index) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -244,17 +218,13 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-_INDEX_DTYPES = (torch.int64,)
-_SCALE_DTYPES = (torch.float32, torch.float64)
-
-
 def cross_entropy_sample(
     z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_index: int = -100
 ) -> tuple:
     """Launcher: per-row loss, log-sum-exp and Gumbel-max sample ŷ ~ softmax(z) in one read of z.
 
     Args:
-        z: logits (N, C), float64/float32/float16/bfloat16 (unit column stride is used as is).
+        z: logits (N, C), float64/float32/float16/bfloat16, C >= 1 when N >= 1.
         target: int64 (N,) class indices in [0, C) or ``ignore_index`` (not checked on the host:
             that would sync; an out-of-range target gives a NaN loss, and trips device_assert in
             Triton debug mode).
@@ -263,26 +233,20 @@ def cross_entropy_sample(
     Returns:
         loss (N,), lse (N,) float32 (float64 for float64 z), yhat (N,) int64.
     """
-    _check_logits(z)
-    _check_row_vector(target, "target", z, _INDEX_DTYPES)
-    check_rng(rng, z)
-    _check_ignore_index(ignore_index)
     n, c = z.shape
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     loss = torch.empty(n, dtype=acc, device=z.device)
     lse = torch.empty(n, dtype=acc, device=z.device)
     yhat = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
         return loss, lse, yhat
-    if c == 0:
-        raise ValueError("argument 'z' must have at least one class (C >= 1) to sample from, got C = 0")
     z = reduction_input(z)
     # Rows start at index r·C: unless C % 4 == 0 a row may straddle one extra Philox group.
     block = _block(c if c % 4 == 0 else c + 3)
     kernel_launcher(_cross_entropy_sample_kernel)[(n,)](
         z,
         target.contiguous(),
-        rng,
+        rng.contiguous(),
         loss,
         lse,
         yhat,
@@ -302,15 +266,10 @@ def ce_grad(
 
     Args:
         z: logits (N, C), float64/float32/float16/bfloat16.
-        lse: (N,) float log-sum-exp of z, taken as given.
+        lse: (N,) log-sum-exp of z in z's accumulation dtype, taken as given.
         label: int64 (N,) in [0, C) or ``ignore_index`` (out of range: a NaN row, see above).
-        row_scale: (N,) float32/float64.
+        row_scale: (N,) in z's accumulation dtype.
     """
-    _check_logits(z)
-    _check_row_vector(lse, "lse", z, FLOAT_DTYPES)
-    _check_row_vector(label, "label", z, _INDEX_DTYPES)
-    _check_row_vector(row_scale, "row_scale", z, _SCALE_DTYPES)
-    _check_ignore_index(ignore_index)
     n, c = z.shape
     g = torch.empty((n, c), dtype=z.dtype, device=z.device)
     if g.numel() == 0:
@@ -340,21 +299,11 @@ def ce_grad_backward(
     row_scale: torch.Tensor,
     ignore_index: int = -100,
 ) -> tuple:
-    """Launcher: VJP of :func:`ce_grad` with cotangent u (N, C).
+    """Launcher: VJP of :func:`ce_grad` with cotangent u (N, C) (u matches z).
 
     Returns:
         grad_z (N, C) in z's dtype, grad_row_scale (N,) in row_scale's dtype; 0 on ignored rows.
     """
-    _check_logits(z)
-    check_float_tensor(u, "u")
-    if u.shape != z.shape:
-        raise ValueError(f"argument 'u' must have the shape of 'z' {tuple(z.shape)}, got {tuple(u.shape)}")
-    if u.device != z.device:
-        raise ValueError(f"argument 'u' must be on the device of 'z' ({z.device}), got {u.device}")
-    _check_row_vector(lse, "lse", z, FLOAT_DTYPES)
-    _check_row_vector(label, "label", z, _INDEX_DTYPES)
-    _check_row_vector(row_scale, "row_scale", z, _SCALE_DTYPES)
-    _check_ignore_index(ignore_index)
     n, c = z.shape
     grad_z = torch.empty((n, c), dtype=z.dtype, device=z.device)
     grad_scale = torch.empty(n, dtype=row_scale.dtype, device=z.device)

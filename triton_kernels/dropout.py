@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import dropout_scale, dropout_threshold
+from ..reference import acc_dtype, dropout_scale, dropout_threshold
 from ._launch import kernel_launcher
 from .philox import philox_groups
 from .rounding import round_to
@@ -46,10 +46,9 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n == 0:
         return y
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale_t = torch.full((), dropout_scale(p), dtype=acc, device=x.device)
+    scale_t = torch.full((), dropout_scale(p), dtype=acc_dtype(x.dtype), device=x.device)
     block = 1024
     kernel_launcher(_dropout_kernel)[(triton.cdiv(n, block),)](
-        x, y, scale_t, rng, n, dropout_threshold(p), BLOCK=block
+        x, y, scale_t, rng.contiguous(), n, dropout_threshold(p), BLOCK=block
     )
     return y

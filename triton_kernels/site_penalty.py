@@ -12,16 +12,14 @@ The forward sum is deterministic and independent of the device: BLOCK is fixed, 
 its two partial sums, and one program adds the partials in a fixed order (no atomics).
 """
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_float_tensor, check_rng
-from ..reference import NOISE_KINDS, dropout_threshold
 from ..reference import STREAM_SITE_NOISE as _STREAM_SITE_NOISE
+from ..reference import acc_dtype, dropout_threshold
 from ._launch import kernel_launcher, reduction_input
 from .philox import philox_tile
 from .rounding import add_rn, round_to
@@ -69,15 +67,15 @@ def _site_penalty_kernel(
     group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = offs < n
-    acc_dtype: tl.constexpr = partial_ptr.dtype.element_ty
-    h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_dtype)
+    acc_ty: tl.constexpr = partial_ptr.dtype.element_ty
+    h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
     explicit = 0.0
     implicit = 0.0
     if HAS_GE:
-        t = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_dtype) * h
+        t = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_ty) * h
         explicit = tl.sum(t * t)
     if HAS_GI:
-        g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_dtype)
+        g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_ty)
         eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
         implicit = tl.sum(g_i * eta * h)
     tl.store(partial_ptr + 2 * pid, explicit)
@@ -122,17 +120,17 @@ def _site_penalty_backward_kernel(
     group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = offs < n
-    acc_dtype: tl.constexpr = up_ptr.dtype.element_ty
-    h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_dtype)
-    dh = tl.zeros((BLOCK // 4, 4), acc_dtype)
+    acc_ty: tl.constexpr = up_ptr.dtype.element_ty
+    h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
+    dh = tl.zeros((BLOCK // 4, 4), acc_ty)
     if HAS_GE:
-        a = tl.load(grad_ptr).to(acc_dtype)
-        g_e = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_dtype)
+        a = tl.load(grad_ptr).to(acc_ty)
+        g_e = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_ty)
         dh = add_rn(dh, 2 * a * g_e * g_e * h)
         tl.store(dge_ptr + offs, round_to(2 * a * g_e * h * h, dge_ptr.dtype.element_ty), mask=mask)
     if HAS_GI:
-        b = tl.load(grad_ptr + 1).to(acc_dtype)
-        g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_dtype)
+        b = tl.load(grad_ptr + 1).to(acc_ty)
+        g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_ty)
         eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
         dh = add_rn(dh, b * g_i * eta)  # not an FMA: the product is rounded first, as in the reference
         tl.store(dgi_ptr + offs, round_to(b * eta * h, dgi_ptr.dtype.element_ty), mask=mask)
@@ -140,41 +138,13 @@ def _site_penalty_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: argument checks, allocation, grid. They never read device values on the host.
+# Launchers: allocation, grid (the registered ops check the arguments). They never read device
+# values on the host.
 # ---------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_site_args(h, g_e, g_i, q, noise, rng) -> tuple:
-    """Checks shared by forward and backward; returns (h, g_e, g_i) contiguous and q as a float."""
-    check_float_tensor(h, "h")
-    for name, g in (("g_e", g_e), ("g_i", g_i)):
-        if g is None:
-            continue
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"argument '{name}' must be None or a torch.Tensor, got {type(g).__name__}")
-        if g.dtype != h.dtype:
-            raise TypeError(f"argument '{name}' must have the dtype of 'h' ({h.dtype}), got {g.dtype}")
-        if g.shape != h.shape:
-            raise ValueError(
-                f"argument '{name}' must have the shape of 'h' {tuple(h.shape)}, got {tuple(g.shape)}"
-            )
-        if g.device != h.device:
-            raise ValueError(f"argument '{name}' must be on the device of 'h' ({h.device}), got {g.device}")
-    if isinstance(q, bool) or not isinstance(q, (int, float)):
-        raise TypeError(f"argument 'q' must be a float in [0, 1), got {type(q).__name__}")
-    q = float(q)
-    # q = 1 would make η = ±inf (rademacher) or drop everything with an undefined up-value.
-    if math.isnan(q) or not 0.0 <= q < 1.0:
-        raise ValueError(f"argument 'q' must be a drop probability in [0, 1), got {q}")
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"argument 'noise' must be one of {NOISE_KINDS}, got {noise!r}")
-    check_rng(rng, h)
-    contig = [None if t is None else t.contiguous() for t in (h, g_e, g_i)]
-    return (*contig, q)
+def _contiguous(*tensors) -> tuple:
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def _noise_params(q: float, noise: str, acc: torch.dtype, device) -> tuple:
@@ -204,9 +174,8 @@ def site_penalty(
         noise: "rademacher" or "dropout".
         rng: int64 [seed, offset] on h's device.
     """
-    h, g_e, g_i, q = _check_site_args(h, g_e, g_i, q, noise, rng)
     h, g_e, g_i = (None if t is None else reduction_input(t) for t in (h, g_e, g_i))
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     n = h.numel()
     if n == 0 or (g_e is None and g_i is None):
         return torch.zeros(2, dtype=acc, device=h.device)
@@ -218,7 +187,7 @@ def site_penalty(
         h if g_e is None else g_e,
         h if g_i is None else g_i,
         up,
-        rng,
+        rng.contiguous(),
         partials,
         n,
         threshold,
@@ -249,26 +218,21 @@ def site_penalty_backward(
     Returns:
         (dh, dg_e, dg_i) in the dtypes of h, g_e, g_i, with h's shape; None for a missing input.
     """
-    h, g_e, g_i, q = _check_site_args(h, g_e, g_i, q, noise, rng)
-    check_float_tensor(grad, "grad")
-    if grad.shape != (2,):
-        raise ValueError(f"argument 'grad' must have shape (2,), got {tuple(grad.shape)}")
-    if grad.device != h.device:
-        raise ValueError(f"argument 'grad' must be on the device of 'h' ({h.device}), got {grad.device}")
+    h, g_e, g_i = _contiguous(h, g_e, g_i)
     dh = torch.empty_like(h)
     dg_e = None if g_e is None else torch.empty_like(g_e)
     dg_i = None if g_i is None else torch.empty_like(g_i)
     n = h.numel()
     if n == 0:
         return dh, dg_e, dg_i
-    up, threshold, rademacher = _noise_params(q, noise, _acc_dtype(h.dtype), h.device)
+    up, threshold, rademacher = _noise_params(q, noise, acc_dtype(h.dtype), h.device)
     kernel_launcher(_site_penalty_backward_kernel)[(triton.cdiv(n, BLOCK_BACKWARD),)](
         grad.contiguous(),
         h,
         h if g_e is None else g_e,
         h if g_i is None else g_i,
         up,
-        rng,
+        rng.contiguous(),
         dh,
         dh if dg_e is None else dg_e,
         dh if dg_i is None else dg_i,

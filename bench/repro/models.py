@@ -11,12 +11,28 @@ same code must run on CUDA, where ``nn.LSTM`` dispatches to cuDNN.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dropreg_ext as dr
+
+
+class _Stack(torch.autograd.Function):
+    """``torch.stack(tensors, dim)`` with ``grad.unbind(dim)`` as its (differentiable) backward. Torch's
+    own stack backward selects each slice, and the double backward of T selects zero-fills and adds T
+    full-size tensors: O(T²) work per regularized step, which unbind's backward (one stack) avoids."""
+
+    @staticmethod
+    def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.dim = dim
+        return torch.stack(tensors, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        return (None, *grad.unbind(ctx.dim))
 
 
 class LSTMLayer(nn.Module):
@@ -27,10 +43,12 @@ class LSTMLayer(nn.Module):
         [i f g o] = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
         c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g),    h_t = σ(o) ⊙ tanh(c_t)
 
-    The input projection of all T steps is one matrix product; the loop does one ``addmm`` per step.
+    The input projection of all T steps is one matrix product; the loop does one ``addmm`` per step,
+    and the T outputs are stacked by :class:`_Stack`, whose backward keeps the double backward O(T).
+    The one LSTM layer of the project: the reproduction and the training benchmark both use it.
 
     Shape:
-        - input: (T, B, input_size); state: ((B, H), (B, H))
+        - input: (T, B, input_size); state: ((B, H), (B, H)), or None for zeros
         - output: (T, B, H) and the final state ((B, H), (B, H))
     """
 
@@ -46,7 +64,9 @@ class LSTMLayer(nn.Module):
         for w in self.parameters():
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, x: torch.Tensor, state: tuple) -> tuple:
+    def forward(self, x: torch.Tensor, state: Optional[tuple] = None) -> tuple:
+        if state is None:
+            state = (x.new_zeros(x.shape[1], self.hidden_size),) * 2
         h, c = state
         xw = F.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
         w_hh = self.weight_hh.t()
@@ -56,7 +76,7 @@ class LSTMLayer(nn.Module):
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
             outputs.append(h)
-        return torch.stack(outputs), (h, c)
+        return _Stack.apply(0, *outputs), (h, c)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
