@@ -1,6 +1,6 @@
 """Per-op cross-entropy with a sampled label: for N rows of C logits z, the per-row loss
 CE(z_r, y_r), a label ŷ_r ~ softmax(z_r) and the gradient G = softmax(z) - onehot(ŷ) (the
-cotangent of the regularizer's explicit term, DESIGN.md §2). One mode, ``sample+grad``: all three
+cotangent of the regularizer's explicit term, docs/design.md §2). One mode, ``sample+grad``: all three
 outputs from z and y, nothing requiring grad.
 
 Providers:

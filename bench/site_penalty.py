@@ -1,4 +1,4 @@
-"""Per-op site penalty: the two sums of one regularizer site (DESIGN.md §2) over n elements,
+"""Per-op site penalty: the two sums of one regularizer site (docs/design.md §2) over n elements,
 
     [Σ (g_e ⊙ h)²,  Σ g_i ⊙ η ⊙ h],   η = ±sqrt(q/(1-q)) (Rademacher), q = the dropout p of the run.
 

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every op: the ground truth the kernels are tested against.
 
 Philox4x32-10 is written here with int64 tensor arithmetic (no uint32 dtype needed), following the
-counter layout of ``csrc/include/philox.h`` (DESIGN.md §3)::
+counter layout of ``csrc/include/philox.h`` (docs/design.md §3)::
 
     key     = (lo32(seed), hi32(seed))
     counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   g = i >> 2,   s = offset + stream (mod 2^64)
@@ -147,7 +147,7 @@ def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cross-entropy with a sampled label (DESIGN.md §2, fused op 2)
+# Cross-entropy with a sampled label (docs/design.md §2, fused op 2)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -268,7 +268,8 @@ def assert_yhat_matches(yhat: torch.Tensor, yhat_ref: torch.Tensor, z: torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------
-# Sizes GPU users run (gpu_audit.md, "Tests the first GPU run needs")
+# Sizes GPU users run: C > 1024 (CUDA block mode), C > 2048 (Triton chunks), grid-stride loops past one
+# resident wave, every partial sum of a reduction
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the counter layout of the random-number contract (DESIGN.md §3).
+"""Philox4x32-10 and the counter layout of the random-number contract (docs/design.md §3).
 
 The reference is checked against the Random123 known-answer vectors, every backend against the
 vectors and bit-for-bit against the reference, and the counter layout (key = seed, counter =

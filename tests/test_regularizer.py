@@ -140,7 +140,7 @@ def make_case(name, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------
-# The plain-autograd objective of DESIGN.md §2
+# The fused objective against the plain-autograd one (reference.regularizer_objective, docs/design.md §2)
 # ------------------------------------------------------------------------------------------------
 
 

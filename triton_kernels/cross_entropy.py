@@ -1,4 +1,4 @@
-"""Cross-entropy with a sampled label in Triton (DESIGN.md §2, fused op 2), on rows of logits z (N, C):
+"""Cross-entropy with a sampled label in Triton (docs/design.md §2, fused op 2), on rows of logits z (N, C):
 
     lse_r  = log Σ_c exp(z_rc)                       one read pass, online (max, Σ exp) per row
     loss_r = lse_r - z_r[y_r]                        0 on rows with y_r = ignore_index

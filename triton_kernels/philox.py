@@ -1,4 +1,4 @@
-"""Philox4x32-10 in Triton, with the counter layout of ``csrc/include/philox.h`` (DESIGN.md §3)::
+"""Philox4x32-10 in Triton, with the counter layout of ``csrc/include/philox.h`` (docs/design.md §3)::
 
     key     = (lo32(seed), hi32(seed))
     counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   g = i >> 2,   s = offset + stream (mod 2^64)

@@ -1,4 +1,4 @@
-"""Site penalty in Triton (DESIGN.md §2, fused op 3): the explicit and implicit terms of one dropout site
+"""Site penalty in Triton (docs/design.md §2, fused op 3): the explicit and implicit terms of one dropout site
 
     forward:   [Σ (g_e ⊙ h)²,  Σ g_i ⊙ η ⊙ h]                         one pass, deterministic sum
     backward:  dh = 2a·g_e²·h + b·g_i·η,  dg_e = 2a·g_e·h²,  dg_i = b·η·h    for grad = [a, b]

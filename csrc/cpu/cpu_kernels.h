@@ -6,8 +6,6 @@
 //   reference bit for bit on the same CPU capability; a plain libm loop where AVX2 is missing.
 #pragma once
 
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstdint>
 
@@ -16,6 +14,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define DROPREG_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define DROPREG_X86_SLEEF 1
+#include <immintrin.h>  // x86 only: a non-x86 build takes the plain loops below
 #else
 #define DROPREG_CPU_CLONES
 #define DROPREG_X86_SLEEF 0

@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "checks.h"
 #include "cpu_kernels.h"
+#include "cross_entropy_host.h"
 #include "regularizer.h"
 
 namespace dropreg {
@@ -197,37 +197,16 @@ void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* ls
   });
 }
 
-// z (N, C) floating; target/label (N,) int64; lse/row_scale (N,) in z's accumulation dtype.
-void check_rows(const at::Tensor& z, const at::Tensor& label, const char* label_name) {
-  DROPREG_CHECK_FLOATING(z);
-  TORCH_CHECK(z.dim() == 2, "argument 'z' must be 2-D logits (N, C), got shape ", z.sizes());
-  TORCH_CHECK(z.size(1) > 0 || z.size(0) == 0, "argument 'z' must have at least one class");
-  TORCH_CHECK(label.scalar_type() == at::kLong && label.dim() == 1 && label.size(0) == z.size(0),
-              "argument '", label_name, "' must be an int64 tensor of shape (", z.size(0), "), got ",
-              label.scalar_type(), " of shape ", label.sizes());
-  DROPREG_CHECK_SAME_DEVICE(z, label);
-}
-
-void check_row_vector(const at::Tensor& v, const char* name, const at::Tensor& z) {
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(v.scalar_type() == acc && v.dim() == 1 && v.size(0) == z.size(0), "argument '", name,
-              "' must be a ", acc, " tensor of shape (", z.size(0), "), got ", v.scalar_type(),
-              " of shape ", v.sizes());
-  DROPREG_CHECK_SAME_DEVICE(z, v);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at::Tensor& z_in,
                                                                         const at::Tensor& target_in,
                                                                         const at::Tensor& rng,
                                                                         int64_t ignore_index) {
-  check_rows(z_in, target_in, "target");
-  DROPREG_CHECK_RNG(rng, z_in);
+  check_cross_entropy_sample_args(z_in, target_in, rng);
   const at::Tensor z = z_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1);
-  const auto acc = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({N}, z.options().dtype(acc));
-  at::Tensor lse = at::empty({N}, z.options().dtype(acc));
+  at::Tensor loss = at::empty({N}, z.options().dtype(acc_type(z)));
+  at::Tensor lse = at::empty({N}, z.options().dtype(acc_type(z)));
   at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
   const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
@@ -243,9 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at
 
 at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& label,
                        const at::Tensor& row_scale, int64_t ignore_index) {
-  check_rows(z_in, label, "label");
-  check_row_vector(lse, "lse", z_in);
-  check_row_vector(row_scale, "row_scale", z_in);
+  check_ce_grad_args(z_in, lse, label, row_scale);
   const at::Tensor z = z_in.contiguous();
   at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_cpu", [&] {
@@ -261,13 +238,8 @@ at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::
 std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, const at::Tensor& z_in,
                                                         const at::Tensor& lse, const at::Tensor& label,
                                                         const at::Tensor& row_scale, int64_t ignore_index) {
-  check_rows(z_in, label, "label");
-  check_row_vector(lse, "lse", z_in);
-  check_row_vector(row_scale, "row_scale", z_in);
-  TORCH_CHECK(u_in.sizes() == z_in.sizes() && u_in.scalar_type() == z_in.scalar_type(),
-              "argument 'u' must match z (", z_in.scalar_type(), " of shape ", z_in.sizes(), "), got ",
-              u_in.scalar_type(), " of shape ", u_in.sizes());
-  DROPREG_CHECK_SAME_DEVICE(u_in, z_in);
+  check_ce_grad_args(z_in, lse, label, row_scale);
+  check_cotangent(u_in, z_in);
   const at::Tensor z = z_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   at::Tensor grad_z = at::empty_like(z, at::MemoryFormat::Contiguous);

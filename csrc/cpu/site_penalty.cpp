@@ -14,9 +14,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
 #include "cpu_kernels.h"
 #include "regularizer.h"
+#include "site_penalty_host.h"
 
 namespace dropreg {
 namespace {
@@ -32,9 +32,7 @@ struct NoiseParams {
   uint64_t offset;
 };
 
-NoiseParams noise_params(double q, const std::string& noise, const at::Tensor& rng) {
-  check_noise_prob(q);
-  const NoiseKind kind = parse_noise(noise);
+NoiseParams noise_params(double q, NoiseKind kind, const at::Tensor& rng) {
   const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   return {kind, site_noise_amplitude(q, kind), dropout_threshold(q), static_cast<uint64_t>(state[0]),
@@ -117,69 +115,41 @@ void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t
 }
 
 // h floating; g_e / g_i (optional) of h's shape and dtype; rng on h's device.
-void check_site_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
-                     const std::optional<at::Tensor>& g_i, const at::Tensor& rng) {
-  DROPREG_CHECK_FLOATING(h);
-  DROPREG_CHECK_RNG(rng, h);
-  for (const auto& [name, g] : {std::pair<const char*, const std::optional<at::Tensor>*>{"g_e", &g_e},
-                                std::pair<const char*, const std::optional<at::Tensor>*>{"g_i", &g_i}}) {
-    if (!g->has_value()) continue;
-    const at::Tensor& t = g->value();
-    TORCH_CHECK(t.sizes() == h.sizes() && t.scalar_type() == h.scalar_type(), "argument '", name,
-                "' must match h (", h.scalar_type(), " of shape ", h.sizes(), "), got ", t.scalar_type(),
-                " of shape ", t.sizes());
-    TORCH_CHECK(t.device() == h.device(), "argument '", name, "' must be on h's device");
-  }
-}
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
 at::Tensor site_penalty_cpu(const at::Tensor& h_in, const std::optional<at::Tensor>& g_e,
                             const std::optional<at::Tensor>& g_i, double q, c10::string_view noise,
                             const at::Tensor& rng) {
-  check_site_args(h_in, g_e, g_i, rng);
-  const NoiseParams np = noise_params(q, std::string(noise), rng);
+  const NoiseKind kind = check_site_args(h_in, g_e, g_i, q, std::string(noise), rng);
+  const NoiseParams np = noise_params(q, kind, rng);
   const at::Tensor h = h_in.contiguous();
   const at::Tensor ge = contiguous_or_undefined(g_e);
   const at::Tensor gi = contiguous_or_undefined(g_i);
-  const auto acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   double sums[2];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    penalty_kernel<scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge),
-                                    ptr_or_null<scalar_t>(gi), h.numel(), np, sums);
+    penalty_kernel<scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), const_ptr_or_null<scalar_t>(ge),
+                                    const_ptr_or_null<scalar_t>(gi), h.numel(), np, sums);
   });
-  return at::tensor({sums[0], sums[1]}, h.options().dtype(at::kDouble)).to(acc);
+  return at::tensor({sums[0], sums[1]}, h.options().dtype(at::kDouble)).to(acc_type(h));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cpu(
     const at::Tensor& grad, const at::Tensor& h_in, const std::optional<at::Tensor>& g_e,
     const std::optional<at::Tensor>& g_i, double q, c10::string_view noise, const at::Tensor& rng) {
-  check_site_args(h_in, g_e, g_i, rng);
-  const auto acc = h_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad.numel() == 2 && grad.dim() == 1 && grad.scalar_type() == acc,
-              "argument 'grad' must be a ", acc, " tensor of shape (2,), got ", grad.scalar_type(),
-              " of shape ", grad.sizes());
-  const NoiseParams np = noise_params(q, std::string(noise), rng);
+  const NoiseKind kind = check_site_args(h_in, g_e, g_i, q, std::string(noise), rng);
+  check_site_output_grad(grad, h_in);
+  const NoiseParams np = noise_params(q, kind, rng);
   const at::Tensor h = h_in.contiguous();
   const at::Tensor ge = contiguous_or_undefined(g_e);
   const at::Tensor gi = contiguous_or_undefined(g_i);
   at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
-  at::Tensor dge = ge.defined() ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
-  at::Tensor dgi = gi.defined() ? at::empty_like(h, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
+  at::Tensor dge = empty_like_or_none(ge, h);
+  at::Tensor dgi = empty_like_or_none(gi, h);
   const at::Tensor g = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* ab = g.const_data_ptr<acc_t>();
     penalty_backward_kernel<scalar_t, acc_t>(
-        ab[0], ab[1], h.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ge), ptr_or_null<scalar_t>(gi),
+        ab[0], ab[1], h.const_data_ptr<scalar_t>(), const_ptr_or_null<scalar_t>(ge), const_ptr_or_null<scalar_t>(gi),
         h.numel(), np, dh.data_ptr<scalar_t>(), ge.defined() ? dge.data_ptr<scalar_t>() : nullptr,
         gi.defined() ? dgi.data_ptr<scalar_t>() : nullptr);
   });

@@ -1,4 +1,4 @@
-// Cross-entropy with a sampled label on CUDA (DESIGN.md §2, fused op 2): three kernels.
+// Cross-entropy with a sampled label on CUDA (docs/design.md §2, fused op 2): three kernels.
 //
 //   cross_entropy_sample  one read pass over each row of z (N, C):
 //                           lse_r = log Σ_c exp(z_rc)              (online max / sum-exp)
@@ -44,16 +44,14 @@
 #include <limits>
 #include <tuple>
 
-#include "checks.h"
+#include "cross_entropy_host.h"
 #include "cuda_utils.cuh"
 #include "philox.h"
 #include "regularizer.h"
+#include "static_switch.h"
 
 namespace dropreg {
 namespace {
-
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpSize = 32;
 
 // Warp mode: one warp per row, kWarpBlockThreads / 32 rows per block.
 constexpr int kWarpBlockThreads = 256;
@@ -71,12 +69,15 @@ constexpr int kElementwiseThreads = 256;
 // Philox draw and two logs are skipped without changing ŷ.
 constexpr float kGumbelBound = 17.0f;
 
-using cuda::AlignedVec;
 using cuda::ChunkShape;
 using cuda::grid_size;
 using cuda::is_aligned;
+using cuda::kFullMask;
+using cuda::kWarpSize;
 using cuda::load_chunk;
+using cuda::load_row_chunk;
 using cuda::store_chunk;
+using cuda::store_row_chunk;
 
 // ---------------------------------------------------------------------------------------------
 // Reductions over the kRowThreads threads of a row (a warp, or the whole block).
@@ -141,50 +142,6 @@ __device__ __forceinline__ acc_t row_sum(acc_t v) {
     v = total;
   }
   return v;
-}
-
-// Loads the chunk of flat indices [base, base + kElems) restricted to the row [begin, end) into
-// x (acc_t); in_row marks the elements that belong to the row (others read as 0, never used).
-template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void load_row_chunk(const scalar_t* __restrict__ src, int64_t base,
-                                               int64_t begin, int64_t end, acc_t (&x)[kElems],
-                                               bool (&in_row)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base >= begin && base + kElems <= end) {
-    const Vec v = *reinterpret_cast<const Vec*>(src + base);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      x[e] = static_cast<acc_t>(v.v[e]);
-      in_row[e] = true;
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      const int64_t i = base + e;
-      in_row[e] = i >= begin && i < end;
-      x[e] = in_row[e] ? static_cast<acc_t>(src[i]) : acc_t(0);
-    }
-  }
-}
-
-// Stores the in-row elements of a chunk (one vector store when the chunk is the row's).
-template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void store_row_chunk(scalar_t* __restrict__ dst, int64_t base,
-                                                int64_t begin, int64_t end,
-                                                const acc_t (&y)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base >= begin && base + kElems <= end) {
-    Vec v;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
-    *reinterpret_cast<Vec*>(dst + base) = v;
-  } else {
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      const int64_t i = base + e;
-      if (i >= begin && i < end) dst[i] = static_cast<scalar_t>(y[e]);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,15 +237,11 @@ void launch_cross_entropy_sample(const scalar_t* z, const int64_t* target, const
                                  int64_t cols, int64_t ignore_index, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
   const int blocks = grid_size((rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
-  if (is_aligned(z, ChunkShape<scalar_t>::kAlign)) {
-    cross_entropy_sample_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, true>
+  BOOL_SWITCH(is_aligned(z, ChunkShape<scalar_t>::kAlign), kAligned, [&] {
+    cross_entropy_sample_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>
         <<<blocks, kBlockThreads, 0, stream>>>(z, target, rng, loss, lse, yhat, rows, cols,
                                                ignore_index);
-  } else {
-    cross_entropy_sample_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, false>
-        <<<blocks, kBlockThreads, 0, stream>>>(z, target, rng, loss, lse, yhat, rows, cols,
-                                               ignore_index);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -436,15 +389,12 @@ void launch_ce_grad_backward(const scalar_t* u, const scalar_t* z, const acc_t* 
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
   constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
   const int blocks = grid_size((rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
-  if (is_aligned(u, kAlign) && is_aligned(z, kAlign) && is_aligned(grad_z, kAlign)) {
-    ce_grad_backward_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, true>
+  const bool aligned = is_aligned(u, kAlign) && is_aligned(z, kAlign) && is_aligned(grad_z, kAlign);
+  BOOL_SWITCH(aligned, kAligned, [&] {
+    ce_grad_backward_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>
         <<<blocks, kBlockThreads, 0, stream>>>(u, z, lse, label, row_scale, grad_z,
                                                grad_row_scale, rows, cols, ignore_index);
-  } else {
-    ce_grad_backward_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, false>
-        <<<blocks, kBlockThreads, 0, stream>>>(u, z, lse, label, row_scale, grad_z,
-                                               grad_row_scale, rows, cols, ignore_index);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -452,53 +402,16 @@ void launch_ce_grad_backward(const scalar_t* u, const scalar_t* z, const acc_t* 
 // Host side: argument checks, allocation, dispatch.
 // ---------------------------------------------------------------------------------------------
 
-at::ScalarType acc_type_of(const at::Tensor& z) {
-  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// z: (N, C) logits; returns C after checking that each row has a class to pick.
-void check_logits(const at::Tensor& z) {
-  DROPREG_CHECK_FLOATING(z);
-  TORCH_CHECK(z.dim() == 2, "argument 'z' must be a 2-D tensor of logits (N, C), got shape ",
-              z.sizes());
-  TORCH_CHECK(z.size(0) == 0 || z.size(1) > 0,
-              "argument 'z' must have at least one class, got shape ", z.sizes());
-}
-
-// An int64 (N,) tensor of class indices on z's device.
-#define DROPREG_CHECK_LABELS(label, z)                                                         \
-  do {                                                                                         \
-    TORCH_CHECK((label).scalar_type() == at::kLong && (label).dim() == 1 &&                    \
-                    (label).size(0) == (z).size(0),                                            \
-                "argument '" #label "' must be an int64 tensor of shape (N,) with N = ",       \
-                (z).size(0), ", got ", (label).scalar_type(), " of shape ", (label).sizes());   \
-    DROPREG_CHECK_SAME_DEVICE(label, z);                                                       \
-  } while (0)
-
-// A per-row acc_t (N,) tensor (float32; float64 for float64 z) on z's device.
-#define DROPREG_CHECK_ROW_VALUES(v, z)                                                          \
-  do {                                                                                          \
-    TORCH_CHECK((v).scalar_type() == acc_type_of(z) && (v).dim() == 1 &&                        \
-                    (v).size(0) == (z).size(0),                                                 \
-                "argument '" #v "' must be a ", acc_type_of(z),                                 \
-                " tensor of shape (N,) with N = ", (z).size(0), " (the accumulation type of ",  \
-                (z).scalar_type(), " logits), got ", (v).scalar_type(), " of shape ",            \
-                (v).sizes());                                                                   \
-    DROPREG_CHECK_SAME_DEVICE(v, z);                                                            \
-  } while (0)
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cuda(const at::Tensor& z,
                                                                          const at::Tensor& target,
                                                                          const at::Tensor& rng,
                                                                          int64_t ignore_index) {
-  check_logits(z);
-  DROPREG_CHECK_LABELS(target, z);
-  DROPREG_CHECK_RNG(rng, z);
+  check_cross_entropy_sample_args(z, target, rng);
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t rows = z.size(0);
   const int64_t cols = z.size(1);
-  at::Tensor loss = at::empty({rows}, z.options().dtype(acc_type_of(z)));
-  at::Tensor lse = at::empty({rows}, z.options().dtype(acc_type_of(z)));
+  at::Tensor loss = at::empty({rows}, z.options().dtype(acc_type(z)));
+  at::Tensor lse = at::empty({rows}, z.options().dtype(acc_type(z)));
   at::Tensor yhat = at::empty({rows}, z.options().dtype(at::kLong));
   if (rows == 0) return {loss, lse, yhat};
   const at::Tensor zc = z.contiguous();
@@ -525,10 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cuda(const a
 
 at::Tensor ce_grad_cuda(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& label,
                         const at::Tensor& row_scale, int64_t ignore_index) {
-  check_logits(z);
-  DROPREG_CHECK_ROW_VALUES(lse, z);
-  DROPREG_CHECK_LABELS(label, z);
-  DROPREG_CHECK_ROW_VALUES(row_scale, z);
+  check_ce_grad_args(z, lse, label, row_scale);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
   at::Tensor out = at::empty_like(zc, at::MemoryFormat::Contiguous);
@@ -547,15 +457,11 @@ at::Tensor ce_grad_cuda(const at::Tensor& z, const at::Tensor& lse, const at::Te
         grid_size((chunks + kElementwiseThreads - 1) / kElementwiseThreads, kElementwiseThreads);
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (is_aligned(zp, kAlign) && is_aligned(op, kAlign)) {
-      ce_grad_kernel<scalar_t, acc_t, true><<<blocks, kElementwiseThreads, 0, stream>>>(
+    BOOL_SWITCH(is_aligned(zp, kAlign) && is_aligned(op, kAlign), kAligned, [&] {
+      ce_grad_kernel<scalar_t, acc_t, kAligned><<<blocks, kElementwiseThreads, 0, stream>>>(
           zp, lc.const_data_ptr<acc_t>(), yc.const_data_ptr<int64_t>(),
           sc.const_data_ptr<acc_t>(), op, n, zc.size(1), ignore_index);
-    } else {
-      ce_grad_kernel<scalar_t, acc_t, false><<<blocks, kElementwiseThreads, 0, stream>>>(
-          zp, lc.const_data_ptr<acc_t>(), yc.const_data_ptr<int64_t>(),
-          sc.const_data_ptr<acc_t>(), op, n, zc.size(1), ignore_index);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -566,14 +472,8 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cuda(const at::Tensor& u, co
                                                          const at::Tensor& label,
                                                          const at::Tensor& row_scale,
                                                          int64_t ignore_index) {
-  check_logits(z);
-  TORCH_CHECK(u.scalar_type() == z.scalar_type() && u.sizes() == z.sizes(),
-              "argument 'u' must have the dtype and shape of 'z' (", z.scalar_type(), ", ",
-              z.sizes(), "), got ", u.scalar_type(), " of shape ", u.sizes());
-  DROPREG_CHECK_SAME_DEVICE(u, z);
-  DROPREG_CHECK_ROW_VALUES(lse, z);
-  DROPREG_CHECK_LABELS(label, z);
-  DROPREG_CHECK_ROW_VALUES(row_scale, z);
+  check_ce_grad_args(z, lse, label, row_scale);
+  check_cotangent(u, z);
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
   const at::Tensor uc = u.contiguous();

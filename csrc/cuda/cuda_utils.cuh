@@ -1,4 +1,4 @@
-// Launch and vector-load helpers shared by the CUDA kernels (host and device, CUDA only).
+// Launch, warp and vector load/store helpers shared by the CUDA kernels (host and device, CUDA only).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +8,9 @@
 
 namespace dropreg {
 namespace cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp takes part in a shuffle
+constexpr int kWarpSize = 32;
 
 // Elements are handled in chunks of one 16-byte vector (32 bytes for double), made of whole Philox
 // calls: kGroups groups of 4 elements (8 halves = 2 groups), at least one group.
@@ -23,28 +26,37 @@ struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
   scalar_t v[kElems];
 };
 
-// x[e] = src[base + e] in acc_t for the chunk's elements below n (0 beyond n, never used).
+// Loads the chunk of flat indices [base, base + kElems) restricted to the row [begin, end) into
+// x (acc_t); in_row marks the elements that belong to the row (others read as 0, never used).
 template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ src, int64_t base,
-                                           int64_t n, acc_t (&x)[kElems]) {
+__device__ __forceinline__ void load_row_chunk(const scalar_t* __restrict__ src, int64_t base,
+                                               int64_t begin, int64_t end, acc_t (&x)[kElems],
+                                               bool (&in_row)[kElems]) {
   using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base + kElems <= n) {
+  if (kAligned && base >= begin && base + kElems <= end) {
     const Vec v = *reinterpret_cast<const Vec*>(src + base);
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) x[e] = static_cast<acc_t>(v.v[e]);
+    for (int e = 0; e < kElems; ++e) {
+      x[e] = static_cast<acc_t>(v.v[e]);
+      in_row[e] = true;
+    }
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
-      x[e] = base + e < n ? static_cast<acc_t>(src[base + e]) : acc_t(0);
+      const int64_t i = base + e;
+      in_row[e] = i >= begin && i < end;
+      x[e] = in_row[e] ? static_cast<acc_t>(src[i]) : acc_t(0);
     }
   }
 }
 
+// Stores the in-row elements of a chunk (one vector store when the chunk is the row's).
 template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
-__device__ __forceinline__ void store_chunk(scalar_t* __restrict__ dst, int64_t base, int64_t n,
-                                            const acc_t (&y)[kElems]) {
+__device__ __forceinline__ void store_row_chunk(scalar_t* __restrict__ dst, int64_t base,
+                                                int64_t begin, int64_t end,
+                                                const acc_t (&y)[kElems]) {
   using Vec = AlignedVec<scalar_t, kElems>;
-  if (kAligned && base + kElems <= n) {
+  if (kAligned && base >= begin && base + kElems <= end) {
     Vec v;
 #pragma unroll
     for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
@@ -52,9 +64,25 @@ __device__ __forceinline__ void store_chunk(scalar_t* __restrict__ dst, int64_t 
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
-      if (base + e < n) dst[base + e] = static_cast<scalar_t>(y[e]);
+      const int64_t i = base + e;
+      if (i >= begin && i < end) dst[i] = static_cast<scalar_t>(y[e]);
     }
   }
+}
+
+// x[e] = src[base + e] in acc_t for the chunk's elements below n (0 beyond n, never used).
+template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ src, int64_t base,
+                                           int64_t n, acc_t (&x)[kElems]) {
+  bool in_range[kElems];
+  load_row_chunk<scalar_t, acc_t, kElems, kAligned>(src, base, 0, n, x, in_range);
+}
+
+// dst[base + e] = y[e] for the chunk's elements below n.
+template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
+__device__ __forceinline__ void store_chunk(scalar_t* __restrict__ dst, int64_t base, int64_t n,
+                                            const acc_t (&y)[kElems]) {
+  store_row_chunk<scalar_t, acc_t, kElems, kAligned>(dst, base, 0, n, y);
 }
 
 // A missing (null) optional input never blocks the vector path.

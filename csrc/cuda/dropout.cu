@@ -1,7 +1,7 @@
 // Fused dropout on CUDA: Philox mask + scale in one pass, no mask tensor.
 // Bytes per element: read x, write y (2·sizeof(T)), the floor of any out-of-place elementwise op.
 // Each thread handles chunks of 16 bytes (4 elements per Philox call, 2 calls for 2-byte types)
-// with one aligned vector load and store, in a grid-stride loop. (seed, offset) are read from
+// with one aligned vector load and store (cuda_utils.cuh), in a grid-stride loop. (seed, offset) are read from
 // device memory, so a launch needs no host sync and is safe to capture in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,14 +18,16 @@
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "dropout_host.h"
+#include "static_switch.h"
 
 namespace dropreg {
 namespace {
 
 constexpr int kThreads = 256;
 
-using cuda::AlignedVec;
 using cuda::ChunkShape;
+using cuda::load_chunk;
+using cuda::store_chunk;
 
 // kGroups Philox calls (4·kGroups elements) per chunk; kAligned: x and y are aligned to a chunk.
 template <typename scalar_t, typename acc_t, int kGroups, bool kAligned>
@@ -33,7 +35,6 @@ __global__ void __launch_bounds__(kThreads)
     dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t scale,
                    const int64_t* __restrict__ rng) {
   constexpr int kElems = 4 * kGroups;
-  using Vec = AlignedVec<scalar_t, kElems>;
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
   const int64_t chunks = (n + kElems - 1) / kElems;
@@ -49,20 +50,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 4; ++k) u[4 * g + k] = r.x[k];
     }
     const int64_t base = c * kElems;
-    if (kAligned && base + kElems <= n) {
-      Vec in = *reinterpret_cast<const Vec*>(x + base);
-      Vec out;
+    acc_t v[kElems];
+    load_chunk<scalar_t, acc_t, kElems, kAligned>(x, base, n, v);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) {
-        out.v[k] = dropout_element<scalar_t, acc_t>(in.v[k], u[k], threshold, scale);
-      }
-      *reinterpret_cast<Vec*>(y + base) = out;
-    } else {
-#pragma unroll
-      for (int k = 0; k < kElems; ++k) {
-        if (base + k < n) y[base + k] = dropout_element<scalar_t, acc_t>(x[base + k], u[k], threshold, scale);
-      }
-    }
+    for (int k = 0; k < kElems; ++k) v[k] = keep(u[k], threshold) ? v[k] * scale : acc_t(0);
+    store_chunk<scalar_t, acc_t, kElems, kAligned>(y, base, n, v);
   }
 }
 
@@ -76,13 +68,10 @@ void launch(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t
   const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
   const bool aligned = cuda::is_aligned(x, kAlign) && cuda::is_aligned(y, kAlign);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (aligned) {
-    dropout_kernel<scalar_t, acc_t, kGroups, true>
+  BOOL_SWITCH(aligned, kAligned, [&] {
+    dropout_kernel<scalar_t, acc_t, kGroups, kAligned>
         <<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
-  } else {
-    dropout_kernel<scalar_t, acc_t, kGroups, false>
-        <<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

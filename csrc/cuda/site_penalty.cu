@@ -1,4 +1,4 @@
-// Site penalty on CUDA (DESIGN.md §2, fused op 3).
+// Site penalty on CUDA (docs/design.md §2, fused op 3).
 //
 //   site_penalty           out = [Σ (g_e·h)², Σ g_i·η·h]  (2,) acc_t, η regenerated from rng
 //                          bytes/elem: read h, g_e, g_i (3·sizeof(T) with both terms).
@@ -26,17 +26,16 @@
 #include <string>
 #include <tuple>
 
-#include "checks.h"
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "philox.h"
 #include "regularizer.h"
+#include "site_penalty_host.h"
+#include "static_switch.h"
 
 namespace dropreg {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;             // stage 1 and backward
 constexpr int kFinalThreads = 256;        // stage 2
 constexpr int64_t kElemsPerBlock = 4096;  // stage-1 grid: one block per 4096 elements ...
@@ -44,6 +43,8 @@ constexpr int64_t kMaxPartials = 1024;    // ... up to 1024 blocks (one resident
 
 using cuda::ChunkShape;
 using cuda::is_aligned;
+using cuda::kFullMask;
+using cuda::kWarpSize;
 using cuda::load_chunk;
 using cuda::store_chunk;
 
@@ -233,23 +234,7 @@ __global__ void __launch_bounds__(kThreads)
 // Host side: argument checks, allocation, dispatch.
 // ---------------------------------------------------------------------------------------------
 
-at::ScalarType acc_type_of(const at::Tensor& h) {
-  return h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// g: the gradient at the site for h (same shape, dtype and device), when given.
-#define DROPREG_CHECK_SITE_GRAD(g, h)                                                          \
-  do {                                                                                         \
-    if ((g).has_value()) {                                                                     \
-      TORCH_CHECK((g)->sizes() == (h).sizes() && (g)->scalar_type() == (h).scalar_type(),      \
-                  "argument '" #g "' must have the shape and dtype of 'h' (", (h).sizes(),     \
-                  ", ", (h).scalar_type(), "), got ", (g)->sizes(), ", ", (g)->scalar_type()); \
-      TORCH_CHECK((g)->device() == (h).device(), "argument '" #g                              \
-                  "' must be on the device of 'h' (", (h).device(), "), got ", (g)->device()); \
-    }                                                                                          \
-  } while (0)
-
-// Checks shared by the forward and the backward; returns the noise parameters in acc_t.
+// The noise parameters in acc_t.
 template <typename acc_t>
 NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
   return NoiseParams<acc_t>{static_cast<int>(kind),
@@ -257,32 +242,12 @@ NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
                             dropout_threshold(q)};
 }
 
-NoiseKind check_site_args(const at::Tensor& h, const c10::optional<at::Tensor>& g_e,
-                          const c10::optional<at::Tensor>& g_i, double q, const std::string& noise,
-                          const at::Tensor& rng) {
-  DROPREG_CHECK_FLOATING(h);
-  DROPREG_CHECK_SITE_GRAD(g_e, h);
-  DROPREG_CHECK_SITE_GRAD(g_i, h);
-  check_noise_prob(q);
-  DROPREG_CHECK_RNG(rng, h);
-  return parse_noise(noise);
-}
-
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-template <typename scalar_t>
-const scalar_t* const_ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-at::Tensor site_penalty_cuda(const at::Tensor& h, const c10::optional<at::Tensor>& g_e,
-                             const c10::optional<at::Tensor>& g_i, double q,
+at::Tensor site_penalty_cuda(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                             const std::optional<at::Tensor>& g_i, double q,
                              c10::string_view noise, const at::Tensor& rng) {
   const NoiseKind kind = check_site_args(h, g_e, g_i, q, std::string(noise), rng);
   const c10::cuda::CUDAGuard guard(h.device());
-  at::Tensor out = at::empty({2}, h.options().dtype(acc_type_of(h)));
+  at::Tensor out = at::empty({2}, h.options().dtype(acc_type(h)));
   const int64_t n = h.numel();
   if (n == 0 || (!g_e.has_value() && !g_i.has_value())) return out.zero_();
   const at::Tensor hc = h.contiguous();
@@ -303,13 +268,11 @@ at::Tensor site_penalty_cuda(const at::Tensor& h, const c10::optional<at::Tensor
         const NoiseParams<acc_t> np = noise_params<acc_t>(q, kind);
         const int64_t* rp = rc.const_data_ptr<int64_t>();
         double* pp = partials.data_ptr<double>();
-        if (is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign)) {
-          site_penalty_partials_kernel<scalar_t, acc_t, true>
+        const bool aligned = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign);
+        BOOL_SWITCH(aligned, kAligned, [&] {
+          site_penalty_partials_kernel<scalar_t, acc_t, kAligned>
               <<<num_partials, kThreads, 0, stream>>>(hp, ep, ip, n, np, rp, pp);
-        } else {
-          site_penalty_partials_kernel<scalar_t, acc_t, false>
-              <<<num_partials, kThreads, 0, stream>>>(hp, ep, ip, n, np, rp, pp);
-        }
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         site_penalty_final_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
             partials.const_data_ptr<double>(), num_partials, out.data_ptr<acc_t>());
@@ -319,23 +282,17 @@ at::Tensor site_penalty_cuda(const at::Tensor& h, const c10::optional<at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& h, const c10::optional<at::Tensor>& g_e,
-    const c10::optional<at::Tensor>& g_i, double q, c10::string_view noise, const at::Tensor& rng) {
+    const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+    const std::optional<at::Tensor>& g_i, double q, c10::string_view noise, const at::Tensor& rng) {
   const NoiseKind kind = check_site_args(h, g_e, g_i, q, std::string(noise), rng);
-  TORCH_CHECK(grad.scalar_type() == acc_type_of(h) && grad.dim() == 1 && grad.numel() == 2,
-              "argument 'grad' must be a ", acc_type_of(h), " tensor [a, b] of shape (2,) (the ",
-              "accumulation type of ", h.scalar_type(), " 'h'), got ", grad.scalar_type(),
-              " of shape ", grad.sizes());
-  DROPREG_CHECK_SAME_DEVICE(grad, h);
+  check_site_output_grad(grad, h);
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor hc = h.contiguous();
   const at::Tensor ec = contiguous_or_undefined(g_e);
   const at::Tensor ic = contiguous_or_undefined(g_i);
   at::Tensor grad_h = at::empty_like(hc, at::MemoryFormat::Contiguous);
-  at::Tensor grad_g_e =
-      ec.defined() ? at::empty_like(ec, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
-  at::Tensor grad_g_i =
-      ic.defined() ? at::empty_like(ic, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
+  at::Tensor grad_g_e = empty_like_or_none(ec, h);
+  at::Tensor grad_g_i = empty_like_or_none(ic, h);
   const int64_t n = hc.numel();
   if (n == 0) return {grad_h, grad_g_e, grad_g_i};
   const at::Tensor gc = grad.contiguous();
@@ -358,15 +315,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
         const bool aligned = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) &&
                              is_aligned(ip, kAlign) && is_aligned(dhp, kAlign) &&
                              is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
-        if (aligned) {
-          site_penalty_backward_kernel<scalar_t, acc_t, true><<<blocks, kThreads, 0, stream>>>(
+        BOOL_SWITCH(aligned, kAligned, [&] {
+          site_penalty_backward_kernel<scalar_t, acc_t, kAligned><<<blocks, kThreads, 0, stream>>>(
               gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, np,
               rc.const_data_ptr<int64_t>());
-        } else {
-          site_penalty_backward_kernel<scalar_t, acc_t, false><<<blocks, kThreads, 0, stream>>>(
-              gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, np,
-              rc.const_data_ptr<int64_t>());
-        }
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return {grad_h, grad_g_e, grad_g_i};

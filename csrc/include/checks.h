@@ -5,6 +5,16 @@
 #include <ATen/ATen.h>
 #include <cmath>
 
+namespace dropreg {
+
+// The accumulation dtype of a tensor's ops: float64 for float64, float32 otherwise. The run-time
+// twin of at::opmath_type<scalar_t> (what the kernels compute in) and of reference.acc_dtype.
+inline at::ScalarType acc_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace dropreg
+
 #define DROPREG_CHECK_FLOATING(x)                                                            \
   TORCH_CHECK(at::isFloatingType((x).scalar_type()) &&                                       \
                   ((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kDouble ||    \

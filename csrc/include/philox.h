@@ -4,7 +4,7 @@
 // triton_kernels/philox.py and the int64-arithmetic twin is dropreg_ext/reference.py::philox4x32_10.
 // All three are tested against the Random123 known-answer vectors and against each other.
 //
-// Counter layout (the random-number contract, DESIGN.md §3):
+// Counter layout (the random-number contract, docs/design.md §3):
 //   key     = (lo32(seed), hi32(seed))
 //   counter = (lo32(g), hi32(g), lo32(s), hi32(s)),  g = i >> 2,  s = offset + stream  (mod 2^64)
 //   u32(i)  = philox(counter, key)[i & 3]

@@ -1,4 +1,4 @@
-// Per-element math of the regularizer ops (DESIGN.md §2, fused ops 2 and 3), written once for the
+// Per-element math of the regularizer ops (docs/design.md §2, fused ops 2 and 3), written once for the
 // C++ CPU kernels (cpu/*.cpp) and the CUDA kernels (cuda/cross_entropy.cu, cuda/site_penalty.cu).
 // Every formula below mirrors dropreg_ext/reference.py, including the order of the floating-point
 // operations where that order is visible, so the backends agree with the reference to rounding.
