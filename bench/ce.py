@@ -30,7 +30,7 @@ import dropreg_ext as dr
 
 from .config import Config, dtype_name
 from .dropout import add_ratios, fresh_compile, our_backends
-from .measure import Timing, peak_bytes, time_fns
+from .measure import Timing, peak_bytes, time_fns, timed_row
 
 MODE = "sample+grad"
 CeFn = Callable[[torch.Tensor, torch.Tensor], tuple]
@@ -95,21 +95,8 @@ def case_keys(cfg: Config) -> list:
 def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
     s = case.z.element_size()
     nbytes = (bytes_per_elem(s) if mode == MODE else 2 * s) * case.numel
-    gbps = nbytes / (timing.median_ms / 1e3) / 1e9
-    return {
-        "section": "ce",
-        "case": "ce_sample",
-        "provider": provider,
-        "mode": mode,
-        "dtype": dtype_name(case.dtype),
-        "rows": case.rows,
-        "classes": case.classes,
-        "numel": case.numel,
-        **dataclasses.asdict(timing),
-        "bytes_min": nbytes,
-        "gbps_eff": gbps,
-        "pct_copy": 100 * gbps / copy_gbps,
-    }
+    return timed_row("ce", "ce_sample", provider, mode, case.dtype, timing, nbytes, copy_gbps, rows=case.rows,
+                     classes=case.classes, numel=case.numel)
 
 
 def case_call(fn: CeFn, case: Case) -> Callable[[], None]:

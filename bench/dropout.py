@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import dropreg_ext as dr
 
 from .config import Config, dtype_name, size_label
-from .measure import Timing, peak_bytes, time_fns
+from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BASELINES = ("eager", "compile")
@@ -120,9 +120,7 @@ class Case:
     device: torch.device
 
     def __post_init__(self) -> None:
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        self.x = torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype)
-        self.g = torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype)
+        self.x, self.g = seeded_randn(2, self.numel, self.dtype, self.device)
         self.x_grad = self.x.clone().requires_grad_()
 
 
@@ -158,23 +156,10 @@ def case_keys(cfg: Config) -> list:
 
 def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
     s = case.x.element_size()
-    bytes_min = min_bytes_per_elem(mode, s) * case.numel
     bytes_own = own_bytes_per_elem(provider, mode, s, case.device) * case.numel
-    seconds = timing.median_ms / 1e3
-    return {
-        "section": "dropout",
-        "case": "dropout",
-        "provider": provider,
-        "mode": mode,
-        "dtype": dtype_name(case.dtype),
-        "numel": case.numel,
-        **dataclasses.asdict(timing),
-        "bytes_min": bytes_min,
-        "bytes_own": bytes_own,
-        "gbps_eff": bytes_min / seconds / 1e9,
-        "gbps_own": bytes_own / seconds / 1e9,
-        "pct_copy": 100 * bytes_min / seconds / 1e9 / copy_gbps,
-    }
+    return timed_row("dropout", "dropout", provider, mode, case.dtype, timing,
+                     min_bytes_per_elem(mode, s) * case.numel, copy_gbps, numel=case.numel, bytes_own=bytes_own,
+                     gbps_own=bytes_own / (timing.median_ms / 1e3) / 1e9)
 
 
 def run_case(case: Case, cfg: Config) -> list:

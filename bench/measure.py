@@ -145,3 +145,30 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_peak_bytes(fn, device)
     return _cpu_peak_bytes(fn)
+
+
+def seeded_randn(count: int, shape, dtype: torch.dtype, device: torch.device) -> list:
+    """``count`` standard normal tensors of ``shape`` from one generator seeded 0 on ``device``:
+    every provider of a case sees the same inputs, every run the same values."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(count)]
+
+
+def timed_row(section: str, case: str, provider: str, mode: str, dtype: torch.dtype, timing: Timing,
+              bytes_min: int, copy_gbps: float, **fields) -> dict:
+    """One result row: what was timed, the timing, the bytes counted by hand, and the effective
+    GB/s (``bytes_min`` over the median) as a percentage of the copy's GB/s measured in the same
+    rounds. ``fields`` adds the section's own columns (sizes, own bytes)."""
+    gbps = bytes_min / (timing.median_ms / 1e3) / 1e9
+    return {
+        "section": section,
+        "case": case,
+        "provider": provider,
+        "mode": mode,
+        "dtype": str(dtype).removeprefix("torch."),
+        **fields,
+        **dataclasses.asdict(timing),
+        "bytes_min": bytes_min,
+        "gbps_eff": gbps,
+        "pct_copy": 100 * gbps / copy_gbps,
+    }

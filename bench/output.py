@@ -144,8 +144,8 @@ def print_report(result: dict) -> None:
         print("\n== training steps (SGD step: forward, loss, backward, update) ==")
         print(train_table(rows))
         print("reg_plain / reg_fused: dropout's explicit (sampled ŷ) + implicit regularizer instead of dropout,")
-        print("plain autograd (bench.train.plain_objective) / dr.DropoutRegularizer. x eager: vs the eager")
-        print("nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
+        print("plain autograd (dropreg_ext.reference.regularizer_objective) / dr.DropoutRegularizer.")
+        print("x eager: vs the eager nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
         for line in regularizer_headlines(rows):
             print("  " + line)
     if result["checks"]:

@@ -16,7 +16,6 @@ import os
 import sys
 
 from .checks import format_check
-from .config import size_label
 from .output import regularizer_headlines, size_text
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -34,35 +33,11 @@ def _opt(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else ""
 
 
-def dropout_headline(rows: list) -> str:
-    """Every provider at the largest n measured for each dtype."""
-    rows = [r for r in rows if r["section"] == "dropout"]
-    largest = {}
-    for r in rows:
-        largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["numel"])
-    picked = [r for r in rows if r["numel"] == largest[r["dtype"]]]
-    body = [
-        [
-            r["dtype"],
-            size_label(r["numel"]),
-            r["mode"],
-            r["provider"],
-            f"{r['median_ms']:.3f}",
-            f"{r['gbps_eff']:.3g}",
-            f"{r['pct_copy']:.0f}%",
-            _opt(r, "speedup_vs_eager", ".2f"),
-            _opt(r, "speedup_vs_compile", ".2f"),
-            f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "",
-        ]
-        for r in picked
-    ]
-    headers = ["dtype", "n", "mode", "provider", "median ms", "eff GB/s", "of copy", "x eager", "x compile",
-               "peak MiB"]  # fmt: skip
-    return markdown_table(headers, body)
+HEADLINE_HEADERS = ["dtype", "size", "mode", "provider", "median ms", "eff GB/s", "of copy", "x eager", "x compile",
+                    "peak MiB"]  # fmt: skip
 
 
-def op_headline(rows: list, section: str) -> str:
-    """Every provider of ``section`` ("ce" or "site") at every size measured."""
+def _headline_table(rows: list, size_header: str) -> str:
     body = [
         [
             r["dtype"],
@@ -77,11 +52,22 @@ def op_headline(rows: list, section: str) -> str:
             f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else "",
         ]
         for r in rows
-        if r["section"] == section
     ]
-    headers = ["dtype", "N x C" if section == "ce" else "n", "mode", "provider", "median ms", "eff GB/s",
-               "of copy", "x eager", "x compile", "peak MiB"]  # fmt: skip
-    return markdown_table(headers, body)
+    return markdown_table([size_header if h == "size" else h for h in HEADLINE_HEADERS], body)
+
+
+def dropout_headline(rows: list) -> str:
+    """Every provider at the largest n measured for each dtype."""
+    rows = [r for r in rows if r["section"] == "dropout"]
+    largest = {}
+    for r in rows:
+        largest[r["dtype"]] = max(largest.get(r["dtype"], 0), r["numel"])
+    return _headline_table([r for r in rows if r["numel"] == largest[r["dtype"]]], "n")
+
+
+def op_headline(rows: list, section: str) -> str:
+    """Every provider of ``section`` ("ce" or "site") at every size measured."""
+    return _headline_table([r for r in rows if r["section"] == section], "N x C" if section == "ce" else "n")
 
 
 def train_headline(rows: list) -> str:

@@ -27,7 +27,7 @@ import dropreg_ext as dr
 
 from .config import Config, dtype_name, size_label
 from .dropout import add_ratios, fresh_compile, our_backends
-from .measure import Timing, peak_bytes, time_fns
+from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "fwd+bwd")
 NOISE = "rademacher"
@@ -72,10 +72,7 @@ class Case:
     device: torch.device
 
     def __post_init__(self) -> None:
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        self.inputs = [
-            torch.randn(self.numel, generator=gen, device=self.device).to(self.dtype) for _ in range(3)
-        ]
+        self.inputs = seeded_randn(3, self.numel, self.dtype, self.device)
         self.inputs_grad = [t.clone().requires_grad_() for t in self.inputs]
         self.grad_out = torch.ones(2, device=self.device, dtype=torch.float32)
 
@@ -102,19 +99,7 @@ def case_keys(cfg: Config) -> list:
 
 def _row(case: Case, provider: str, mode: str, timing: Timing, copy_gbps: float) -> dict:
     nbytes = bytes_per_elem(mode, case.inputs[0].element_size()) * case.numel
-    gbps = nbytes / (timing.median_ms / 1e3) / 1e9
-    return {
-        "section": "site",
-        "case": "site_penalty",
-        "provider": provider,
-        "mode": mode,
-        "dtype": dtype_name(case.dtype),
-        "numel": case.numel,
-        **dataclasses.asdict(timing),
-        "bytes_min": nbytes,
-        "gbps_eff": gbps,
-        "pct_copy": 100 * gbps / copy_gbps,
-    }
+    return timed_row("site", "site_penalty", provider, mode, case.dtype, timing, nbytes, copy_gbps, numel=case.numel)
 
 
 def run_case(case: Case, cfg: Config) -> list:

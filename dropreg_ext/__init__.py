@@ -7,21 +7,23 @@
 
 from . import _ext, backends, functional, nn, ops, reference, regularizer
 from .backends import get_backend, set_backend, use_backend
-from .nn import Dropout, Dropout1d, Dropout2d, Dropout3d, LockedDropout, record_sites, replace_dropout
-from .regularizer import DropoutRegularizer, k_sample_loss
+from .nn import (  # noqa: F401  (exported through *nn.__all__ below)
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    LockedDropout,
+    Site,
+    record_sites,
+    replace_dropout,
+)
+from .regularizer import DropoutRegularizer, k_sample_loss  # noqa: F401  (through *regularizer.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Dropout",
-    "Dropout1d",
-    "Dropout2d",
-    "Dropout3d",
-    "LockedDropout",
-    "replace_dropout",
-    "record_sites",
-    "DropoutRegularizer",
-    "k_sample_loss",
+    *nn.__all__,
+    *regularizer.__all__,
     "functional",
     "ops",
     "backends",

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..reference import acc_dtype, dropout_scale, dropout_threshold
 from ._launch import kernel_launcher
-from .philox import philox_groups
+from .philox import philox_tile, program_tile
 from .rounding import round_to
 
 STREAM_DROPOUT_MASK = tl.constexpr(0)
@@ -21,17 +21,8 @@ STREAM_DROPOUT_MASK = tl.constexpr(0)
 
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, scale_ptr, rng_ptr, n, threshold, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    lane = tl.arange(0, 4)
-    offs = group[:, None] * 4 + lane[None, :]
-    mask = offs < n
-    r0, r1, r2, r3 = philox_groups(rng_ptr, STREAM_DROPOUT_MASK, group)
-    u = tl.where(
-        lane[None, :] == 0,
-        r0[:, None],
-        tl.where(lane[None, :] == 1, r1[:, None], tl.where(lane[None, :] == 2, r2[:, None], r3[:, None])),
-    )
+    group, offs, mask = program_tile(n, BLOCK)
+    u = philox_tile(rng_ptr, STREAM_DROPOUT_MASK, group)
     keep = u.to(tl.int64) >= threshold
     scale = tl.load(scale_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0)

@@ -99,3 +99,13 @@ def philox_tile(rng_ptr, stream, group):
         r0[:, None],
         tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])),
     )
+
+
+@triton.jit
+def program_tile(n, BLOCK: tl.constexpr):
+    """This program's BLOCK elements [pid·BLOCK, (pid+1)·BLOCK) as a (BLOCK/4, 4) tile of Philox
+    groups: (group ids, element offsets, in-bounds mask), in int64 (no overflow past 2^31)."""
+    pid = tl.program_id(0).to(tl.int64)
+    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
+    return group, offs, offs < n

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..reference import STREAM_SITE_NOISE as _STREAM_SITE_NOISE
 from ..reference import acc_dtype, dropout_threshold
 from ._launch import kernel_launcher, reduction_input
-from .philox import philox_tile
+from .philox import philox_tile, program_tile
 from .rounding import add_rn, round_to
 
 STREAM_SITE_NOISE = tl.constexpr(_STREAM_SITE_NOISE)
@@ -63,10 +63,7 @@ def _site_penalty_kernel(
 
     Bytes per element: read h, g_e, g_i (6 for bf16 with both terms); per program: write 2 partials.
     """
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
-    mask = offs < n
+    group, offs, mask = program_tile(n, BLOCK)
     acc_ty: tl.constexpr = partial_ptr.dtype.element_ty
     h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
     explicit = 0.0
@@ -78,6 +75,7 @@ def _site_penalty_kernel(
         g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_ty)
         eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
         implicit = tl.sum(g_i * eta * h)
+    pid = tl.program_id(0)
     tl.store(partial_ptr + 2 * pid, explicit)
     tl.store(partial_ptr + 2 * pid + 1, implicit)
 
@@ -116,10 +114,7 @@ def _site_penalty_backward_kernel(
     """dh = 2a·g_e²·h + b·g_i·η,  dg_e = 2a·g_e·h²,  dg_i = b·η·h, with [a, b] read from grad_ptr
     (no host sync). Bytes per element with both terms: read h, g_e, g_i, write dh, dg_e, dg_i (12 for
     bf16)."""
-    pid = tl.program_id(0).to(tl.int64)
-    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
-    mask = offs < n
+    group, offs, mask = program_tile(n, BLOCK)
     acc_ty: tl.constexpr = up_ptr.dtype.element_ty
     h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
     dh = tl.zeros((BLOCK // 4, 4), acc_ty)
