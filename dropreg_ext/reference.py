@@ -1,14 +1,38 @@
-"""Pure-PyTorch reference of every op: the ground truth the kernels are tested against.
+"""Pure-PyTorch reference of every op: the ground truth the kernels are tested against, and the home
+of the random-number contract (v2), implemented once per backend and tested bit for bit.
 
-Philox4x32-10 is written here with int64 tensor arithmetic (no uint32 dtype needed), following the
-counter layout of ``csrc/include/philox.h`` (docs/design.md §3)::
+Philox4x32-10 (Random123 constants) is written here with int64 tensor arithmetic. Every stream of a
+call draws from the same counter layout, a call (a *group* g) giving four 32-bit words::
 
-    key     = (lo32(seed), hi32(seed))
-    counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   g = i >> 2,   s = offset + stream (mod 2^64)
-    u32(i)  = philox(counter, key)[i & 3]
+    key      = (lo32(seed), hi32(seed))
+    counter  = (lo32(g), hi32(g), lo32(s), hi32(s)),   s = offset + stream (mod 2^64)
+    words(g) = philox(counter, key)                     (w0, w1, w2, w3)
 
-``i`` is the logical row-major element index, ``(seed, offset)`` the per-call RNG state and
-``stream`` one of :data:`STREAM_DROPOUT_MASK`, :data:`STREAM_SITE_NOISE`, :data:`STREAM_GUMBEL`.
+and each stream reads the words at the density it needs, by the logical row-major element index
+``i`` of the tensor it is drawn for (never a thread, tile or memory layout):
+
+=======================================  =====================  ======================================
+stream                                   elements per call      bits of element i
+=======================================  =====================  ======================================
+dropout mask (:data:`STREAM_DROPOUT_MASK`) 8                     u16(i): half i & 1 (low half first) of
+and dropout-kind site noise (site)                               word (i >> 1) & 3 of group i >> 3
+Rademacher site noise (site)             128                    bit i & 31 of word (i >> 5) & 3 of
+                                                                group i >> 7
+Gumbel noise (:data:`STREAM_GUMBEL`)     4                      u32(i): word i & 3 of group i >> 2
+=======================================  =====================  ======================================
+
+Keep test (mask and dropout-kind noise): an element is dropped iff ``u16 < t``,
+``t = round(q·2^16)`` (half to even) in [0, 2^16]: q is quantized to q' = t/2^16, within 2^-17 of q
+(q = 0 and q < 2^-17 keep everything, q = 1 drops everything). The scale is that of q',
+``1/(1-q') = 2^16/(2^16 - t)`` (0 when t = 2^16), so E[y] = x exactly; the drop rate differs from q by
+at most 2^-17 and the variance factor q'/(1-q') from q/(1-q) by at most 2^-17/(1-q)². Site noise:
+Rademacher η = ±sqrt(q/(1-q)) (+ iff the bit is 1; q itself, no quantization); dropout kind
+η = q'/(1-q') when kept, else -1 (mean 0 exactly). Gumbel: u = ((u32 >> 9) + 1/2)·2^-23, exact in
+float32 and strictly inside (0, 1), G = -log(-log u).
+
+The per-call state is an int64 tensor ``[seed, offset]`` on the input's device; the streams of one
+call differ in ``stream`` (0, 1, 2), so they never share counters, and a regularizer's site i draws
+its noise at offset + 4·i.
 """
 
 from __future__ import annotations
@@ -22,7 +46,10 @@ __all__ = [
     "STREAM_SITE_NOISE",
     "STREAM_GUMBEL",
     "philox4x32_10",
+    "philox_words",
     "philox_uint32",
+    "philox_uint16",
+    "philox_bits",
     "acc_dtype",
     "dropout_threshold",
     "dropout_scale",
@@ -35,6 +62,7 @@ __all__ = [
     "ce_grad_backward",
     "NOISE_KINDS",
     "site_noise",
+    "site_noise_amplitude",
     "site_penalty",
     "site_penalty_backward",
     "regularizer_objective",
@@ -88,28 +116,47 @@ def _split64(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return v & _MASK32, (v >> 32) & _MASK32
 
 
-def philox_uint32(rng: torch.Tensor, stream: int, numel: int, device=None) -> torch.Tensor:
-    """u32(i) for i in [0, numel) under rng = int64 [seed, offset]; int64 tensor of values < 2^32."""
+def philox_words(rng: torch.Tensor, stream: int, groups: int, device=None) -> torch.Tensor:
+    """The four words of groups 0 .. groups-1 of ``stream`` under rng = int64 [seed, offset], as an
+    int64 tensor (groups, 4) of values < 2^32."""
     device = rng.device if device is None else device
     rng = rng.to(device=device, dtype=torch.int64)
     seed, offset = rng[0], rng[1]
     s = offset + stream  # int64 wrap-around == uint64 addition mod 2^64
-    i = torch.arange(numel, device=device, dtype=torch.int64)
-    g_lo, g_hi = _split64(i >> 2)
+    g_lo, g_hi = _split64(torch.arange(groups, device=device, dtype=torch.int64))
     s_lo, s_hi = _split64(s)
     k_lo, k_hi = _split64(seed)
-    words = torch.stack(philox4x32_10((g_lo, g_hi, s_lo, s_hi), (k_lo, k_hi)))
-    return words.gather(0, (i & 3).unsqueeze(0)).squeeze(0)
+    return torch.stack(philox4x32_10((g_lo, g_hi, s_lo, s_hi), (k_lo, k_hi)), dim=-1)
+
+
+def philox_uint32(rng: torch.Tensor, stream: int, numel: int, device=None) -> torch.Tensor:
+    """u32(i) = word i & 3 of group i >> 2, for i in [0, numel) (the Gumbel stream's density)."""
+    return philox_words(rng, stream, (numel + 3) // 4, device).reshape(-1)[:numel]
+
+
+def philox_uint16(rng: torch.Tensor, stream: int, numel: int, device=None) -> torch.Tensor:
+    """u16(i) = half i & 1 (low first) of word (i >> 1) & 3 of group i >> 3 (mask density)."""
+    words = philox_words(rng, stream, (numel + 7) // 8, device)
+    return torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(-1)[:numel]
+
+
+def philox_bits(rng: torch.Tensor, stream: int, numel: int, device=None) -> torch.Tensor:
+    """bit(i) = bit i & 31 of word (i >> 5) & 3 of group i >> 7 (Rademacher density), as 0/1 int64."""
+    words = philox_words(rng, stream, (numel + 127) // 128, device)
+    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
+    return ((words[..., None] >> shifts) & 1).reshape(-1)[:numel]
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer keep test threshold round(p·2^32) (half to even, as std::nearbyint)."""
-    return round(p * 4294967296.0)
+    """Keep-test threshold t = round(p·2^16) (half to even, as std::nearbyint), in [0, 2^16]."""
+    return round(p * 65536.0)
 
 
 def dropout_scale(p: float) -> float:
-    """1/(1-p), and 0 for p = 1 (every element dropped; avoids 0·inf)."""
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    """1/(1-p') for the quantized p' = t/2^16: 2^16/(2^16 - t), and 0 when everything is dropped
+    (t = 2^16; avoids 0·inf)."""
+    t = dropout_threshold(p)
+    return 0.0 if t >= 65536 else 65536.0 / (65536 - t)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,17 +166,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dropout_keep(shape, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """Boolean keep mask m of the given shape: m_i = u32(i) >= round(p·2^32)."""
+    """Boolean keep mask m of the given shape: m_i = u16(i) >= round(p·2^16)."""
     numel = 1
     for d in shape:
         numel *= int(d)
-    u = philox_uint32(rng, STREAM_DROPOUT_MASK, numel)
+    u = philox_uint16(rng, STREAM_DROPOUT_MASK, numel)
     return (u >= dropout_threshold(p)).reshape(shape)
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """y = m ⊙ x / (1 - p), m from :func:`dropout_keep`; computed in float32 (float64 for float64
-    inputs) and rounded once to x's dtype. Differentiable through plain autograd."""
+    """y = m ⊙ x / (1 - p'), m from :func:`dropout_keep`, p' the quantized p (:func:`dropout_scale`);
+    computed in float32 (float64 for float64 inputs) and rounded once to x's dtype; dropped elements
+    are +0. Differentiable through plain autograd."""
     keep = dropout_keep(x.shape, p, rng.to(x.device))
     acc = acc_dtype(x.dtype)
     scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
@@ -270,22 +318,34 @@ NOISE_KINDS = ("rademacher", "dropout")
 
 
 def site_noise(shape, q: float, noise: str, rng: torch.Tensor, dtype=torch.float32, device=None) -> torch.Tensor:
-    """η of the site-noise stream, mean 0 and variance q/(1-q), in ``dtype`` (float32/float64).
+    """η of the site-noise stream, mean 0, in ``dtype`` (float32/float64).
 
-    rademacher: η_i = ±sqrt(q/(1-q)), + iff u32(i) >= 2^31 (top bit);
-    dropout:    η_i = q/(1-q) if u32(i) >= round(q·2^32) (kept) else -1  (= m_i/(1-q) - 1).
+    rademacher: η_i = ±sqrt(q/(1-q)), + iff bit(i) = 1 (:func:`philox_bits`); variance q/(1-q);
+    dropout:    η_i = q'/(1-q') if u16(i) >= t (kept) else -1 (= m_i/(1-q') - 1), t = round(q·2^16),
+                q' = t/2^16: variance q'/(1-q').
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"argument 'noise' must be one of {NOISE_KINDS}, got {noise!r}")
     numel = 1
     for d in shape:
         numel *= int(d)
-    u = philox_uint32(rng, STREAM_SITE_NOISE, numel, device).reshape(shape)
+    device = rng.device if device is None else device
     if noise == "rademacher":
-        a = torch.tensor((q / (1.0 - q)) ** 0.5, dtype=dtype, device=u.device)
-        return torch.where(u >= 2**31, a, -a)
-    up = torch.tensor(q / (1.0 - q), dtype=dtype, device=u.device)
-    return torch.where(u >= dropout_threshold(q), up, torch.tensor(-1.0, dtype=dtype, device=u.device))
+        bit = philox_bits(rng, STREAM_SITE_NOISE, numel, device).reshape(shape)
+        a = torch.tensor(site_noise_amplitude(q, noise), dtype=dtype, device=device)
+        return torch.where(bit == 1, a, -a)
+    u = philox_uint16(rng, STREAM_SITE_NOISE, numel, device).reshape(shape)
+    up = torch.tensor(site_noise_amplitude(q, noise), dtype=dtype, device=device)
+    return torch.where(u >= dropout_threshold(q), up, torch.tensor(-1.0, dtype=dtype, device=device))
+
+
+def site_noise_amplitude(q: float, noise: str) -> float:
+    """The positive noise value, in double: sqrt(q/(1-q)) (rademacher), q'/(1-q') = t/(2^16 - t)
+    (dropout kind; q' the quantized q)."""
+    if noise == "rademacher":
+        return (q / (1.0 - q)) ** 0.5
+    t = dropout_threshold(q)
+    return t / (65536 - t)
 
 
 def site_penalty(

@@ -83,10 +83,11 @@ def test_large_tensor_matches_reference(be, n, dtype):
 
 PROBS = [
     pytest.param(0.0, id="p0"),
-    pytest.param(1e-9, id="p1e-9"),  # threshold 4
+    pytest.param(1e-10, id="p1e-10"),  # threshold 0: the identity, exactly
+    pytest.param(3 * 2**-17, id="p-3-half-quanta"),  # threshold 2 (a tie, rounded to even)
     pytest.param(0.1, id="p0.1"),
-    pytest.param(0.5 + 2**-33, id="p-half-tie"),  # p·2^32 ends in .5: round half to even
-    pytest.param(0.77, id="p0.77"),  # threshold above 2^31 (unsigned 32-bit range)
+    pytest.param(0.5 + 2**-17, id="p-half-tie"),  # p·2^16 ends in .5: round half to even
+    pytest.param(0.77, id="p0.77"),  # threshold above 2^15
     pytest.param(1 - 2**-30, id="p-near-1"),
     pytest.param(1.0, id="p1"),
 ]
@@ -183,7 +184,10 @@ def test_kept_values_are_scaled_input(backend, dtype):
     y = run(backend, x, p, rng)
     keep = expected_keep(backend, x.shape, p, rng)
     assert_bitwise_equal(y[keep], scaled_like_kernels(x, p)[keep], "kept values (dtype rule)")
-    assert_close(y[keep], x[keep].double() / (1 - p), dtype, "kept values vs exact x/(1-p)")
+    p_quantized = R.dropout_threshold(p) / 2**16
+    assert_close(y[keep], x[keep].double() / (1 - p_quantized), dtype, "kept values vs exact x/(1-p')")
+    # the quantized p is within 2^-17 of p, so the scale within 2^-17/(1-p)² of 1/(1-p)
+    assert abs(1 / (1 - p_quantized) - 1 / (1 - p)) <= 2**-17 / (1 - p) ** 2
     assert bool((y[~keep] == 0).all())
 
 

@@ -145,7 +145,7 @@ def test_fraction_dropped_is_sane(shape, p, seed):
     elif p == 1.0:
         assert dropped == n
     elif n:
-        p_eff = R.dropout_threshold(p) / 2**32
+        p_eff = R.dropout_threshold(p) / 2**16
         bound = math.sqrt(math.log(2 / 1e-9) / (2 * n))
         assert abs(dropped / n - p_eff) <= bound, (dropped, n, p)
     kept = y[y != 0]

@@ -92,13 +92,27 @@ def test_philox_accepts_noncontiguous_rows(cpu_backend):
 # ------------------------------------------------------------------------------------------------
 
 
-def hand_u32(seed: int, offset: int, stream: int, i: int) -> int:
-    """u32(i) of the contract, with Python integers and the scalar reference Philox."""
+def hand_words(seed: int, offset: int, stream: int, g: int) -> list:
+    """The four words of call g of the contract, with Python integers and the scalar reference Philox."""
     seed %= 2**64
     s = (offset + stream) % 2**64
-    g = i >> 2
     words = R.philox4x32_10((g & MASK32, g >> 32, s & MASK32, s >> 32), (seed & MASK32, seed >> 32))
-    return int(words[i & 3])
+    return [int(w) for w in words]
+
+
+def hand_u32(seed: int, offset: int, stream: int, i: int) -> int:
+    """u32(i): word i % 4 of call i // 4 (the Gumbel density)."""
+    return hand_words(seed, offset, stream, i // 4)[i % 4]
+
+
+def hand_u16(seed: int, offset: int, stream: int, i: int) -> int:
+    """u16(i): 16-bit half i % 2 (low first) of word (i // 2) % 4 of call i // 8 (the mask density)."""
+    return (hand_words(seed, offset, stream, i // 8)[(i // 2) % 4] >> (16 * (i % 2))) & 0xFFFF
+
+
+def hand_bit(seed: int, offset: int, stream: int, i: int) -> int:
+    """bit(i): bit i % 32 of word (i // 32) % 4 of call i // 128 (the Rademacher density)."""
+    return (hand_words(seed, offset, stream, i // 128)[(i // 32) % 4] >> (i % 32)) & 1
 
 
 def rng_tensor(seed: int, offset: int, device="cpu") -> torch.Tensor:
@@ -136,11 +150,22 @@ def test_reference_counter_layout(seed, offset, stream):
 
 
 @pytest.mark.parametrize("seed, offset", RNG_CASES)
+def test_reference_u16_and_bit_layouts(seed, offset):
+    """The two denser readings of the same calls: 8 u16 halves and 128 bits per call."""
+    rng = rng_tensor(seed, offset)
+    n = 300  # 38 u16 calls (the last partial), 3 bit calls
+    u16 = [hand_u16(seed, offset, R.STREAM_DROPOUT_MASK, i) for i in range(n)]
+    bits = [hand_bit(seed, offset, R.STREAM_SITE_NOISE, i) for i in range(n)]
+    assert R.philox_uint16(rng, R.STREAM_DROPOUT_MASK, n).tolist() == u16
+    assert R.philox_bits(rng, R.STREAM_SITE_NOISE, n).tolist() == bits
+
+
+@pytest.mark.parametrize("seed, offset", RNG_CASES)
 @pytest.mark.parametrize("p", [0.3, 0.8], ids=["p0.3", "p0.8"])
 def test_reference_keep_mask_layout(seed, offset, p):
     rng = rng_tensor(seed, offset)
-    threshold = round(p * 2**32)
-    expected = [hand_u32(seed, offset, R.STREAM_DROPOUT_MASK, i) >= threshold for i in range(LAYOUT_N)]
+    threshold = round(p * 2**16)
+    expected = [hand_u16(seed, offset, R.STREAM_DROPOUT_MASK, i) >= threshold for i in range(LAYOUT_N)]
     keep = R.dropout_keep((LAYOUT_N,), p, rng)
     assert keep.tolist() == expected
     # multi-dim shapes use the row-major logical index
@@ -154,8 +179,8 @@ def test_backend_mask_follows_counter_layout(backend, seed, offset):
     rng = rng_tensor(seed, offset, backend.device)
     x = torch.ones(LAYOUT_N, dtype=torch.float32, device=backend.device)
     y = dr.ops.fused_dropout(x, p, rng, backend=backend.name)
-    threshold = round(p * 2**32)
-    expected = [hand_u32(seed, offset, R.STREAM_DROPOUT_MASK, i) >= threshold for i in range(LAYOUT_N)]
+    threshold = round(p * 2**16)
+    expected = [hand_u16(seed, offset, R.STREAM_DROPOUT_MASK, i) >= threshold for i in range(LAYOUT_N)]
     assert (y != 0).tolist() == expected
 
 
@@ -170,14 +195,21 @@ def test_streams_do_not_share_counters():
 
 
 def test_threshold_and_scale_edges():
+    """t = round(p·2^16), half to even; scale = 2^16/(2^16 - t), the quantized p's 1/(1-p')."""
     assert R.dropout_threshold(0.0) == 0
-    assert R.dropout_threshold(1.0) == 2**32
-    assert R.dropout_threshold(0.5) == 2**31
-    assert R.dropout_threshold(0.5 + 2**-33) == 2**31  # tie: half to even (as std::nearbyint)
-    assert R.dropout_threshold(0.5 + 3 * 2**-33) == 2**31 + 2  # tie: half to even, upwards
-    assert R.dropout_scale(1.0) == 0.0
-    assert R.dropout_scale(0.0) == 1.0
+    assert R.dropout_threshold(1.0) == 2**16
+    assert R.dropout_threshold(0.5) == 2**15
+    assert R.dropout_threshold(1e-10) == 0  # below half a quantum: identity (scale 1 exactly)
+    assert R.dropout_threshold(0.5 + 2**-17) == 2**15  # tie: half to even (as std::nearbyint)
+    assert R.dropout_threshold(0.5 + 3 * 2**-17) == 2**15 + 2  # tie: half to even, upwards
+    assert R.dropout_threshold(1 - 2**-30) == 2**16  # within half a quantum of 1: drops everything
+    assert R.dropout_scale(1.0) == 0.0 and R.dropout_scale(1 - 2**-30) == 0.0
+    assert R.dropout_scale(0.0) == 1.0 and R.dropout_scale(1e-10) == 1.0
     assert R.dropout_scale(0.75) == 4.0
+    assert R.dropout_scale(0.3) == 2**16 / (2**16 - round(0.3 * 2**16))
+    # the quantization bound: |p' - p| <= 2^-17
+    for p in (0.1, 0.3, 1 / 3, 0.77, 0.999):
+        assert abs(R.dropout_threshold(p) / 2**16 - p) <= 2**-17
 
 
 # ------------------------------------------------------------------------------------------------

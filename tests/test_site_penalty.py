@@ -136,14 +136,18 @@ def test_reference_against_textbook(noise):
 @pytest.mark.parametrize("noise, q", [("rademacher", 0.3), ("dropout", 0.1), ("dropout", 0.8)])
 def test_noise_distribution(noise, q):
     """n = 30000 draws, bounds at 5 standard deviations: Rademacher balance P(+) = 1/2, dropout
-    noise P(-1) = q; exact values; mean 0 and variance q/(1-q)."""
+    noise P(-1) = q' (q quantized to 2^-16, within 2^-17 of q); exact values; mean 0 and variance
+    q/(1-q) (q'/(1-q') for dropout noise)."""
     n = 30_000
     eta = R.site_noise((n,), q, noise, torch.tensor([123, 456]), torch.float64)
-    r = q / (1 - q)
     if noise == "rademacher":
+        r = q / (1 - q)
         values, p_low = (-math.sqrt(r), math.sqrt(r)), 0.5
     else:
-        values, p_low = (-1.0, r), q
+        q_quantized = R.dropout_threshold(q) / 2**16
+        assert abs(q_quantized - q) <= 2**-17
+        r = q_quantized / (1 - q_quantized)
+        values, p_low = (-1.0, r), q_quantized
     assert set(torch.unique(eta).tolist()) <= set(values)
     frac_low = float((eta == values[0]).double().mean())
     assert abs(frac_low - p_low) < 5 * math.sqrt(p_low * (1 - p_low) / n), (frac_low, p_low)

@@ -62,13 +62,14 @@ def _cases():
         yield f"site_penalty-{dt}", "dropreg_ext.triton_kernels.site_penalty._site_penalty_kernel", {
             "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_ptr": "*" + acc, "rng_ptr": "*i64",
             "partial_ptr": "*" + acc, "n": "i32", "threshold": "i64", "HAS_GE": "constexpr",
-            "HAS_GI": "constexpr", "RADEMACHER": "constexpr", "BLOCK": "constexpr"}, {
-            "HAS_GE": True, "HAS_GI": True, "RADEMACHER": True, "BLOCK": 4096}, 16
+            "HAS_GI": "constexpr", "RADEMACHER": "constexpr", "BLOCK": "constexpr", "ROW": "constexpr"}, {
+            "HAS_GE": True, "HAS_GI": True, "RADEMACHER": True, "BLOCK": 4096, "ROW": 128}, 16
         yield f"site_penalty_backward-{dt}", "dropreg_ext.triton_kernels.site_penalty._site_penalty_backward_kernel", {
             "grad_ptr": "*" + acc, "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_ptr": "*" + acc,
             "rng_ptr": "*i64", "dh_ptr": "*" + t, "dge_ptr": "*" + t, "dgi_ptr": "*" + t, "n": "i32",
             "threshold": "i64", "HAS_GE": "constexpr", "HAS_GI": "constexpr", "RADEMACHER": "constexpr",
-            "BLOCK": "constexpr"}, {"HAS_GE": True, "HAS_GI": True, "RADEMACHER": False, "BLOCK": 1024}, 4
+            "BLOCK": "constexpr", "ROW": "constexpr"}, {"HAS_GE": True, "HAS_GI": True, "RADEMACHER": False,
+                                                     "BLOCK": 1024, "ROW": 8}, 4
     yield "philox_raw", "dropreg_ext.triton_kernels.philox._philox_raw_kernel", {
         "counter_ptr": "*i64", "key_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "BLOCK": "constexpr"}, {
         "BLOCK": 128}, 4

@@ -23,32 +23,52 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def u32(rng: torch.Tensor, stream: str, numel: int) -> torch.Tensor:
-    """u32(i), i < numel, as int64 values (CPU)."""
+def _words(rng: torch.Tensor, stream: str, groups: int) -> torch.Tensor:
+    """The (groups, 4) words of groups 0 .. groups-1 (CPU)."""
     seed, offset = (v % 2**64 for v in rng.cpu().tolist())
     s = (offset + STREAMS[stream]) % 2**64
-    groups = torch.arange((numel + 3) // 4, dtype=torch.int64)
-    n = groups.numel()
-    counter = torch.stack([groups & MASK32, groups >> 32, torch.full((n,), s & MASK32),
-                           torch.full((n,), s >> 32)], dim=1)
-    key = torch.tensor([[seed & MASK32, seed >> 32]]).expand(n, 2)
-    return R.philox(counter, key).reshape(-1)[:numel]
+    g = torch.arange(groups, dtype=torch.int64)
+    counter = torch.stack([g & MASK32, g >> 32, torch.full((groups,), s & MASK32),
+                           torch.full((groups,), s >> 32)], dim=1)
+    key = torch.tensor([[seed & MASK32, seed >> 32]]).expand(groups, 2)
+    return R.philox(counter, key)
+
+
+def u32(rng: torch.Tensor, stream: str, numel: int) -> torch.Tensor:
+    """u32(i) = word i % 4 of group i // 4 (Gumbel density), int64 values (CPU)."""
+    i = torch.arange(numel)
+    return _words(rng, stream, (numel + 3) // 4)[i // 4, i % 4]
+
+
+def u16(rng: torch.Tensor, stream: str, numel: int) -> torch.Tensor:
+    """u16(i) = 16-bit half i % 2 (low first) of word (i // 2) % 4 of group i // 8 (mask density)."""
+    i = torch.arange(numel)
+    word = _words(rng, stream, (numel + 7) // 8)[i // 8, (i // 2) % 4]
+    return (word >> (16 * (i % 2))) % 2**16
+
+
+def bit(rng: torch.Tensor, stream: str, numel: int) -> torch.Tensor:
+    """bit i % 32 of word (i // 32) % 4 of group i // 128 (Rademacher density), 0/1 (CPU)."""
+    i = torch.arange(numel)
+    word = _words(rng, stream, (numel + 127) // 128)[i // 128, (i // 32) % 4]
+    return (word >> (i % 32)) % 2
 
 
 def dropout_keep(shape, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """keep iff u32 >= round(p·2^32) (half to even), at the row-major index (CPU)."""
+    """keep iff u16 >= round(p·2^16) (half to even), at the row-major index (CPU)."""
     numel = 1
     for d in shape:
         numel *= int(d)
-    return (u32(rng, "mask", numel) >= round(p * 2**32)).reshape(tuple(shape))
+    return (u16(rng, "mask", numel) >= round(p * 2**16)).reshape(tuple(shape))
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """m ⊙ x / (1 - p): the mask of :func:`dropout_keep`, the product in the compute dtype rounded
-    once, dropped elements +0."""
+    """m ⊙ x / (1 - p'), p' = round(p·2^16)/2^16 the quantized p: the mask of :func:`dropout_keep`,
+    the product in the compute dtype rounded once, dropped elements +0."""
     keep = dropout_keep(x.shape, p, rng).to(x.device)
     acc = acc_dtype(x.dtype)
-    scale = torch.tensor(0.0 if p == 1 else 1 / (1 - p), dtype=acc, device=x.device)
+    t = round(p * 2**16)
+    scale = torch.tensor(0.0 if t == 2**16 else 1 / (1 - t / 2**16), dtype=acc, device=x.device)
     return torch.where(keep, (x.to(acc) * scale).to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -88,18 +108,19 @@ def ce_grad_backward(u, z, lse, label, row_scale, ignore_index):
 
 
 def site_noise(shape, q: float, noise: str, rng: torch.Tensor) -> torch.Tensor:
-    """η in float64: rademacher ±sqrt(q/(1-q)), + iff the top bit of u32 is set; dropout q/(1-q) if
-    u32 >= round(q·2^32), else -1."""
+    """η in float64: rademacher ±sqrt(q/(1-q)), + iff the element's bit is 1; dropout kind q'/(1-q')
+    if u16 >= round(q·2^16), else -1, q' the quantized q."""
     numel = 1
     for d in shape:
         numel *= int(d)
-    u = u32(rng, "site", numel).reshape(shape)
-    r = q / (1 - q)
     if noise == "rademacher":
-        up, down, keep = r**0.5, -(r**0.5), u >= 2**31
+        r = q / (1 - q)
+        up, down, keep = r**0.5, -(r**0.5), bit(rng, "site", numel) == 1
     else:
-        up, down, keep = r, -1.0, u >= round(q * 2**32)
-    return torch.where(keep, torch.tensor(up, dtype=torch.float64), torch.tensor(down, dtype=torch.float64))
+        t = round(q * 2**16)
+        up, down, keep = t / (2**16 - t), -1.0, u16(rng, "site", numel) >= t
+    return torch.where(keep, torch.tensor(up, dtype=torch.float64), torch.tensor(down, dtype=torch.float64)).reshape(
+        tuple(shape))
 
 
 def site_penalty_and_grads(grad, h, g_e, g_i, q, noise, rng):

@@ -1,10 +1,10 @@
 """Fused dropout in Triton: Philox mask + scale in one pass, no mask tensor.
 
-    y_i = keep_i ? x_i · scale : 0,   keep_i = u32(i) >= round(p·2^32),   scale = 1/(1-p)
+    y_i = keep_i ? x_i · scale : +0,   keep_i = u16(i) >= round(p·2^16),   scale = 2^16/(2^16 - t)
 
-computed in float32 (float64 for float64 inputs) and rounded once. Bytes per element: read x,
-write y. Each program handles BLOCK elements as a (BLOCK/4, 4) tile so one Philox call serves the
-four elements of a row of the tile, matching the counter layout of ``philox.py``.
+(contract v2, ``reference.py``) computed in float32 (float64 for float64 inputs) and rounded once.
+Bytes per element: read x, write y. Each program handles BLOCK elements as a (BLOCK/8, 8) tile so
+one Philox call serves the eight elements of a row of the tile.
 """
 
 import torch
@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..reference import acc_dtype, dropout_scale, dropout_threshold
 from ._launch import kernel_launcher
-from .philox import philox_tile, program_tile
+from .philox import philox_tile16, program_tile
 from .rounding import round_to
 
 STREAM_DROPOUT_MASK = tl.constexpr(0)
@@ -21,11 +21,11 @@ STREAM_DROPOUT_MASK = tl.constexpr(0)
 
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, scale_ptr, rng_ptr, n, threshold, BLOCK: tl.constexpr):
-    group, offs, mask = program_tile(n, BLOCK)
-    u = philox_tile(rng_ptr, STREAM_DROPOUT_MASK, group)
-    keep = u.to(tl.int64) >= threshold
+    group, offs, mask = program_tile(n, BLOCK, 8)
+    x = tl.load(x_ptr + offs, mask=mask, other=0)  # first: the load's latency hides behind Philox
+    u = philox_tile16(rng_ptr, STREAM_DROPOUT_MASK, group)
+    keep = u >= threshold
     scale = tl.load(scale_ptr)
-    x = tl.load(x_ptr + offs, mask=mask, other=0)
     y = tl.where(keep, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
     tl.store(y_ptr + offs, y, mask=mask)
 

@@ -1,10 +1,12 @@
-"""Philox4x32-10 in Triton, with the counter layout of ``csrc/include/philox.h`` (docs/design.md §3)::
+"""Philox4x32-10 in Triton, with the counter layout of the random-number contract (``reference.py``'s
+docstring, ``csrc/include/philox.h``)::
 
     key     = (lo32(seed), hi32(seed))
-    counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   g = i >> 2,   s = offset + stream (mod 2^64)
-    u32(i)  = philox(counter, key)[i & 3]
+    counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   s = offset + stream (mod 2^64)
 
-Written out rather than calling ``tl.philox`` so the layout, not Triton's, is the contract.
+and the three densities at which the streams read a call's four words: u32 (4 elements per call,
+Gumbel), u16 (8, the mask and dropout-kind noise) and single bits (128, Rademacher noise). Written
+out rather than calling ``tl.philox`` so the layout, not Triton's, is the contract.
 """
 
 import torch
@@ -87,25 +89,45 @@ def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def philox_tile(rng_ptr, stream, group):
-    """u32 of elements ``4·group + (0, 1, 2, 3)`` as a uint32 tile of shape (len(group), 4).
-
-    One Philox call serves the four elements of a tile row: the layout's ``i >> 2`` / ``i & 3`` split.
-    """
-    r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
-    lane = tl.arange(0, 4)[None, :]
-    return tl.where(
-        lane == 0,
-        r0[:, None],
-        tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])),
-    )
+def _word(r0, r1, r2, r3, w):
+    """Word w (a tile of 0..3, broadcastable with the r's) of each group."""
+    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
 
 
 @triton.jit
-def program_tile(n, BLOCK: tl.constexpr):
-    """This program's BLOCK elements [pid·BLOCK, (pid+1)·BLOCK) as a (BLOCK/4, 4) tile of Philox
-    groups: (group ids, element offsets, in-bounds mask), in int64 (no overflow past 2^31)."""
+def philox_tile(rng_ptr, stream, group):
+    """u32 of elements ``4·group + (0..3)`` as a uint32 tile of shape (len(group), 4): one Philox
+    call serves the four elements of a tile row."""
+    r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
+    lane = tl.arange(0, 4)[None, :]
+    return _word(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane)
+
+
+@triton.jit
+def philox_tile16(rng_ptr, stream, group):
+    """u16 of elements ``8·group + (0..7)`` (half lane & 1, low first, of word lane >> 1) as a
+    uint32 tile of shape (len(group), 8)."""
+    r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
+    lane = tl.arange(0, 8)[None, :]
+    word = _word(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane >> 1)
+    return (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def philox_bits_tile(rng_ptr, stream, group):
+    """bit of elements ``128·group + (0..127)`` (bit lane & 31 of word lane >> 5) as a uint32 tile
+    of shape (len(group), 128) of 0 and 1."""
+    r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
+    lane = tl.arange(0, 128)[None, :]
+    word = _word(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane >> 5)
+    return (word >> (lane & 31).to(tl.uint32)) & 1
+
+
+@triton.jit
+def program_tile(n, BLOCK: tl.constexpr, ROW: tl.constexpr):
+    """This program's BLOCK elements [pid·BLOCK, (pid+1)·BLOCK) as a (BLOCK/ROW, ROW) tile, one row
+    per Philox call of ROW elements: (call ids, element offsets, in-bounds mask), in int64."""
     pid = tl.program_id(0).to(tl.int64)
-    group = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    offs = group[:, None] * 4 + tl.arange(0, 4)[None, :]
+    group = pid * (BLOCK // ROW) + tl.arange(0, BLOCK // ROW)
+    offs = group[:, None] * ROW + tl.arange(0, ROW)[None, :]
     return group, offs, offs < n

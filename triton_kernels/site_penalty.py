@@ -4,7 +4,8 @@
     backward:  dh = 2a·g_e²·h + b·g_i·η,  dg_e = 2a·g_e·h²,  dg_i = b·η·h    for grad = [a, b]
 
 η is regenerated from the site-noise stream at the logical element index (``reference.site_noise``):
-rademacher η = ±sqrt(q/(1-q)) (+ iff u32 >= 2^31), dropout η = q/(1-q) if u32 >= round(q·2^32) else -1.
+rademacher η = ±sqrt(q/(1-q)) (+ iff the element's bit is 1; 128 elements per Philox call, a program
+tile of rows of 128), dropout η = q'/(1-q') if u16 >= round(q·2^16) else -1 (8 per call, rows of 8).
 Math in float32 (float64 for float64 h). A missing g_e / g_i is a constexpr flag: its loads, its
 Philox calls and its term are compiled out.
 
@@ -19,9 +20,9 @@ import triton
 import triton.language as tl
 
 from ..reference import STREAM_SITE_NOISE as _STREAM_SITE_NOISE
-from ..reference import acc_dtype, dropout_threshold
+from ..reference import acc_dtype, dropout_threshold, site_noise_amplitude
 from ._launch import kernel_launcher, reduction_input
-from .philox import philox_tile, program_tile
+from .philox import philox_bits_tile, philox_tile16, program_tile
 from .rounding import add_rn, round_to
 
 STREAM_SITE_NOISE = tl.constexpr(_STREAM_SITE_NOISE)
@@ -32,14 +33,18 @@ BLOCK_BACKWARD = 1024
 
 @triton.jit
 def _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER: tl.constexpr):
-    """η of elements 4·group + (0..3), as a (len(group), 4) tile: up if u32 >= threshold, else
-    -up (rademacher) or -1 (dropout). ``up`` is a scalar of the accumulation dtype."""
-    bits = philox_tile(rng_ptr, STREAM_SITE_NOISE, group)
+    """η of the elements of ``group``'s Philox calls, as a (len(group), ROW) tile (ROW = 128 for
+    rademacher, 8 for dropout noise): up or -up by the element's bit (rademacher), up if
+    u16 >= threshold else -1 (dropout). ``up`` is a scalar of the accumulation dtype."""
     up = tl.load(up_ptr)
-    # up·(-1), not -up: Triton 3.6 lowers negation to 0 - up, which turns up = +0 (q = 0) into +0
-    # where the reference's -a is -0.
-    down = up * -1.0 if RADEMACHER else -1.0
-    return tl.where(bits.to(tl.int64) >= threshold, up, down).to(up.dtype)
+    if RADEMACHER:
+        bits = philox_bits_tile(rng_ptr, STREAM_SITE_NOISE, group)
+        # up·(-1), not -up: Triton 3.6 lowers negation to 0 - up, which turns up = +0 (q = 0) into +0
+        # where the reference's -a is -0.
+        return tl.where(bits == 1, up, up * -1.0).to(up.dtype)
+    else:
+        u16 = philox_tile16(rng_ptr, STREAM_SITE_NOISE, group)
+        return tl.where(u16 >= threshold, up, -1.0).to(up.dtype)
 
 
 @triton.jit
@@ -56,6 +61,7 @@ def _site_penalty_kernel(
     HAS_GI: tl.constexpr,
     RADEMACHER: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
 ):
     """Partial sums of program p over elements [p·BLOCK, (p+1)·BLOCK):
 
@@ -63,7 +69,7 @@ def _site_penalty_kernel(
 
     Bytes per element: read h, g_e, g_i (6 for bf16 with both terms); per program: write 2 partials.
     """
-    group, offs, mask = program_tile(n, BLOCK)
+    group, offs, mask = program_tile(n, BLOCK, ROW)
     acc_ty: tl.constexpr = partial_ptr.dtype.element_ty
     h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
     explicit = 0.0
@@ -110,14 +116,15 @@ def _site_penalty_backward_kernel(
     HAS_GI: tl.constexpr,
     RADEMACHER: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROW: tl.constexpr,
 ):
     """dh = 2a·g_e²·h + b·g_i·η,  dg_e = 2a·g_e·h²,  dg_i = b·η·h, with [a, b] read from grad_ptr
     (no host sync). Bytes per element with both terms: read h, g_e, g_i, write dh, dg_e, dg_i (12 for
     bf16)."""
-    group, offs, mask = program_tile(n, BLOCK)
+    group, offs, mask = program_tile(n, BLOCK, ROW)
     acc_ty: tl.constexpr = up_ptr.dtype.element_ty
     h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
-    dh = tl.zeros((BLOCK // 4, 4), acc_ty)
+    dh = tl.zeros((BLOCK // ROW, ROW), acc_ty)
     if HAS_GE:
         a = tl.load(grad_ptr).to(acc_ty)
         g_e = tl.load(ge_ptr + offs, mask=mask, other=0).to(acc_ty)
@@ -143,13 +150,12 @@ def _contiguous(*tensors) -> tuple:
 
 
 def _noise_params(q: float, noise: str, acc: torch.dtype, device) -> tuple:
-    """(up, threshold, rademacher): η = up if u32 >= threshold else (-up or -1). ``up`` is computed in
-    double on the host, exactly as the reference does, and rounded once to the accumulation dtype."""
-    if noise == "rademacher":
-        up, threshold = (q / (1.0 - q)) ** 0.5, 2**31
-    else:
-        up, threshold = q / (1.0 - q), dropout_threshold(q)
-    return torch.full((), up, dtype=acc, device=device), threshold, noise == "rademacher"
+    """(up, threshold, rademacher, row): η = up if kept (bit 1, or u16 >= threshold) else (-up or -1),
+    ``row`` the elements per Philox call of the noise kind. ``up`` is computed in double on the host,
+    exactly as the reference does, and rounded once to the accumulation dtype."""
+    rademacher = noise == "rademacher"
+    up = torch.full((), site_noise_amplitude(q, noise), dtype=acc, device=device)
+    return up, dropout_threshold(q), rademacher, 128 if rademacher else 8
 
 
 def site_penalty(
@@ -174,7 +180,7 @@ def site_penalty(
     n = h.numel()
     if n == 0 or (g_e is None and g_i is None):
         return torch.zeros(2, dtype=acc, device=h.device)
-    up, threshold, rademacher = _noise_params(q, noise, acc, h.device)
+    up, threshold, rademacher, row = _noise_params(q, noise, acc, h.device)
     n_programs = triton.cdiv(n, BLOCK_FORWARD)
     partials = torch.empty((n_programs, 2), dtype=acc, device=h.device)
     kernel_launcher(_site_penalty_kernel)[(n_programs,)](
@@ -190,6 +196,7 @@ def site_penalty(
         HAS_GI=g_i is not None,
         RADEMACHER=rademacher,
         BLOCK=BLOCK_FORWARD,
+        ROW=row,
         num_warps=16,  # 8 elements a thread: 63 registers (ptxas, sm_90) vs 110 with 8 warps
     )
     out = torch.empty(2, dtype=acc, device=h.device)
@@ -220,7 +227,7 @@ def site_penalty_backward(
     n = h.numel()
     if n == 0:
         return dh, dg_e, dg_i
-    up, threshold, rademacher = _noise_params(q, noise, acc_dtype(h.dtype), h.device)
+    up, threshold, rademacher, row = _noise_params(q, noise, acc_dtype(h.dtype), h.device)
     kernel_launcher(_site_penalty_backward_kernel)[(triton.cdiv(n, BLOCK_BACKWARD),)](
         grad.contiguous(),
         h,
@@ -237,5 +244,6 @@ def site_penalty_backward(
         HAS_GI=g_i is not None,
         RADEMACHER=rademacher,
         BLOCK=BLOCK_BACKWARD,
+        ROW=row,
     )
     return dh, dg_e, dg_i

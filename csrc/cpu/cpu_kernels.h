@@ -1,6 +1,6 @@
 // Building blocks of the CPU kernels (CPU only; the CUDA kernels have their own loops).
 //
-// - philox_block: the Philox draws of 128 consecutive elements, vectorized across Philox calls.
+// - philox_block: the words of 32 consecutive Philox calls, vectorized across the calls.
 // - vexp_inplace / vlog_inplace: float exp/log over a small array with SLEEF's u10 functions, the
 //   ones torch.exp/torch.log use on the CPU (exported by libtorch_cpu), so our values match the
 //   reference bit for bit on the same CPU capability; a plain libm loop where AVX2 is missing.
@@ -24,9 +24,11 @@ namespace dropreg {
 namespace cpu {
 
 constexpr int64_t kBlockGroups = 32;                // Philox calls per block
-constexpr int64_t kBlockElems = 4 * kBlockGroups;   // elements per block (128)
+constexpr int64_t kBlockWords = 4 * kBlockGroups;   // 32-bit words per block (128)
+constexpr int64_t kBlockElems = kBlockWords;        // elements per block at the u32 (Gumbel) density
 
-// u[e] = u32(4·first_group + e) of `stream`, e < kBlockElems, in element order. The rounds run over
+// u[w] = word w % 4 of group first_group + w / 4 of `stream`, w < kBlockWords (at the u32 density,
+// u32 of element 4·first_group + w). The rounds run over
 // structure-of-arrays counters with the group loop innermost, so the compiler vectorizes across
 // groups (they share the key schedule); the four words are then interleaved.
 static DROPREG_CPU_CLONES void philox_block(uint64_t seed, uint64_t offset, uint64_t stream,

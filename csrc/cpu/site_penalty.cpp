@@ -3,7 +3,8 @@
 //
 // Deterministic reduction: the elements are cut into fixed 4096-element chunks (independent of
 // the thread count); each chunk is summed in order in acc_t, and the chunk sums are added in
-// chunk order in double. Bytes per element: forward reads h, g_e, g_i; backward reads them and
+// chunk order in double. η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of
+// dropout-kind u16s). Bytes per element: forward reads h, g_e, g_i; backward reads them and
 // writes dh, dg_e, dg_i.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,13 +22,18 @@
 namespace dropreg {
 namespace {
 
-using cpu::kBlockElems;
-constexpr int64_t kChunk = 32 * kBlockElems;  // elements per deterministic partial sum
+using cpu::kBlockGroups;
+using cpu::philox_block;
+
+// Elements per η block and per deterministic partial sum: one Philox block of Rademacher bits
+// (32 calls x 128), sixteen of dropout-kind u16s (32 calls x 8 each).
+constexpr int64_t kChunk = kBitsPerGroup * kBlockGroups;  // 4096
+constexpr int64_t kU16BlockElems = kU16PerGroup * kBlockGroups;  // 256
 
 struct NoiseParams {
   NoiseKind kind;
   double amplitude;  // positive noise value, cast to acc_t by the kernels
-  uint64_t threshold;
+  uint32_t threshold;
   uint64_t seed;
   uint64_t offset;
 };
@@ -39,12 +45,26 @@ NoiseParams noise_params(double q, NoiseKind kind, const at::Tensor& rng) {
           static_cast<uint64_t>(state[1])};
 }
 
-// η for the elements [blk, blk + n) (blk a multiple of kBlockElems) into eta[0..n).
+// η of the elements [blk, blk + n) into eta[0..n), blk a multiple of kChunk and n <= kChunk.
+// u[w] is word w % 4 of call w / 4 of a block: a bit k reads u[k / 32], a u16 k reads u[k / 2].
 template <typename acc_t>
-void noise_block(const NoiseParams& np, int64_t blk, int64_t n, uint32_t* u, acc_t* eta) {
-  cpu::philox_block(np.seed, np.offset, kStreamSiteNoise, static_cast<uint64_t>(blk) / 4, u);
+void noise_block(const NoiseParams& np, int64_t blk, int64_t n, acc_t* eta) {
+  alignas(64) uint32_t u[cpu::kBlockWords];
   const acc_t a = static_cast<acc_t>(np.amplitude);
-  for (int64_t k = 0; k < n; ++k) eta[k] = site_noise_value<acc_t>(u[k], np.kind, a, np.threshold);
+  if (np.kind == kRademacher) {
+    philox_block(np.seed, np.offset, kStreamSiteNoise, static_cast<uint64_t>(blk / kBitsPerGroup), u);
+    for (int64_t k = 0; k < n; ++k) {
+      eta[k] = site_noise_value<acc_t>((u[k >> 5] >> (k & 31)) & 1u, np.kind, a, np.threshold);
+    }
+    return;
+  }
+  for (int64_t w0 = 0; w0 < n; w0 += kU16BlockElems) {
+    philox_block(np.seed, np.offset, kStreamSiteNoise, static_cast<uint64_t>((blk + w0) / kU16PerGroup), u);
+    const int64_t m = std::min(kU16BlockElems, n - w0);
+    for (int64_t k = 0; k < m; ++k) {
+      eta[w0 + k] = site_noise_value<acc_t>((u[k >> 1] >> ((k & 1) * 16)) & 0xFFFFu, np.kind, a, np.threshold);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -53,24 +73,22 @@ void penalty_kernel(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, i
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(2 * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    alignas(64) uint32_t u[kBlockElems];
-    alignas(64) acc_t eta[kBlockElems];
+    std::vector<acc_t> eta(kChunk);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t explicit_sum = 0, implicit_sum = 0;
-      const int64_t end = std::min(n, (c + 1) * kChunk);
-      for (int64_t blk = c * kChunk; blk < end; blk += kBlockElems) {
-        const int64_t m = std::min(kBlockElems, end - blk);
-        if (ge != nullptr) {
-          for (int64_t k = 0; k < m; ++k) {
-            explicit_sum += site_explicit_term<acc_t>(static_cast<acc_t>(ge[blk + k]), static_cast<acc_t>(h[blk + k]));
-          }
+      const int64_t begin = c * kChunk;
+      const int64_t m = std::min(kChunk, n - begin);
+      if (ge != nullptr) {
+        for (int64_t k = 0; k < m; ++k) {
+          explicit_sum +=
+              site_explicit_term<acc_t>(static_cast<acc_t>(ge[begin + k]), static_cast<acc_t>(h[begin + k]));
         }
-        if (gi != nullptr) {
-          noise_block<acc_t>(np, blk, m, u, eta);
-          for (int64_t k = 0; k < m; ++k) {
-            implicit_sum += site_implicit_term<acc_t>(static_cast<acc_t>(gi[blk + k]), eta[k],
-                                                      static_cast<acc_t>(h[blk + k]));
-          }
+      }
+      if (gi != nullptr) {
+        noise_block<acc_t>(np, begin, m, eta.data());
+        for (int64_t k = 0; k < m; ++k) {
+          implicit_sum += site_implicit_term<acc_t>(static_cast<acc_t>(gi[begin + k]), eta[k],
+                                                    static_cast<acc_t>(h[begin + k]));
         }
       }
       partial[2 * c] = explicit_sum;
@@ -88,14 +106,13 @@ template <typename scalar_t, typename acc_t>
 void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t* ge, const scalar_t* gi,
                              int64_t n, const NoiseParams& np, scalar_t* dh, scalar_t* dge, scalar_t* dgi) {
   const acc_t a2 = acc_t(2) * a;
-  const int64_t blocks = (n + kBlockElems - 1) / kBlockElems;
-  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    alignas(64) uint32_t u[kBlockElems];
-    alignas(64) acc_t eta[kBlockElems];
+  const int64_t blocks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, blocks, 2, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> eta(kChunk);
     for (int64_t blkno = b0; blkno < b1; ++blkno) {
-      const int64_t blk = blkno * kBlockElems;
-      const int64_t m = std::min(kBlockElems, n - blk);
-      if (gi != nullptr) noise_block<acc_t>(np, blk, m, u, eta);
+      const int64_t blk = blkno * kChunk;
+      const int64_t m = std::min(kChunk, n - blk);
+      if (gi != nullptr) noise_block<acc_t>(np, blk, m, eta.data());
       for (int64_t k = 0; k < m; ++k) {
         const acc_t hv = static_cast<acc_t>(h[blk + k]);
         acc_t d = 0;

@@ -12,13 +12,16 @@ namespace cuda {
 constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp takes part in a shuffle
 constexpr int kWarpSize = 32;
 
-// Elements are handled in chunks of one 16-byte vector (32 bytes for double), made of whole Philox
-// calls: kGroups groups of 4 elements (8 halves = 2 groups), at least one group.
-template <typename scalar_t>
+// Elements are handled in chunks of whole Philox calls (kPerCall elements each: 4 at the u32
+// density of the Gumbel stream, 8 at the u16 density of the mask) and at least one 16-byte vector:
+// f32 Gumbel chunks are 4 elements, bf16 ones 8 (2 calls); mask chunks are 8 elements (1 call) for
+// every dtype, loaded as 16-byte vectors (kVec elements each: 2 for f64, 4 for f32, 8 for 2-byte).
+template <typename scalar_t, int kPerCall = 4>
 struct ChunkShape {
-  static constexpr int kGroups = sizeof(scalar_t) >= 4 ? 1 : 16 / (4 * sizeof(scalar_t));
-  static constexpr int kElems = 4 * kGroups;
-  static constexpr uintptr_t kAlign = sizeof(scalar_t) * kElems;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+  static constexpr int kElems = kVec > kPerCall ? kVec : kPerCall;
+  static constexpr int kGroups = kElems / kPerCall;
+  static constexpr uintptr_t kAlign = sizeof(scalar_t) * kVec;
 };
 
 template <typename scalar_t, int kElems>
@@ -26,19 +29,30 @@ struct alignas(sizeof(scalar_t) * kElems) AlignedVec {
   scalar_t v[kElems];
 };
 
+// 16-byte vectors of a chunk of kElems (the whole chunk when it is smaller).
+template <typename scalar_t, int kElems>
+constexpr int vec_elems() {
+  return 16 / static_cast<int>(sizeof(scalar_t)) < kElems ? 16 / static_cast<int>(sizeof(scalar_t)) : kElems;
+}
+
 // Loads the chunk of flat indices [base, base + kElems) restricted to the row [begin, end) into
-// x (acc_t); in_row marks the elements that belong to the row (others read as 0, never used).
+// x (acc_t), with 16-byte vector loads when the chunk lies in the row and kAligned (src is aligned to
+// ChunkShape::kAlign); in_row marks the elements that belong to the row (others read as 0, never used).
 template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
 __device__ __forceinline__ void load_row_chunk(const scalar_t* __restrict__ src, int64_t base,
                                                int64_t begin, int64_t end, acc_t (&x)[kElems],
                                                bool (&in_row)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
+  constexpr int kV = vec_elems<scalar_t, kElems>();
+  using Vec = AlignedVec<scalar_t, kV>;
   if (kAligned && base >= begin && base + kElems <= end) {
-    const Vec v = *reinterpret_cast<const Vec*>(src + base);
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) {
-      x[e] = static_cast<acc_t>(v.v[e]);
-      in_row[e] = true;
+    for (int w = 0; w < kElems / kV; ++w) {
+      const Vec v = *reinterpret_cast<const Vec*>(src + base + w * kV);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        x[w * kV + e] = static_cast<acc_t>(v.v[e]);
+        in_row[w * kV + e] = true;
+      }
     }
   } else {
 #pragma unroll
@@ -50,17 +64,21 @@ __device__ __forceinline__ void load_row_chunk(const scalar_t* __restrict__ src,
   }
 }
 
-// Stores the in-row elements of a chunk (one vector store when the chunk is the row's).
+// Stores the in-row elements of a chunk (16-byte vector stores when the chunk is the row's).
 template <typename scalar_t, typename acc_t, int kElems, bool kAligned>
 __device__ __forceinline__ void store_row_chunk(scalar_t* __restrict__ dst, int64_t base,
                                                 int64_t begin, int64_t end,
                                                 const acc_t (&y)[kElems]) {
-  using Vec = AlignedVec<scalar_t, kElems>;
+  constexpr int kV = vec_elems<scalar_t, kElems>();
+  using Vec = AlignedVec<scalar_t, kV>;
   if (kAligned && base >= begin && base + kElems <= end) {
-    Vec v;
 #pragma unroll
-    for (int e = 0; e < kElems; ++e) v.v[e] = static_cast<scalar_t>(y[e]);
-    *reinterpret_cast<Vec*>(dst + base) = v;
+    for (int w = 0; w < kElems / kV; ++w) {
+      Vec v;
+#pragma unroll
+      for (int e = 0; e < kV; ++e) v.v[e] = static_cast<scalar_t>(y[w * kV + e]);
+      *reinterpret_cast<Vec*>(dst + base + w * kV) = v;
+    }
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {

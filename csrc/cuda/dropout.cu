@@ -1,7 +1,7 @@
 // Fused dropout on CUDA: Philox mask + scale in one pass, no mask tensor.
 // Bytes per element: read x, write y (2·sizeof(T)), the floor of any out-of-place elementwise op.
-// Each thread handles chunks of 16 bytes (4 elements per Philox call, 2 calls for 2-byte types)
-// with one aligned vector load and store (cuda_utils.cuh), in a grid-stride loop. (seed, offset) are read from
+// Each thread handles chunks of 8 elements, one Philox call (the 16-bit keep test), with 16-byte
+// vector loads and stores (cuda_utils.cuh), in a grid-stride loop. (seed, offset) are read from
 // device memory, so a launch needs no host sync and is safe to capture in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,47 +29,40 @@ using cuda::ChunkShape;
 using cuda::load_chunk;
 using cuda::store_chunk;
 
-// kGroups Philox calls (4·kGroups elements) per chunk; kAligned: x and y are aligned to a chunk.
-template <typename scalar_t, typename acc_t, int kGroups, bool kAligned>
+// One Philox call (8 elements at the u16 density) per chunk; kAligned: x and y are 16-byte aligned.
+template <typename scalar_t, typename acc_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t scale,
+    dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
                    const int64_t* __restrict__ rng) {
-  constexpr int kElems = 4 * kGroups;
+  constexpr int kElems = kU16PerGroup;
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
   const int64_t chunks = (n + kElems - 1) / kElems;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < chunks;
        c += stride) {
-    uint32_t u[kElems];
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      const Philox4 r = philox_group(seed, offset, kStreamDropoutMask,
-                                     static_cast<uint64_t>(c) * kGroups + g);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) u[4 * g + k] = r.x[k];
-    }
     const int64_t base = c * kElems;
     acc_t v[kElems];
+    // The load first: its latency hides behind the ten Philox rounds that do not depend on it.
     load_chunk<scalar_t, acc_t, kElems, kAligned>(x, base, n, v);
+    const Philox4 r = philox_group(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(c));
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) v[k] = keep(u[k], threshold) ? v[k] * scale : acc_t(0);
+    for (int k = 0; k < kElems; ++k) v[k] = keep(group_u16(r, k), threshold) ? v[k] * scale : acc_t(0);
     store_chunk<scalar_t, acc_t, kElems, kAligned>(y, base, n, v);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void launch(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t scale,
+void launch(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
             const int64_t* rng) {
-  constexpr int kGroups = ChunkShape<scalar_t>::kGroups;
-  constexpr int kElems = ChunkShape<scalar_t>::kElems;
-  constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
+  constexpr int kElems = kU16PerGroup;
+  constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
   const int64_t chunks = (n + kElems - 1) / kElems;
   const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
   const bool aligned = cuda::is_aligned(x, kAlign) && cuda::is_aligned(y, kAlign);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BOOL_SWITCH(aligned, kAligned, [&] {
-    dropout_kernel<scalar_t, acc_t, kGroups, kAligned>
+    dropout_kernel<scalar_t, acc_t, kAligned>
         <<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -78,7 +71,7 @@ void launch(const scalar_t* x, scalar_t* y, int64_t n, uint64_t threshold, acc_t
 void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng) {
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const uint64_t threshold = dropout_threshold(p);
+  const uint32_t threshold = dropout_threshold(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(),

@@ -52,26 +52,23 @@ using cuda::store_chunk;
 template <typename acc_t>
 struct NoiseParams {
   int kind;            // NoiseKind
-  acc_t amplitude;     // sqrt(q/(1-q)) (rademacher) or q/(1-q) (dropout)
-  uint64_t threshold;  // round(q·2^32), dropout noise only
+  acc_t amplitude;     // sqrt(q/(1-q)) (rademacher) or q'/(1-q') (dropout, q' quantized)
+  uint32_t threshold;  // round(q·2^16), dropout noise only
 };
 
 
-// eta[e] = η of flat element base + e (base is a multiple of kElems, so the chunk is kGroups
-// whole Philox groups).
-template <typename acc_t, int kGroups>
-__device__ __forceinline__ void site_noise_chunk(uint64_t seed, uint64_t offset, int64_t chunk,
-                                                 const NoiseParams<acc_t>& noise,
-                                                 acc_t (&eta)[4 * kGroups]) {
+// eta[e] = η of flat element base + e. Chunks are 8 elements (ChunkShape<scalar_t, 8>) at multiples
+// of 8, which divides both densities' calls (8 u16s, 128 bits): the chunk lies in one Philox call.
+template <typename acc_t, int kElems>
+__device__ __forceinline__ void site_noise_chunk(uint64_t seed, uint64_t offset, int64_t base,
+                                                 const NoiseParams<acc_t>& noise, acc_t (&eta)[kElems]) {
+  static_assert(kU16PerGroup % kElems == 0, "a chunk must lie in one Philox call");
+  const Philox4 r = philox_group(seed, offset, kStreamSiteNoise,
+                                 site_noise_group(static_cast<uint64_t>(base), noise.kind));
 #pragma unroll
-  for (int gi = 0; gi < kGroups; ++gi) {
-    const Philox4 r =
-        philox_group(seed, offset, kStreamSiteNoise, static_cast<uint64_t>(chunk) * kGroups + gi);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      eta[4 * gi + j] =
-          site_noise_value<acc_t>(r.x[j], noise.kind, noise.amplitude, noise.threshold);
-    }
+  for (int e = 0; e < kElems; ++e) {
+    const uint32_t draw = site_noise_draw(r, static_cast<uint64_t>(base + e), noise.kind);
+    eta[e] = site_noise_value<acc_t>(draw, noise.kind, noise.amplitude, noise.threshold);
   }
 }
 
@@ -106,8 +103,7 @@ __global__ void __launch_bounds__(kThreads, 4)
                                  const scalar_t* __restrict__ g_i, int64_t n,
                                  NoiseParams<acc_t> noise, const int64_t* __restrict__ rng,
                                  double* __restrict__ partials) {
-  constexpr int kGroups = ChunkShape<scalar_t>::kGroups;
-  constexpr int kElems = ChunkShape<scalar_t>::kElems;
+  constexpr int kElems = ChunkShape<scalar_t, kU16PerGroup>::kElems;
   __shared__ double sh[kThreads / kWarpSize];
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
@@ -134,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       acc_t gx[kElems];
       acc_t eta[kElems];
       load_chunk<scalar_t, acc_t, kElems, kAligned>(g_i, base, n, gx);
-      site_noise_chunk<acc_t, kGroups>(seed, offset, k, noise, eta);
+      site_noise_chunk<acc_t, kElems>(seed, offset, base, noise, eta);
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
         if (base + e < n) {
@@ -185,8 +181,7 @@ __global__ void __launch_bounds__(kThreads)
                                  scalar_t* __restrict__ dg_e, scalar_t* __restrict__ dg_i,
                                  int64_t n, NoiseParams<acc_t> noise,
                                  const int64_t* __restrict__ rng) {
-  constexpr int kGroups = ChunkShape<scalar_t>::kGroups;
-  constexpr int kElems = ChunkShape<scalar_t>::kElems;
+  constexpr int kElems = ChunkShape<scalar_t, kU16PerGroup>::kElems;
   const acc_t a2 = acc_t(2) * grad[0];
   const acc_t b = grad[1];
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
@@ -218,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
       acc_t eta[kElems];
       acc_t dgx[kElems];
       load_chunk<scalar_t, acc_t, kElems, kAligned>(g_i, base, n, gx);
-      site_noise_chunk<acc_t, kGroups>(seed, offset, k, noise, eta);
+      site_noise_chunk<acc_t, kElems>(seed, offset, base, noise, eta);
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
         dhx[e] = add_rn(dhx[e], site_dh_implicit<acc_t>(b, gx[e], eta[e]));
@@ -261,7 +256,7 @@ at::Tensor site_penalty_cuda(const at::Tensor& h, const std::optional<at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
+        constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
         const scalar_t* hp = hc.const_data_ptr<scalar_t>();
         const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
         const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
@@ -301,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int kElems = ChunkShape<scalar_t>::kElems;
-        constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
+        constexpr int kElems = ChunkShape<scalar_t, kU16PerGroup>::kElems;
+        constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
         const int64_t chunks = (n + kElems - 1) / kElems;
         const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
         const scalar_t* hp = hc.const_data_ptr<scalar_t>();

@@ -4,13 +4,15 @@
 // triton_kernels/philox.py and the int64-arithmetic twin is dropreg_ext/reference.py::philox4x32_10.
 // All three are tested against the Random123 known-answer vectors and against each other.
 //
-// Counter layout (the random-number contract, docs/design.md §3):
+// Counter layout (the random-number contract v2, docs/design.md §3 and reference.py's docstring):
 //   key     = (lo32(seed), hi32(seed))
-//   counter = (lo32(g), hi32(g), lo32(s), hi32(s)),  g = i >> 2,  s = offset + stream  (mod 2^64)
-//   u32(i)  = philox(counter, key)[i & 3]
-// where i is the logical (row-major, contiguous) element index of the tensor the stream is drawn
-// for, (seed, offset) is the per-call RNG state, and `stream` separates the independent streams of
-// one call (dropout mask, site noise, Gumbel noise). Nothing depends on threads, grids or tiling.
+//   counter = (lo32(g), hi32(g), lo32(s), hi32(s)),  s = offset + stream  (mod 2^64)
+// one call (group g) gives four words, read at each stream's density by the logical (row-major)
+// element index i of the tensor the stream is drawn for:
+//   mask, dropout-kind site noise:  u16(i) = half i & 1 (low first) of word (i >> 1) & 3, g = i >> 3
+//   Rademacher site noise:          bit(i) = bit i & 31 of word (i >> 5) & 3,            g = i >> 7
+//   Gumbel noise:                   u32(i) = word i & 3,                                  g = i >> 2
+// Nothing depends on threads, grids, tiling or memory layout.
 #pragma once
 
 #include <cstdint>
@@ -81,10 +83,19 @@ DROPREG_HOST_DEVICE Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Keep test on integers: an element is dropped iff u32 < threshold, threshold = round(q * 2^32)
-// in [0, 2^32]. q = 0 gives 0 (keep all) and q = 1 gives 2^32 (drop all), with no special case.
-DROPREG_HOST_DEVICE bool keep(uint32_t u, uint64_t threshold) {
-  return static_cast<uint64_t>(u) >= threshold;
+// Elements per call of each density, and the draws of element e of a group's words.
+constexpr int kU16PerGroup = 8;
+constexpr int kBitsPerGroup = 128;
+constexpr int kU32PerGroup = 4;
+
+DROPREG_HOST_DEVICE uint32_t group_u16(const Philox4& r, int e) {
+  return (r.x[(e >> 1) & 3] >> ((e & 1) * 16)) & 0xFFFFu;
 }
+
+DROPREG_HOST_DEVICE uint32_t group_bit(const Philox4& r, int e) { return (r.x[(e >> 5) & 3] >> (e & 31)) & 1u; }
+
+// Keep test on integers: an element is dropped iff u16 < threshold, threshold = round(q * 2^16)
+// in [0, 2^16]. q = 0 gives 0 (keep all) and q = 1 gives 2^16 (drop all), with no special case.
+DROPREG_HOST_DEVICE bool keep(uint32_t u16, uint32_t threshold) { return u16 >= threshold; }
 
 }  // namespace dropreg

@@ -5,10 +5,11 @@
 // acc_t is float for f16/bf16/f32 inputs and double for f64 inputs (at::opmath_type).
 //
 // Random streams (philox.h layout, i = logical row-major element index of the tensor):
-//   Gumbel     (kStreamGumbel, i = r·C + c of z):  u = ((u32 >> 9) + 1/2)·2^-23,  G = -log(-log u)
+//   Gumbel     (kStreamGumbel, u32 of i = r·C + c of z):  u = ((u32 >> 9) + 1/2)·2^-23,  G = -log(-log u)
 //   site noise (kStreamSiteNoise, i of h):
-//     rademacher: η = +sqrt(q/(1-q)) if u32 >= 2^31 else -sqrt(q/(1-q))
-//     dropout:    η = q/(1-q) if u32 >= round(q·2^32) (kept) else -1     (= m/(1-q) - 1)
+//     rademacher: η = +sqrt(q/(1-q)) if bit(i) = 1 else -sqrt(q/(1-q))
+//     dropout:    η = q'/(1-q') if u16(i) >= t (kept) else -1  (= m/(1-q') - 1), t = round(q·2^16),
+//                 q' = t/2^16
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -194,14 +195,23 @@ enum NoiseKind : int {
   kDropoutNoise = 1,
 };
 
-// η for one u32 of the site-noise stream. `a` is the positive value, from site_noise_amplitude:
-// sqrt(q/(1-q)) for kRademacher, q/(1-q) for kDropoutNoise; `threshold` = dropout_threshold(q)
-// (only used by kDropoutNoise). Mean 0, variance q/(1-q) in both cases.
+// The group of element i of the site-noise stream and its draw from that group's words: a bit
+// (rademacher, 128 per call) or a u16 (dropout kind, 8 per call).
+DROPREG_HOST_DEVICE uint64_t site_noise_group(uint64_t i, int noise_kind) {
+  return noise_kind == kRademacher ? i / kBitsPerGroup : i / kU16PerGroup;
+}
+
+DROPREG_HOST_DEVICE uint32_t site_noise_draw(const Philox4& r, uint64_t i, int noise_kind) {
+  return noise_kind == kRademacher ? group_bit(r, static_cast<int>(i % kBitsPerGroup))
+                                   : group_u16(r, static_cast<int>(i % kU16PerGroup));
+}
+
+// η for one draw of the site-noise stream. `a` is the positive value, from site_noise_amplitude;
+// `threshold` = dropout_threshold(q) (only used by kDropoutNoise). Mean 0 in both cases.
 template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t site_noise_value(uint32_t u, int noise_kind, acc_t a,
-                                           uint64_t threshold) {
-  if (noise_kind == kRademacher) return u >= 0x80000000u ? a : -a;  // top bit: P(+) = 1/2
-  return keep(u, threshold) ? a : acc_t(-1);
+DROPREG_HOST_DEVICE acc_t site_noise_value(uint32_t draw, int noise_kind, acc_t a, uint32_t threshold) {
+  if (noise_kind == kRademacher) return draw != 0u ? a : -a;
+  return keep(draw, threshold) ? a : acc_t(-1);
 }
 
 // Explicit term (g_e · h)² of one element.
@@ -258,11 +268,13 @@ inline void check_noise_prob(double q) {
   TORCH_CHECK(std::isfinite(q) && q >= 0.0 && q < 1.0, "argument 'q' must be in [0, 1), got ", q);
 }
 
-// The positive noise value `a` of site_noise_value, in double (cast once to acc_t by the caller).
-// pow(·, 0.5) rather than sqrt mirrors Python's `** 0.5` in reference.site_noise bit for bit.
+// The positive noise value `a` of site_noise_value, in double (cast once to acc_t by the caller),
+// as reference.site_noise_amplitude: pow(·, 0.5) rather than sqrt mirrors Python's `** 0.5` bit
+// for bit; the dropout kind's t / (2^16 - t) is q'/(1-q') for the quantized q' = t / 2^16.
 inline double site_noise_amplitude(double q, NoiseKind kind) {
-  const double ratio = q / (1.0 - q);
-  return kind == kRademacher ? std::pow(ratio, 0.5) : ratio;
+  if (kind == kRademacher) return std::pow(q / (1.0 - q), 0.5);
+  const uint32_t t = dropout_threshold(q);
+  return static_cast<double>(t) / static_cast<double>(65536u - t);
 }
 
 }  // namespace dropreg
