@@ -1,7 +1,7 @@
-// Fused dropout on the CPU: Philox mask + scale in one pass, no mask tensor.
-// Bytes per element: read x, write y (2·sizeof(T)); the cost is the Philox ALU work, so the
-// Philox block below is written as fixed-trip-count loops the compiler vectorizes (AVX-512/AVX2
-// clones picked at load time), 8 elements per Philox call (16-bit keep test, contract v2).
+// Fused dropout on the CPU: Philox mask + scale in one pass, no mask tensor, 8 elements per Philox
+// call (16-bit keep test, contract v2). Bytes per element: read x, write y (2·sizeof(T)). On CPUs
+// with AVX-512 the Philox rounds and the masked multiply run from the registers
+// (dropout_avx512.h); elsewhere a Philox block (vectorized across calls) and a plain apply loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +13,7 @@
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "dropout.h"
+#include "dropout_avx512.h"
 #include "dropout_host.h"
 
 namespace dropreg {
@@ -37,6 +38,22 @@ DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,
 template <typename scalar_t, typename acc_t>
 void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
                     uint64_t seed, uint64_t offset) {
+#if DROPREG_HAVE_AVX512_DROPOUT
+  // threshold = 2^16 (drop everything) does not fit the 16-bit compare: the plain loop below.
+  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  if (avx512 && threshold < 65536u) {
+    constexpr int64_t kStep = cpu::kAvx512StepElems;
+    const int64_t steps = (n + kStep - 1) / kStep;
+    // 256 steps (32k elements) a task: large enough for the scheduling, small enough for balance.
+    at::parallel_for(0, steps, 256, [&](int64_t s0, int64_t s1) {
+      const int64_t begin = s0 * kStep;
+      const int64_t end = std::min(n, s1 * kStep);
+      cpu::dropout_avx512<scalar_t>(x + begin, y + begin, end - begin, begin, threshold, static_cast<double>(scale),
+                                    seed, offset);
+    });
+    return;
+  }
+#endif
   const int64_t blocks = (n + kMaskBlockElems - 1) / kMaskBlockElems;
   at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
     alignas(64) uint32_t u[cpu::kBlockWords];
