@@ -39,15 +39,15 @@ _CHILD = textwrap.dedent(
     """
 )
 
-T = {"f32": "fp32", "bf16": "bf16"}
+T = {"f64": "fp64", "f32": "fp32", "bf16": "bf16"}
 
 
 def _cases():
     for dt, t in T.items():
         acc = "fp64" if t == "fp64" else "fp32"
         yield f"dropout-{dt}", "dropreg_ext.triton_kernels.dropout._dropout_kernel", {
-            "x_ptr": "*" + t, "y_ptr": "*" + t, "scale_ptr": "*" + acc, "rng_ptr": "*i64", "n": "i64",
-            "threshold": "i64", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4
+            "x_ptr": "*" + t, "y_ptr": "*" + t, "rng_ptr": "*i64", "n": "i64", "threshold": "i32",
+            "scale_bits": "i64" if acc == "fp64" else "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4
         yield f"cross_entropy_sample-{dt}", "dropreg_ext.triton_kernels.cross_entropy._cross_entropy_sample_kernel", {
             "z_ptr": "*" + t, "target_ptr": "*i64", "rng_ptr": "*i64", "loss_ptr": "*" + acc, "lse_ptr": "*" + acc,
             "yhat_ptr": "*i64", "n_cols": "i32", "stride_row": "i32", "ignore_index": "i32",

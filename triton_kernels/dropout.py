@@ -20,14 +20,26 @@ STREAM_DROPOUT_MASK = tl.constexpr(0)
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, y_ptr, scale_ptr, rng_ptr, n, threshold, BLOCK: tl.constexpr):
+def _dropout_kernel(x_ptr, y_ptr, rng_ptr, n, threshold, scale_bits, BLOCK: tl.constexpr):
     group, offs, mask = program_tile(n, BLOCK, 8)
     x = tl.load(x_ptr + offs, mask=mask, other=0)  # first: the load's latency hides behind Philox
     u = philox_tile16(rng_ptr, STREAM_DROPOUT_MASK, group)
     keep = u >= threshold
-    scale = tl.load(scale_ptr)
+    # The scale arrives as the bits of the accumulation dtype: a scalar argument, so no tensor (and
+    # no fill kernel) per call, and exact for float64 too.
+    if x_ptr.dtype.element_ty == tl.float64:
+        scale = scale_bits.to(tl.float64, bitcast=True)
+    else:
+        scale = scale_bits.to(tl.uint32).to(tl.float32, bitcast=True)
     y = tl.where(keep, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
     tl.store(y_ptr + offs, y, mask=mask)
+
+
+def _scale_bits(p: float, dtype: torch.dtype) -> int:
+    """The bits of 1/(1-p') in the accumulation dtype of ``dtype``, as a Python int."""
+    acc = acc_dtype(dtype)
+    as_int = torch.int64 if acc == torch.float64 else torch.int32
+    return int(torch.tensor(dropout_scale(p), dtype=acc).view(as_int))  # positive: no sign bit
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
@@ -37,9 +49,11 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n == 0:
         return y
-    scale_t = torch.full((), dropout_scale(p), dtype=acc_dtype(x.dtype), device=x.device)
+    threshold = dropout_threshold(p)
+    if threshold >= 65536:  # everything dropped: a memset, no Philox
+        return y.zero_()
     block = 1024
     kernel_launcher(_dropout_kernel)[(triton.cdiv(n, block),)](
-        x, y, scale_t, rng.contiguous(), n, dropout_threshold(p), BLOCK=block
+        x, y, rng.contiguous(), n, threshold, _scale_bits(p, x.dtype), BLOCK=block
     )
     return y

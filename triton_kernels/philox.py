@@ -106,11 +106,12 @@ def philox_tile(rng_ptr, stream, group):
 @triton.jit
 def philox_tile16(rng_ptr, stream, group):
     """u16 of elements ``8·group + (0..7)`` (half lane & 1, low first, of word lane >> 1) as a
-    uint32 tile of shape (len(group), 8)."""
+    uint32 tile of shape (len(group), 8), built by joins (no per-lane selects)."""
     r0, r1, r2, r3 = philox_groups(rng_ptr, stream, group)
-    lane = tl.arange(0, 8)[None, :]
-    word = _word(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane >> 1)
-    return (word >> ((lane & 1) * 16).to(tl.uint32)) & 0xFFFF
+    # (G, 4) of words in order: join(join(r0, r2), join(r1, r3))[g, b, c] is word 2b + c.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (r0.shape[0], 4))
+    # (G, 4, 2) [g, k, h] = half h of word k, flattened to element 2k + h.
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), (r0.shape[0], 8))
 
 
 @triton.jit

@@ -13,12 +13,13 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 @triton.jit
 def round_to(v, dtype: tl.constexpr):
-    """v (float32 or float64) rounded once to ``dtype``.
+    """v (float32 or float64) rounded once to ``dtype``, to nearest even.
 
-    float32 → bfloat16 is done on the bits: Triton's interpreter truncates that conversion, while
-    GPUs, torch and C++ round to nearest even; this form gives the same bits everywhere.
+    Compiled, the cast is the GPU's own conversion (cvt.rn, round to nearest even). Triton's
+    interpreter truncates float32 → bfloat16, so there the rounding is done on the bits, which gives
+    the same result (NaN stays a quiet NaN).
     """
-    if dtype == tl.bfloat16:
+    if INTERPRETED and dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nan = v != v

@@ -236,11 +236,10 @@ void launch_cross_entropy_sample(const scalar_t* z, const int64_t* target, const
                                  acc_t* loss, acc_t* lse, int64_t* yhat, int64_t rows,
                                  int64_t cols, int64_t ignore_index, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
-  const int blocks = grid_size((rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
   BOOL_SWITCH(is_aligned(z, ChunkShape<scalar_t>::kAlign), kAligned, [&] {
-    cross_entropy_sample_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>
-        <<<blocks, kBlockThreads, 0, stream>>>(z, target, rng, loss, lse, yhat, rows, cols,
-                                               ignore_index);
+    const auto kernel = cross_entropy_sample_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>;
+    const int blocks = grid_size(kernel, (rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
+    kernel<<<blocks, kBlockThreads, 0, stream>>>(z, target, rng, loss, lse, yhat, rows, cols, ignore_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -388,12 +387,12 @@ void launch_ce_grad_backward(const scalar_t* u, const scalar_t* z, const acc_t* 
                              int64_t ignore_index, cudaStream_t stream) {
   constexpr int kRowsPerBlock = kBlockThreads / kRowThreads;
   constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
-  const int blocks = grid_size((rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
   const bool aligned = is_aligned(u, kAlign) && is_aligned(z, kAlign) && is_aligned(grad_z, kAlign);
   BOOL_SWITCH(aligned, kAligned, [&] {
-    ce_grad_backward_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>
-        <<<blocks, kBlockThreads, 0, stream>>>(u, z, lse, label, row_scale, grad_z,
-                                               grad_row_scale, rows, cols, ignore_index);
+    const auto kernel = ce_grad_backward_kernel<scalar_t, acc_t, kRowThreads, kBlockThreads, kAligned>;
+    const int blocks = grid_size(kernel, (rows + kRowsPerBlock - 1) / kRowsPerBlock, kBlockThreads);
+    kernel<<<blocks, kBlockThreads, 0, stream>>>(u, z, lse, label, row_scale, grad_z, grad_row_scale, rows, cols,
+                                                 ignore_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -453,14 +452,14 @@ at::Tensor ce_grad_cuda(const at::Tensor& z, const at::Tensor& lse, const at::Te
     constexpr int kElems = ChunkShape<scalar_t>::kElems;
     constexpr uintptr_t kAlign = ChunkShape<scalar_t>::kAlign;
     const int64_t chunks = (n + kElems - 1) / kElems;
-    const int blocks =
-        grid_size((chunks + kElementwiseThreads - 1) / kElementwiseThreads, kElementwiseThreads);
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     BOOL_SWITCH(is_aligned(zp, kAlign) && is_aligned(op, kAlign), kAligned, [&] {
-      ce_grad_kernel<scalar_t, acc_t, kAligned><<<blocks, kElementwiseThreads, 0, stream>>>(
-          zp, lc.const_data_ptr<acc_t>(), yc.const_data_ptr<int64_t>(),
-          sc.const_data_ptr<acc_t>(), op, n, zc.size(1), ignore_index);
+      const auto kernel = ce_grad_kernel<scalar_t, acc_t, kAligned>;
+      const int blocks =
+          grid_size(kernel, (chunks + kElementwiseThreads - 1) / kElementwiseThreads, kElementwiseThreads);
+      kernel<<<blocks, kElementwiseThreads, 0, stream>>>(zp, lc.const_data_ptr<acc_t>(), yc.const_data_ptr<int64_t>(),
+                                                         sc.const_data_ptr<acc_t>(), op, n, zc.size(1), ignore_index);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -2,9 +2,13 @@
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace dropreg {
 namespace cuda {
@@ -108,16 +112,30 @@ inline bool is_aligned(const void* p, uintptr_t align) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % align == 0;
 }
 
-// Blocks of `threads` that fit on the device at once: grids are capped at one resident wave and
-// loop (grid-stride) beyond it.
-inline int64_t resident_blocks(int threads) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  return static_cast<int64_t>(props->multiProcessorCount) *
-         std::max(1, props->maxThreadsPerMultiProcessor / threads);
+// Blocks of `kernel` with `threads` threads that fit on the current device at once, from the
+// occupancy calculator (registers and shared memory included), computed once per kernel, block
+// size and device. Grids are capped at one resident wave and loop (grid-stride) beyond it, so no
+// wave is left with a short tail.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    it = cache.emplace(key, std::max(1, per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount).first;
+  }
+  return it->second;
 }
 
-inline int grid_size(int64_t work_blocks, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min(work_blocks, resident_blocks(threads))));
+template <typename Kernel>
+int grid_size(Kernel kernel, int64_t work_blocks, int threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work_blocks, resident_blocks(kernel, threads))));
 }
 
 }  // namespace cuda

@@ -58,12 +58,12 @@ void launch(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t
   constexpr int kElems = kU16PerGroup;
   constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
   const int64_t chunks = (n + kElems - 1) / kElems;
-  const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
   const bool aligned = cuda::is_aligned(x, kAlign) && cuda::is_aligned(y, kAlign);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BOOL_SWITCH(aligned, kAligned, [&] {
-    dropout_kernel<scalar_t, acc_t, kAligned>
-        <<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
+    const auto kernel = dropout_kernel<scalar_t, acc_t, kAligned>;
+    const int blocks = cuda::grid_size(kernel, (chunks + kThreads - 1) / kThreads, kThreads);
+    kernel<<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -72,6 +72,10 @@ void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const uint32_t threshold = dropout_threshold(p);
+  if (threshold >= 65536u) {  // everything dropped: a memset, no Philox
+    y.zero_();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(),

@@ -299,7 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
         constexpr int kElems = ChunkShape<scalar_t, kU16PerGroup>::kElems;
         constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
         const int64_t chunks = (n + kElems - 1) / kElems;
-        const int blocks = cuda::grid_size((chunks + kThreads - 1) / kThreads, kThreads);
         const scalar_t* hp = hc.const_data_ptr<scalar_t>();
         const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
         const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
@@ -311,9 +310,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
                              is_aligned(ip, kAlign) && is_aligned(dhp, kAlign) &&
                              is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
         BOOL_SWITCH(aligned, kAligned, [&] {
-          site_penalty_backward_kernel<scalar_t, acc_t, kAligned><<<blocks, kThreads, 0, stream>>>(
-              gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, np,
-              rc.const_data_ptr<int64_t>());
+          const auto kernel = site_penalty_backward_kernel<scalar_t, acc_t, kAligned>;
+          const int blocks = cuda::grid_size(kernel, (chunks + kThreads - 1) / kThreads, kThreads);
+          kernel<<<blocks, kThreads, 0, stream>>>(gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, np,
+                                                  rc.const_data_ptr<int64_t>());
         });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
