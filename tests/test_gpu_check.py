@@ -82,3 +82,42 @@ def test_check_preset_has_every_section(device):
     assert cfg.sizes and cfg.ce_shapes and cfg.site_sizes
     assert 2**24 in cfg.sizes["float32"], "the dropout acceptance size"
     assert (2048, 10_000) in cfg.ce_shapes["float32"], "the cross-entropy acceptance shape"
+
+
+SYNTHETIC_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/              @!P0 BRA 0x60 ;
+        /*0030*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0040*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0050*/                   BRA 0x70 ;
+        /*0060*/                   LDG.E.64 R4, desc[UR4][R2.64] ;
+        /*0070*/                   IMAD.WIDE.U32 R6, R4, 0x3, RZ ;
+        /*0080*/                   ISETP.GE.AND P1, PT, R2, R9, PT ;
+        /*0090*/              @!P1 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_sass_hot_path_takes_the_short_branch():
+    """The loop's hot path skips the scalar branch: 0x10, 0x20, 0x60, 0x70, 0x80, 0x90."""
+    from bench import sass
+
+    path = sass.loop_hot_path(sass.parse(SYNTHETIC_SASS))
+    assert [addr for addr, *_ in path] == [0x10, 0x20, 0x60, 0x70, 0x80, 0x90]
+    assert [addr for addr, *_ in sass.entry_hot_path(sass.parse(SYNTHETIC_SASS))][-1] == 0xA0
+
+
+@pytest.mark.skipif(not __import__("dropreg_ext")._ext.HAS_CUDA, reason="extension built without CUDA kernels")
+def test_sass_table_of_the_built_kernels():
+    pytest.importorskip("triton")
+    from bench import sass
+
+    import dropreg_ext as dr
+
+    text = sass.table(dr._ext.C.__file__)
+    rows = [line for line in text.splitlines()[2:]]
+    assert len(rows) == len(sass.CUDA_DROPOUT) + len(sass.TRITON_DROPOUT)
+    for line in rows:
+        per_elem = float(line.split("|")[5])
+        assert 4 < per_elem < 100, line  # a plausible count: a loop was found, not the whole file
