@@ -162,7 +162,7 @@ def _dropout_autograd(ops: dict) -> tuple:
 _spec(
     name="dropout",
     signature=_sig_dropout,
-    fake=lambda x, p, rng: _empty_like_shape(x),
+    fake=lambda x, p, rng: torch.empty_like(x),
     check=_check_dropout,
     autograd=_dropout_autograd,
 )
@@ -177,7 +177,8 @@ def fused_dropout(x: Tensor, p: float, rng: Tensor, *, backend: Optional[str] = 
         rng: int64 tensor ``[seed, offset]`` on x's device (see :func:`make_rng`).
         backend: override of the current backend for this call.
 
-    Shape: output has x's shape (contiguous), dtype and device.
+    Shape: output has x's shape, dtype, device and memory layout (as ``torch.empty_like(x)``: dense
+    inputs keep their strides, e.g. channels_last); the mask is keyed by the logical index.
     """
     return _call("dropout", backend, x, check_prob(p, "p"), rng)
 

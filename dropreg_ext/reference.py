@@ -175,14 +175,16 @@ def dropout_keep(shape, p: float, rng: torch.Tensor) -> torch.Tensor:
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """y = m ⊙ x / (1 - p'), m from :func:`dropout_keep`, p' the quantized p (:func:`dropout_scale`);
-    computed in float32 (float64 for float64 inputs) and rounded once to x's dtype; dropped elements
-    are +0. Differentiable through plain autograd."""
+    """y = m ⊙ x / (1 - p'), m from :func:`dropout_keep` (by logical index), p' the quantized p
+    (:func:`dropout_scale`); computed in float32 (float64 for float64 inputs) and rounded once to x's
+    dtype; dropped elements are +0; y has x's layout (``torch.empty_like``). Differentiable through
+    plain autograd."""
     keep = dropout_keep(x.shape, p, rng.to(x.device))
     acc = acc_dtype(x.dtype)
     scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
     scaled = (x.to(acc) * scale).to(x.dtype)
-    return torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
+    y = torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.empty_like(x).copy_(y)  # x's layout, as torch.empty_like(x) lays it out
 
 
 def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

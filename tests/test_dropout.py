@@ -118,7 +118,32 @@ def test_noncontiguous_input_uses_logical_index(backend, layout, dtype):
     rng = rng_for(5, backend.device)
     y = run(backend, x, 0.4, rng)
     assert_bitwise_equal(y, expected(backend, x.contiguous(), 0.4, rng), f"{backend} {layout}")
-    assert y.is_contiguous()
+    assert y.stride() == torch.empty_like(x).stride(), f"{backend} {layout}: output layout {y.stride()}"
+
+
+MEMORY_FORMATS = {
+    "channels_last": lambda t: t.reshape(3, 5, 7, 9).contiguous(memory_format=torch.channels_last),
+    "channels_last_3d": lambda t: t.reshape(3, 5, 7, 3, 3).contiguous(memory_format=torch.channels_last_3d),
+    "permuted": lambda t: t.reshape(5, 7, 27).permute(2, 0, 1).contiguous().permute(1, 2, 0),
+    "sliced-4d": lambda t: t.reshape(3, 5, 7, 9).contiguous(memory_format=torch.channels_last)[:, 1:4],
+}
+
+
+@pytest.mark.parametrize("layout", list(MEMORY_FORMATS))
+def test_output_keeps_the_input_layout(backend, layout):
+    """Like torch's dropout, the output (and the gradient) has the layout torch.empty_like gives:
+    dense inputs keep their strides (channels_last, any permutation), others get a dense tensor in
+    their stride order; the mask stays the logical index's, so values equal the contiguous case."""
+    x = MEMORY_FORMATS[layout](torch.randn(3 * 5 * 7 * 9, device=backend.device)).requires_grad_()
+    rng = rng_for(12, backend.device)
+    y = run(backend, x, 0.4, rng)
+    assert y.stride() == torch.empty_like(x).stride(), f"{layout}: {y.stride()} vs {torch.empty_like(x).stride()}"
+    assert y.stride() == torch.nn.functional.dropout(x, 0.4).stride(), "torch's dropout lays it out the same"
+    assert_bitwise_equal(y, expected(backend, x.detach().contiguous(), 0.4, rng), layout)
+    g = MEMORY_FORMATS[layout](torch.randn(3 * 5 * 7 * 9, device=backend.device))
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert dx.stride() == torch.empty_like(g).stride()
+    assert_bitwise_equal(dx, expected(backend, g.contiguous(), 0.4, rng), f"{layout} backward")
 
 
 @pytest.mark.parametrize(

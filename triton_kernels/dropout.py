@@ -43,8 +43,9 @@ def _scale_bits(p: float, dtype: torch.dtype) -> int:
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
-    """Launcher: x any shape (made contiguous), rng int64 [seed, offset] on x's device."""
-    x = x.contiguous()
+    """Launcher: x any shape, rng int64 [seed, offset] on x's device. The output has x's layout
+    (``torch.empty_like``); the kernel works in logical order, so a non-contiguous x is computed
+    on its contiguous copy and copied into that layout."""
     y = torch.empty_like(x)
     n = x.numel()
     if n == 0:
@@ -52,8 +53,10 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     threshold = dropout_threshold(p)
     if threshold >= 65536:  # everything dropped: a memset, no Philox
         return y.zero_()
+    xc = x.contiguous()
+    yc = y if x.is_contiguous() else torch.empty_like(xc)
     block = 1024
     kernel_launcher(_dropout_kernel)[(triton.cdiv(n, block),)](
-        x, y, rng.contiguous(), n, threshold, _scale_bits(p, x.dtype), BLOCK=block
+        xc, yc, rng.contiguous(), n, threshold, _scale_bits(p, x.dtype), BLOCK=block
     )
-    return y
+    return y if yc is y else y.copy_(yc)

@@ -17,13 +17,22 @@ inline void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& 
   DROPREG_CHECK_RNG(rng, x);
 }
 
-// y = dropout(x) as a new contiguous tensor (the mask is keyed by the logical element index).
+// y = dropout(x) in x's memory layout, as torch.empty_like(x) lays it out (dense inputs keep their
+// strides; others get a dense tensor in their stride order), with the mask keyed by the logical
+// (row-major) element index whatever the layout. A contiguous x is one pass; any other is computed
+// in logical order and copied into the layout (two more passes: a tiled kernel that walks memory
+// order is the open lever).
 inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into) {
   check_dropout_args(x, p, rng);
+  at::Tensor y = at::empty_like(x);
+  if (x.is_contiguous()) {
+    into(x, y, p, rng.contiguous());
+    return y;
+  }
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  into(xc, y, p, rng.contiguous());
-  return y;
+  at::Tensor yc = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  into(xc, yc, p, rng.contiguous());
+  return y.copy_(yc);
 }
 
 inline void dropout_in_place(at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into) {
