@@ -10,7 +10,10 @@ Stated for a 2-core CPU, "ours" being the C++ backend:
 5. regularized training step (explicit="sampled" + implicit), LSTM language model: the fused
    ``DropoutRegularizer`` step is at least 1.5x faster than the plain-autograd one;
 6. ... MLP: fused not slower than plain (ratio >= 1.0);
-7. ... peak memory of the fused step <= the plain one's, LSTM language model and MLP.
+7. ... peak memory of the fused step <= the plain one's, LSTM language model and MLP;
+8. dropout at 2^24, float32 and bfloat16: ours fwd and fwd+bwd at least 0.85 of the floor (a fresh
+   torch.mul per pass), in place at least 0.4 of mul_;
+9. a channels_last input at least 0.85 of its floor, channel and locked dropout at least 0.8.
 
 A section that did not run (``--only``) contributes no checks. On other devices the same numbers
 are computed for the device's native backend and reported as ``INFO``: the targets were set for
@@ -32,12 +35,42 @@ def native_backend(device_type: str) -> str:
     return "cuda" if device_type == "cuda" else "cpu"
 
 
-def _find(rows: list, provider: str, mode: str) -> Optional[dict]:
+def _find(rows: list, provider: str, mode: str, dtype: str = CHECK_DTYPE) -> Optional[dict]:
     for row in rows:
         key = (row["section"], row["provider"], row["mode"], row["dtype"], row.get("numel"))
-        if key == ("dropout", provider, mode, CHECK_DTYPE, CHECK_NUMEL):
+        if key == ("dropout", provider, mode, dtype, CHECK_NUMEL):
             return row
     return None
+
+
+def _floor_check(name: str, target: float, row: Optional[dict]) -> dict:
+    if row is None or "of_floor" not in row:
+        return {"check": name, "measured": None, "target": target, "unit": "x", "detail": "not measured"}
+    detail = f"{row['provider']} {row['median_ms']:.2f} ms, floor {row['median_ms'] * row['of_floor']:.2f} ms"
+    return {"check": name, "measured": row["of_floor"], "target": target, "unit": "x", "detail": detail}
+
+
+FLOOR_TARGETS = {"fwd": 0.85, "fwd+bwd": 0.85, "inplace": 0.4}  # fraction of the floor, at 2^24
+KIND_TARGETS = {"channels_last": 0.85, "dropout2d": 0.8, "locked": 0.8}
+
+
+def _floor_checks(rows: list, ours: str) -> list:
+    checks = []
+    for dtype in ("float32", "bfloat16"):
+        for mode, target in FLOOR_TARGETS.items():
+            name = f"dropout {mode} of '{ours}' at 2^24 {dtype}, fraction of its floor"
+            checks.append(_floor_check(name, target, _find(rows, ours, mode, dtype)))
+    return checks
+
+
+def _kind_checks(rows: list) -> list:
+    checks = []
+    for kind, target in KIND_TARGETS.items():
+        for mode in ("fwd", "fwd+bwd"):
+            row = next((r for r in rows if (r["section"], r["case"], r["provider"], r["mode"]) ==
+                        ("kinds", kind, "ours", mode)), None)
+            checks.append(_floor_check(f"{kind} {mode} of ours, fraction of its floor", target, row))
+    return checks
 
 
 def _find_ce(rows: list, provider: str) -> Optional[dict]:
@@ -106,7 +139,9 @@ def acceptance(rows: list, device_type: str) -> list:
     sections = {r["section"] for r in rows}
     checks = []
     if "dropout" in sections:
-        checks += _dropout_checks(rows, ours)
+        checks += _dropout_checks(rows, ours) + _floor_checks(rows, ours)
+    if "kinds" in sections:
+        checks += _kind_checks(rows)
     if "ce" in sections:
         checks += _ce_checks(rows, ours)
     if "train" in sections:

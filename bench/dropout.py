@@ -30,8 +30,9 @@ import dropreg_ext as dr
 from .config import Config, dtype_name, size_label
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "inplace")
 BASELINES = ("eager", "compile")
+FLOOR = "floor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Provider:
 
 
 def _eager(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: F.dropout(x, p, training=True)
+    return lambda x, inplace=False: F.dropout(x, p, training=True, inplace=inplace)
 
 
 def fresh_compile(fn: Callable) -> Callable:
@@ -59,9 +60,9 @@ def _compiled(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _ours(backend: str) -> Callable[[float], Callable[[torch.Tensor], torch.Tensor]]:
     def make(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        def fn(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
             with dr.use_backend(backend):
-                return dr.functional.dropout(x, p, training=True)
+                return dr.functional.dropout(x, p, training=True, inplace=inplace)
 
         return fn
 
@@ -103,12 +104,12 @@ def own_bytes_per_elem(provider: str, mode: str, itemsize: int, device: torch.de
         fwd, fwd_grad, bwd = 2 * s, 2 * s + 1, 2 * s + 1
     else:
         fwd = fwd_grad = bwd = 2 * s
-    return {"copy": fwd, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_grad + bwd}[mode]
+    return {"copy": fwd, "fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_grad + bwd, "inplace": fwd}[mode]
 
 
 def min_bytes_per_elem(mode: str, itemsize: int) -> int:
     """Read the input and write the output once per pass (``copy`` moves exactly that too)."""
-    return {"copy": 2, "fwd": 2, "bwd": 2, "fwd+bwd": 4}[mode] * itemsize
+    return {"copy": 2, "fwd": 2, "bwd": 2, "fwd+bwd": 4, "inplace": 2}[mode] * itemsize
 
 
 @dataclasses.dataclass
@@ -122,10 +123,32 @@ class Case:
     def __post_init__(self) -> None:
         self.x, self.g = seeded_randn(2, self.numel, self.dtype, self.device)
         self.x_grad = self.x.clone().requires_grad_()
+        self.x_inplace = self.x.clone()
 
 
-def mode_fn(fn: Callable[[torch.Tensor], torch.Tensor], mode: str, case: Case) -> Callable[[], None]:
-    """A zero-argument closure doing one ``mode`` pass of ``fn`` on the case's tensors."""
+def floor_fns(x: torch.Tensor, g: torch.Tensor, inplace: torch.Tensor) -> dict:
+    """The cheapest ops moving the bytes each mode must move, the floor of every provider's time:
+    a fresh-output ``torch.mul`` per pass (on a CPU its page faults dominate, as they do for any
+    fresh output), ``mul_`` in place (cache-resident where the tensor fits)."""
+    return {
+        "fwd": lambda: torch.mul(x, 2.0),
+        "bwd": lambda: torch.mul(g, 2.0),
+        "fwd+bwd": lambda: (torch.mul(x, 2.0), torch.mul(g, 2.0)),
+        "inplace": lambda: inplace.mul_(1.0),
+    }
+
+
+def add_floor_ratios(rows: list) -> None:
+    """``of_floor`` = floor median / provider median of the same mode (1.0: at the floor)."""
+    floors = {r["mode"]: r for r in rows if r["provider"] == FLOOR}
+    for row in rows:
+        if row["mode"] in floors:
+            row["of_floor"] = floors[row["mode"]]["median_ms"] / row["median_ms"]
+
+
+def mode_fn(fn: Callable, mode: str, case: Case) -> Callable[[], None]:
+    """A zero-argument closure doing one ``mode`` pass of ``fn`` on the case's tensors
+    (``fn(x, inplace=False)``; in place on a buffer of its own that needs no gradient)."""
     x, g = case.x_grad, case.g
 
     def fwd() -> None:
@@ -146,6 +169,8 @@ def mode_fn(fn: Callable[[torch.Tensor], torch.Tensor], mode: str, case: Case) -
         return fwd_bwd
     if mode == "bwd":
         return bwd(fn(x))
+    if mode == "inplace":
+        return lambda: fn(case.x_inplace, inplace=True)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -167,19 +192,23 @@ def run_case(case: Case, cfg: Config) -> list:
     ``y.copy_(x)`` of the same size (the bandwidth reference); ratios come from this run."""
     out = torch.empty_like(case.x)
     calls = {("copy", "copy"): lambda: out.copy_(case.x)}
+    calls.update({(FLOOR, mode): fn for mode, fn in floor_fns(case.x, case.g, case.x_inplace).items()})
     for provider in providers(cfg.device):
         fn = provider.make(cfg.p)
-        calls.update({(provider.name, mode): mode_fn(fn, mode, case) for mode in MODES})
+        # torch.compile of an in-place call recompiles for the mutated input: compile is timed out of place.
+        modes = [m for m in MODES if not (provider.name == "compile" and m == "inplace")]
+        calls.update({(provider.name, mode): mode_fn(fn, mode, case) for mode in modes})
     timings = time_fns(calls, cfg.device, cfg.op_reps)
     copy = timings[("copy", "copy")]
     copy_gbps = min_bytes_per_elem("copy", case.x.element_size()) * case.numel / (copy.median_ms / 1e3) / 1e9
     rows = []
     for (provider, mode), timing in timings.items():
         row = _row(case, provider, mode, timing, copy_gbps)
-        if mode == "fwd+bwd":
+        if mode == "fwd+bwd" and provider != FLOOR:
             row["peak_bytes"] = peak_bytes(calls[(provider, mode)], cfg.device)
         rows.append(row)
     add_ratios(rows)
+    add_floor_ratios(rows)
     return rows
 
 

@@ -44,12 +44,15 @@ def op_table(rows: list, section: str) -> str:
     the section counts each provider's own traffic (dropout)."""
     rows = [r for r in rows if r["section"] == section]
     own = any("gbps_own" in r for r in rows)
+    kinds = section == "kinds"
     headers = [
-        "dtype", "N x C" if section == "ce" else "n", "mode", "provider", "median ms", "p20-p80 ms", "reps",
-        "eff GB/s", *(["own GB/s"] if own else []), "% copy", "x eager", "x compile", "peak MiB",
+        *(["case"] if kinds else []), "dtype", "N x C" if section == "ce" else "n", "mode", "provider", "median ms",
+        "p20-p80 ms", "reps", "eff GB/s", *(["own GB/s"] if own else []), "% copy", "of floor", "x eager",
+        "x compile", "peak MiB",
     ]  # fmt: skip
     body = [
         [
+            *([r["case"]] if kinds else []),
             r["dtype"],
             size_text(r),
             r["mode"],
@@ -60,13 +63,14 @@ def op_table(rows: list, section: str) -> str:
             f"{r['gbps_eff']:.2f}",
             *([f"{r['gbps_own']:.2f}"] if own else []),
             f"{r['pct_copy']:.1f}",
+            _num(r.get("of_floor"), ".2f"),
             _num(r.get("speedup_vs_eager"), ".2f"),
             _num(r.get("speedup_vs_compile"), ".2f"),
             _num(r["peak_bytes"] / MIB if "peak_bytes" in r else None, ".2f"),
         ]
         for r in rows
     ]
-    return format_table(headers, body, text_cols=4)
+    return format_table(headers, body, text_cols=5 if kinds else 4)
 
 
 def train_table(rows: list) -> str:
@@ -111,7 +115,9 @@ TABLE_NOTES = """\
 eff GB/s: minimal bytes (fwd: read x + write y; bwd: read g + write dx) / median time, the same byte
 count for every provider. own GB/s: the provider's real traffic (eager also stores a mask: 1 B/elem on
 CUDA, a full noise tensor of x's dtype on CPU) / median time. % copy: eff GB/s / y.copy_(x) GB/s of the
-same size, measured in this run. x eager, x compile: baseline median / this median, same mode, same run.
+same size, measured in this run. of floor: the floor's median / this median, same mode (floor: a fresh
+torch.mul per pass, mul_ for inplace: the cheapest op moving the same bytes; 1.0 = at the floor).
+x eager, x compile: baseline median / this median, same mode, same run.
 peak MiB: peak allocation of one fwd+bwd (or training step) above what was live before it."""
 
 CE_NOTES = """\
@@ -132,6 +138,9 @@ def print_report(result: dict) -> None:
         print(f"\n== dropout, p={result['meta']['p']} ==")
         print(op_table(rows, "dropout"))
         print(TABLE_NOTES)
+    if "kinds" in sections:
+        print("\n== dropout kinds and layouts, vs the floor (fresh torch.mul on the same tensor) ==")
+        print(op_table(rows, "kinds"))
     if "ce" in sections:
         print("\n== cross-entropy + sampled label + gradient ==")
         print(op_table(rows, "ce"))

@@ -5,6 +5,10 @@
 
 #include <string>
 
+namespace dropreg {
+const char* dropout_cpu_capability();  // cpu/dropout.cpp: "avx512" or "default"
+}  // namespace dropreg
+
 namespace {
 
 const char* const kBuildInfo =
@@ -14,9 +18,14 @@ const char* const kBuildInfo =
 
 PyObject* build_info(PyObject*, PyObject*) { return PyUnicode_FromString(kBuildInfo); }
 
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dropreg::dropout_cpu_capability()); }
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "JSON string: torch and CUDA versions the extension was built against, archs, backends."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU dropout path of this process: 'avx512', or 'default' (portable loops; also chosen by "
+     "DROPREG_CPU_CAPABILITY=default)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
@@ -30,7 +39,7 @@ TORCH_LIBRARY(dropreg, m) {
   // x: any shape, f64/f32/f16/bf16; rng: int64 [seed, offset] on x's device.
   // Returns m ⊙ x / (1 - p) with m regenerated from (seed, offset) by the Philox contract.
   m.def("dropout(Tensor x, float p, Tensor rng) -> Tensor");
-  // The same, written into x (x must be contiguous).
+  // The same, written into x (contiguous; on the CPU any dense layout).
   m.def("dropout_(Tensor(a!) x, float p, Tensor rng) -> ()");
   // Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2), values in [0, 2^32) -> int64 (N, 4).
   m.def("philox(Tensor counter, Tensor key) -> Tensor");

@@ -46,6 +46,7 @@ def build_info() -> dict:
         "torch_installed": torch.__version__,
         "extension_loaded": _ext.HAS_CPU,
         "built_against": _ext.BUILD_INFO,
+        "cpu_dropout_path": _ext.C.cpu_capability() if _ext.HAS_CPU else None,
         "triton": _ext.HAS_TRITON,
         "cuda_device": torch.cuda.is_available(),
         "backend": get_backend(),

@@ -61,3 +61,16 @@ def check_philox_args(counter, key) -> None:
         raise ValueError(f"argument 'key' must have one row per counter row ({counter.shape[0]}), got {key.shape[0]}")
     if key.device != counter.device:
         raise ValueError("arguments 'counter' and 'key' must be on the same device")
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """True if x's elements fill its storage span without gaps or overlaps, in some dim order
+    (C++'s ``is_non_overlapping_and_dense``): contiguous, channels_last, any permutation of those."""
+    if x.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

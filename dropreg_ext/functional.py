@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from ._checks import check_float_tensor, check_prob, check_seed
+from ._checks import check_float_tensor, check_prob, check_seed, is_dense
 from .backends import resolve_backend
 
 __all__ = ["dropout", "broadcast_dropout", "dropout1d", "dropout2d", "dropout3d", "locked_dropout"]
@@ -54,7 +54,9 @@ def dropout(
     if not inplace:
         return op(input, p, rng)
     needs_graph = torch.is_grad_enabled() and input.requires_grad
-    if backend in ("cpu", "cuda") and not needs_graph and input.is_contiguous():
+    # The kernels write in place contiguous tensors, and on the CPU any dense layout (memory order).
+    writable = input.is_contiguous() or (backend == "cpu" and is_dense(input))
+    if backend in ("cpu", "cuda") and not needs_graph and writable:
         torch.ops.dropreg.dropout_(input, p, rng)
         # The kernel wrote through the data pointer: bump the version counter so autograd
         # rejects graphs that saved the old values (as it does for torch's in-place dropout).

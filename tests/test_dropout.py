@@ -9,6 +9,10 @@ stated bound, kept values scaled by 1/(1-p), eval/p=0/p=1/in-place behaviour) an
 from __future__ import annotations
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import textbook
@@ -27,6 +31,7 @@ from conftest import (
 
 import dropreg_ext as dr
 from dropreg_ext import reference as R
+from dropreg_ext._checks import is_dense
 
 ops = torch.ops.dropreg
 
@@ -144,6 +149,57 @@ def test_output_keeps_the_input_layout(backend, layout):
     (dx,) = torch.autograd.grad(y, x, g)
     assert dx.stride() == torch.empty_like(g).stride()
     assert_bitwise_equal(dx, expected(backend, g.contiguous(), 0.4, rng), f"{layout} backward")
+
+
+# The CPU kernel walks a dense non-contiguous layout in memory order, tile by tile (256 along the
+# logical last dim L by 64 along the memory-innermost dim M), with an AVX-512 path for tiles whose
+# L runs are whole Philox calls (L's size a multiple of 8). These shapes cross both tile edges,
+# take both paths (L = 264 and L = 9), and slice M or an outer dim.
+MEMORY_ORDER_CASES = {
+    "channels_last-aligned": lambda: torch.randn(2, 70, 3, 264).contiguous(memory_format=torch.channels_last),
+    "channels_last-unaligned": lambda: torch.randn(2, 70, 5, 9).contiguous(memory_format=torch.channels_last),
+    "channels_last_3d-aligned": lambda: torch.randn(2, 33, 2, 3, 16).contiguous(
+        memory_format=torch.channels_last_3d),
+    "outer-dim-innermost": lambda: torch.randn(40, 6, 16).permute(1, 2, 0).contiguous().permute(2, 0, 1),
+    "sliced-channels": lambda: torch.randn(2, 70, 3, 264).contiguous(memory_format=torch.channels_last)[:, 3:60],
+    "sliced-rows": lambda: torch.randn(2, 70, 6, 264).contiguous(memory_format=torch.channels_last)[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_ORDER_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0], ids=["p0", "p0.4", "p1"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=list(CUDA_MARKS))])
+def test_memory_order_layouts_match_the_logical_mask(device, case, dtype, p):
+    x = MEMORY_ORDER_CASES[case]().to(device=device, dtype=dtype)
+    assert not x.is_contiguous()
+    rng = rng_for(21, device)
+    want = R.dropout(x.contiguous(), p, rng)
+    y = dr.ops.fused_dropout(x, p, rng, backend=device)
+    assert y.stride() == torch.empty_like(x).stride()
+    assert_bitwise_equal(y, want, f"{case} out of place")
+    if device == "cpu" and is_dense(x):  # the CPU writes dense layouts in place
+        xi = x.clone()
+        ops.dropout_(xi, p, rng)
+        assert xi.stride() == x.stride()
+        assert_bitwise_equal(xi, want, f"{case} in place")
+
+
+@requires_cuda
+def test_cuda_inplace_rejects_noncontiguous():
+    x = torch.randn(2, 3, 4, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="argument 'x' of dropout_ must be contiguous"):
+        ops.dropout_(x, 0.5, rng_for(0, "cuda"))
+
+
+def test_functional_inplace_keeps_dense_layouts(backend):
+    x = torch.randn(2, 5, 3, 16, device=backend.device).contiguous(memory_format=torch.channels_last)
+    want = R.dropout(x.contiguous(), 0.3, rng_for(4, backend.device))
+    xi = x.clone()
+    with torch.no_grad():
+        out = dr.functional.dropout(xi, 0.3, inplace=True, seed=4)
+    assert out is xi and xi.stride() == x.stride()
+    assert_bitwise_equal(xi, want, f"{backend} in place")
 
 
 @pytest.mark.parametrize(
@@ -675,3 +731,20 @@ def test_cuda_unaligned_input():
 def test_tolerance_table_covers_every_dtype():
     assert set(TOL) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     assert acc_dtype(torch.float16) == torch.float32 and acc_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.skipif(not dr._ext.HAS_CPU, reason="dropreg_ext._C not loaded")
+def test_portable_cpu_path_passes_the_cpu_dropout_tests():
+    """On an AVX-512 CPU the tests above run the AVX-512 kernels; this reruns their CPU cases with
+    DROPREG_CPU_CAPABILITY=default, i.e. on the portable loops every other CPU takes."""
+    if dr._ext.C.cpu_capability() != "avx512":
+        pytest.skip("this CPU takes the portable path already: the tests above ran it")
+    env = {**os.environ, "DROPREG_CPU_CAPABILITY": "default"}
+    child = [sys.executable, "-c", "import dropreg_ext as dr; print(dr._ext.C.cpu_capability())"]
+    assert subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.strip() == "default"
+    here = pathlib.Path(__file__).parent
+    run_tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_dropout.py"),
+                 str(here / "test_special_values.py"), "-k", "cpu and not cuda and not portable"]
+    result = subprocess.run(run_tests, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

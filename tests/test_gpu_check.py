@@ -111,9 +111,8 @@ def test_sass_hot_path_takes_the_short_branch():
 @pytest.mark.skipif(not __import__("dropreg_ext")._ext.HAS_CUDA, reason="extension built without CUDA kernels")
 def test_sass_table_of_the_built_kernels():
     pytest.importorskip("triton")
-    from bench import sass
-
     import dropreg_ext as dr
+    from bench import sass
 
     text = sass.table(dr._ext.C.__file__)
     rows = [line for line in text.splitlines()[2:]]

@@ -24,6 +24,8 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include "philox.h"
@@ -35,7 +37,11 @@ namespace cpu {
 
 constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Philox calls
 
+// DROPREG_CPU_CAPABILITY=default (read once, like ATen's ATEN_CPU_CAPABILITY) selects the portable
+// loops even where the CPU has AVX-512: to compare the paths, or to test the portable one here.
 inline bool cpu_has_avx512_dropout() {
+  const char* capability = std::getenv("DROPREG_CPU_CAPABILITY");
+  if (capability != nullptr && std::string_view(capability) == "default") return false;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
 }
@@ -83,12 +89,9 @@ DROPREG_AVX512 inline void transpose_words(__m512i c0, __m512i c1, __m512i c2, _
   t[3] = _mm512_unpackhi_epi64(a2, a3);
 }
 
-// The words of calls first_group .. first_group + 31 of stream s, as two transposed sets of 16
-// (t[0..3] for the first 16 calls, t[4..7] for the next). Four independent chains of rounds (even
-// and odd calls of each set), so that the multiplies of one hide the latency of the others'.
-DROPREG_AVX512 inline void philox32(uint64_t seed, uint64_t s, uint64_t first_group, __m512i (&t)[8]) {
-  Calls8 c[4] = {calls8(first_group, s, 2), calls8(first_group + 1, s, 2), calls8(first_group + 16, s, 2),
-                 calls8(first_group + 17, s, 2)};
+// The ten rounds of Philox4x32-10 on 32 calls (four independent chains of 8, so that the multiplies
+// of one hide the latency of the others').
+DROPREG_AVX512 inline void rounds32(Calls8 (&c)[4], uint64_t seed) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
@@ -98,11 +101,55 @@ DROPREG_AVX512 inline void philox32(uint64_t seed, uint64_t s, uint64_t first_gr
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+}
+
+// The words of calls first_group .. first_group + 31 of stream s, as two transposed sets of 16
+// (t[0..3] for the first 16 calls, t[4..7] for the next). Four independent chains of rounds (even
+// and odd calls of each set), so that the multiplies of one hide the latency of the others'.
+DROPREG_AVX512 inline void philox32(uint64_t seed, uint64_t s, uint64_t first_group, __m512i (&t)[8]) {
+  Calls8 c[4] = {calls8(first_group, s, 2), calls8(first_group + 1, s, 2), calls8(first_group + 16, s, 2),
+                 calls8(first_group + 17, s, 2)};
+  rounds32(c, seed);
   for (int set = 0; set < 2; ++set) {
     const Calls8& even = c[2 * set];
     const Calls8& odd = c[2 * set + 1];
     transpose_words(merge_calls(even.c0, odd.c0), merge_calls(even.c1, odd.c1), merge_calls(even.c2, odd.c2),
                     merge_calls(even.c3, odd.c3), t + 4 * set);
+  }
+}
+
+// The four words of each of the calls ids[0..count) of stream s, into words[4·k + w] (call k, word
+// w): 32 calls a step in the four chains of philox32, from a list of arbitrary call ids.
+DROPREG_AVX512 inline void philox_list(uint64_t seed, uint64_t s, const uint64_t* ids, int64_t count,
+                                       uint32_t* words) {
+  const __m512i s_lo = _mm512_set1_epi64(static_cast<long long>(s));
+  const __m512i s_hi = _mm512_set1_epi64(static_cast<long long>(s >> 32));
+  for (int64_t k0 = 0; k0 < count; k0 += 32) {
+    Calls8 c[4];
+    for (int h = 0; h < 4; ++h) {
+      const int64_t left = count - k0 - 8 * h;
+      const __mmask8 in = left >= 8 ? 0xFF : (left <= 0 ? 0 : static_cast<__mmask8>((1u << left) - 1));
+      const __m512i g = _mm512_maskz_loadu_epi64(in, ids + k0 + 8 * h);
+      c[h] = {g, _mm512_srli_epi64(g, 32), s_lo, s_hi};
+    }
+    rounds32(c, seed);
+    const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
+    const __m512i first4 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i last4 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int h = 0; h < 4; ++h) {
+      const int64_t left = count - k0 - 8 * h;
+      if (left <= 0) break;
+      // 64-bit lane j of w01 = (word 0, word 1) of call j, of w23 = (word 2, word 3).
+      const __m512i w01 = _mm512_or_si512(_mm512_and_si512(c[h].c0, low), _mm512_slli_epi64(c[h].c1, 32));
+      const __m512i w23 = _mm512_or_si512(_mm512_and_si512(c[h].c2, low), _mm512_slli_epi64(c[h].c3, 32));
+      // 128-bit lanes: calls 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi); then in call order, 4 calls a register.
+      const __m512i lo = _mm512_unpacklo_epi64(w01, w23), hi = _mm512_unpackhi_epi64(w01, w23);
+      uint32_t* out = words + 4 * (k0 + 8 * h);
+      const __mmask16 in0 = left >= 4 ? 0xFFFF : static_cast<__mmask16>((1u << (4 * left)) - 1);
+      const __mmask16 in1 = left >= 8 ? 0xFFFF : (left <= 4 ? 0 : static_cast<__mmask16>((1u << (4 * (left - 4))) - 1));
+      _mm512_mask_storeu_epi32(out, in0, _mm512_permutex2var_epi64(lo, first4, hi));
+      _mm512_mask_storeu_epi32(out + 16, in1, _mm512_permutex2var_epi64(lo, last4, hi));
+    }
   }
 }
 
@@ -148,6 +195,64 @@ DROPREG_AVX512 inline void store16(scalar_t* p, __m512 v, __mmask16 mask) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
     _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
+// A tile of a layout whose memory-innermost dim M is not the logical last dim L (channels_last: M
+// is C, L is W), when L's runs are whole calls (its size a multiple of 8): for 8 consecutive l and
+// up to 32 consecutive m, the 32 calls are first_call + m·call_step (one per m), so the rounds run
+// on them directly; half h of word q of call m is the draw of (l = 2q + h, m): a compare of the
+// 64-bit lanes gives the keep bits of 8 m's at one l, and row l of the tile (contiguous along m in
+// memory) is one masked multiply per 16 elements. x and y are the tile's (l0, m0) element; row l
+// is at x + l·x_l, y + l·y_l; nl is a multiple of 8, nm <= 32.
+template <typename scalar_t>
+DROPREG_AVX512 void dropout_tile_avx512(const scalar_t* x, scalar_t* y, int64_t nl, int64_t nm, int64_t x_l,
+                                        int64_t y_l, uint64_t first_call, uint64_t call_step, uint32_t threshold,
+                                        double scale_d, uint64_t seed, uint64_t offset) {
+  const uint64_t s = offset + kStreamDropoutMask;
+  const __m512i thr = _mm512_set1_epi64(threshold), half = _mm512_set1_epi64(0xFFFF);
+  const __mmask32 in = nm >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << nm) - 1);
+  for (int64_t l0 = 0; l0 < nl; l0 += kU16PerGroup) {
+    const uint64_t first = first_call + static_cast<uint64_t>(l0) / kU16PerGroup;
+    Calls8 c[4];
+    for (int h = 0; h < 4; ++h) {
+      // calls of m = 8h .. 8h + 7
+      const __m512i g = _mm512_add_epi64(
+          _mm512_set1_epi64(static_cast<long long>(first + 8 * h * call_step)),
+          _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(call_step))));
+      c[h] = {g, _mm512_srli_epi64(g, 32), _mm512_set1_epi64(static_cast<long long>(s)),
+              _mm512_set1_epi64(static_cast<long long>(s >> 32))};
+    }
+    rounds32(c, seed);
+    for (int e = 0; e < kU16PerGroup; ++e) {  // row l0 + e: half e & 1 of word e >> 1
+      const int shift = 16 * (e & 1);
+      uint32_t keep = 0;
+      for (int h = 0; h < 4; ++h) {
+        const __m512i w = e < 2 ? c[h].c0 : (e < 4 ? c[h].c1 : (e < 6 ? c[h].c2 : c[h].c3));
+        const __m512i u16 = _mm512_and_si512(_mm512_srli_epi64(w, shift), half);
+        keep |= static_cast<uint32_t>(_mm512_cmpge_epu64_mask(u16, thr)) << (8 * h);
+      }
+      keep &= in;
+      const scalar_t* xr = x + (l0 + e) * x_l;
+      scalar_t* yr = y + (l0 + e) * y_l;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        const __m512d scale = _mm512_set1_pd(scale_d);
+        for (int v = 0; v < 4; ++v) {
+          const __mmask8 mem = static_cast<__mmask8>(in >> (8 * v));
+          if (mem == 0) break;
+          const __m512d xv = _mm512_maskz_loadu_pd(mem, xr + 8 * v);
+          _mm512_mask_storeu_pd(yr + 8 * v, mem, _mm512_maskz_mul_pd(static_cast<__mmask8>(keep >> (8 * v)), xv, scale));
+        }
+      } else {
+        const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
+        for (int v = 0; v < 2; ++v) {
+          const __mmask16 mem = static_cast<__mmask16>(in >> (16 * v));
+          if (mem == 0) break;
+          const __m512 xv = load16<scalar_t>(xr + 16 * v, mem);
+          store16<scalar_t>(yr + 16 * v, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> (16 * v)), xv, scale), mem);
+        }
+      }
+    }
   }
 }
 

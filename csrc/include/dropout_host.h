@@ -19,14 +19,19 @@ inline void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& 
 
 // y = dropout(x) in x's memory layout, as torch.empty_like(x) lays it out (dense inputs keep their
 // strides; others get a dense tensor in their stride order), with the mask keyed by the logical
-// (row-major) element index whatever the layout. A contiguous x is one pass; any other is computed
-// in logical order and copied into the layout (two more passes: a tiled kernel that walks memory
-// order is the open lever).
-inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into) {
+// (row-major) element index whatever the layout. A contiguous x is one pass of `into`; any other is
+// one pass of `into_strided` where the backend has one (it walks memory order), else it is computed
+// in logical order and copied into the layout (two more passes).
+inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into,
+                                       DropoutInto into_strided = nullptr) {
   check_dropout_args(x, p, rng);
   at::Tensor y = at::empty_like(x);
   if (x.is_contiguous()) {
     into(x, y, p, rng.contiguous());
+    return y;
+  }
+  if (into_strided != nullptr) {
+    into_strided(x, y, p, rng.contiguous());
     return y;
   }
   const at::Tensor xc = x.contiguous();
@@ -35,10 +40,17 @@ inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::
   return y.copy_(yc);
 }
 
-inline void dropout_in_place(at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into) {
+// The same, written into x: contiguous, or any dense layout where the backend walks memory order.
+inline void dropout_in_place(at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into,
+                             DropoutInto into_strided = nullptr) {
   check_dropout_args(x, p, rng);
-  TORCH_CHECK(x.is_contiguous(), "argument 'x' of dropout_ must be contiguous");
-  into(x, x, p, rng.contiguous());
+  if (x.is_contiguous()) {
+    into(x, x, p, rng.contiguous());
+    return;
+  }
+  TORCH_CHECK(into_strided != nullptr && x.is_non_overlapping_and_dense(),
+              "argument 'x' of dropout_ must be contiguous (or dense, on the CPU)");
+  into_strided(x, x, p, rng.contiguous());
 }
 
 }  // namespace dropreg
