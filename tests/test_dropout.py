@@ -151,18 +151,25 @@ def test_output_keeps_the_input_layout(backend, layout):
     assert_bitwise_equal(dx, expected(backend, g.contiguous(), 0.4, rng), f"{layout} backward")
 
 
-# The CPU kernel walks a dense non-contiguous layout in memory order, tile by tile (256 along the
-# logical last dim L by 64 along the memory-innermost dim M), with an AVX-512 path for tiles whose
-# L runs are whole Philox calls (L's size a multiple of 8). These shapes cross both tile edges,
-# take both paths (L = 264 and L = 9), and slice M or an outer dim.
+# The CPU kernel walks a dense non-contiguous layout in memory order, tile by tile, after merging
+# the dims that run on (channels_last's H and W): an AVX-512 register path when H·W is whole Philox
+# calls (a multiple of 8) and C fills 32-call blocks, else tiles of draws transposed into memory
+# order (whole dense blocks, rows, or single runs). These shapes take every path and cross tile edges.
+def _cl(*shape):
+    return lambda: torch.randn(shape).contiguous(memory_format=torch.channels_last)
+
+
 MEMORY_ORDER_CASES = {
-    "channels_last-aligned": lambda: torch.randn(2, 70, 3, 264).contiguous(memory_format=torch.channels_last),
-    "channels_last-unaligned": lambda: torch.randn(2, 70, 5, 9).contiguous(memory_format=torch.channels_last),
-    "channels_last_3d-aligned": lambda: torch.randn(2, 33, 2, 3, 16).contiguous(
-        memory_format=torch.channels_last_3d),
+    "channels_last-registers": _cl(2, 64, 5, 72),  # H·W = 360: two l tiles, C = 64: two full blocks
+    "channels_last-registers-tail": _cl(2, 90, 2, 8),  # C = 90: a 26-wide last block
+    "channels_last-7x7": _cl(2, 70, 7, 7),  # H·W = 49: transposed tiles, each one dense block
+    "channels_last-c65": _cl(1, 65, 2, 129),  # tiles 256 + 2 along L, 64 + 1 along C: rows, a single run
+    "channels_last-rgb": _cl(2, 3, 40, 64),  # C = 3: one dense block per tile
+    "channels_last_3d": lambda: torch.randn(2, 33, 2, 3, 16).contiguous(memory_format=torch.channels_last_3d),
     "outer-dim-innermost": lambda: torch.randn(40, 6, 16).permute(1, 2, 0).contiguous().permute(2, 0, 1),
-    "sliced-channels": lambda: torch.randn(2, 70, 3, 264).contiguous(memory_format=torch.channels_last)[:, 3:60],
-    "sliced-rows": lambda: torch.randn(2, 70, 6, 264).contiguous(memory_format=torch.channels_last)[:, :, ::2],
+    "last-dim-innermost": lambda: torch.randn(6, 5, 300).permute(1, 0, 2),  # M = L: runs along L
+    "sliced-channels": lambda: _cl(2, 70, 3, 264)()[:, 3:60],
+    "sliced-rows": lambda: _cl(2, 70, 6, 264)()[:, :, ::2],
 }
 
 

@@ -11,6 +11,10 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // the draws' 8 x 8 transposes (x86-64 baseline)
+#endif
+
 #include "checks.h"
 #include "cpu_kernels.h"
 #include "dropout.h"
@@ -68,16 +72,46 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
 }
 
 // ---------------------------------------------------------------------------------------------
-// Any layout: y and x of one shape, y dense (torch.empty_like(x)), x with any strides. The mask is
-// that of the logical (row-major) index, but the walk follows y's memory order, tile by tile:
-// a tile is kTileL consecutive positions along L, the logical last dim (logically consecutive
-// elements: whole Philox calls serve them), by kTileM positions along M, the dim of y's stride 1
-// (consecutive in memory: the apply loop streams). For channels_last, L is W and M is C. When L is
-// M itself, a tile is one run along it.
+// Any layout: y and x of one shape, y dense (torch.empty_like(x), or x itself when dense), x with
+// any strides. The mask is that of the logical (row-major) index, but the walk follows y's memory
+// order, tile by tile. After merging the dims that run on in all three index spaces (channels_last's
+// H and W become one dim of stride C), L is the logical last dim and M the dim of y's stride 1: a
+// tile is a run of positions along L (logically consecutive elements: whole Philox calls serve
+// them) by a run along M (consecutive in memory: the apply streams). For channels_last, L is H·W
+// and M is C. When M is L, a tile is one run along it.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int64_t kTileL = 256;
+constexpr int64_t kTileElems = 16384;  // a tile's draws (32 KB as u16) and Philox words stay in L1/L2
 constexpr int64_t kTileM = 64;
+
+// The dims of the walk: size-1 dims dropped, neighbours merged where the logical index and both
+// tensors' strides run on.
+struct Walk {
+  std::vector<int64_t> sizes, xs, ys, logical;
+};
+
+Walk coalesce(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t dims = x.dim();
+  std::vector<int64_t> logical(dims, 1);  // row-major strides of the logical index
+  for (int64_t d = dims - 2; d >= 0; --d) logical[d] = logical[d + 1] * x.size(d + 1);
+  Walk w;
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t size = x.size(d);
+    if (size == 1) continue;
+    if (!w.sizes.empty() && w.xs.back() == x.stride(d) * size && w.ys.back() == y.stride(d) * size) {
+      w.sizes.back() *= size;  // the previous kept dim runs on into this one
+      w.xs.back() = x.stride(d);
+      w.ys.back() = y.stride(d);
+      w.logical.back() = logical[d];
+      continue;
+    }
+    w.sizes.push_back(size);
+    w.xs.push_back(x.stride(d));
+    w.ys.push_back(y.stride(d));
+    w.logical.push_back(logical[d]);
+  }
+  return w;
+}
 
 // The words of calls ids[0..count) (4 per call, call-major).
 void philox_words(uint64_t seed, uint64_t offset, const uint64_t* ids, int64_t count, uint32_t* words) {
@@ -94,106 +128,181 @@ void philox_words(uint64_t seed, uint64_t offset, const uint64_t* ids, int64_t c
   }
 }
 
-// y[m * 1 + l * y_l] = dropout(x[m * x_m + l * x_l]) for the tile's nl x nm elements, u16[l][m] the draws.
+// y[i * y_step] = dropout(x[i * x_step]) for i < n, with draws u16[0..n): the portable loops.
 template <typename scalar_t, typename acc_t>
-DROPREG_CPU_CLONES void apply_tile(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t nl, int64_t nm,
-                                   int64_t x_l, int64_t x_m, int64_t y_l, uint32_t threshold, acc_t scale) {
-  for (int64_t l = 0; l < nl; ++l) {
-    const scalar_t* xr = x + l * x_l;
-    scalar_t* yr = y + l * y_l;
-    const uint16_t* ur = u16 + l * kTileM;
-    if (x_m == 1) {  // x dense like y (the usual case): both rows stream, and the loop vectorizes
-      for (int64_t m = 0; m < nm; ++m) yr[m] = dropout_element<scalar_t, acc_t>(xr[m], ur[m], threshold, scale);
-    } else {
-      for (int64_t m = 0; m < nm; ++m) yr[m] = dropout_element<scalar_t, acc_t>(xr[m * x_m], ur[m], threshold, scale);
+DROPREG_CPU_CLONES void apply_u16_loop(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, int64_t x_step,
+                                       int64_t y_step, uint32_t threshold, acc_t scale) {
+  if (x_step == 1 && y_step == 1) {  // the loop vectorizes
+    for (int64_t i = 0; i < n; ++i) y[i] = dropout_element<scalar_t, acc_t>(x[i], u16[i], threshold, scale);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      y[i * y_step] = dropout_element<scalar_t, acc_t>(x[i * x_step], u16[i], threshold, scale);
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void apply_u16(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, int64_t x_step, int64_t y_step,
+               uint32_t threshold, acc_t scale) {
+#if DROPREG_HAVE_AVX512_DROPOUT
+  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  if (avx512 && x_step == 1 && y_step == 1 && threshold < 65536u) {
+    cpu::apply_u16_avx512<scalar_t>(x, y, u16, n, threshold, static_cast<double>(scale));
+    return;
+  }
+#endif
+  apply_u16_loop<scalar_t, acc_t>(x, y, u16, n, x_step, y_step, threshold, scale);
+}
+
+// out[l·nm + m] = runs[m][l] for m < nm, l < nl: the draws of nm runs along L, in memory order.
+// 8 x 8 blocks by three rounds of SSE2 unpacks (24 shuffles for 64 draws), the edges one by one.
+void transpose_u16(const uint16_t* const* runs, int64_t nm, int64_t nl, uint16_t* out) {
+  int64_t m0 = 0;
+#if defined(__SSE2__)
+  for (; m0 + 8 <= nm; m0 += 8) {
+    const uint16_t* const* r = runs + m0;
+    int64_t l0 = 0;
+    for (; l0 + 8 <= nl; l0 += 8) {
+      __m128i v[8], t[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + l0));
+      for (int i = 0; i < 4; ++i) {  // pairs of rows, interleaved by 16 bits
+        t[i] = _mm_unpacklo_epi16(v[2 * i], v[2 * i + 1]);
+        t[i + 4] = _mm_unpackhi_epi16(v[2 * i], v[2 * i + 1]);
+      }
+      // t[0..3]: columns 0-3 of row pairs (0,1) .. (6,7); t[4..7]: columns 4-7
+      for (int h = 0; h < 2; ++h) {
+        const __m128i* q = t + 4 * h;
+        const __m128i a0 = _mm_unpacklo_epi32(q[0], q[1]), a1 = _mm_unpackhi_epi32(q[0], q[1]);
+        const __m128i b0 = _mm_unpacklo_epi32(q[2], q[3]), b1 = _mm_unpackhi_epi32(q[2], q[3]);
+        uint16_t* o = out + (l0 + 4 * h) * nm + m0;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(a0, b0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + nm), _mm_unpackhi_epi64(a0, b0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * nm), _mm_unpacklo_epi64(a1, b1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * nm), _mm_unpackhi_epi64(a1, b1));
+      }
+    }
+    for (int64_t m = m0; m < m0 + 8; ++m) {
+      for (int64_t l = l0; l < nl; ++l) out[l * nm + m] = runs[m][l];
+    }
+  }
+#endif
+  for (int64_t m = m0; m < nm; ++m) {
+    for (int64_t l = 0; l < nl; ++l) out[l * nm + m] = runs[m][l];
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t threshold, acc_t scale, uint64_t seed,
                             uint64_t offset) {
-  const int64_t dims = x_t.dim();
-  const auto sizes = x_t.sizes();
-  const auto xs = x_t.strides();
-  const auto ys = y_t.strides();
+  const Walk w = coalesce(x_t, y_t);
+  const int64_t dims = static_cast<int64_t>(w.sizes.size());
+  if (dims == 0) return;  // numel <= 1 is contiguous: not routed here
   const int64_t L = dims - 1;
   int64_t M = L;
   for (int64_t d = 0; d < dims; ++d) {
-    if (ys[d] == 1 && sizes[d] > 1) M = d;
+    if (w.ys[d] == 1) M = d;
   }
-  std::vector<int64_t> logical(dims, 1);  // row-major strides of the logical index
-  for (int64_t d = dims - 2; d >= 0; --d) logical[d] = logical[d + 1] * sizes[d + 1];
   std::vector<int64_t> outer;  // the dims other than L and M, walked by a mixed-radix index
   for (int64_t d = 0; d < dims; ++d) {
     if (d != L && d != M) outer.push_back(d);
   }
-  const int64_t size_l = sizes[L];
-  const int64_t size_m = M == L ? 1 : sizes[M];
-  const int64_t tiles_l = (size_l + kTileL - 1) / kTileL;
-  const int64_t tiles_m = (size_m + kTileM - 1) / kTileM;
-  int64_t outer_count = 1;
-  for (int64_t d : outer) outer_count *= sizes[d];
-  const scalar_t* x = x_t.const_data_ptr<scalar_t>();
-  scalar_t* y = y_t.data_ptr<scalar_t>();
-  const int64_t step_m = M == L ? 0 : 1;  // the m-th position along M is one element further in y
+  const int64_t size_l = w.sizes[L];
+  const int64_t size_m = M == L ? 1 : w.sizes[M];
+  const int64_t lm = M == L ? 0 : w.logical[M];  // logical stride along M
+  const int64_t x_l = w.xs[L], y_l = w.ys[L], x_m = M == L ? 0 : w.xs[M], y_m = M == L ? 0 : 1;
+  bool register_rows = false;
 #if DROPREG_HAVE_AVX512_DROPOUT
   // The register path: L's runs are whole calls (its size a multiple of 8, so every outer and M
-  // offset is too), x is dense along M like y, and the threshold fits the 16-bit compare.
+  // offset is too), x is dense along M like y, the threshold fits the 16-bit compare, and M fills
+  // the 32-call blocks to 3/4 at least. Its tiles span all of M, so rows are written whole.
   static const bool avx512 = cpu::cpu_has_avx512_dropout();
-  const bool aligned_tiles = avx512 && M != L && size_l % kU16PerGroup == 0 && xs[M] == 1 && threshold < 65536u;
+  register_rows = avx512 && M != L && size_l % kU16PerGroup == 0 && x_m == 1 && threshold < 65536u &&
+                  3 * 32 * ((size_m + 31) / 32) <= 4 * size_m;
 #endif
+  // Generic tiles hold about kTileElems draws: short L runs make tall tiles along M, and the other way.
+  const int64_t tile_l = register_rows ? 256 : std::min(size_l, std::max<int64_t>(256, kTileElems / std::min(size_m, kTileM)));
+  const int64_t tile_m = register_rows ? size_m : std::min(size_m, std::max(kTileM, kTileElems / tile_l));
+  const int64_t tiles_l = (size_l + tile_l - 1) / tile_l;
+  const int64_t tiles_m = (size_m + tile_m - 1) / tile_m;
+  int64_t outer_count = 1;
+  for (int64_t d : outer) outer_count *= w.sizes[d];
+  const scalar_t* x = x_t.const_data_ptr<scalar_t>();
+  scalar_t* y = y_t.data_ptr<scalar_t>();
+  struct Tile {
+    int64_t first;  // logical index of element (l0, m0)
+    int64_t nl, nm;
+    const scalar_t* x;
+    scalar_t* y;
+  };
+  auto locate = [&](int64_t t) {
+    int64_t rest = t / (tiles_l * tiles_m);
+    const int64_t l0 = (t / tiles_m) % tiles_l * tile_l, m0 = t % tiles_m * tile_m;
+    int64_t lbase = 0, xbase = 0, ybase = 0;
+    for (int64_t k = static_cast<int64_t>(outer.size()) - 1; k >= 0; --k) {
+      const int64_t d = outer[k];
+      const int64_t i = rest % w.sizes[d];
+      rest /= w.sizes[d];
+      lbase += i * w.logical[d];
+      xbase += i * w.xs[d];
+      ybase += i * w.ys[d];
+    }
+    return Tile{lbase + l0 + m0 * lm, std::min(tile_l, size_l - l0), std::min(tile_m, size_m - m0),
+                x + xbase + l0 * x_l + m0 * x_m, y + ybase + l0 * y_l + m0 * y_m};
+  };
+  const bool dense_tiles = x_m == 1 && x_l == tile_m && y_l == tile_m;  // each tile one block in x and y
   at::parallel_for(0, outer_count * tiles_l * tiles_m, 1, [&](int64_t t0, int64_t t1) {
-    constexpr int64_t kMaxIds = kTileM * (kTileL / kU16PerGroup + 2);
-    std::vector<uint64_t> ids(kMaxIds);
-    std::vector<uint32_t> words(4 * kMaxIds);
-    std::vector<uint16_t> u16(kTileL * kTileM);
-    int64_t first_id[kTileM];
+    const int64_t max_ids = tile_m * (tile_l / kU16PerGroup + 2);
+    std::vector<uint64_t> ids(register_rows ? 0 : max_ids);
+    std::vector<uint32_t> words(register_rows ? 0 : 4 * max_ids);
+    std::vector<uint16_t> u16(register_rows ? 0 : tile_l * tile_m);
+    std::vector<int64_t> first_id(register_rows ? 0 : tile_m);
+    std::vector<const uint16_t*> runs(register_rows ? 0 : tile_m);
+    std::vector<uint32_t> keep(register_rows ? 8 * ((size_m + 31) / 32) : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t rest = t / (tiles_l * tiles_m);
-      const int64_t tile_l = (t / tiles_m) % tiles_l, tile_m = t % tiles_m;
-      int64_t lbase = 0, xbase = 0, ybase = 0;
-      for (int64_t k = static_cast<int64_t>(outer.size()) - 1; k >= 0; --k) {
-        const int64_t d = outer[k];
-        const int64_t i = rest % sizes[d];
-        rest /= sizes[d];
-        lbase += i * logical[d];
-        xbase += i * xs[d];
-        ybase += i * ys[d];
-      }
-      const int64_t l0 = tile_l * kTileL, m0 = tile_m * kTileM;
-      const int64_t nl = std::min(kTileL, size_l - l0), nm = std::min(kTileM, size_m - m0);
-      const int64_t lm = M == L ? 0 : logical[M];
+      const Tile tile = locate(t);
+      const int64_t nl = tile.nl, nm = tile.nm;
 #if DROPREG_HAVE_AVX512_DROPOUT
-      if (aligned_tiles) {  // every tile row pair (l, m) starts a Philox call: the register path
-        const int64_t xm = xs[M];
-        for (int64_t mb = 0; mb < nm; mb += 32) {
-          const int64_t f = lbase + (m0 + mb) * lm + l0;
-          cpu::dropout_tile_avx512<scalar_t>(x + xbase + l0 * xs[L] + (m0 + mb) * xm, y + ybase + l0 * ys[L] + m0 + mb,
-                                             nl, std::min<int64_t>(32, nm - mb), xs[L], ys[L],
-                                             static_cast<uint64_t>(f / kU16PerGroup),
-                                             static_cast<uint64_t>(lm / kU16PerGroup), threshold,
-                                             static_cast<double>(scale), seed, offset);
-        }
+      if (register_rows) {  // m0 = 0, nm = size_m
+        cpu::dropout_rows_avx512<scalar_t>(tile.x, tile.y, nl, nm, x_l, y_l,
+                                           static_cast<uint64_t>(tile.first / kU16PerGroup),
+                                           static_cast<uint64_t>(lm / kU16PerGroup), threshold,
+                                           static_cast<double>(scale), seed, offset, keep.data());
         continue;
       }
 #endif
+      // The calls of each m's run of nl logical indices f .. f + nl - 1, f = first + m·lm. Runs
+      // that abut (channels_last, when a tile spans L) make one range of calls.
       int64_t count = 0;
-      for (int64_t m = 0; m < nm; ++m) {
-        const int64_t f = lbase + (m0 + m) * lm + l0;  // logical index of (m, l0)
-        first_id[m] = count;
-        for (int64_t g = f / kU16PerGroup; g <= (f + nl - 1) / kU16PerGroup; ++g) ids[count++] = static_cast<uint64_t>(g);
+      const int64_t g_first = tile.first / kU16PerGroup;
+      if (lm == nl) {
+        count = (tile.first + nm * nl - 1) / kU16PerGroup - g_first + 1;
+        for (int64_t k = 0; k < count; ++k) ids[k] = static_cast<uint64_t>(g_first + k);
+      } else {
+        for (int64_t m = 0; m < nm; ++m) {
+          const int64_t f = tile.first + m * lm;
+          first_id[m] = count;
+          for (int64_t g = f / kU16PerGroup; g <= (f + nl - 1) / kU16PerGroup; ++g) ids[count++] = static_cast<uint64_t>(g);
+        }
       }
       philox_words(seed, offset, ids.data(), count, words.data());
       const uint16_t* halves = reinterpret_cast<const uint16_t*>(words.data());  // u16 e of call k: 8k + e
-      for (int64_t m = 0; m < nm; ++m) {
-        const int64_t f = lbase + (m0 + m) * lm + l0;
-        const int64_t origin = first_id[m] * kU16PerGroup - (f / kU16PerGroup) * kU16PerGroup;  // of f's call
-        for (int64_t l = 0; l < nl; ++l) u16[l * kTileM + m] = halves[origin + f + l];
+      for (int64_t m = 0; m < nm; ++m) {  // where m's draws start
+        const int64_t f = tile.first + m * lm;
+        runs[m] = halves + (lm == nl ? f - g_first * kU16PerGroup : first_id[m] * kU16PerGroup + f % kU16PerGroup);
       }
-      const int64_t xm = M == L ? 0 : xs[M];
-      apply_tile<scalar_t, acc_t>(x + xbase + l0 * xs[L] + m0 * xm, y + ybase + l0 * ys[L] + m0 * step_m, u16.data(),
-                                  nl, nm, xs[L], xm, ys[L], threshold, scale);
+      if (nm == 1) {  // one run along L: its draws are in place
+        apply_u16<scalar_t, acc_t>(tile.x, tile.y, runs[0], nl, x_l, y_l, threshold, scale);
+        continue;
+      }
+      transpose_u16(runs.data(), nm, nl, u16.data());  // the draws in the tile's memory order: u16[l·nm + m]
+      if (dense_tiles && nm == tile_m) {
+        apply_u16<scalar_t, acc_t>(tile.x, tile.y, u16.data(), nl * nm, 1, 1, threshold, scale);
+        continue;
+      }
+      for (int64_t l = 0; l < nl; ++l) {
+        apply_u16<scalar_t, acc_t>(tile.x + l * x_l, tile.y + l * y_l, u16.data() + l * nm, nm, x_m, 1, threshold,
+                                   scale);
+      }
     }
   });
 }

@@ -36,6 +36,7 @@ namespace dropreg {
 namespace cpu {
 
 constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Philox calls
+constexpr int64_t kPrefetchBytes = 8192;                   // how far ahead x is prefetched by hand
 
 // DROPREG_CPU_CAPABILITY=default (read once, like ATen's ATEN_CPU_CAPABILITY) selects the portable
 // loops even where the CPU has AVX-512: to compare the paths, or to test the portable one here.
@@ -198,60 +199,117 @@ DROPREG_AVX512 inline void store16(scalar_t* p, __m512 v, __mmask16 mask) {
   }
 }
 
-// A tile of a layout whose memory-innermost dim M is not the logical last dim L (channels_last: M
-// is C, L is W), when L's runs are whole calls (its size a multiple of 8): for 8 consecutive l and
-// up to 32 consecutive m, the 32 calls are first_call + m·call_step (one per m), so the rounds run
-// on them directly; half h of word q of call m is the draw of (l = 2q + h, m): a compare of the
-// 64-bit lanes gives the keep bits of 8 m's at one l, and row l of the tile (contiguous along m in
-// memory) is one masked multiply per 16 elements. x and y are the tile's (l0, m0) element; row l
-// is at x + l·x_l, y + l·y_l; nl is a multiple of 8, nm <= 32.
+DROPREG_AVX512 inline __m512i word(const Calls8& c, int q) {
+  return q == 0 ? c.c0 : (q == 1 ? c.c1 : (q == 2 ? c.c2 : c.c3));
+}
+
+// yr[0..32) = keep ? xr * scale : 0 for the elements of `in` (the others are not touched).
 template <typename scalar_t>
-DROPREG_AVX512 void dropout_tile_avx512(const scalar_t* x, scalar_t* y, int64_t nl, int64_t nm, int64_t x_l,
+DROPREG_AVX512 inline void apply32(const scalar_t* xr, scalar_t* yr, uint32_t keep, __mmask32 in, double scale_d) {
+  keep &= in;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    const __m512d scale = _mm512_set1_pd(scale_d);
+    for (int v = 0; v < 4; ++v) {
+      const __mmask8 mem = static_cast<__mmask8>(in >> (8 * v));
+      if (mem == 0) break;
+      const __m512d xv = _mm512_maskz_loadu_pd(mem, xr + 8 * v);
+      _mm512_mask_storeu_pd(yr + 8 * v, mem, _mm512_maskz_mul_pd(static_cast<__mmask8>(keep >> (8 * v)), xv, scale));
+    }
+  } else {
+    const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
+    for (int v = 0; v < 2; ++v) {
+      const __mmask16 mem = static_cast<__mmask16>(in >> (16 * v));
+      if (mem == 0) break;
+      const __m512 xv = load16<scalar_t>(xr + 16 * v, mem);
+      store16<scalar_t>(yr + 16 * v, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> (16 * v)), xv, scale), mem);
+    }
+  }
+}
+
+// Rows of a layout whose memory-innermost dim M is not the logical last dim L (channels_last: M is
+// C, L is W), when L's runs are whole calls (its size a multiple of 8). For 8 consecutive l and 32
+// consecutive m the 32 calls are first_call + l/8 + m·call_step (one per m), so the rounds run on
+// them directly: half h of word q of call m is the draw of (l = 2q + h, m). Word q of 16 calls
+// gathered into one register, one 32-bit compare gives the keep bits of rows 2q + 1 (high halves)
+// and, after a shift, 2q (low halves) for those 16 m's. The keep bits of 8 rows are made first, then
+// the rows are written in memory order (each contiguous along m: one masked multiply per 16
+// elements), so a channels_last tensor streams. x and y are element (0, 0); row l is at x + l·x_l,
+// y + l·y_l; nl is a multiple of 8; keep has room for 8·ceil(nm / 32) words.
+template <typename scalar_t>
+DROPREG_AVX512 void dropout_rows_avx512(const scalar_t* x, scalar_t* y, int64_t nl, int64_t nm, int64_t x_l,
                                         int64_t y_l, uint64_t first_call, uint64_t call_step, uint32_t threshold,
-                                        double scale_d, uint64_t seed, uint64_t offset) {
+                                        double scale, uint64_t seed, uint64_t offset, uint32_t* keep) {
   const uint64_t s = offset + kStreamDropoutMask;
-  const __m512i thr = _mm512_set1_epi64(threshold), half = _mm512_set1_epi64(0xFFFF);
-  const __mmask32 in = nm >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << nm) - 1);
+  const __m512i thr_hi = _mm512_set1_epi32(static_cast<int>(threshold << 16));
+  // The low 32 bits of each 64-bit lane of two registers: 16 calls' word, in call order.
+  const __m512i low_words = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i lane_step = _mm512_mullo_epi64(lane, _mm512_set1_epi64(static_cast<long long>(call_step)));
+  const int64_t blocks = (nm + 31) / 32;
+  const __mmask32 tail = nm % 32 == 0 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (nm % 32)) - 1);
+  const int64_t row_bytes = nm * static_cast<int64_t>(sizeof(scalar_t));
+  // Short rows: the hardware prefetcher does not run far enough ahead across the rounds of a
+  // group, so x's rows kPrefetchBytes ahead are asked for by hand (long rows stream by themselves).
+  const int64_t ahead = row_bytes > 2048 ? 0 : (kPrefetchBytes / row_bytes + 7) / 8 * 8;
   for (int64_t l0 = 0; l0 < nl; l0 += kU16PerGroup) {
     const uint64_t first = first_call + static_cast<uint64_t>(l0) / kU16PerGroup;
-    Calls8 c[4];
-    for (int h = 0; h < 4; ++h) {
-      // calls of m = 8h .. 8h + 7
-      const __m512i g = _mm512_add_epi64(
-          _mm512_set1_epi64(static_cast<long long>(first + 8 * h * call_step)),
-          _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(static_cast<long long>(call_step))));
-      c[h] = {g, _mm512_srli_epi64(g, 32), _mm512_set1_epi64(static_cast<long long>(s)),
-              _mm512_set1_epi64(static_cast<long long>(s >> 32))};
-    }
-    rounds32(c, seed);
-    for (int e = 0; e < kU16PerGroup; ++e) {  // row l0 + e: half e & 1 of word e >> 1
-      const int shift = 16 * (e & 1);
-      uint32_t keep = 0;
-      for (int h = 0; h < 4; ++h) {
-        const __m512i w = e < 2 ? c[h].c0 : (e < 4 ? c[h].c1 : (e < 6 ? c[h].c2 : c[h].c3));
-        const __m512i u16 = _mm512_and_si512(_mm512_srli_epi64(w, shift), half);
-        keep |= static_cast<uint32_t>(_mm512_cmpge_epu64_mask(u16, thr)) << (8 * h);
+    if (ahead > 0) {
+      for (int e = 0; e < kU16PerGroup; ++e) {
+        const char* row = reinterpret_cast<const char*>(x + (l0 + ahead + e) * x_l);
+        for (int64_t at = 0; at < row_bytes; at += 64) _mm_prefetch(row + at, _MM_HINT_T0);
       }
-      keep &= in;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      Calls8 c[4];
+      for (int h = 0; h < 4; ++h) {  // the calls of m = 32b + 8h .. 32b + 8h + 7
+        const uint64_t g0 = first + static_cast<uint64_t>(32 * b + 8 * h) * call_step;
+        const __m512i g = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(g0)), lane_step);
+        c[h] = {g, _mm512_srli_epi64(g, 32), _mm512_set1_epi64(static_cast<long long>(s)),
+                _mm512_set1_epi64(static_cast<long long>(s >> 32))};
+      }
+      rounds32(c, seed);
+      for (int q = 0; q < 4; ++q) {  // rows l0 + 2q (low halves of word q) and l0 + 2q + 1 (high halves)
+        uint32_t rows[2] = {0, 0};
+        for (int pair = 0; pair < 2; ++pair) {  // m = 16·pair .. 16·pair + 15: chains 2·pair, 2·pair + 1
+          const __m512i words16 = _mm512_permutex2var_epi32(word(c[2 * pair], q), low_words, word(c[2 * pair + 1], q));
+          // u16 >= t  <=>  (u16 << 16) >= (t << 16) as 32-bit words, whatever lies below.
+          rows[1] |= static_cast<uint32_t>(_mm512_cmpge_epu32_mask(words16, thr_hi)) << (16 * pair);
+          rows[0] |= static_cast<uint32_t>(_mm512_cmpge_epu32_mask(_mm512_slli_epi32(words16, 16), thr_hi))
+                     << (16 * pair);
+        }
+        keep[(2 * q) * blocks + b] = rows[0];
+        keep[(2 * q + 1) * blocks + b] = rows[1];
+      }
+    }
+    for (int e = 0; e < kU16PerGroup; ++e) {
       const scalar_t* xr = x + (l0 + e) * x_l;
       scalar_t* yr = y + (l0 + e) * y_l;
-      if constexpr (std::is_same_v<scalar_t, double>) {
-        const __m512d scale = _mm512_set1_pd(scale_d);
-        for (int v = 0; v < 4; ++v) {
-          const __mmask8 mem = static_cast<__mmask8>(in >> (8 * v));
-          if (mem == 0) break;
-          const __m512d xv = _mm512_maskz_loadu_pd(mem, xr + 8 * v);
-          _mm512_mask_storeu_pd(yr + 8 * v, mem, _mm512_maskz_mul_pd(static_cast<__mmask8>(keep >> (8 * v)), xv, scale));
-        }
-      } else {
-        const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
-        for (int v = 0; v < 2; ++v) {
-          const __mmask16 mem = static_cast<__mmask16>(in >> (16 * v));
-          if (mem == 0) break;
-          const __m512 xv = load16<scalar_t>(xr + 16 * v, mem);
-          store16<scalar_t>(yr + 16 * v, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> (16 * v)), xv, scale), mem);
-        }
+      for (int64_t b = 0; b < blocks; ++b) {
+        apply32<scalar_t>(xr + 32 * b, yr + 32 * b, keep[e * blocks + b], b + 1 < blocks ? 0xFFFFFFFFu : tail, scale);
       }
+    }
+  }
+}
+
+// y[0..n) = dropout of x[0..n) with draws u16[0..n) (a tile's, laid out in memory order): one
+// 16-bit compare and one masked multiply per 16 elements (8 for f64). y may be x. threshold < 2^16.
+template <typename scalar_t>
+DROPREG_AVX512 void apply_u16_avx512(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n,
+                                     uint32_t threshold, double scale_d) {
+  const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 keep = _mm256_mask_cmpge_epu16_mask(in, _mm256_maskz_loadu_epi16(in, u16 + i), thr);
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      const __m512d scale = _mm512_set1_pd(scale_d);
+      for (int v = 0; v < 2; ++v) {
+        const __mmask8 mem = static_cast<__mmask8>(in >> (8 * v));
+        const __m512d xv = _mm512_maskz_loadu_pd(mem, x + i + 8 * v);
+        _mm512_mask_storeu_pd(y + i + 8 * v, mem, _mm512_maskz_mul_pd(static_cast<__mmask8>(keep >> (8 * v)), xv, scale));
+      }
+    } else {
+      const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
+      store16<scalar_t>(y + i, _mm512_maskz_mul_ps(keep, load16<scalar_t>(x + i, in), scale), in);
     }
   }
 }
