@@ -16,6 +16,9 @@ Bytes (``bytes_min``, the same count for every provider, so GB/s compare like wi
 z once in the sample pass and reads z and writes G in the grad pass, ``3 · s · N · C`` for itemsize s
 (the (N,) vectors y, loss, lse, ŷ are left out: under 0.1% at C >= 1k). ``pct_copy`` divides that
 GB/s by the GB/s of ``out.copy_(z)`` (``2 · s · N · C`` bytes) timed in the same rounds.
+
+The floor (``of_floor``): ``torch.add(z, z2)`` with z2 a second tensor of z's shape, the cheapest op
+that moves those bytes (two reads of N x C and one fresh write), timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 import dropreg_ext as dr
 
 from .config import Config, dtype_name
-from .dropout import add_ratios, fresh_compile, our_backends
+from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
 from .measure import Timing, peak_bytes, time_fns, timed_row
 
 MODE = "sample+grad"
@@ -80,6 +83,7 @@ class Case:
         gen = torch.Generator(device=self.device).manual_seed(0)
         z = torch.randn(self.rows, self.classes, generator=gen, device=self.device)
         self.z = (2 * z).to(self.dtype)  # logits of a trained-ish model: softmax not flat
+        self.z2 = torch.randn(self.rows, self.classes, generator=gen, device=self.device).to(self.dtype)  # the floor's
         self.y = torch.randint(0, self.classes, (self.rows,), generator=gen, device=self.device)
 
     @property
@@ -111,7 +115,7 @@ def run_case(case: Case, cfg: Config) -> list:
     """Every provider on one case, timed in interleaved rounds with ``out.copy_(z)``; peak memory of
     one call each."""
     out = torch.empty_like(case.z)
-    calls = {"copy": lambda: out.copy_(case.z)}
+    calls = {"copy": lambda: out.copy_(case.z), FLOOR: lambda: torch.add(case.z, case.z2)}
     for name, make in providers(cfg.device).items():
         calls[name] = case_call(make(), case)
     timings = time_fns(calls, cfg.device, cfg.ce_reps)
@@ -119,10 +123,11 @@ def run_case(case: Case, cfg: Config) -> list:
     rows = []
     for name, timing in timings.items():
         row = _row(case, name, "copy" if name == "copy" else MODE, timing, copy_gbps)
-        if name != "copy":
+        if name not in ("copy", FLOOR):
             row["peak_bytes"] = peak_bytes(calls[name], cfg.device)
         rows.append(row)
     add_ratios(rows)
+    add_floor_ratios(rows)
     return rows
 
 

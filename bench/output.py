@@ -124,7 +124,8 @@ CE_NOTES = """\
 sample+grad: per-row loss CE(z, y), ŷ ~ softmax(z) and G = softmax(z) - onehot(ŷ) from z (N x C).
 ours: cross_entropy_sample + ce_grad; eager: F.cross_entropy + softmax + multinomial + one_hot + (p - onehot);
 compile: torch.compile of eager. eff GB/s counts ours' passes: read z (sample) + read z, write G (grad) =
-3 x itemsize x N x C bytes, for every provider. % copy vs out.copy_(z). peak MiB: one call, outputs included."""
+3 x itemsize x N x C bytes, for every provider. % copy vs out.copy_(z). of floor: vs torch.add(z, z2) (two
+reads of N x C and a fresh write, the cheapest op moving those bytes). peak MiB: one call, outputs included."""
 
 SITE_NOTES = """\
 [Σ (g_e h)², Σ g_i η h] with Rademacher η; eager draws η with torch.randint. eff GB/s counts fwd: read h,

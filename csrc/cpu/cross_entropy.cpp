@@ -1,7 +1,8 @@
 // Cross-entropy with a sampled label on the CPU (reference.cross_entropy_sample, ce_grad,
-// ce_grad_backward). Rows run in parallel; each row is read from memory once and then revisited
-// in 128-element blocks while it sits in cache: pass 1 finds the row max, pass 2 accumulates
-// Σ exp(z - max) and the Gumbel-max argmax, with exp/log vectorized by SLEEF (cpu_kernels.h).
+// ce_grad_backward). Rows run in parallel; each row is read from memory once, in 128-element
+// blocks: per block the max (online, earlier sums rescaled), Σ exp(z - max) and the Gumbel-max
+// argmax, with exp/log by SLEEF (cpu_kernels.h). For float accumulation on AVX-512 CPUs the
+// block loops run 16 logits a register (cross_entropy_avx512.h), the same arithmetic in the same order.
 // The Gumbel draws use the global element index r·C + c, so ŷ does not depend on threading.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,8 +12,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_kernels.h"
+#include "cross_entropy_avx512.h"
 #include "cross_entropy_host.h"
 #include "regularizer.h"
 
@@ -39,6 +42,99 @@ void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k
   }
 }
 
+// Σ exp(z - m) is kept as 16 partial sums in double, element k of a block adding to partial k % 16
+// (one AVX-512 register of floats), summed in lane order at the row's end.
+constexpr int kSumLanes = 16;
+
+// Whether the AVX-512 loops (cross_entropy_avx512.h) run: float accumulation on a CPU that has them.
+template <typename acc_t>
+bool use_avx512() {
+#if DROPREG_HAVE_AVX512_CE
+  static const bool avx512 = cpu::cpu_has_avx512();
+  return std::is_same_v<acc_t, float> && avx512;
+#else
+  return false;
+#endif
+}
+
+// The loops of one block: the AVX-512 ones (cross_entropy_avx512.h) where use_avx512, else these
+// portable loops, which do the same arithmetic in the same order.
+#if DROPREG_HAVE_AVX512_CE
+#define DROPREG_CE_AVX512(call)                                     \
+  if constexpr (std::is_same_v<acc_t, float>) {                     \
+    if (use_avx512<acc_t>()) return call;                           \
+  }
+#else
+#define DROPREG_CE_AVX512(call)
+#endif
+
+// e[k] = z[k] in acc_t; the block's max (NaN never wins); flags a non-finite z and a NaN.
+template <typename scalar_t, typename acc_t>
+acc_t scan_block(const scalar_t* zb, int64_t n, acc_t* e, bool* nonfinite, bool* nan) {
+  DROPREG_CE_AVX512(cpu::scan_block<scalar_t>(zb, n, e, nonfinite, nan))
+  acc_t block_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t x = static_cast<acc_t>(zb[k]);
+    e[k] = x;
+    block_max = x > block_max ? x : block_max;
+    *nonfinite |= !std::isfinite(x);
+    *nan |= x != x;
+  }
+  return block_max;
+}
+
+// u[w]: the Gumbel words of the 32 calls from first_group (element 4·first_group + w).
+template <typename acc_t>
+void gumbel_words(uint64_t seed, uint64_t offset, uint64_t first_group, uint64_t* ids, uint32_t* u) {
+#if DROPREG_HAVE_AVX512_CE
+  if (use_avx512<acc_t>()) {
+    for (int64_t k = 0; k < cpu::kBlockGroups; ++k) ids[k] = first_group + static_cast<uint64_t>(k);
+    return cpu::philox_list(seed, offset + kStreamGumbel, ids, cpu::kBlockGroups, u);
+  }
+#endif
+  (void)ids;
+  cpu::philox_block(seed, offset, kStreamGumbel, first_group, u);
+}
+
+// e[k] = exp(e[k] - m) and, when `add`, partial[k % kSumLanes] += e[k].
+template <typename acc_t>
+void exp_sum_block(acc_t* e, int64_t n, acc_t m, bool add, double* partial) {
+  DROPREG_CE_AVX512(cpu::exp_sum_block(e, n, m, add, partial))
+  for (int64_t k = 0; k < n; ++k) e[k] -= m;
+  cpu::vexp_inplace(e, n);
+  if (add) {
+    for (int64_t k = 0; k < n; ++k) partial[k % kSumLanes] += e[k];
+  }
+}
+
+// The k < n that pass the filter below (1 - u_k < e_k·bound), in order, into cand; their count.
+template <typename acc_t>
+int64_t candidates(const uint32_t* ub, const acc_t* e, int64_t n, acc_t bound, int32_t* cand) {
+  DROPREG_CE_AVX512(cpu::candidates(ub, e, n, bound, cand))
+  int64_t count = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(ub[k]));
+    cand[count] = static_cast<int32_t>(k);
+    count += one_minus_u < e[k] * bound;
+  }
+  return count;
+}
+
+// G's row: g[c] = (exp(z[c] - l) - [c == y]) · s.
+template <typename scalar_t, typename acc_t>
+void grad_row(const scalar_t* zr, int64_t C, acc_t l, int64_t y, acc_t s, acc_t* p, scalar_t* gr) {
+  DROPREG_CE_AVX512(cpu::grad_row<scalar_t>(zr, C, l, y, s, gr))
+  for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
+    const int64_t n = std::min(kBlockElems, C - c0);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
+    cpu::vexp_inplace(p, n);
+    for (int64_t k = 0; k < n; ++k) {
+      gr[c0 + k] = static_cast<scalar_t>((p[k] - (c0 + k == y ? acc_t(1) : acc_t(0))) * s);
+    }
+  }
+}
+#undef DROPREG_CE_AVX512
+
 // Per row, in one read, per 128-element block: the online max m (earlier sums rescaled when it
 // grows), Σ exp(z - m) for the log-sum-exp, and the Gumbel-max argmax ŷ = argmax_c z_c + G_c, G_c = -log E_c,
 // E_c = -log u_c. Computing both logs for every element would triple the transcendental work,
@@ -60,6 +156,7 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
     alignas(64) float scratch[kBlockElems];
     alignas(64) int32_t cand[kBlockElems];
     alignas(64) int32_t all[kBlockElems];
+    alignas(64) uint64_t ids[cpu::kBlockGroups];
     for (int32_t k = 0; k < kBlockElems; ++k) all[k] = k;
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* zr = z + r * C;
@@ -68,12 +165,12 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
       TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
                   ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
       acc_t m = -kInf;  // running row max (online: the row is read once; NaN never wins it)
-      bool finite = true;
+      bool nonfinite = false;
       bool any_nan = false;  // a NaN makes the lse NaN, as in torch.logsumexp
       // Σ exp(z - m) so far, in double: a float running sum over a 50k-class row would lose
       // ~√C·u to rounding (the summands are float and exact in double, so this sum is exact to
       // ~C·2^-53).
-      double sum = 0;
+      double partial[kSumLanes] = {};
       ArgmaxState<acc_t> best = argmax_identity<acc_t>();
       acc_t bound = kInf;  // exp(m - S)·margin: +inf until a best score S exists
       const int64_t begin = r * C;
@@ -82,40 +179,25 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
         const int64_t lo = std::max(begin, blk);
         const int64_t n = std::min(end, blk + kBlockElems) - lo;
         const scalar_t* zb = zr + (lo - begin);
-        acc_t block_max = -kInf;
-        for (int64_t k = 0; k < n; ++k) {
-          const acc_t x = static_cast<acc_t>(zb[k]);
-          e[k] = x;
-          block_max = x > block_max ? x : block_max;
-          finite &= std::isfinite(x);
-          any_nan |= x != x;
-        }
+        const acc_t block_max = scan_block<scalar_t, acc_t>(zb, n, e, &nonfinite, &any_nan);
         if (block_max > m) {  // rescale what was summed so far to the new max
-          sum *= std::exp(static_cast<double>(m) - static_cast<double>(block_max));
+          const double rescale = std::exp(static_cast<double>(m) - static_cast<double>(block_max));
+          for (double& p : partial) p *= rescale;
           m = block_max;
-          if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+          if (!nonfinite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
         }
-        cpu::philox_block(seed, offset, kStreamGumbel, static_cast<uint64_t>(blk) / 4, u);
         const uint32_t* ub = u + (lo - blk);
-        for (int64_t k = 0; k < n; ++k) e[k] -= m;
-        cpu::vexp_inplace(e, n);
         // While m = -inf every value so far is -inf and adds 0 (exp(-inf - -inf) would be NaN).
-        if (m > -kInf) {
-          for (int64_t k = 0; k < n; ++k) sum += e[k];
-        }
-        if (!finite || !(bound < kInf)) {
-          merge_exact_scores<scalar_t, acc_t>(zb, ub, all, n, lo - begin, scratch, best);
-        } else {
-          int64_t count = 0;
-          for (int64_t k = 0; k < n; ++k) {
-            const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(ub[k]));
-            cand[count] = static_cast<int32_t>(k);
-            count += one_minus_u < e[k] * bound;
-          }
-          merge_exact_scores<scalar_t, acc_t>(zb, ub, cand, count, lo - begin, scratch, best);
-        }
-        if (finite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+        const bool add = m > -kInf;
+        const bool exact = nonfinite || !(bound < kInf);
+        gumbel_words<acc_t>(seed, offset, static_cast<uint64_t>(blk) / 4, ids, u);
+        exp_sum_block<acc_t>(e, n, m, add, partial);
+        const int64_t count = exact ? n : candidates<acc_t>(ub, e, n, bound, cand);
+        merge_exact_scores<scalar_t, acc_t>(zb, ub, exact ? all : cand, count, lo - begin, scratch, best);
+        if (!nonfinite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
       }
+      double sum = 0;
+      for (const double p : partial) sum += p;
       // All -inf or a +inf: lse = m, as torch.logsumexp (exp(m - m) above would be NaN).
       const acc_t lse = any_nan ? std::numeric_limits<acc_t>::quiet_NaN()
                                 : (std::isinf(m) ? m : static_cast<acc_t>(m + std::log(sum)));
@@ -141,16 +223,7 @@ void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, con
       }
       TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
                   ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
-      const acc_t l = lse[r];
-      const acc_t s = row_scale[r];
-      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
-        const int64_t n = std::min(kBlockElems, C - c0);
-        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
-        cpu::vexp_inplace(p, n);
-        for (int64_t k = 0; k < n; ++k) {
-          gr[c0 + k] = static_cast<scalar_t>((p[k] - (c0 + k == y ? acc_t(1) : acc_t(0))) * s);
-        }
-      }
+      grad_row<scalar_t, acc_t>(zr, C, lse[r], y, row_scale[r], p, gr);
     }
   });
 }

@@ -45,7 +45,7 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
                     uint64_t seed, uint64_t offset) {
 #if DROPREG_HAVE_AVX512_DROPOUT
   // threshold = 2^16 (drop everything) does not fit the 16-bit compare: the plain loop below.
-  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512 && threshold < 65536u) {
     constexpr int64_t kStep = cpu::kAvx512StepElems;
     const int64_t steps = (n + kStep - 1) / kStep;
@@ -116,7 +116,7 @@ Walk coalesce(const at::Tensor& x, const at::Tensor& y) {
 // The words of calls ids[0..count) (4 per call, call-major).
 void philox_words(uint64_t seed, uint64_t offset, const uint64_t* ids, int64_t count, uint32_t* words) {
 #if DROPREG_HAVE_AVX512_DROPOUT
-  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512) {
     cpu::philox_list(seed, offset + kStreamDropoutMask, ids, count, words);
     return;
@@ -145,7 +145,7 @@ template <typename scalar_t, typename acc_t>
 void apply_u16(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, int64_t x_step, int64_t y_step,
                uint32_t threshold, acc_t scale) {
 #if DROPREG_HAVE_AVX512_DROPOUT
-  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512 && x_step == 1 && y_step == 1 && threshold < 65536u) {
     cpu::apply_u16_avx512<scalar_t>(x, y, u16, n, threshold, static_cast<double>(scale));
     return;
@@ -215,7 +215,7 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
   // The register path: L's runs are whole calls (its size a multiple of 8, so every outer and M
   // offset is too), x is dense along M like y, the threshold fits the 16-bit compare, and M fills
   // the 32-call blocks to 3/4 at least. Its tiles span all of M, so rows are written whole.
-  static const bool avx512 = cpu::cpu_has_avx512_dropout();
+  static const bool avx512 = cpu::cpu_has_avx512();
   register_rows = avx512 && M != L && size_l % kU16PerGroup == 0 && x_m == 1 && threshold < 65536u &&
                   3 * 32 * ((size_m + 31) / 32) <= 4 * size_m;
 #endif
@@ -342,7 +342,7 @@ void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) {
 // The CPU dropout path this process takes (declared in ops.cpp, reported by build_info).
 const char* dropout_cpu_capability() {
 #if DROPREG_HAVE_AVX512_DROPOUT
-  if (cpu::cpu_has_avx512_dropout()) return "avx512";
+  if (cpu::cpu_has_avx512()) return "avx512";
 #endif
   return "default";
 }

@@ -39,8 +39,9 @@ constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Phi
 constexpr int64_t kPrefetchBytes = 8192;                   // how far ahead x is prefetched by hand
 
 // DROPREG_CPU_CAPABILITY=default (read once, like ATen's ATEN_CPU_CAPABILITY) selects the portable
-// loops even where the CPU has AVX-512: to compare the paths, or to test the portable one here.
-inline bool cpu_has_avx512_dropout() {
+// loops of every CPU kernel (dropout, cross-entropy) even where the CPU has AVX-512: to compare the
+// paths, or to test the portable one here.
+inline bool cpu_has_avx512() {
   const char* capability = std::getenv("DROPREG_CPU_CAPABILITY");
   if (capability != nullptr && std::string_view(capability) == "default") return false;
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
