@@ -15,7 +15,9 @@ Stated for a 2-core CPU, "ours" being the C++ backend:
    torch.mul per pass), in place at least 0.4 of mul_;
 9. a channels_last input at least 0.85 of its floor, channel and locked dropout at least 0.8;
 10. cross-entropy + sampling + gradient at N = 2048, C = 10k, float32 and bfloat16: at least 0.7 of
-    its floor (torch.add of two N x C tensors: two reads and a fresh write).
+    its floor (torch.add of two N x C tensors: two reads and a fresh write);
+11. site penalty fwd+bwd at 2^22 float32: at least 0.8 of its floor (three reads, then three more
+    reads and three fresh writes).
 
 A section that did not run (``--only``) contributes no checks. On other devices the same numbers
 are computed for the device's native backend and reported as ``INFO``: the targets were set for
@@ -53,6 +55,7 @@ def _floor_check(name: str, target: float, row: Optional[dict]) -> dict:
 
 
 CE_FLOOR_TARGET = 0.7  # cross-entropy + sampling + gradient, fraction of its floor
+SITE_FLOOR_TARGET, SITE_CHECK_NUMEL = 0.8, 2**22  # site penalty fwd+bwd
 FLOOR_TARGETS = {"fwd": 0.85, "fwd+bwd": 0.85, "inplace": 0.4}  # fraction of the floor, at 2^24
 KIND_TARGETS = {"channels_last": 0.85, "dropout2d": 0.8, "locked": 0.8}
 
@@ -128,6 +131,13 @@ def _ce_checks(rows: list, ours: str) -> list:
     return checks
 
 
+def _site_checks(rows: list, ours: str) -> list:
+    row = next((r for r in rows if (r["section"], r["provider"], r["mode"], r["dtype"], r.get("numel")) ==
+                ("site", ours, "fwd+bwd", CHECK_DTYPE, SITE_CHECK_NUMEL)), None)
+    name = f"site penalty fwd+bwd of '{ours}' at 2^22 {CHECK_DTYPE}, fraction of its floor"
+    return [_floor_check(name, SITE_FLOOR_TARGET, row)]
+
+
 def _train_checks(rows: list) -> list:
     checks = []
     for case, target in REG_SPEEDUP_TARGETS.items():
@@ -151,6 +161,8 @@ def acceptance(rows: list, device_type: str) -> list:
         checks += _kind_checks(rows)
     if "ce" in sections:
         checks += _ce_checks(rows, ours)
+    if "site" in sections:
+        checks += _site_checks(rows, ours)
     if "train" in sections:
         checks += _train_checks(rows)
     for check in checks:

@@ -129,7 +129,8 @@ reads of N x C and a fresh write, the cheapest op moving those bytes). peak MiB:
 
 SITE_NOTES = """\
 [Σ (g_e h)², Σ g_i η h] with Rademacher η; eager draws η with torch.randint. eff GB/s counts fwd: read h,
-g_e, g_i (3 x itemsize per element); fwd+bwd adds a read of the three and a write of their gradients (9 x)."""
+g_e, g_i (3 x itemsize per element); fwd+bwd adds a read of the three and a write of their gradients (9 x).
+of floor: vs the sums of h, g_e, g_i (fwd), plus a fresh torch.mul of each (fwd+bwd)."""
 
 
 def print_report(result: dict) -> None:

@@ -13,6 +13,10 @@ gradient [1, 1], w.r.t. h, g_e and g_i). Peak memory is taken on ``fwd+bwd``.
 Bytes (``bytes_min``, the same count for every provider), per element of itemsize s: fwd reads h,
 g_e, g_i (3s); backward reads them again and writes dh, dg_e, dg_i (6s); fwd+bwd 9s. η is not
 counted: ours never stores it. ``pct_copy`` compares with ``y.copy_(x)`` of n elements (2s).
+
+The floor (``of_floor``), the cheapest ops moving those bytes, timed in the same rounds: ``fwd``
+sums h, g_e and g_i (three reads); ``fwd+bwd`` adds a fresh ``torch.mul(t, 2.0)`` of each (three
+more reads and three fresh writes).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import dropreg_ext as dr
 
 from .config import Config, dtype_name, size_label
-from .dropout import add_ratios, fresh_compile, our_backends
+from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "fwd+bwd")
@@ -77,6 +81,15 @@ class Case:
         self.grad_out = torch.ones(2, device=self.device, dtype=torch.float32)
 
 
+def floor_fns(h: torch.Tensor, g_e: torch.Tensor, g_i: torch.Tensor) -> dict:
+    """Mode -> the floor's zero-argument closure (see the module docstring)."""
+
+    def reads() -> tuple:
+        return h.sum(), g_e.sum(), g_i.sum()
+
+    return {"fwd": reads, "fwd+bwd": lambda: (reads(), *(torch.mul(t, 2.0) for t in (h, g_e, g_i)))}
+
+
 def mode_fn(fn: SiteFn, mode: str, case: Case) -> Callable[[], None]:
     """A zero-argument closure doing one ``mode`` pass of ``fn`` on the case's tensors."""
 
@@ -107,6 +120,7 @@ def run_case(case: Case, cfg: Config) -> list:
     x = case.inputs[0]
     out = torch.empty_like(x)
     calls = {("copy", "copy"): lambda: out.copy_(x)}
+    calls.update({(FLOOR, mode): fn for mode, fn in floor_fns(*case.inputs).items()})
     for name, make in providers(cfg.device, cfg.p).items():
         fn = make()
         calls.update({(name, mode): mode_fn(fn, mode, case) for mode in MODES})
@@ -116,10 +130,11 @@ def run_case(case: Case, cfg: Config) -> list:
     rows = []
     for (name, mode), timing in timings.items():
         row = _row(case, name, mode, timing, copy_gbps)
-        if mode == "fwd+bwd":
+        if mode == "fwd+bwd" and name != FLOOR:
             row["peak_bytes"] = peak_bytes(calls[(name, mode)], cfg.device)
         rows.append(row)
     add_ratios(rows)
+    add_floor_ratios(rows)
     return rows
 
 

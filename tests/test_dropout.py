@@ -742,16 +742,17 @@ def test_tolerance_table_covers_every_dtype():
 
 @pytest.mark.skipif(not dr._ext.HAS_CPU, reason="dropreg_ext._C not loaded")
 def test_portable_cpu_path_passes_the_cpu_kernel_tests():
-    """On an AVX-512 CPU the tests run the AVX-512 loops of dropout and cross-entropy; this reruns
-    their CPU cases with DROPREG_CPU_CAPABILITY=default, i.e. on the portable loops every other CPU
-    takes."""
+    """On an AVX-512 CPU the tests run the AVX-512 loops of dropout, cross-entropy and the site
+    penalty; this reruns their CPU cases with DROPREG_CPU_CAPABILITY=default, i.e. on the portable
+    loops every other CPU takes."""
     if dr._ext.C.cpu_capability() != "avx512":
         pytest.skip("this CPU takes the portable path already: the tests above ran it")
     env = {**os.environ, "DROPREG_CPU_CAPABILITY": "default"}
     child = [sys.executable, "-c", "import dropreg_ext as dr; print(dr._ext.C.cpu_capability())"]
     assert subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.strip() == "default"
     here = pathlib.Path(__file__).parent
-    files = [str(here / name) for name in ("test_dropout.py", "test_cross_entropy.py", "test_special_values.py")]
+    names = ("test_dropout.py", "test_cross_entropy.py", "test_site_penalty.py", "test_special_values.py")
+    files = [str(here / name) for name in names]
     run_tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                  "-k", "cpu and not cuda and not portable"]
     result = subprocess.run(run_tests, env=env, capture_output=True, text=True, timeout=900)

@@ -2,8 +2,9 @@
 // (h, g_e, g_i) with η regenerated from the site-noise stream.
 //
 // Deterministic reduction: the elements are cut into fixed 4096-element chunks (independent of
-// the thread count); each chunk is summed in order in acc_t, and the chunk sums are added in
-// chunk order in double. η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of
+// the thread count); each chunk is summed in acc_t as 16 partial sums (element k to partial
+// k % 16, the partials then added in order), and the chunk sums are added in chunk order in double.
+// On AVX-512 CPUs float accumulation runs the loops of site_penalty_avx512.h, in the same order. η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of
 // dropout-kind u16s). Bytes per element: forward reads h, g_e, g_i; backward reads them and
 // writes dh, dg_e, dg_i.
 #include <ATen/ATen.h>
@@ -13,10 +14,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
 #include "regularizer.h"
+#include "site_penalty_avx512.h"
 #include "site_penalty_host.h"
 
 namespace dropreg {
@@ -67,6 +70,26 @@ void noise_block(const NoiseParams& np, int64_t blk, int64_t n, acc_t* eta) {
   }
 }
 
+constexpr int kSumLanes = 16;
+
+#if DROPREG_HAVE_AVX512_SITE
+// Whether the AVX-512 loops run: float accumulation, a CPU that has them, a 16-bit threshold.
+template <typename acc_t>
+bool use_avx512(const NoiseParams& np) {
+  static const bool avx512 = cpu::cpu_has_avx512();
+  return std::is_same_v<acc_t, float> && avx512 && np.threshold < 65536u;
+}
+
+// The Philox words of the chunk at blk (m elements), laid out as noise_block reads them: one call
+// per 128 Rademacher bits, one per 8 dropout-kind draws.
+void chunk_words(const NoiseParams& np, int64_t blk, int64_t m, uint64_t* ids, uint32_t* words) {
+  const int64_t per_call = np.kind == kRademacher ? kBitsPerGroup : kU16PerGroup;
+  const int64_t calls = (m + per_call - 1) / per_call;
+  for (int64_t k = 0; k < calls; ++k) ids[k] = static_cast<uint64_t>(blk / per_call + k);
+  cpu::philox_list(np.seed, np.offset + kStreamSiteNoise, ids, calls, words);
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void penalty_kernel(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t n,
                     const NoiseParams& np, double* out) {
@@ -74,22 +97,47 @@ void penalty_kernel(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, i
   std::vector<double> partial(2 * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> eta(kChunk);
+#if DROPREG_HAVE_AVX512_SITE
+    std::vector<uint64_t> ids(kChunk / kU16PerGroup);
+    std::vector<uint32_t> words(kChunk / 2);
+#endif
     for (int64_t c = c0; c < c1; ++c) {
-      acc_t explicit_sum = 0, implicit_sum = 0;
       const int64_t begin = c * kChunk;
       const int64_t m = std::min(kChunk, n - begin);
+#if DROPREG_HAVE_AVX512_SITE
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_avx512<acc_t>(np)) {
+          if (gi != nullptr) chunk_words(np, begin, m, ids.data(), words.data());
+          const float a = static_cast<float>(np.amplitude);
+          float explicit_sum, implicit_sum;
+          cpu::site_sums16<scalar_t>(h + begin, ge == nullptr ? nullptr : ge + begin,
+                                     gi == nullptr ? nullptr : gi + begin, m, words.data(), np.kind == kRademacher,
+                                     a, np.kind == kRademacher ? -a : -1.0f, np.threshold, &explicit_sum,
+                                     &implicit_sum);
+          partial[2 * c] = explicit_sum;
+          partial[2 * c + 1] = implicit_sum;
+          continue;
+        }
+      }
+#endif
+      acc_t explicit_part[kSumLanes] = {}, implicit_part[kSumLanes] = {};
       if (ge != nullptr) {
         for (int64_t k = 0; k < m; ++k) {
-          explicit_sum +=
+          explicit_part[k % kSumLanes] +=
               site_explicit_term<acc_t>(static_cast<acc_t>(ge[begin + k]), static_cast<acc_t>(h[begin + k]));
         }
       }
       if (gi != nullptr) {
         noise_block<acc_t>(np, begin, m, eta.data());
         for (int64_t k = 0; k < m; ++k) {
-          implicit_sum += site_implicit_term<acc_t>(static_cast<acc_t>(gi[begin + k]), eta[k],
-                                                    static_cast<acc_t>(h[begin + k]));
+          implicit_part[k % kSumLanes] += site_implicit_term<acc_t>(static_cast<acc_t>(gi[begin + k]), eta[k],
+                                                                   static_cast<acc_t>(h[begin + k]));
         }
+      }
+      acc_t explicit_sum = 0, implicit_sum = 0;
+      for (int j = 0; j < kSumLanes; ++j) {
+        explicit_sum += explicit_part[j];
+        implicit_sum += implicit_part[j];
       }
       partial[2 * c] = explicit_sum;
       partial[2 * c + 1] = implicit_sum;
@@ -109,9 +157,27 @@ void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t
   const int64_t blocks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, blocks, 2, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> eta(kChunk);
+#if DROPREG_HAVE_AVX512_SITE
+    std::vector<uint64_t> ids(kChunk / kU16PerGroup);
+    std::vector<uint32_t> words(kChunk / 2);
+#endif
     for (int64_t blkno = b0; blkno < b1; ++blkno) {
       const int64_t blk = blkno * kChunk;
       const int64_t m = std::min(kChunk, n - blk);
+#if DROPREG_HAVE_AVX512_SITE
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_avx512<acc_t>(np)) {
+          if (gi != nullptr) chunk_words(np, blk, m, ids.data(), words.data());
+          const float amp = static_cast<float>(np.amplitude);
+          cpu::site_backward16<scalar_t>(a2, b, h + blk, ge == nullptr ? nullptr : ge + blk,
+                                         gi == nullptr ? nullptr : gi + blk, m, words.data(),
+                                         np.kind == kRademacher, amp, np.kind == kRademacher ? -amp : -1.0f,
+                                         np.threshold, dh + blk, dge == nullptr ? nullptr : dge + blk,
+                                         dgi == nullptr ? nullptr : dgi + blk);
+          continue;
+        }
+      }
+#endif
       if (gi != nullptr) noise_block<acc_t>(np, blk, m, eta.data());
       for (int64_t k = 0; k < m; ++k) {
         const acc_t hv = static_cast<acc_t>(h[blk + k]);
