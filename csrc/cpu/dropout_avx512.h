@@ -13,7 +13,8 @@
 // holds call 4L + r's four words, i.e. its 8 u16 in element order), one 16-bit compare per
 // register (the keep test), and masked multiplies of the loaded elements (dropped -> +0). Rounding
 // to f16 by the F16C instruction (round to nearest even), to bf16 on the bits (round to nearest
-// even, NaN -> 0x7FC0), as c10's conversions do.
+// even, NaN -> 0x7FC0, as c10's conversions do; the contiguous bf16 path rounds 32 at a time and
+// leaves a NaN's bits as the multiply made them, which the NaN policy allows).
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -200,6 +201,35 @@ DROPREG_AVX512 inline void store16(scalar_t* p, __m512 v, __mmask16 mask) {
   }
 }
 
+// 32 bf16 at once, for the contiguous dropout: x·scale rounded to bf16 (to nearest even) as two
+// registers of the rounded bits (not yet shifted down). Unpacking with zero makes each bf16 the
+// high half of a float; the unpack order is undone by the pack in store32_bf16. A NaN keeps its
+// sign and payload (quieted by the multiply; its low 16 bits are 0, so the rounding adds no carry):
+// the NaN policy leaves those bits free.
+struct Bf16Pair {
+  __m512i lo, hi;
+};
+
+DROPREG_AVX512 inline __m512i round_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+}
+
+DROPREG_AVX512 inline Bf16Pair mul32_bf16(const c10::BFloat16* x, __mmask32 in, __m512 scale) {
+  const __m512i raw = _mm512_maskz_loadu_epi16(in, x);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512 lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+  return {round_bf16_bits(_mm512_mul_ps(lo, scale)), round_bf16_bits(_mm512_mul_ps(hi, scale))};
+}
+
+// y[k] = keep bit k ? the rounded product : +0, for the k of `in`.
+DROPREG_AVX512 inline void store32_bf16(c10::BFloat16* y, Bf16Pair r, __mmask32 keep, __mmask32 in) {
+  const __m512i packed = _mm512_packus_epi32(_mm512_srli_epi32(r.lo, 16), _mm512_srli_epi32(r.hi, 16));
+  _mm512_mask_storeu_epi16(y, in, _mm512_maskz_mov_epi16(keep, packed));
+}
+
 DROPREG_AVX512 inline __m512i word(const Calls8& c, int q) {
   return q == 0 ? c.c0 : (q == 1 ? c.c1 : (q == 2 ? c.c2 : c.c3));
 }
@@ -337,6 +367,15 @@ DROPREG_AVX512 void dropout_avx512(const scalar_t* x, scalar_t* y, int64_t n, in
         const __mmask8 keep = static_cast<__mmask8>(bits[v >> 3] >> (8 * (v & 7)));
         const __m512d xv = _mm512_maskz_loadu_pd(in, x + base + at);
         _mm512_mask_storeu_pd(y + base + at, in, _mm512_maskz_mul_pd(keep, xv, scale));
+      }
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
+      for (int v = 0; v < 8; ++v) {
+        const int64_t at = 32 * v;
+        if (at >= left) break;
+        const __mmask32 in = left - at >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (left - at)) - 1);
+        const __mmask32 keep = static_cast<__mmask32>(bits[v >> 1] >> (32 * (v & 1)));
+        store32_bf16(y + base + at, mul32_bf16(x + base + at, in, scale), keep, in);
       }
     } else {
       const __m512 scale = _mm512_set1_ps(static_cast<float>(scale_d));
