@@ -26,6 +26,9 @@ namespace cpu {
 constexpr int64_t kBlockGroups = 32;                // Philox calls per block
 constexpr int64_t kBlockWords = 4 * kBlockGroups;   // 32-bit words per block (128)
 constexpr int64_t kBlockElems = kBlockWords;        // elements per block at the u32 (Gumbel) density
+// Partial sums of the fixed-order reductions (cross-entropy's Σ exp, the site penalty's chunks):
+// element k of a block adds to partial k % kSumLanes, one AVX-512 register of floats.
+constexpr int kSumLanes = 16;
 
 // u[w] = word w % 4 of group first_group + w / 4 of `stream`, w < kBlockWords (at the u32 density,
 // u32 of element 4·first_group + w). The rounds run over

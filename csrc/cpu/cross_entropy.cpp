@@ -23,6 +23,7 @@ namespace dropreg {
 namespace {
 
 using cpu::kBlockElems;
+using cpu::kSumLanes;  // Σ exp(z - m): partials in double, summed in lane order at the row's end
 
 // Rows per parallel task: enough elements per task to amortize scheduling.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
@@ -41,10 +42,6 @@ void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k
     best = argmax_merge<acc_t>(best, {score, first_col + k[j]});
   }
 }
-
-// Σ exp(z - m) is kept as 16 partial sums in double, element k of a block adding to partial k % 16
-// (one AVX-512 register of floats), summed in lane order at the row's end.
-constexpr int kSumLanes = 16;
 
 // Whether the AVX-512 loops (cross_entropy_avx512.h) run: float accumulation on a CPU that has them.
 template <typename acc_t>

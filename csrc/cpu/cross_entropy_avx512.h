@@ -18,10 +18,6 @@
 namespace dropreg {
 namespace cpu {
 
-DROPREG_AVX512 inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
-
 // e[k] = float(z[k]) for k < n; returns the block's max (NaN never wins it; -inf when n = 0) and
 // sets *nonfinite / *nan when some z is not finite / is NaN.
 template <typename scalar_t>

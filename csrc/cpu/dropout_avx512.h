@@ -51,6 +51,11 @@ inline bool cpu_has_avx512() {
 
 DROPREG_AVX512 inline __m512i set1_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 
+// The mask of the first min(left, 16) lanes of a 16-lane register.
+DROPREG_AVX512 inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // The state of 8 calls, one per 64-bit lane, in the low 32 bits of each (the high bits are junk
 // that no step reads): _mm512_mul_epu32 then gives the whole 64-bit product of a round with no
 // shuffles, its high half one shift away and its low half in place.
@@ -382,7 +387,7 @@ DROPREG_AVX512 void dropout_avx512(const scalar_t* x, scalar_t* y, int64_t n, in
       for (int v = 0; v < 16; ++v) {
         const int64_t at = 16 * v;
         if (at >= left) break;
-        const __mmask16 in = left - at >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (left - at)) - 1);
+        const __mmask16 in = lanes(left - at);
         const __mmask16 keep = static_cast<__mmask16>(bits[v >> 2] >> (16 * (v & 3)));
         const __m512 xv = load16<scalar_t>(x + base + at, in);
         store16<scalar_t>(y + base + at, _mm512_maskz_mul_ps(keep, xv, scale), in);

@@ -4,9 +4,9 @@
 // Deterministic reduction: the elements are cut into fixed 4096-element chunks (independent of
 // the thread count); each chunk is summed in acc_t as 16 partial sums (element k to partial
 // k % 16, the partials then added in order), and the chunk sums are added in chunk order in double.
-// On AVX-512 CPUs float accumulation runs the loops of site_penalty_avx512.h, in the same order. η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of
-// dropout-kind u16s). Bytes per element: forward reads h, g_e, g_i; backward reads them and
-// writes dh, dg_e, dg_i.
+// On AVX-512 CPUs float accumulation runs the loops of site_penalty_avx512.h, in the same order.
+// η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of dropout-kind u16s).
+// Bytes per element: forward reads h, g_e, g_i; backward reads them and writes dh, dg_e, dg_i.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,6 +26,7 @@ namespace dropreg {
 namespace {
 
 using cpu::kBlockGroups;
+using cpu::kSumLanes;
 using cpu::philox_block;
 
 // Elements per η block and per deterministic partial sum: one Philox block of Rademacher bits
@@ -69,8 +70,6 @@ void noise_block(const NoiseParams& np, int64_t blk, int64_t n, acc_t* eta) {
     }
   }
 }
-
-constexpr int kSumLanes = 16;
 
 #if DROPREG_HAVE_AVX512_SITE
 // Whether the AVX-512 loops run: float accumulation, a CPU that has them, a 16-bit threshold.

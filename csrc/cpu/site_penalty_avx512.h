@@ -40,7 +40,7 @@ DROPREG_AVX512 void site_sums16(const scalar_t* h, const scalar_t* ge, const sca
   const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
   __m512 se = _mm512_setzero_ps(), si = _mm512_setzero_ps();
   for (int64_t k = 0; k < m; k += 16) {
-    const __mmask16 in = m - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (m - k)) - 1);
+    const __mmask16 in = lanes(m - k);
     const __m512 hv = load16<scalar_t>(h + k, in);
     if (ge != nullptr) {
       const __m512 t = DROPREG_MUL(load16<scalar_t>(ge + k, in), hv);
@@ -72,7 +72,7 @@ DROPREG_AVX512 void site_backward16(float a2_s, float b_s, const scalar_t* h, co
   const __m512 a2 = _mm512_set1_ps(a2_s), b = _mm512_set1_ps(b_s);
   const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
   for (int64_t k = 0; k < m; k += 16) {
-    const __mmask16 in = m - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (m - k)) - 1);
+    const __mmask16 in = lanes(m - k);
     const __m512 hv = load16<scalar_t>(h + k, in);
     __m512 d = _mm512_setzero_ps();
     if (ge != nullptr) {
