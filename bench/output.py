@@ -111,6 +111,25 @@ def regularizer_headlines(rows: list) -> list:
     return lines
 
 
+def dropout_memory_headlines(rows: list) -> list:
+    """Per training case with both: our dropout's step against torch's (``dropreg`` vs ``eager``), in
+    peak memory above the model and in median step time."""
+    steps = {(r["case"], r["provider"]): r for r in rows if r["section"] == "train"}
+    lines = []
+    for (case, provider), ours in steps.items():
+        torch_row = steps.get((case, "eager"))
+        if provider != "dropreg" or torch_row is None:
+            continue
+        saved = torch_row["peak_bytes"] - ours["peak_bytes"]
+        share = 100 * saved / max(torch_row["peak_bytes"], 1)
+        lines.append(
+            f"{case}: peak {ours['peak_bytes'] / MIB:.1f} MiB with ours vs {torch_row['peak_bytes'] / MIB:.1f} MiB "
+            f"with torch's dropout ({saved / MIB:+.1f} MiB saved, {share:.0f}%); "
+            f"step {ours['median_ms']:.0f} ms vs {torch_row['median_ms']:.0f} ms ({ours['speedup_vs_eager']:.2f}x)"
+        )
+    return lines
+
+
 TABLE_NOTES = """\
 eff GB/s: minimal bytes (fwd: read x + write y; bwd: read g + write dx) / median time, the same byte
 count for every provider. own GB/s: the provider's real traffic (eager also stores a mask: 1 B/elem on
@@ -157,7 +176,7 @@ def print_report(result: dict) -> None:
         print("reg_plain / reg_fused: dropout's explicit (sampled ŷ) + implicit regularizer instead of dropout,")
         print("plain autograd (dropreg_ext.reference.regularizer_objective) / dr.DropoutRegularizer.")
         print("x eager: vs the eager nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
-        for line in regularizer_headlines(rows):
+        for line in regularizer_headlines(rows) + dropout_memory_headlines(rows):
             print("  " + line)
     if result["checks"]:
         print(f"\n== acceptance checks (targets set for 2 CPU cores; device: {result['meta']['device']}) ==")

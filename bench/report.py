@@ -16,7 +16,7 @@ import os
 import sys
 
 from .checks import format_check
-from .output import regularizer_headlines, size_text
+from .output import dropout_memory_headlines, regularizer_headlines, size_text
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(RESULTS_ROOT, "README.md")
@@ -116,6 +116,8 @@ def render_section(result: dict, folder: str, link: str) -> str:
         parts += [format_check(c).strip() for c in result["checks"]] + ["```"]
     if any(r["section"] == "train" for r in rows):
         parts += ["", "Training steps:", "", train_headline(rows)]
+        parts += ["", "Our dropout against torch's in the same model (peak memory above the model, step time):", ""]
+        parts += [f"- {h}" for h in dropout_memory_headlines(rows)]
         headlines = regularizer_headlines(rows)
         if headlines:
             parts += ["", "Regularized steps (explicit sampled + implicit):", ""] + [f"- {h}" for h in headlines]

@@ -8,7 +8,8 @@ variant), may change it, and returns the loss function of a step. Both live in p
 runner, the table, the JSON and the plots pick it up.
 
 Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same with
-:func:`dropreg_ext.replace_dropout`), ``reg_plain`` (the objective J + Σ λ_i R_i + T of docs/design.md
+:func:`dropreg_ext.replace_dropout` and the forward under :func:`dropreg_ext.patch_functional`),
+``reg_plain`` (the objective J + Σ λ_i R_i + T of docs/design.md
 §2, explicit="sampled" + implicit with Rademacher noise, in plain autograd: the reference's
 ``regularizer_objective``, tested against the fused one) and ``reg_fused`` (the same objective by
 :class:`dropreg_ext.DropoutRegularizer`). Every model must therefore have a double backward: the
@@ -137,6 +138,8 @@ class TrainCase:
     unit: str  # what throughput counts: "samples" or "tokens"
     sizes: dict  # scale ("small" | "large") -> keyword arguments of build
     build: Callable[..., Workload]
+    variants: tuple = ()  # the variants to run (names); empty: all of VARIANTS
+    available: Callable[[], bool] = lambda: True  # False: the case is left out (a missing optional package)
 
 
 def _mlp_workload(device: torch.device, batch: int, hidden: int) -> Workload:
@@ -158,6 +161,36 @@ def _transformer_workload(
     device: torch.device, vocab: int, dim: int, heads: int, ff: int, batch: int, seq: int
 ) -> Workload:
     return _token_workload(TransformerTagger(vocab, dim, heads, ff), device, vocab, batch, seq)
+
+
+class GPT2LM(nn.Module):
+    """Hugging Face's GPT-2 (random weights, ``attn_implementation="eager"``: the attention probabilities,
+    B·H·T² elements per layer, go through ``nn.functional.dropout``, where torch's dropout keeps a mask)
+    returning logits."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int, p: float = 0.1) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=dim, n_layer=layers, n_head=heads,
+                                         resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, attn_implementation="eager")
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits
+
+
+def _gpt2_workload(device: torch.device, vocab: int, dim: int, layers: int, heads: int, batch: int,
+                   seq: int) -> Workload:
+    return _token_workload(GPT2LM(vocab, dim, layers, heads, seq), device, vocab, batch, seq)
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 CASES = [
@@ -185,6 +218,19 @@ CASES = [
         },
         _transformer_workload,
     ),
+    # The row users quote: torch's dropout vs ours in a real model (time and peak memory); the
+    # regularized variants are the other cases' business.
+    TrainCase(
+        "gpt2_eager_attention",
+        "tokens",
+        {
+            "small": dict(vocab=8192, dim=256, layers=4, heads=8, batch=4, seq=512),
+            "large": dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512),
+        },
+        _gpt2_workload,
+        variants=("eager", "dropreg"),
+        available=_has_transformers,
+    ),
 ]
 
 
@@ -211,9 +257,17 @@ def _cross_entropy(model: nn.Module) -> LossFn:
 
 
 def _with_our_dropout(model: nn.Module) -> LossFn:
+    """replace_dropout, and the forward under patch_functional (Hugging Face's eager attention drops the
+    attention probabilities with ``nn.functional.dropout``; the other models make no such call)."""
     if dr.replace_dropout(model) == 0:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
-    return _cross_entropy(model)
+    cross_entropy = _cross_entropy(model)
+
+    def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with dr.patch_functional():
+            return cross_entropy(inputs, target)
+
+    return loss_fn
 
 
 def _regularized_fused(model: nn.Module) -> LossFn:
@@ -298,7 +352,8 @@ def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> l
     work = case.build(cfg.device, **case.sizes[cfg.train_scale])
     work.model.to(cfg.device)
     progress(f"train {case.name}")
-    steps = {variant.name: make_step(variant, work) for variant in VARIANTS}
+    steps = {variant.name: make_step(variant, work) for variant in VARIANTS
+             if not case.variants or variant.name in case.variants}
     timings = time_fns(steps, cfg.device, cfg.train_reps)
     rows = []
     for name, step in steps.items():
@@ -314,4 +369,4 @@ def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> l
 def run(cfg: Config, progress: Callable[[str], None]) -> list:
     """Every case under every variant (variants timed in interleaved rounds); ``progress(label)``
     is called before each case."""
-    return [row for case in CASES for row in run_case(case, cfg, progress)]
+    return [row for case in CASES if case.available() for row in run_case(case, cfg, progress)]

@@ -5,18 +5,21 @@
     >>> dr.set_backend("triton")                  # or "auto" | "cuda" | "cpu" | "reference"
 """
 
-from . import _ext, backends, functional, nn, ops, reference, regularizer
+from . import _ext, backends, functional, nn, ops, patching, reference, regularizer
 from .backends import get_backend, set_backend, use_backend
 from .nn import (  # noqa: F401  (exported through *nn.__all__ below)
+    AlphaDropout,
     Dropout,
     Dropout1d,
     Dropout2d,
     Dropout3d,
+    FeatureAlphaDropout,
     LockedDropout,
     Site,
     record_sites,
     replace_dropout,
 )
+from .patching import functional_patched, patch_functional  # noqa: F401  (through *patching.__all__)
 from .regularizer import DropoutRegularizer, k_sample_loss  # noqa: F401  (through *regularizer.__all__)
 
 __version__ = "0.1.0"
@@ -24,10 +27,12 @@ __version__ = "0.1.0"
 __all__ = [
     *nn.__all__,
     *regularizer.__all__,
+    *patching.__all__,
     "functional",
     "ops",
     "backends",
     "nn",
+    "patching",
     "regularizer",
     "reference",
     "set_backend",

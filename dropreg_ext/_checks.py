@@ -11,12 +11,17 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_prob(p, name: str = "p") -> float:
-    """p must be a real number in [0, 1] (not bool, not NaN); returned as float."""
+    """p must be a real number in [0, 1] (not bool, not NaN), or a 0-d real tensor that needs no
+    gradient (as torch's dropout accepts); returned as float. Out of range: ValueError with torch's
+    message, so code that matches torch's error keeps working."""
+    if isinstance(p, torch.Tensor) and p.dim() == 0 and not p.requires_grad and p.dtype != torch.bool \
+            and not p.is_complex():
+        p = p.item()
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"argument '{name}' must be a float in [0, 1], got {type(p).__name__}")
     p = float(p)
     if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"argument '{name}' must be a probability in [0, 1], got {p}")
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p} (argument '{name}')")
     return p
 
 

@@ -1,17 +1,74 @@
 """The dropout functions, mirroring ``torch.nn.functional``: element-wise :func:`dropout`, channel
-dropout, locked (variational) dropout, all on the fused op :func:`dropreg_ext.ops.fused_dropout`."""
+dropout, alpha dropout, locked (variational) dropout, all on the fused op
+:func:`dropreg_ext.ops.fused_dropout`.
+
+They follow torch's functions case by case: the same early returns (``training=False``, ``p = 0``
+or an empty input return the input itself), the same output layout, the same rank rules, warnings
+and errors for channel dropout. Two differences are deliberate: the mask comes from the Philox
+contract (``seed=`` fixes it on every backend), and a dropped element is +0 even where the input is
+NaN or ±inf (torch multiplies it by 0). Inputs the kernels do not cover (:func:`covered`) raise a
+``TypeError`` here; the drop-in layers (the modules, :func:`dropreg_ext.patch_functional`) hand
+them to torch's own function instead.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from . import ops
-from ._checks import check_float_tensor, check_prob, check_seed, is_dense
+from . import ops, reference
+from ._checks import FLOAT_DTYPES, check_float_tensor, check_prob, check_seed, is_dense
 from .backends import resolve_backend
 
-__all__ = ["dropout", "broadcast_dropout", "dropout1d", "dropout2d", "dropout3d", "locked_dropout"]
+__all__ = [
+    "dropout",
+    "broadcast_dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "locked_dropout",
+]
+
+# torch's own functions, taken at import (before any patch_functional), for what `covered` rejects.
+TORCH_FUNCTIONS = {
+    name: getattr(F, name)
+    for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+}
+
+
+def covered(input) -> bool:
+    """True if the fused kernels run ``input``: a plain (or Parameter) strided CPU or CUDA tensor of a
+    dtype in float64/float32/float16/bfloat16. Everything else (other dtypes, sparse, nested, meta
+    or other devices, tensor subclasses with their own ``__torch_function__``) is torch's business."""
+    return (
+        isinstance(input, torch.Tensor)
+        and type(input) in (torch.Tensor, torch.nn.Parameter)
+        and input.dtype in FLOAT_DTYPES
+        and input.layout == torch.strided
+        and not input.is_nested
+        and input.device.type in ("cpu", "cuda")
+    )
+
+
+def _check_training(training) -> None:
+    if not isinstance(training, bool):
+        raise TypeError(f"argument 'training' must be a bool, got {type(training).__name__}")
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is dense, else a dense copy in x's stride order (outermost = largest stride): the
+    layout torch's dropout gives its output (TensorIterator orders the output's dimensions by the
+    input's strides), which ``torch.empty_like`` does not for non-dense tensors."""
+    if is_dense(x):
+        return x
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # stable: equal strides keep their order
+    return torch.empty_permuted(x.shape, order, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def dropout(
@@ -31,7 +88,8 @@ def dropout(
     Args:
         input: float64/float32/float16/bfloat16 tensor of any shape.
         p: probability of an element to be zeroed, in [0, 1].
-        training: apply dropout if True, else return ``input`` unchanged.
+        training: apply dropout if True, else return ``input`` itself (also for ``p = 0`` and empty
+            inputs, as torch).
         inplace: write the result into ``input`` (autograd sees the in-place write).
         seed: optional int in [0, 2**64): fixes the mask; by default a fresh state is drawn from
             torch's generator of input's device, so ``torch.manual_seed`` reproduces a run.
@@ -43,16 +101,15 @@ def dropout(
     """
     check_float_tensor(input, "input")
     p = check_prob(p, "p")
-    if not isinstance(training, bool):
-        raise TypeError(f"argument 'training' must be a bool, got {type(training).__name__}")
+    _check_training(training)
     check_seed(seed)
-    if not training:
-        return input
+    if not training or p == 0.0 or input.numel() == 0:
+        return input  # as torch: the input itself, no random number drawn
     rng = ops.make_rng(input.device, seed)
     backend = resolve_backend(input)
     op = ops.BACKEND_OPS[backend]["dropout"]  # input, p and rng are checked: the registered op itself
     if not inplace:
-        return op(input, p, rng)
+        return op(_dense(input), p, rng)
     needs_graph = torch.is_grad_enabled() and input.requires_grad
     # The kernels write in place contiguous tensors, and on the CPU any dense layout (memory order).
     writable = input.is_contiguous() or (backend == "cpu" and is_dense(input))
@@ -62,7 +119,7 @@ def dropout(
         # rejects graphs that saved the old values (as it does for torch's in-place dropout).
         torch.autograd.graph.increment_version(input)
         return input
-    return input.copy_(op(input, p, rng))
+    return input.copy_(op(_dense(input), p, rng))
 
 
 def broadcast_dropout(
@@ -93,7 +150,7 @@ def broadcast_dropout(
     if shape != input.shape:
         raise ValueError(f"argument 'mask_shape' {tuple(mask_shape)} must broadcast to the input's shape "
                          f"{tuple(input.shape)}")
-    if not training:
+    if not training or p == 0.0 or input.numel() == 0:
         return input
     ones = torch.ones(tuple(mask_shape), dtype=input.dtype, device=input.device)
     mask = ops.fused_dropout(ones, p, ops.make_rng(input.device, seed))
@@ -101,32 +158,133 @@ def broadcast_dropout(
 
 
 
-def _channel_dropout(input, p, training, inplace, seed, spatial_dims: int, name: str):
-    if not isinstance(input, torch.Tensor) or input.dim() not in (spatial_dims + 1, spatial_dims + 2):
-        raise ValueError(
-            f"{name}: argument 'input' must have {spatial_dims + 1} (unbatched) or {spatial_dims + 2} "
-            f"(batched) dimensions, got shape {tuple(getattr(input, 'shape', ()))}"
-        )
-    mask_shape = tuple(input.shape[: input.dim() - spatial_dims]) + (1,) * spatial_dims
+def _feature_dropout(input, p, training, inplace, seed, batched: bool) -> torch.Tensor:
+    """torch's feature dropout: one draw per channel, the mask over dims (N, C) of a batched input and
+    over dim C of an unbatched one (as torch, which unsqueezes N = 1: the same mask, element for
+    element). Early returns, the p = 1 product and the rank error in torch's order."""
+    check_float_tensor(input, "input")
+    p = check_prob(p, "p")
+    _check_training(training)
+    check_seed(seed)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0:
+        return input.mul_(0) if inplace else input * 0
+    channel_dims = 2 if batched else 1
+    if input.dim() + (0 if batched else 1) < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    mask_shape = tuple(input.shape[:channel_dims]) + (1,) * (input.dim() - channel_dims)
     return broadcast_dropout(input, p, mask_shape, training, inplace, seed=seed)
+
+
+def _rank(input) -> int:
+    check_float_tensor(input, "input")
+    return input.dim()
 
 
 def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None) -> torch.Tensor:
-    """Channel dropout for (N, C, L) or (C, L): whole channels are zeroed (mask (N, C, 1))."""
-    return _channel_dropout(input, p, training, inplace, seed, 1, "dropout1d")
+    """Channel dropout for (N, C, L) or (C, L): whole channels are zeroed (mask (N, C, 1) / (C, 1)).
+    Other ranks raise torch's ``RuntimeError``."""
+    rank = _rank(input)
+    if rank not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {rank}D input. Note that dropout1d exists to "
+            "provide channel-wise dropout on inputs with 1 spatial dimension, a channel dimension, and an optional "
+            "batch dimension (i.e. 2D or 3D inputs)."
+        )
+    return _feature_dropout(input, p, training, inplace, seed, batched=rank == 3)
 
 
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None) -> torch.Tensor:
-    """Channel dropout for (N, C, H, W) or (C, H, W): whole feature maps are zeroed (mask (N, C, 1, 1))."""
-    return _channel_dropout(input, p, training, inplace, seed, 2, "dropout2d")
+    """Channel dropout for (N, C, H, W) (mask (N, C, 1, 1)). As torch: other ranks warn and still drop
+    channels of dims (N, C), and a 3-D input is read as (N, C, L) (torch's historical behaviour,
+    with its warning), not as an unbatched (C, H, W)."""
+    rank = _rank(input)
+    if rank not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {rank}-D input to dropout2d, which is deprecated and will result in an error "
+            "in a future release. To retain the behavior and silence this warning, please use dropout instead. "
+            "Note that dropout2d exists to provide channel-wise dropout on inputs with 2 spatial dimensions, a "
+            "channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2,
+        )
+    if rank == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior is "
+            "desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior will "
+            "change in a future release to interpret the input as one without a batch dimension, i.e. shape "
+            "(C, H, W). To maintain the 1D channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    return _feature_dropout(input, p, training, inplace, seed, batched=True)
 
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None) -> torch.Tensor:
-    """Channel dropout for (N, C, D, H, W) or (C, D, H, W) (mask (N, C, 1, 1, 1))."""
-    return _channel_dropout(input, p, training, inplace, seed, 3, "dropout3d")
+    """Channel dropout for (N, C, D, H, W) or (C, D, H, W) (mask (N, C, 1, 1, 1) / (C, 1, 1, 1)). As
+    torch: other ranks warn and are read as unbatched (the channels along dim 0)."""
+    rank = _rank(input)
+    if rank not in (4, 5):
+        warnings.warn(
+            f"dropout3d: Received a {rank}-D input to dropout3d, which is deprecated and will result in an error "
+            "in a future release. To retain the behavior and silence this warning, please use dropout instead. "
+            "Note that dropout3d exists to provide channel-wise dropout on inputs with 3 spatial dimensions, a "
+            "channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
+            stacklevel=2,
+        )
+    return _feature_dropout(input, p, training, inplace, seed, batched=rank == 5)
+
+
+def _alpha_dropout(input, p, training, inplace, seed, feature: bool) -> torch.Tensor:
+    check_float_tensor(input, "input")
+    p = check_prob(p, "p")
+    _check_training(training)
+    check_seed(seed)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    threshold = reference.dropout_threshold(p)
+    if p == 1.0 or threshold >= 65536:  # everything dropped: torch's p = 1 product (the p -> 1 limit)
+        return input.mul_(0) if inplace else input * 0
+    if feature and input.dim() < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    if threshold == 0:  # p' = 0: a = 1 and no shift, the identity (a fresh tensor, as torch's product)
+        return input if inplace else input.clone()
+    q = threshold / 65536.0  # the drop probability the mask applies
+    a = 1.0 / math.sqrt((reference.SELU_ALPHA * reference.SELU_ALPHA * q + 1.0) * (1.0 - q))
+    # keep ? a·x + α·a·q : α·a·(q-1)  =  a·(1-q)·dropout(x + α) + α·a·(q-1): the fused dropout's mask,
+    # no mask stored. The shift is done in the accumulation dtype, so a half input loses nothing to it.
+    shifted = input.to(reference.acc_dtype(input.dtype)) + reference.SELU_ALPHA
+    if feature:
+        mask_shape = tuple(input.shape[:2]) + (1,) * (input.dim() - 2)
+        dropped = broadcast_dropout(shifted, p, mask_shape, inplace=True, seed=seed)
+    else:
+        dropped = dropout(shifted, p, inplace=True, seed=seed)
+    y = dropped.mul_(a * (1.0 - q)).add_(reference.SELU_ALPHA * a * (q - 1.0)).to(input.dtype)
+    return input.copy_(y) if inplace else y
+
+
+def alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False, *,
+                  seed: Optional[int] = None) -> torch.Tensor:
+    r"""Drop-in for :func:`torch.nn.functional.alpha_dropout` (SELU networks): keeps the input's mean
+    and variance (for zero-mean, unit-variance inputs) by setting dropped elements to SELU's
+    saturation value and applying an affine map. With α = 1.7581 (:data:`dropreg_ext.reference.SELU_ALPHA`), p' the
+    quantized p and a = ((α²p' + 1)(1 - p'))^{-1/2}:
+
+    .. math:: y_i = \begin{cases} a x_i + α a p' & \text{kept} \\ α a (p' - 1) & \text{dropped} \end{cases}
+
+    The keep mask is the dropout mask of the Philox contract (:func:`dropreg_ext.reference.dropout_keep`),
+    regenerated in backward (nothing stored). Note torch's default ``training=False``.
+    """
+    return _alpha_dropout(input, p, training, inplace, seed, feature=False)
+
+
+def feature_alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False, *,
+                          seed: Optional[int] = None) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.feature_alpha_dropout`: :func:`alpha_dropout` with one draw
+    per channel (mask over dims (N, C) of an input of rank >= 2, as torch)."""
+    return _alpha_dropout(input, p, training, inplace, seed, feature=True)
 
 
 def locked_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, batch_first: bool = False, *,

@@ -1,7 +1,12 @@
 """The fused dropout modules (:class:`Dropout`, :class:`Dropout1d`/``2d``/``3d``,
-:class:`LockedDropout`), :func:`replace_dropout`, and :func:`record_sites`: how a forward pass turns
-the modules into the *sites* of dropout's regularizers (used by
-:class:`dropreg_ext.DropoutRegularizer` and by the plain-autograd objective of the reference)."""
+:class:`AlphaDropout`, :class:`FeatureAlphaDropout`, :class:`LockedDropout`),
+:func:`replace_dropout`, and :func:`record_sites`: how a forward pass turns the modules (and, under
+:func:`dropreg_ext.patch_functional`, torch's dropout functions) into the *sites* of dropout's
+regularizers (used by :class:`dropreg_ext.DropoutRegularizer` and by the plain-autograd objective of
+the reference).
+
+The modules are drop-ins: torch's constructor, attributes, ``state_dict`` and forward semantics;
+inputs the kernels do not cover (:func:`dropreg_ext.functional.covered`) go to torch's function."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "AlphaDropout",
+    "FeatureAlphaDropout",
     "LockedDropout",
     "replace_dropout",
     "Site",
@@ -30,10 +37,14 @@ class _FusedDropout:
     model, the call is a site (input passed through and recorded), otherwise the module's own
     dropout (``_drop``)."""
 
+    _torch_name = "dropout"  # torch's function for the inputs the kernels do not cover
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         recording = _recording
         if recording is not None and recording.is_site(self):
             return recording.record(input, self.p)
+        if not functional.covered(input):
+            return functional.TORCH_FUNCTIONS[self._torch_name](input, self.p, self.training, self.inplace)
         return self._drop(input)
 
 
@@ -91,13 +102,16 @@ class Dropout1d(_ChannelDropout, torch.nn.Dropout1d):
     mask of shape (N, C, 1) drawn by the Philox contract (:func:`functional.broadcast_dropout`)."""
 
     _functional = staticmethod(functional.dropout1d)
+    _torch_name = "dropout1d"
 
 
 class Dropout2d(_ChannelDropout, torch.nn.Dropout2d):
-    """Drop-in :class:`torch.nn.Dropout2d`: zeroes whole feature maps of (N, C, H, W) / (C, H, W) inputs
-    with a mask of shape (N, C, 1, 1) drawn by the Philox contract."""
+    """Drop-in :class:`torch.nn.Dropout2d`: zeroes whole feature maps of (N, C, H, W) inputs with a mask
+    of shape (N, C, 1, 1) drawn by the Philox contract; other ranks as torch (a warning, channels over
+    dims (N, C); a 3-D input is (N, C, L))."""
 
     _functional = staticmethod(functional.dropout2d)
+    _torch_name = "dropout2d"
 
 
 class Dropout3d(_ChannelDropout, torch.nn.Dropout3d):
@@ -105,6 +119,7 @@ class Dropout3d(_ChannelDropout, torch.nn.Dropout3d):
     inputs with a mask of shape (N, C, 1, 1, 1) drawn by the Philox contract."""
 
     _functional = staticmethod(functional.dropout3d)
+    _torch_name = "dropout3d"
 
 
 class LockedDropout(_FusedDropout, torch.nn.Module):
@@ -127,12 +142,61 @@ class LockedDropout(_FusedDropout, torch.nn.Module):
             raise TypeError(f"argument 'batch_first' must be a bool, got {type(batch_first).__name__}")
         self.batch_first = batch_first
 
-    def _drop(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        recording = _recording
+        if recording is not None and recording.is_site(self):
+            return recording.record(input, self.p)
         return functional.locked_dropout(input, self.p, self.training, self.batch_first)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, batch_first={self.batch_first}, backend={backends.get_backend()}"
 
+
+class _FusedAlphaDropout(torch.nn.Module):
+    """Shared by the alpha-dropout modules. As torch's, ``inplace`` is accepted and stored but the
+    forward never writes into its input. Not regularizer sites: alpha dropout's noise is affine, not
+    the multiplicative noise the regularizers expand, so a capture refuses it."""
+
+    _functional = None
+    _torch_name = ""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(check_prob(p, "p"), inplace)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        recording = _recording
+        if recording is not None and recording.is_functional_site(self.training, self.p):
+            raise_alpha_site(type(self).__name__)
+        if not functional.covered(input):
+            return functional.TORCH_FUNCTIONS[self._torch_name](input, self.p, self.training)
+        return type(self)._functional(input, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}, backend={backends.get_backend()}"
+
+
+def raise_alpha_site(name: str) -> None:
+    raise NotImplementedError(
+        f"{name} in training mode cannot run inside a DropoutRegularizer capture: alpha dropout's noise is "
+        "affine, not the multiplicative dropout noise the regularizers are the expansion of; put it in eval "
+        "mode (or use k_sample_loss, which runs the model's own dropout)"
+    )
+
+
+class AlphaDropout(_FusedAlphaDropout, torch.nn.AlphaDropout):
+    """Drop-in :class:`torch.nn.AlphaDropout` (SELU networks) on the Philox mask contract, no mask
+    stored: :func:`dropreg_ext.functional.alpha_dropout`."""
+
+    _functional = staticmethod(functional.alpha_dropout)
+    _torch_name = "alpha_dropout"
+
+
+class FeatureAlphaDropout(_FusedAlphaDropout, torch.nn.FeatureAlphaDropout):
+    """Drop-in :class:`torch.nn.FeatureAlphaDropout`: alpha dropout with one draw per channel (dims
+    (N, C)), :func:`dropreg_ext.functional.feature_alpha_dropout`."""
+
+    _functional = staticmethod(functional.feature_alpha_dropout)
+    _torch_name = "feature_alpha_dropout"
 
 
 def replace_dropout(model: torch.nn.Module, *, locked: bool = False, batch_first: bool = False) -> int:
@@ -140,8 +204,9 @@ def replace_dropout(model: torch.nn.Module, *, locked: bool = False, batch_first
 
     ``torch.nn.Dropout`` → :class:`Dropout` (or, with ``locked=True``, :class:`LockedDropout` with
     ``batch_first`` — opt-in, since it changes the mask from per element to per sequence), and
-    ``torch.nn.Dropout1d/2d/3d`` → :class:`Dropout1d/2d/3d`. Keeps ``p``, ``inplace`` and the
-    training flag. Other subclasses (``AlphaDropout``, user subclasses) are left alone. Returns the
+    ``torch.nn.Dropout1d/2d/3d`` → :class:`Dropout1d/2d/3d`, ``torch.nn.AlphaDropout`` /
+    ``FeatureAlphaDropout`` → :class:`AlphaDropout` / :class:`FeatureAlphaDropout`. Keeps ``p``,
+    ``inplace`` and the training flag. Exact types only: user subclasses are left alone. Returns the
     number of modules replaced.
     """
     if not isinstance(model, torch.nn.Module):
@@ -172,6 +237,8 @@ _REPLACEMENTS = {
     torch.nn.Dropout1d: Dropout1d,
     torch.nn.Dropout2d: Dropout2d,
     torch.nn.Dropout3d: Dropout3d,
+    torch.nn.AlphaDropout: AlphaDropout,
+    torch.nn.FeatureAlphaDropout: FeatureAlphaDropout,
 }
 
 
@@ -191,6 +258,12 @@ class _Recording:
 
     def is_site(self, module: torch.nn.Module) -> bool:
         return module.training and module.p > 0 and torch.is_grad_enabled() and id(module) in self.modules
+
+    @staticmethod
+    def is_functional_site(training: bool, p: float) -> bool:
+        """A dropout call without a module (a patched torch function, an alpha-dropout module): a site
+        whenever it would drop."""
+        return training and p > 0 and torch.is_grad_enabled()
 
     # Under torch.compile the site bookkeeping runs eagerly (a graph break), not silently lost.
     @torch.compiler.disable
@@ -220,7 +293,9 @@ def record_sites(model: torch.nn.Module) -> Iterator[list]:
     identity node o (``h.view_as(h)``, or a leaf when h needs no gradient) and records (h, o, q). A
     module called T times (a recurrent loop) gives T sites. Gradients with respect to o are the
     gradients *at the site*, not the total gradient of h (which would include skip paths).
-    Recordings cannot be nested.
+    Under :func:`dropreg_ext.patch_functional`, every call of torch's ``dropout``/``dropout1d/2d/3d``
+    inside the block that would drop is a site too (with its own p), whichever module made it; an
+    alpha-dropout call that would drop raises ``NotImplementedError``. Recordings cannot be nested.
     """
     global _recording
     if _recording is not None:

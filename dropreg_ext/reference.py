@@ -37,6 +37,7 @@ its noise at offset + 4·i.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,6 +55,8 @@ __all__ = [
     "dropout_threshold",
     "dropout_scale",
     "dropout_keep",
+    "alpha_dropout",
+    "SELU_ALPHA",
     "dropout",
     "philox",
     "gumbel_noise",
@@ -185,6 +188,29 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     scaled = (x.to(acc) * scale).to(x.dtype)
     y = torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.empty_like(x).copy_(y)  # x's layout, as torch.empty_like(x) lays it out
+
+
+SELU_ALPHA = 1.7580993408473766  # SELU's λ·α: its negative saturation value, negated
+
+
+def alpha_dropout(x: torch.Tensor, p: float, rng: torch.Tensor, mask_shape=None) -> torch.Tensor:
+    """Alpha dropout on the dropout mask stream: y = a·x + α·a·p' where kept, α·a·(p' - 1) where
+    dropped, a = ((α²p' + 1)(1 - p'))^(-1/2), p' the quantized p, the keep mask of ``mask_shape``
+    (default x's shape; broadcast over x, one draw per channel for feature alpha dropout) from
+    :func:`dropout_keep`; computed in the accumulation dtype and rounded once. p' = 0 is the
+    identity, p' = 1 gives zeros."""
+    t = dropout_threshold(p)
+    if t == 0:
+        return x.clone()
+    if t >= 65536:
+        return x * 0
+    q = t / 65536.0
+    a = 1.0 / math.sqrt((SELU_ALPHA * SELU_ALPHA * q + 1.0) * (1.0 - q))
+    keep = dropout_keep(tuple(x.shape) if mask_shape is None else tuple(mask_shape), p, rng.to(x.device))
+    acc = x.to(acc_dtype(x.dtype))
+    kept = acc * a + SELU_ALPHA * a * q
+    dropped = torch.full((), SELU_ALPHA * a * (q - 1.0), dtype=acc.dtype, device=x.device)
+    return torch.where(keep, kept, dropped).to(x.dtype)
 
 
 def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

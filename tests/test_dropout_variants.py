@@ -1,6 +1,8 @@
 """Channel dropout (Dropout1d/2d/3d) and locked (variational) dropout: mask structure, the Philox
 contract (bit-identical masks across backends for one seed), autograd, replacement and sites."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_bitwise_equal
@@ -37,10 +39,20 @@ def test_channel_masks_bit_identical_across_backends(module, fn, torch_module, s
 
 @pytest.mark.parametrize("module, fn, torch_module, shape, spatial", CHANNEL, ids=IDS)
 def test_channel_unbatched_input_and_bad_rank(module, fn, torch_module, shape, spatial):
-    y = fn(torch.ones(shape[1:]), 0.5, seed=1)
-    assert y.shape == shape[1:]
-    with pytest.raises(ValueError, match="argument 'input'"):
-        fn(torch.ones(shape[-1]), 0.5)
+    """Unbatched inputs are fine where torch's are (1d, 3d; a 3-D input to 2d is (N, C, L), with
+    torch's warning); a 1-D input is torch's RuntimeError, or, for 3d, a warning and element-wise
+    dropout (tests/test_torch_behaviour.py has every rank)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(torch.ones(shape[1:]), 0.5, seed=1)
+    assert y.shape == shape[1:] and (len(caught) == 1) == (spatial == 2)
+    if spatial == 3:
+        with pytest.warns(UserWarning, match="Received a 1-D input"):
+            assert fn(torch.ones(shape[-1]), 0.5).shape == (shape[-1],)
+    else:
+        with pytest.raises(RuntimeError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(torch.ones(shape[-1]), 0.5)
 
 
 @pytest.mark.parametrize("module, fn, torch_module, shape, spatial", CHANNEL, ids=IDS)

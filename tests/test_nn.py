@@ -121,8 +121,8 @@ class Net(torch.nn.Module):
         )
         self.channel_2d = torch.nn.Dropout2d(0.5)
         self.channel_1d = torch.nn.Dropout1d(0.5)
-        self.keep_alpha = torch.nn.AlphaDropout(0.5)
-        self.keep_feature_alpha = torch.nn.FeatureAlphaDropout(0.5)
+        self.alpha = torch.nn.AlphaDropout(0.5)
+        self.feature_alpha = torch.nn.FeatureAlphaDropout(0.3, inplace=True)
         self.keep_subclass = MyDropout(0.5)
         self.already = dr.Dropout(0.6)
         self.head = torch.nn.Linear(8, 2)
@@ -140,7 +140,7 @@ def test_replace_dropout_nested_count_and_attributes():
     before = {name: (type(m), getattr(m, "p", None), getattr(m, "inplace", None), m.training)
               for name, m in model.named_modules()}
     count = dr.replace_dropout(model)
-    assert count == 5
+    assert count == 7
     after = {name: m for name, m in model.named_modules()}
     assert set(after) == set(before), "module tree changed shape"
     replaced = ["drop", "blocks.0.1", "blocks.1.1.0"]
@@ -153,9 +153,9 @@ def test_replace_dropout_nested_count_and_attributes():
     assert after["blocks.1.1.0"].training is False
     assert type(after["channel_2d"]) is dr.Dropout2d and after["channel_2d"].p == 0.5
     assert type(after["channel_1d"]) is dr.Dropout1d and after["channel_1d"].p == 0.5
+    assert type(after["alpha"]) is dr.AlphaDropout and after["alpha"].p == 0.5
+    assert type(after["feature_alpha"]) is dr.FeatureAlphaDropout and after["feature_alpha"].inplace
     untouched = {
-        "keep_alpha": torch.nn.AlphaDropout,
-        "keep_feature_alpha": torch.nn.FeatureAlphaDropout,
         "keep_subclass": MyDropout,
         "already": dr.Dropout,
     }

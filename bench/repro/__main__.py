@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import sys
 import time
@@ -33,11 +34,16 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n\n")[1])
     parser.add_argument("dataset", choices=["ptb", "fmnist", "all", "report"])
     preset = parser.add_mutually_exclusive_group()
-    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                        help="CPU sizes: each dataset in <= 15 min on 2 cores (default)")
-    preset.add_argument("--full", dest="preset", action="store_const", const="full",
-                        help="paper-scale sizes, for a GPU")
+    preset.add_argument("--preset", choices=["quick", "cpu", "full"],
+                        help="quick: the CI smoke sizes, each dataset in <= 15 min on 2 cores (default); "
+                             "cpu (PTB only): sized to test the paper's claims, about 2.5 h on 2 cores, resumable; "
+                             "full: paper-scale sizes, for a GPU")
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick", help="--preset quick")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full", help="--preset full")
     parser.set_defaults(preset="quick")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the finished (method, seed) runs of an earlier run of the same configuration "
+                             "in the results folder and train only the others (default: on for --preset cpu)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="override preset fields (Python literals), e.g. --set epochs=3 hidden=256")
@@ -82,52 +88,91 @@ def describe(dataset: str, config: tasks.Config, task) -> tuple:
     return data, model
 
 
+def load_finished(path: str, config: tasks.Config) -> tuple:
+    """(finished runs by (method, seed), elapsed seconds so far) of an earlier run of ``config`` saved at
+    ``path``; ({}, 0) when there is none. A saved run of another configuration stops the command: its
+    runs are not comparable with the new ones."""
+    if not os.path.isfile(path):
+        return {}, 0.0
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["meta"]["config"] != json.loads(json.dumps(config.to_dict())):
+        raise SystemExit(f"{path} holds runs of another configuration; rerun with --no-resume to replace them, "
+                         "or give another --out")
+    return {(r["method"], r["seed"]): r for r in saved["runs"]}, saved["meta"]["elapsed_seconds"]
+
+
 def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
+    if args.preset not in tasks.PRESETS[dataset]:
+        raise SystemExit(f"--preset {args.preset} is not defined for {dataset}; choose from "
+                         f"{sorted(tasks.PRESETS[dataset])}")
     config = tasks.PRESETS[dataset][args.preset]
     overrides = parse_overrides(config, args.set)
     if args.seeds:
         overrides["seeds"] = tuple(args.seeds)
     config = dataclasses.replace(config, **overrides)
     methods = make_methods(config.k_values, config.k_noise)
+    if config.methods is not None:
+        methods = [m for m in methods if m.name in config.methods]
+    chosen = methods
     if args.methods:
         wanted = args.methods.split(",")
         unknown = sorted(set(wanted) - {m.name for m in methods})
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; choose from {[m.name for m in methods]}")
-        methods = [m for m in methods if m.name in wanted]
+        chosen = [m for m in methods if m.name in wanted]
+    folder = os.path.join(args.out, report.folder_name(dataset, args.preset))
+    resume = args.resume if args.resume is not None else args.preset == "cpu"
+    finished, elapsed_before = load_finished(os.path.join(folder, "results.json"), config) if resume else ({}, 0.0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    todo = [(m.name, seed) for seed in config.seeds for m in chosen if (m.name, seed) not in finished]
     cores = len(os.sched_getaffinity(0))
-    jobs = args.jobs or (1 if device == "cuda" else min(cores, len(methods) * len(config.seeds)))
+    jobs = args.jobs or (1 if device == "cuda" else max(1, min(cores, len(todo))))
     threads = args.threads or (max(1, cores // jobs) if device == "cpu" else torch.get_num_threads())
     make_task = functools.partial(tasks.build_task, dataset, config, device, args.data_dir)
 
     started = time.perf_counter()
     task = make_task()  # loads the data once here, so a missing dataset fails before any worker starts
     data, model = describe(dataset, config, task)
-    print(f"{TITLES[dataset]} --{args.preset}: {len(methods)} methods x seeds {list(config.seeds)}, "
-          f"{config.epochs} epochs of {task.steps_per_epoch} steps; {jobs} process(es) x {threads} thread(s) "
-          f"on {device}; expected: {config.expected_time}", flush=True)
-    runs = train_all(make_task if jobs > 1 else (lambda: task), methods, config.seeds, jobs, threads)
-    elapsed = time.perf_counter() - started
-    result = {
-        "meta": {
-            "dataset": dataset, "dataset_title": TITLES[dataset], "preset": args.preset,
-            "command": " ".join(["python -m bench.repro", *sys.argv[1:]]),
-            "config": config.to_dict(), "metric": task.metric, "higher_is_better": task.higher_is_better,
-            "seeds": list(config.seeds), "device": _device_name(device), "jobs": jobs, "threads": threads,
-            "backend": dr.get_backend(), "versions": {"torch": torch.__version__, "dropreg_ext": dr.__version__},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "elapsed_seconds": elapsed, "data": data, "model": model,
-        },
-        "methods": [{"name": m.name, "label": m.label} for m in methods],
-        "runs": runs,
-    }
-    report.save(result, args.out)
+    print(f"{TITLES[dataset]} --preset {args.preset}: {len(chosen)} methods x seeds {list(config.seeds)}, "
+          f"{config.epochs} epochs of {task.steps_per_epoch} steps; {len(finished)} run(s) already finished, "
+          f"{len(todo)} to train in {jobs} process(es) x {threads} thread(s) on {device}; expected: "
+          f"{config.expected_time}", flush=True)
+
+    def result_of(runs: list) -> dict:
+        names = {r["method"] for r in runs}
+        return {
+            "meta": {
+                "dataset": dataset, "dataset_title": TITLES[dataset], "preset": args.preset,
+                "command": " ".join(["python -m bench.repro", *sys.argv[1:]]),
+                "config": config.to_dict(), "metric": task.metric, "higher_is_better": task.higher_is_better,
+                "seeds": list(config.seeds), "device": _device_name(device), "jobs": jobs, "threads": threads,
+                "backend": dr.get_backend(), "versions": {"torch": torch.__version__, "dropreg_ext": dr.__version__},
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "elapsed_seconds": elapsed_before + time.perf_counter() - started, "data": data, "model": model,
+            },
+            "methods": [{"name": m.name, "label": m.label} for m in methods if m.name in names],
+            "runs": runs,
+        }
+
+    def merged(runs: list) -> list:
+        """These runs and the finished runs of methods outside this command's --methods, in table order."""
+        by_job = finished | {(r["method"], r["seed"]): r for r in runs}
+        return [by_job[m.name, s] for s in config.seeds for m in methods if (m.name, s) in by_job]
+
+    def save(runs: list) -> None:  # every finished run is on disk before the next one ends
+        report.save(result_of(merged(runs)), folder)
+
+    runs = train_all(make_task if jobs > 1 else (lambda: task), chosen, config.seeds, jobs, threads,
+                     finished=finished, on_run=save)
+    result = result_of(merged(runs))
+    report.save(result, folder)
+    elapsed = result["meta"]["elapsed_seconds"]
     print(f"\n{report.results_table(result)}\n\n{report.claims_table(result)}\n")
-    print(f"{TITLES[dataset]}: elapsed {elapsed:.0f} s ({elapsed / 60:.1f} min); results in "
-          f"{os.path.join(args.out, dataset)}", flush=True)
+    print(f"{TITLES[dataset]}: elapsed {elapsed:.0f} s ({elapsed / 60:.1f} min) in all sittings; results in "
+          f"{folder}", flush=True)
     return result
 
 

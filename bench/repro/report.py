@@ -9,9 +9,9 @@ diverged before their first evaluation are left out of its mean and counted in t
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
+from typing import Optional
 
 import matplotlib
 
@@ -40,15 +40,16 @@ def _mean_std(values: list) -> tuple:
 
 def summarize(result: dict) -> dict:
     """Per method: mean and std over seeds of the best validation metric, the test metric at that
-    epoch, the best epoch and the training seconds; the per-seed values; the diverged count."""
+    epoch, the best epoch and the training seconds (wall-clock and CPU); the per-seed values; the
+    diverged count."""
     summary = {}
     for method in result["methods"]:
         runs = [r for r in result["runs"] if r["method"] == method["name"]]
         done = [r for r in runs if r["best_val_metric"] is not None]
         entry = {"label": method["label"], "seeds": [r["seed"] for r in runs],
                  "diverged": sum(r["diverged"] for r in runs), "evaluated": len(done)}
-        for key in ("best_val_metric", "test_metric", "best_epoch", "train_seconds"):
-            values = [r[key] for r in (runs if key == "train_seconds" else done)]
+        for key in ("best_val_metric", "test_metric", "best_epoch", "train_seconds", "train_cpu_seconds"):
+            values = [r[key] for r in (runs if key.startswith("train_") else done) if r.get(key) is not None]
             entry[key] = {"mean": _mean_std(values)[0], "std": _mean_std(values)[1], "values": values}
         summary[method["name"]] = entry
     return summary
@@ -65,118 +66,142 @@ def results_table(result: dict) -> str:
     metric = result["meta"]["metric"]
     unit = "ppl" if metric == "perplexity" else "acc. %"
     summary = summarize(result)
-    base = summary.get("dropout", {}).get("train_seconds", {}).get("mean")
+    base = {key: summary.get("dropout", {}).get(key, {}).get("mean") for key in ("train_seconds", "train_cpu_seconds")}
+
+    def ratio(s: dict, key: str) -> str:
+        return f"{s[key]['mean'] / base[key]:.2f}×" if base[key] and s[key]["mean"] is not None else "–"
+
     lines = [
         f"| method | best val {unit} | test {unit} (at best val) | test {unit} per seed | best epoch "
-        "| training s / run | time × dropout | diverged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| training s / run | time × dropout | CPU time × dropout | diverged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in summary.items():
         per_seed = ", ".join(f"{v:.2f}" for v in s["test_metric"]["values"]) or "–"
-        seconds = s["train_seconds"]["mean"]
-        ratio = f"{seconds / base:.1f}×" if base else "–"
         lines.append(
             f"| {s['label']} (`{name}`) | {_fmt(s['best_val_metric'], 2)} | {_fmt(s['test_metric'], 2)} | {per_seed} "
-            f"| {_fmt(s['best_epoch'], 1)} | {seconds:.1f} | {ratio} | {s['diverged']}/{len(s['seeds'])} |"
+            f"| {_fmt(s['best_epoch'], 1)} | {s['train_seconds']['mean']:.1f} | {ratio(s, 'train_seconds')} "
+            f"| {ratio(s, 'train_cpu_seconds')} | {s['diverged']}/{len(s['seeds'])} |"
         )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
-# The paper's qualitative claims, checked against our numbers
+# The paper's qualitative claims, decided on paired per-seed differences
 # ------------------------------------------------------------------------------------------------
 
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+# "a matches b" allows a to trail b by this fraction of dropout's own gain over no regularization.
+MATCH_FRACTION = 0.2
+RULES = (
+    "Every comparison pairs the runs of the same seed (same initial weights, same batches): d_s = the "
+    f"advantage of the first method over the second in `{CLAIM_METRIC}` (the test metric at the best validation "
+    "epoch) for seed s, in the metric's good direction. **a beats b**: reproduced when d_s > 0 for every seed and "
+    "the mean of d exceeds its std over seeds; not reproduced when no seed has d_s > 0; inconclusive otherwise. "
+    f"**a matches b**: with δ = {MATCH_FRACTION} × the mean paired gain of dropout over no regularization, "
+    "reproduced when d_s ≥ −δ for every seed (a is within δ of b, or better); not reproduced when d_s < −δ for "
+    "every seed; inconclusive otherwise (and when dropout has no gain to match). A claim made of several "
+    "comparisons is reproduced when all of them are, not reproduced when any of them is not, inconclusive "
+    "otherwise."
+)
 
-def _compare(summary: dict, a: str, b: str, higher_is_better: bool) -> tuple:
-    """(advantage of a over b in the metric's good direction, combined seed spread sqrt(sa² + sb²)),
-    or None when either has no evaluated run."""
-    sa, sb = summary[a][CLAIM_METRIC], summary[b][CLAIM_METRIC]
-    if sa["mean"] is None or sb["mean"] is None:
+
+def paired(result: dict, a: str, b: str) -> Optional[dict]:
+    """The per-seed advantages d_s of ``a`` over ``b`` (seeds where both were evaluated), with their
+    mean and std; None when no seed has both."""
+    sign = 1.0 if result["meta"]["higher_is_better"] else -1.0
+    value = {(r["method"], r["seed"]): r[CLAIM_METRIC] for r in result["runs"] if r[CLAIM_METRIC] is not None}
+    seeds = [s for s in result["meta"]["seeds"] if (a, s) in value and (b, s) in value]
+    if not seeds:
         return None
-    sign = 1.0 if higher_is_better else -1.0
-    return sign * (sa["mean"] - sb["mean"]), math.hypot(sa["std"], sb["std"])
+    d = [sign * (value[a, s] - value[b, s]) for s in seeds]
+    return {"a": a, "b": b, "seeds": seeds, "d": d, "mean": statistics.fmean(d),
+            "std": statistics.stdev(d) if len(d) > 1 else 0.0}
 
 
-def _better(cmp) -> str:
-    """'yes' if the advantage exceeds the spread, 'no' if the opposite does, else the direction alone."""
+def beats(cmp: Optional[dict]) -> str:
     if cmp is None:
-        return "n/a (no evaluated run)"
-    gain, spread = cmp
-    if gain > spread:
-        return "yes"
-    if gain < -spread:
-        return "no"
-    return "direction matches, within seed spread" if gain > 0 else "no (opposite direction, within seed spread)"
+        return INCONCLUSIVE
+    if min(cmp["d"]) > 0 and cmp["mean"] > cmp["std"]:
+        return REPRODUCED
+    return NOT_REPRODUCED if max(cmp["d"]) <= 0 else INCONCLUSIVE
 
 
-def _matches(cmp) -> str:
-    """'yes' when a is within the spread of b or better than it, else 'no'."""
-    if cmp is None:
-        return "n/a (no evaluated run)"
-    gain, spread = cmp
-    if gain > spread:
-        return "yes (better)"
-    return "yes (within seed spread)" if gain >= -spread else "no"
+def matches(cmp: Optional[dict], margin: Optional[float]) -> str:
+    if cmp is None or margin is None or margin <= 0:
+        return INCONCLUSIVE
+    if min(cmp["d"]) >= -margin:
+        return REPRODUCED
+    return NOT_REPRODUCED if max(cmp["d"]) < -margin else INCONCLUSIVE
+
+
+def combine(verdicts: list) -> str:
+    if all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
 
 
 def check_claims(result: dict) -> list:
-    """Rows (claim, our numbers, verdict) for the paper's §3 claims, judged on :data:`CLAIM_METRIC`;
-    a claim whose methods were not all run is left out."""
-    summary = summarize(result)
-    hib = result["meta"]["higher_is_better"]
-    ks = [1] + sorted(int(n[len("dropout_k"):]) for n in summary if n.startswith("dropout_k") and n[9:].isdigit())
-    noise = next((n for n in summary if n.endswith("_noise")), None)
+    """Rows (claim, [(comparison, kind, paired data, verdict)], verdict) for the paper's four claims
+    (paper §3–5), decided by :data:`RULES`; a claim whose methods were not all run is left out."""
+    names = {m["name"] for m in result["methods"]}
+    ks = [1] + sorted(int(n[len("dropout_k"):]) for n in names if n.startswith("dropout_k") and n[9:].isdigit())
+    noise = next((n for n in names if n.endswith("_noise")), None)
 
     def key(k: int) -> str:
         return "dropout" if k == 1 else f"dropout_k{k}"
 
-    def val(name: str) -> str:
-        return f"{summary[name]['label']} {_fmt(summary[name][CLAIM_METRIC], 2)}"
+    gain = paired(result, "dropout", "none") if {"dropout", "none"} <= names else None
+    margin = MATCH_FRACTION * gain["mean"] if gain else None
 
-    def compare(a: str, b: str):
-        return _compare(summary, a, b, hib)
+    def beat(a: str, b: str) -> tuple:
+        cmp = paired(result, a, b)
+        return (a, "beats", b, cmp, beats(cmp))
 
-    def degrades() -> str:
-        means = [summary[key(k)][CLAIM_METRIC]["mean"] for k in ks]
-        if None in means:
-            return "n/a (no evaluated run)"
-        end = _better(compare(key(ks[0]), key(ks[-1])))
-        if all((b - a) * (-1 if hib else 1) > 0 for a, b in zip(means, means[1:])):
-            return "yes" if end == "yes" else "direction matches (monotone in k), within seed spread"
-        return f"no (not monotone in k); DROPOUT_1 better than DROPOUT_{ks[-1]}: {end}"
+    def match(a: str, b: str) -> tuple:
+        cmp = paired(result, a, b)
+        return (a, "matches", b, cmp, matches(cmp, margin))
 
-    def restores(k: int) -> str:
-        restored, close = _better(compare(noise, key(k))), _matches(compare(noise, "dropout"))
-        if restored == "yes" and close.startswith("yes"):
-            return "yes"
-        return f"better than DROPOUT_{k}: {restored}; matches DROPOUT_1: {close}"
-
-    claims = [
-        ("explicit alone beats no regularization (Fig. 3)", ["explicit", "none"],
-         lambda: f"{val('explicit')} vs {val('none')}", lambda: _better(compare("explicit", "none"))),
-        ("… but trails dropout (Fig. 3)", ["explicit", "dropout"],
-         lambda: f"{val('explicit')} vs {val('dropout')}", lambda: _better(compare("dropout", "explicit"))),
-        ("explicit + implicit matches dropout (Fig. 5)", ["explicit_implicit", "dropout"],
-         lambda: f"{val('explicit_implicit')} vs {val('dropout')}",
-         lambda: _matches(compare("explicit_implicit", "dropout"))),
-        ("DROPOUT_k degrades as k grows (Fig. 1)", [key(k) for k in ks] if len(ks) > 1 else ["DROPOUT_k"],
-         lambda: "; ".join(val(key(k)) for k in ks), degrades),
-    ]
+    claims = []
+    if len(ks) > 1:
+        claims.append((f"DROPOUT_k degrades as k grows, k = {', '.join(map(str, ks))} (Fig. 1)",
+                       [beat(key(a), key(b)) for a, b in zip(ks, ks[1:])]))
     if noise is not None:
         k = int(noise[len("dropout_k"):-len("_noise")])
-        claims.append((f"adding √(1−1/k)·ξ to DROPOUT_{k} restores DROPOUT_1 (Figs. 2, 4)", [noise, key(k), "dropout"],
-                       lambda: f"{val(noise)} vs {val(key(k))} and {val('dropout')}", lambda: restores(k)))
-    return [(claim, numbers(), verdict()) for claim, needed, numbers, verdict in claims
-            if all(name in summary for name in needed)]
+        if key(k) in names:
+            claims.append((f"DROPOUT_{k} + √(1−1/{k})·ξ recovers DROPOUT_1 (Figs. 2, 4)",
+                           [match(noise, "dropout"), beat(noise, key(k))]))
+    if {"explicit", "none", "dropout"} <= names:
+        claims.append(("R_approx alone beats no regularization but trails DROPOUT_1 (Fig. 3)",
+                       [beat("explicit", "none"), beat("dropout", "explicit")]))
+    if {"explicit_implicit", "dropout", "none"} <= names:
+        claims.append(("R_approx + ξ_approx matches DROPOUT_1 (Fig. 5)", [match("explicit_implicit", "dropout")]))
+    return [(claim, parts, combine([p[-1] for p in parts])) for claim, parts in claims]
+
+
+def _describe(part: tuple, labels: dict, margin_text: str) -> str:
+    a, kind, b, cmp, verdict = part
+    if cmp is None:
+        return f"{labels[a]} {kind} {labels[b]}: no seed with both evaluated → {verdict}"
+    per_seed = ", ".join(f"{d:+.2f}" for d in cmp["d"])
+    extra = f", δ = {margin_text}" if kind == "matches" else ""
+    return (f"{labels[a]} {kind} {labels[b]}: d = {per_seed} (seeds {', '.join(map(str, cmp['seeds']))}; "
+            f"mean {cmp['mean']:+.2f} ± {cmp['std']:.2f}{extra}) → {verdict}")
 
 
 def claims_table(result: dict) -> str:
-    lines = ["| paper's claim (§3) | ours: test at best val, mean ± std over seeds | reproduced? |",
-             "|---|---|---|"]
     rows = check_claims(result)
     if not rows:
         return "(no claim of the paper has all its methods in this run)"
-    return "\n".join(lines + [f"| {c} | {n} | {v} |" for c, n, v in rows])
+    labels = {m["name"]: f"`{m['name']}`" for m in result["methods"]}
+    gain = paired(result, "dropout", "none") if {"dropout", "none"} <= set(labels) else None
+    margin_text = f"{MATCH_FRACTION * gain['mean']:.2f}" if gain else "n/a"
+    lines = ["| paper's claim | paired per-seed differences d (positive: the first is better) | verdict |",
+             "|---|---|---|"]
+    for claim, parts, verdict in rows:
+        data = "<br>".join(_describe(p, labels, margin_text) for p in parts)
+        lines.append(f"| {claim} | {data} | **{verdict}** |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,13 +209,16 @@ def claims_table(result: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _curves(result: dict, name: str) -> tuple:
-    """(epochs, mean, std, mean training seconds) of a method's validation metric over seeds, epochs >= 1."""
+def _curves(result: dict, name: str, metric: str) -> tuple:
+    """(epochs, mean, std, mean training seconds) over seeds of a method's ``metric`` ("val_metric" or
+    "test_metric") per epoch, epochs >= 1 (results written before test curves were recorded have none)."""
     runs = [r["history"] for r in result["runs"] if r["method"] == name]
     epochs, means, stds, seconds = [], [], [], []
     for epoch in range(1, max((len(h) for h in runs), default=0)):
-        points = [h[epoch] for h in runs if len(h) > epoch]
-        values = [p["val_metric"] for p in points]
+        points = [h[epoch] for h in runs if len(h) > epoch and h[epoch].get(metric) is not None]
+        if not points:
+            continue
+        values = [p[metric] for p in points]
         epochs.append(epoch)
         means.append(statistics.fmean(values))
         stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -199,34 +227,39 @@ def _curves(result: dict, name: str) -> tuple:
 
 
 def plot_curves(result: dict, path: str) -> None:
-    """Validation metric vs epoch (band: ± std over seeds) and vs training wall-clock, mean over seeds."""
+    """Validation and test metric vs epoch (band: ± std over seeds), and validation metric vs training
+    wall-clock, mean over seeds."""
     meta = result["meta"]
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (by_epoch, test_by_epoch, by_time) = plt.subplots(1, 3, figsize=(20, 5.5))
     colors = plt.get_cmap("tab10").colors
     finals = []
     for index, method in enumerate(result["methods"]):
-        epochs, means, stds, seconds = _curves(result, method["name"])
-        if not epochs:
-            continue
-        style = dict(color=colors[index % len(colors)], marker="o" if len(epochs) <= 20 else None, markersize=3,
-                     label=method["label"], linestyle="--" if method["name"].startswith("dropout_k") else "-")
-        by_epoch.plot(epochs, means, **style)
-        by_epoch.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                              color=style["color"], alpha=0.06)
-        by_time.plot(seconds, means, **style)
-        finals += means[len(means) // 2:]
+        style = dict(color=colors[index % len(colors)], markersize=3, label=method["label"],
+                     linestyle="--" if method["name"].startswith("dropout_k") else "-")
+        for ax, metric in ((by_epoch, "val_metric"), (test_by_epoch, "test_metric")):
+            epochs, means, stds, seconds = _curves(result, method["name"], metric)
+            if not epochs:
+                continue
+            marker = "o" if len(epochs) <= 20 else None
+            ax.plot(epochs, means, marker=marker, **style)
+            ax.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=style["color"], alpha=0.06)
+            finals += means[len(means) // 2:]
+            if metric == "val_metric":
+                by_time.plot(seconds, means, marker=marker, **style)
     if finals:  # zoom on the second half of training, where the methods separate
         low, high = min(finals), max(finals)
         pad = 0.15 * (high - low) + 1e-6
-        for ax in (by_epoch, by_time):
+        for ax in (by_epoch, test_by_epoch, by_time):
             ax.set_ylim(low - pad, high + pad)
-    ylabel = f"validation {meta['metric']}" + (" (%)" if meta["metric"] == "accuracy" else "")
-    for ax, xlabel in ((by_epoch, "epoch"), (by_time, "training wall-clock (s), mean over seeds")):
+    unit = " (%)" if meta["metric"] == "accuracy" else ""
+    for ax, xlabel, split in ((by_epoch, "epoch", "validation"), (test_by_epoch, "epoch", "test"),
+                              (by_time, "training wall-clock (s), mean over seeds", "validation")):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(f"{split} {meta['metric']}{unit}")
         ax.grid(alpha=0.3)
     by_time.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{meta['dataset_title']} (--{meta['preset']}), seeds {', '.join(map(str, meta['seeds']))}, "
+    fig.suptitle(f"{meta['dataset_title']} (--preset {meta['preset']}), seeds {', '.join(map(str, meta['seeds']))}, "
                  f"q = {meta['config']['q']}; {meta['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -259,18 +292,26 @@ def dataset_markdown(result: dict, image: str = "curves.png") -> str:
         "",
         claims_table(result),
         "",
-        f"Metric: {meta['metric']} ({'higher' if meta['higher_is_better'] else 'lower'} is better). A difference "
-        "counts (\"yes\"/\"no\") when it exceeds √(s_a² + s_b²), s = the std over seeds (the seed-to-seed "
-        "spread, not the standard error); smaller differences only give a direction.",
+        f"Metric: {meta['metric']} ({'higher' if meta['higher_is_better'] else 'lower'} is better). {RULES} "
+        "The time ratios are mean training seconds per run against dropout's: wall-clock, and the process CPU "
+        "time of the same steps (less sensitive to a busy neighbour on the machine).",
         "",
-        f"![validation {meta['metric']} vs epoch and vs wall-clock]({image})",
+        f"![validation and test {meta['metric']} vs epoch, validation vs wall-clock]({image})",
         "",
     ])
 
 
-def save(result: dict, root: str = RESULTS_ROOT) -> None:
-    """Write ``root/<dataset>/results.json`` (with the per-method summary added)."""
-    folder = os.path.join(root, result["meta"]["dataset"])
+PRESETS = ("quick", "cpu", "full")
+
+
+def folder_name(dataset: str, preset: str) -> str:
+    """The results folder of a (dataset, preset) under the results root: ``ptb`` for --quick (the
+    CI-sized runs), ``ptb-cpu`` and ``ptb-full`` for the others."""
+    return dataset if preset == "quick" else f"{dataset}-{preset}"
+
+
+def save(result: dict, folder: str) -> None:
+    """Write ``folder/results.json`` (with the per-method summary added)."""
     os.makedirs(folder, exist_ok=True)
     result["summary"] = summarize(result)
     with open(os.path.join(folder, "results.json"), "w") as f:
@@ -278,20 +319,22 @@ def save(result: dict, root: str = RESULTS_ROOT) -> None:
 
 
 def render(root: str = RESULTS_ROOT) -> str:
-    """From every ``root/<dataset>/results.json``: write that folder's ``results.md`` and
+    """From every ``root/<dataset>[-<preset>]/results.json``: write that folder's ``results.md`` and
     ``curves.png``, and regenerate the part of ``root/README.md`` between the markers (the text
     around it is kept; a missing README gets a stub). Returns the README's path."""
     parts = []
-    for dataset in DATASETS:
-        path = os.path.join(root, dataset, "results.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            result = json.load(f)
-        with open(os.path.join(root, dataset, "results.md"), "w") as f:
-            f.write(dataset_markdown(result))
-        plot_curves(result, os.path.join(root, dataset, "curves.png"))
-        parts.append(dataset_markdown(result, image=f"{dataset}/curves.png"))
+    for preset in PRESETS:
+        for dataset in DATASETS:
+            name = folder_name(dataset, preset)
+            path = os.path.join(root, name, "results.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                result = json.load(f)
+            with open(os.path.join(root, name, "results.md"), "w") as f:
+                f.write(dataset_markdown(result))
+            plot_curves(result, os.path.join(root, name, "curves.png"))
+            parts.append(dataset_markdown(result, image=f"{name}/curves.png"))
     generated = "\n".join([BEGIN, "", *(parts or ["(no results yet)", ""]), END])
     path = os.path.join(root, "README.md")
     text = open(path).read() if os.path.isfile(path) else f"# Reproduction results\n\n{BEGIN}\n{END}\n"

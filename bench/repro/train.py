@@ -1,9 +1,11 @@
 """Train one (method, seed) on a task, and all of them in turn.
 
 One step is ``loss = objective(model, x, y); loss.backward(); clip; SGD step``. After each epoch
-the model is evaluated on the validation split (dropout off); the weights of the best validation
-epoch are evaluated on the test split at the end. ``train_seconds`` counts training steps only
-(evaluation is the same for every method), and is what the wall-clock plot uses.
+the model is evaluated on the validation and the test split (dropout off); a run's test result is
+the test metric of its best validation epoch (the curves show every epoch's). ``train_seconds``
+counts training steps only (evaluation is the same for every method), and is what the wall-clock
+plot uses; ``train_cpu_seconds`` is the process CPU time of the same steps, which a busy neighbour
+on the machine inflates less than wall-clock.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -45,15 +47,21 @@ def train_run(task, method: Method, seed: int, position: int = 1) -> dict:
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     started = time.perf_counter()
-    val_loss, val_metric = task.evaluate(model, "valid")
-    history = [{"epoch": 0, "train_objective": None, "val_loss": val_loss, "val_metric": val_metric,
-                "train_seconds": 0.0}]
-    best, best_state = {"epoch": None, "val_loss": None, "val_metric": None}, None
-    train_seconds, steps, diverged = 0.0, 0, False
+
+    def evaluated(epoch: int, train_objective) -> dict:
+        (val_loss, val_metric), (test_loss, test_metric) = task.evaluate(model, "valid"), task.evaluate(model, "test")
+        return {"epoch": epoch, "train_objective": train_objective, "val_loss": val_loss, "val_metric": val_metric,
+                "test_loss": test_loss, "test_metric": test_metric, "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu_seconds}
+
+    train_seconds = train_cpu_seconds = 0.0
+    history = [evaluated(0, None)]
+    best = None
+    steps, diverged = 0, False
     bar = tqdm(total=config.epochs * task.steps_per_epoch, desc=f"{method.name} seed {seed}", unit="step",
                position=position, leave=False, dynamic_ncols=True, disable=None)
     for epoch in range(1, config.epochs + 1):
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         total = 0.0
         count = 0
         for x, y in task.train_batches(model, epoch, seed):
@@ -73,24 +81,20 @@ def train_run(task, method: Method, seed: int, position: int = 1) -> dict:
             count += 1
         _synchronize(task.device)
         train_seconds += time.perf_counter() - tick
+        train_cpu_seconds += time.process_time() - cpu_tick
         if diverged:
             break
-        val_loss, val_metric = task.evaluate(model, "valid")
-        history.append({"epoch": epoch, "train_objective": total / count, "val_loss": val_loss,
-                        "val_metric": val_metric, "train_seconds": train_seconds})
-        bar.set_postfix_str(f"epoch {epoch} val {task.metric} {val_metric:.2f}")
-        if _better(task, val_metric, best["val_metric"]):
-            best = {"epoch": epoch, "val_loss": val_loss, "val_metric": val_metric}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(evaluated(epoch, total / count))
+        bar.set_postfix_str(f"epoch {epoch} val {task.metric} {history[-1]['val_metric']:.2f}")
+        if _better(task, history[-1]["val_metric"], best and best["val_metric"]):
+            best = history[-1]
     bar.close()
-    test_loss = test_metric = None
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        test_loss, test_metric = task.evaluate(model, "test")
+    best = best or {}
     return {
-        "method": method.name, "seed": seed, "history": history, "best_epoch": best["epoch"],
-        "best_val_loss": best["val_loss"], "best_val_metric": best["val_metric"], "test_loss": test_loss,
-        "test_metric": test_metric, "steps": steps, "train_seconds": train_seconds,
+        "method": method.name, "seed": seed, "history": history, "best_epoch": best.get("epoch"),
+        "best_val_loss": best.get("val_loss"), "best_val_metric": best.get("val_metric"),
+        "test_loss": best.get("test_loss"), "test_metric": best.get("test_metric"), "steps": steps,
+        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": time.perf_counter() - started, "diverged": diverged,
     }
 
@@ -121,44 +125,55 @@ def _run_in_worker(job: tuple) -> dict:
     return train_run(_worker["task"], _worker["methods"][method_name], seed, position=_worker["position"])
 
 
-def train_all(make_task: Callable, methods: list, seeds: tuple, jobs: int = 1, threads: int = 0) -> list:
+def train_all(make_task: Callable, methods: list, seeds: tuple, jobs: int = 1, threads: int = 0,
+              finished: Optional[dict] = None, on_run: Optional[Callable] = None) -> list:
     """Every method with every seed; returns the runs seed-major in ``methods`` order.
+
+    ``finished`` maps (method, seed) to runs already done (a resumed command): those are not trained
+    again. ``on_run(runs)`` is called after every run that finishes here with every run so far (in
+    table order), so that the caller can write them out before the next one ends.
 
     ``jobs == 1``: one after another in this process. ``jobs > 1``: in that many worker processes
     with ``threads`` torch threads each (one each is fastest on a small CPU: a step is mostly small
     ops, and two threads per op fight over two cores); the longest runs start first. ``make_task()``
-    builds the task (it must be picklable when ``jobs > 1``). One progress bar over the runs, one
-    per busy process over the steps of its run, one summary line per finished run.
+    builds the task (it must be picklable when ``jobs > 1``). One progress bar over the runs (its ETA
+    counts runs, not their costs), one per busy process over the steps of its run, one summary line
+    per finished run.
     """
     order = [(m.name, seed) for seed in seeds for m in methods]
+    runs = {job: run for job, run in (finished or {}).items() if job in order}
+    todo = [job for job in order if job not in runs]
     by_name = {m.name: m for m in methods}
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP or CUDA state
     if jobs > 1:
         tqdm.set_lock(context.RLock())  # the bars of all processes share one lock
-    outer = tqdm(total=len(order), desc="runs", unit="run", position=0, dynamic_ncols=True, disable=None)
-    runs = {}
-    if jobs == 1:
+    outer = tqdm(total=len(order), initial=len(runs), desc="runs", unit="run", position=0, dynamic_ncols=True,
+                 disable=None)
+
+    def record(run: dict) -> None:
+        runs[run["method"], run["seed"]] = run
+        outer.update(1)
+        tqdm.write(_summary_line(run))
+        if on_run is not None:
+            on_run([runs[job] for job in order if job in runs])
+
+    if todo and jobs == 1:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads or previous_threads)
         try:
             task = make_task()
-            for name, seed in order:
-                run = runs[name, seed] = train_run(task, by_name[name], seed)
-                outer.update(1)
-                tqdm.write(_summary_line(run))
+            for name, seed in todo:
+                record(train_run(task, by_name[name], seed))
         finally:
             torch.set_num_threads(previous_threads)
-    else:
+    elif todo:
         slots = context.Queue()
         for slot in range(1, jobs + 1):
             slots.put(slot)
-        longest_first = sorted(order, key=lambda job: -by_name[job[0]].cost)
+        longest_first = sorted(todo, key=lambda job: -by_name[job[0]].cost)
         init_args = (make_task, threads or 1, slots, tqdm.get_lock())
         with ProcessPoolExecutor(jobs, context, _init_worker, init_args) as pool:
             for future in as_completed([pool.submit(_run_in_worker, job) for job in longest_first]):
-                run = future.result()
-                runs[run["method"], run["seed"]] = run
-                outer.update(1)
-                tqdm.write(_summary_line(run))
+                record(future.result())
     outer.close()
     return [runs[job] for job in order]
