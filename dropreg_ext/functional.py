@@ -56,9 +56,14 @@ def covered(input) -> bool:
     )
 
 
-def _check_training(training) -> None:
+def _checked_p(input, p, training, seed) -> Optional[float]:
+    """The checked p, or None where torch returns the input itself: training off, p = 0, an empty input."""
+    check_float_tensor(input, "input")
+    p = check_prob(p, "p")
     if not isinstance(training, bool):
         raise TypeError(f"argument 'training' must be a bool, got {type(training).__name__}")
+    check_seed(seed)
+    return None if not training or p == 0.0 or input.numel() == 0 else p
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -99,11 +104,8 @@ def dropout(
         >>> x = torch.randn(4, 8)
         >>> y = dropreg_ext.functional.dropout(x, 0.1, seed=0)
     """
-    check_float_tensor(input, "input")
-    p = check_prob(p, "p")
-    _check_training(training)
-    check_seed(seed)
-    if not training or p == 0.0 or input.numel() == 0:
+    p = _checked_p(input, p, training, seed)
+    if p is None:
         return input  # as torch: the input itself, no random number drawn
     rng = ops.make_rng(input.device, seed)
     backend = resolve_backend(input)
@@ -162,11 +164,8 @@ def _feature_dropout(input, p, training, inplace, seed, batched: bool) -> torch.
     """torch's feature dropout: one draw per channel, the mask over dims (N, C) of a batched input and
     over dim C of an unbatched one (as torch, which unsqueezes N = 1: the same mask, element for
     element). Early returns, the p = 1 product and the rank error in torch's order."""
-    check_float_tensor(input, "input")
-    p = check_prob(p, "p")
-    _check_training(training)
-    check_seed(seed)
-    if not training or p == 0.0 or input.numel() == 0:
+    p = _checked_p(input, p, training, seed)
+    if p is None:
         return input
     if p == 1.0:
         return input.mul_(0) if inplace else input * 0
@@ -238,11 +237,8 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 
 def _alpha_dropout(input, p, training, inplace, seed, feature: bool) -> torch.Tensor:
-    check_float_tensor(input, "input")
-    p = check_prob(p, "p")
-    _check_training(training)
-    check_seed(seed)
-    if not training or p == 0.0 or input.numel() == 0:
+    p = _checked_p(input, p, training, seed)
+    if p is None:
         return input
     threshold = reference.dropout_threshold(p)
     if p == 1.0 or threshold >= 65536:  # everything dropped: torch's p = 1 product (the p -> 1 limit)
