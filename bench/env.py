@@ -50,12 +50,15 @@ def device_name(device: torch.device) -> str:
 
 
 def device_tag(device: torch.device) -> str:
-    """Short folder name for a device: ``cpu-2core``, ``cuda-h200``."""
+    """Short folder name for a device: ``cpu-2core``, ``cuda-h200``; ``cpu-2core-noavx512`` where the
+    CPU kernels run their portable loops (no AVX-512 on the CPU, or ``DROPREG_CPU_CAPABILITY=default``),
+    so that such a run does not replace the AVX-512 machine's results."""
     if device.type == "cuda":
         words = re.sub(r"(?i)\bnvidia\b", "", torch.cuda.get_device_name(device)).split()
         model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
         return f"cuda-{model}"
-    return f"cpu-{cpu_count()}core"
+    portable = dr.build_info()["cpu_dropout_path"] == "default"
+    return f"cpu-{cpu_count()}core" + ("-noavx512" if portable else "")
 
 
 def versions() -> dict:

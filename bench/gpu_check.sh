@@ -117,14 +117,14 @@ find_python() {  # the first of $PYTHON, python3, python that imports torch
 
 # Versions and the GPU, into machine.txt (its first lines head the summary); exits 3 without a GPU.
 PROBE='
-import importlib, sys
+import importlib.metadata, sys
 import torch
 names = ["triton", "numpy", "pytest", "hypothesis", "matplotlib", "tqdm", "transformers", "ninja", "setuptools"]
 versions = []
-for name in names:
+for name in names:  # from the installed metadata: importing transformers alone can take seconds
     try:
-        versions.append(f"{name} {importlib.import_module(name).__version__}")
-    except Exception:
+        versions.append(f"{name} {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
         versions.append(f"{name} -")
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 cap = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "-"

@@ -166,7 +166,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
         report.save(result_of(merged(runs)), folder)
 
     runs = train_all(make_task if jobs > 1 else (lambda: task), chosen, config.seeds, jobs, threads,
-                     finished=finished, on_run=save)
+                     finished=finished, on_run=save, longest_first=not resume)
     result = result_of(merged(runs))
     report.save(result, folder)
     elapsed = result["meta"]["elapsed_seconds"]

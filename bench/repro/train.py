@@ -126,7 +126,7 @@ def _run_in_worker(job: tuple) -> dict:
 
 
 def train_all(make_task: Callable, methods: list, seeds: tuple, jobs: int = 1, threads: int = 0,
-              finished: Optional[dict] = None, on_run: Optional[Callable] = None) -> list:
+              finished: Optional[dict] = None, on_run: Optional[Callable] = None, longest_first: bool = True) -> list:
     """Every method with every seed; returns the runs seed-major in ``methods`` order.
 
     ``finished`` maps (method, seed) to runs already done (a resumed command): those are not trained
@@ -135,7 +135,8 @@ def train_all(make_task: Callable, methods: list, seeds: tuple, jobs: int = 1, t
 
     ``jobs == 1``: one after another in this process. ``jobs > 1``: in that many worker processes
     with ``threads`` torch threads each (one each is fastest on a small CPU: a step is mostly small
-    ops, and two threads per op fight over two cores); the longest runs start first. ``make_task()``
+    ops, and two threads per op fight over two cores); the longest runs start first (the shortest
+    with ``longest_first=False``: a resumable sitting that may be stopped banks finished runs early). ``make_task()``
     builds the task (it must be picklable when ``jobs > 1``). One progress bar over the runs (its ETA
     counts runs, not their costs), one per busy process over the steps of its run, one summary line
     per finished run.
@@ -170,10 +171,10 @@ def train_all(make_task: Callable, methods: list, seeds: tuple, jobs: int = 1, t
         slots = context.Queue()
         for slot in range(1, jobs + 1):
             slots.put(slot)
-        longest_first = sorted(todo, key=lambda job: -by_name[job[0]].cost)
+        ordered = sorted(todo, key=lambda job: -by_name[job[0]].cost if longest_first else by_name[job[0]].cost)
         init_args = (make_task, threads or 1, slots, tqdm.get_lock())
         with ProcessPoolExecutor(jobs, context, _init_worker, init_args) as pool:
-            for future in as_completed([pool.submit(_run_in_worker, job) for job in longest_first]):
+            for future in as_completed([pool.submit(_run_in_worker, job) for job in ordered]):
                 record(future.result())
     outer.close()
     return [runs[job] for job in order]
