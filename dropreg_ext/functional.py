@@ -13,7 +13,6 @@ them to torch's own function instead.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -195,6 +194,18 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     return _feature_dropout(input, p, training, inplace, seed, batched=rank == 3)
 
 
+def _warn_deprecated_rank(spatial: int, rank: int) -> None:
+    """torch's warning for a rank outside (spatial + 1, spatial + 2) given to dropout2d / dropout3d."""
+    warnings.warn(
+        f"dropout{spatial}d: Received a {rank}-D input to dropout{spatial}d, which is deprecated and will result in "
+        "an error in a future release. To retain the behavior and silence this warning, please use dropout instead. "
+        f"Note that dropout{spatial}d exists to provide channel-wise dropout on inputs with {spatial} spatial "
+        f"dimensions, a channel dimension, and an optional batch dimension (i.e. {spatial + 1}D or {spatial + 2}D "
+        "inputs).",
+        stacklevel=3,
+    )
+
+
 def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
               seed: Optional[int] = None) -> torch.Tensor:
     """Channel dropout for (N, C, H, W) (mask (N, C, 1, 1)). As torch: other ranks warn and still drop
@@ -202,13 +213,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     with its warning), not as an unbatched (C, H, W)."""
     rank = _rank(input)
     if rank not in (3, 4):
-        warnings.warn(
-            f"dropout2d: Received a {rank}-D input to dropout2d, which is deprecated and will result in an error "
-            "in a future release. To retain the behavior and silence this warning, please use dropout instead. "
-            "Note that dropout2d exists to provide channel-wise dropout on inputs with 2 spatial dimensions, a "
-            "channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
-            stacklevel=2,
-        )
+        _warn_deprecated_rank(2, rank)
     if rank == 3:
         warnings.warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior is "
@@ -226,13 +231,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     torch: other ranks warn and are read as unbatched (the channels along dim 0)."""
     rank = _rank(input)
     if rank not in (4, 5):
-        warnings.warn(
-            f"dropout3d: Received a {rank}-D input to dropout3d, which is deprecated and will result in an error "
-            "in a future release. To retain the behavior and silence this warning, please use dropout instead. "
-            "Note that dropout3d exists to provide channel-wise dropout on inputs with 3 spatial dimensions, a "
-            "channel dimension, and an optional batch dimension (i.e. 4D or 5D inputs).",
-            stacklevel=2,
-        )
+        _warn_deprecated_rank(3, rank)
     return _feature_dropout(input, p, training, inplace, seed, batched=rank == 5)
 
 
@@ -240,15 +239,13 @@ def _alpha_dropout(input, p, training, inplace, seed, feature: bool) -> torch.Te
     p = _checked_p(input, p, training, seed)
     if p is None:
         return input
-    threshold = reference.dropout_threshold(p)
-    if p == 1.0 or threshold >= 65536:  # everything dropped: torch's p = 1 product (the p -> 1 limit)
+    q, a = reference.alpha_dropout_scale(p)  # q: the drop probability the mask applies
+    if p == 1.0 or a is None:  # everything dropped: torch's p = 1 product (the p -> 1 limit)
         return input.mul_(0) if inplace else input * 0
     if feature and input.dim() < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    if threshold == 0:  # p' = 0: a = 1 and no shift, the identity (a fresh tensor, as torch's product)
+    if q == 0.0:  # p' = 0: a = 1 and no shift, the identity (a fresh tensor, as torch's product)
         return input if inplace else input.clone()
-    q = threshold / 65536.0  # the drop probability the mask applies
-    a = 1.0 / math.sqrt((reference.SELU_ALPHA * reference.SELU_ALPHA * q + 1.0) * (1.0 - q))
     # keep ? a·x + α·a·q : α·a·(q-1)  =  a·(1-q)·dropout(x + α) + α·a·(q-1): the fused dropout's mask,
     # no mask stored. The shift is done in the accumulation dtype, so a half input loses nothing to it.
     shifted = input.to(reference.acc_dtype(input.dtype)) + reference.SELU_ALPHA

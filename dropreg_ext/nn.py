@@ -37,13 +37,13 @@ class _FusedDropout:
     model, the call is a site (input passed through and recorded), otherwise the module's own
     dropout (``_drop``)."""
 
-    _torch_name = "dropout"  # torch's function for the inputs the kernels do not cover
+    _torch_name = "dropout"  # torch's function for the inputs the kernels do not cover (None: no such)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         recording = _recording
         if recording is not None and recording.is_site(self):
             return recording.record(input, self.p)
-        if not functional.covered(input):
+        if self._torch_name is not None and not functional.covered(input):
             return functional.TORCH_FUNCTIONS[self._torch_name](input, self.p, self.training, self.inplace)
         return self._drop(input)
 
@@ -142,10 +142,9 @@ class LockedDropout(_FusedDropout, torch.nn.Module):
             raise TypeError(f"argument 'batch_first' must be a bool, got {type(batch_first).__name__}")
         self.batch_first = batch_first
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        recording = _recording
-        if recording is not None and recording.is_site(self):
-            return recording.record(input, self.p)
+    _torch_name = None  # torch has no locked dropout
+
+    def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return functional.locked_dropout(input, self.p, self.training, self.batch_first)
 
     def extra_repr(self) -> str:

@@ -41,11 +41,12 @@ def _wrap(name: str):
         if not functional.covered(input):
             return original(input, p, training, inplace)
         recording = nn._recording
-        if recording is not None and isinstance(training, bool) and recording.is_functional_site(
-                training, check_prob(p, "p")):
-            if alpha:
-                nn.raise_alpha_site(f"torch.nn.functional.{name}")
-            return recording.record(input, check_prob(p, "p"))
+        if recording is not None and isinstance(training, bool):
+            q = check_prob(p, "p")
+            if recording.is_functional_site(training, q):
+                if alpha:
+                    nn.raise_alpha_site(f"torch.nn.functional.{name}")
+                return recording.record(input, q)
         return ours(input, p, training, inplace)
 
     functools.update_wrapper(patched, original)

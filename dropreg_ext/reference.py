@@ -56,6 +56,7 @@ __all__ = [
     "dropout_scale",
     "dropout_keep",
     "alpha_dropout",
+    "alpha_dropout_scale",
     "SELU_ALPHA",
     "dropout",
     "philox",
@@ -193,19 +194,24 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
 SELU_ALPHA = 1.7580993408473766  # SELU's λ·α: its negative saturation value, negated
 
 
+def alpha_dropout_scale(p: float) -> tuple:
+    """(q', a) of alpha dropout: the quantized drop probability q' = t/2^16 the mask applies and the
+    scale a = ((α²q' + 1)(1 - q'))^(-1/2); a is None when q' = 1 (everything dropped)."""
+    q = dropout_threshold(p) / 65536.0
+    return q, (None if q >= 1.0 else 1.0 / math.sqrt((SELU_ALPHA * SELU_ALPHA * q + 1.0) * (1.0 - q)))
+
+
 def alpha_dropout(x: torch.Tensor, p: float, rng: torch.Tensor, mask_shape=None) -> torch.Tensor:
     """Alpha dropout on the dropout mask stream: y = a·x + α·a·p' where kept, α·a·(p' - 1) where
     dropped, a = ((α²p' + 1)(1 - p'))^(-1/2), p' the quantized p, the keep mask of ``mask_shape``
     (default x's shape; broadcast over x, one draw per channel for feature alpha dropout) from
     :func:`dropout_keep`; computed in the accumulation dtype and rounded once. p' = 0 is the
     identity, p' = 1 gives zeros."""
-    t = dropout_threshold(p)
-    if t == 0:
+    q, a = alpha_dropout_scale(p)
+    if q == 0.0:
         return x.clone()
-    if t >= 65536:
+    if a is None:
         return x * 0
-    q = t / 65536.0
-    a = 1.0 / math.sqrt((SELU_ALPHA * SELU_ALPHA * q + 1.0) * (1.0 - q))
     keep = dropout_keep(tuple(x.shape) if mask_shape is None else tuple(mask_shape), p, rng.to(x.device))
     acc = x.to(acc_dtype(x.dtype))
     kept = acc * a + SELU_ALPHA * a * q

@@ -141,6 +141,14 @@ def combine(verdicts: list) -> str:
     return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
 
 
+def match_margin(result: dict) -> Optional[float]:
+    """δ of "a matches b": :data:`MATCH_FRACTION` × the mean paired gain of dropout over no
+    regularization; None when either was not run."""
+    names = {m["name"] for m in result["methods"]}
+    gain = paired(result, "dropout", "none") if {"dropout", "none"} <= names else None
+    return MATCH_FRACTION * gain["mean"] if gain else None
+
+
 def check_claims(result: dict) -> list:
     """Rows (claim, [(comparison, kind, paired data, verdict)], verdict) for the paper's four claims
     (paper §3–5), decided by :data:`RULES`; a claim whose methods were not all run is left out."""
@@ -151,8 +159,7 @@ def check_claims(result: dict) -> list:
     def key(k: int) -> str:
         return "dropout" if k == 1 else f"dropout_k{k}"
 
-    gain = paired(result, "dropout", "none") if {"dropout", "none"} <= names else None
-    margin = MATCH_FRACTION * gain["mean"] if gain else None
+    margin = match_margin(result)
 
     def beat(a: str, b: str) -> tuple:
         cmp = paired(result, a, b)
@@ -194,8 +201,8 @@ def claims_table(result: dict) -> str:
     if not rows:
         return "(no claim of the paper has all its methods in this run)"
     labels = {m["name"]: f"`{m['name']}`" for m in result["methods"]}
-    gain = paired(result, "dropout", "none") if {"dropout", "none"} <= set(labels) else None
-    margin_text = f"{MATCH_FRACTION * gain['mean']:.2f}" if gain else "n/a"
+    margin = match_margin(result)
+    margin_text = f"{margin:.2f}" if margin is not None else "n/a"
     lines = ["| paper's claim | paired per-seed differences d (positive: the first is better) | verdict |",
              "|---|---|---|"]
     for claim, parts, verdict in rows:
