@@ -51,14 +51,14 @@ def device_name(device: torch.device) -> str:
 
 def device_tag(device: torch.device) -> str:
     """Short folder name for a device: ``cpu-2core``, ``cuda-h200``; ``cpu-2core-noavx512`` where the
-    CPU kernels run their portable loops (no AVX-512 on the CPU, or ``DROPREG_CPU_CAPABILITY=default``),
-    so that such a run does not replace the AVX-512 machine's results."""
+    CPU kernels run narrower loops (no AVX-512 on the CPU, or ``DROPREG_CPU_CAPABILITY=avx2`` or
+    ``=default``), so that such a run does not replace the AVX-512 machine's results."""
     if device.type == "cuda":
         words = re.sub(r"(?i)\bnvidia\b", "", torch.cuda.get_device_name(device)).split()
         model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
         return f"cuda-{model}"
-    portable = dr.build_info()["cpu_dropout_path"] == "default"
-    return f"cpu-{cpu_count()}core" + ("-noavx512" if portable else "")
+    narrower = dr.build_info()["cpu_dropout_path"] != "avx512"
+    return f"cpu-{cpu_count()}core" + ("-noavx512" if narrower else "")
 
 
 def versions() -> dict:

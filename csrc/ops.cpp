@@ -6,7 +6,7 @@
 #include <string>
 
 namespace dropreg {
-const char* dropout_cpu_capability();  // cpu/dropout.cpp: "avx512" or "default"
+const char* dropout_cpu_capability();  // cpu/dropout.cpp: "avx512", "avx2" or "default"
 }  // namespace dropreg
 
 namespace {
@@ -24,8 +24,8 @@ PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "JSON string: torch and CUDA versions the extension was built against, archs, backends."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
-     "The CPU dropout path of this process: 'avx512', or 'default' (portable loops; also chosen by "
-     "DROPREG_CPU_CAPABILITY=default)."},
+     "The CPU dropout path of this process: 'avx512', 'avx2', or 'default' (portable loops); "
+     "DROPREG_CPU_CAPABILITY=avx2 or =default caps it."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};

@@ -13,7 +13,7 @@ def main() -> None:
         print(f"extension dropreg_ext._C: built against torch {built['torch']}, "
               f"CUDA {built['cuda'] or '-'}, archs {built['cuda_archs'] or '-'}")
         print(f"compiled backends: {', '.join(built['backends'])}")
-        print(f"CPU dropout path: {info['cpu_dropout_path']} (DROPREG_CPU_CAPABILITY=default: the portable loops)")
+        print(f"CPU dropout path: {info['cpu_dropout_path']} (DROPREG_CPU_CAPABILITY=avx2 or =default caps it)")
     else:
         print("extension dropreg_ext._C: NOT loaded (reference fallback in use)")
     print(f"triton: {'available' if info['triton'] else 'not installed'}")

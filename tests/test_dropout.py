@@ -741,20 +741,23 @@ def test_tolerance_table_covers_every_dtype():
 
 
 @pytest.mark.skipif(not dr._ext.HAS_CPU, reason="dropreg_ext._C not loaded")
-def test_portable_cpu_path_passes_the_cpu_kernel_tests():
-    """On an AVX-512 CPU the tests run the AVX-512 loops of dropout, cross-entropy and the site
-    penalty; this reruns their CPU cases with DROPREG_CPU_CAPABILITY=default, i.e. on the portable
-    loops every other CPU takes."""
-    if dr._ext.C.cpu_capability() != "avx512":
-        pytest.skip("this CPU takes the portable path already: the tests above ran it")
-    env = {**os.environ, "DROPREG_CPU_CAPABILITY": "default"}
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_lower_cpu_paths_pass_the_cpu_kernel_tests(capability):
+    """The tests run the widest vector loops this CPU has (AVX-512 or AVX2); this reruns the CPU cases
+    of dropout, cross-entropy, the site penalty and the special values with
+    DROPREG_CPU_CAPABILITY capped lower: the AVX2 loops (dropout) and the portable loops every other
+    CPU takes."""
+    order = ["default", "avx2", "avx512"]
+    if order.index(dr._ext.C.cpu_capability()) <= order.index(capability):
+        pytest.skip(f"this CPU takes the {dr._ext.C.cpu_capability()!r} path: the tests above ran it")
+    env = {**os.environ, "DROPREG_CPU_CAPABILITY": capability}
     child = [sys.executable, "-c", "import dropreg_ext as dr; print(dr._ext.C.cpu_capability())"]
-    assert subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.strip() == "default"
+    assert subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.strip() == capability
     here = pathlib.Path(__file__).parent
     names = ("test_dropout.py", "test_cross_entropy.py", "test_site_penalty.py", "test_special_values.py")
     files = [str(here / name) for name in names]
     run_tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
-                 "-k", "cpu and not cuda and not portable"]
+                 "-k", "cpu and not cuda and not lower_cpu_paths"]
     result = subprocess.run(run_tests, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

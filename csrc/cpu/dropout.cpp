@@ -1,7 +1,7 @@
 // Fused dropout on the CPU: Philox mask + scale in one pass, no mask tensor, 8 elements per Philox
 // call (16-bit keep test, contract v2). Bytes per element: read x, write y (2·sizeof(T)). On CPUs
-// with AVX-512 the Philox rounds and the masked multiply run from the registers
-// (dropout_avx512.h); elsewhere a Philox block (vectorized across calls) and a plain apply loop.
+// with AVX-512 (dropout_avx512.h) or AVX2 (dropout_avx2.h) the Philox rounds and the masked multiply
+// run from the registers; elsewhere a Philox block (vectorized across calls) and a plain apply loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,8 +16,10 @@
 #endif
 
 #include "checks.h"
+#include "cpu_capability.h"
 #include "cpu_kernels.h"
 #include "dropout.h"
+#include "dropout_avx2.h"
 #include "dropout_avx512.h"
 #include "dropout_host.h"
 
@@ -55,6 +57,19 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
       const int64_t end = std::min(n, s1 * kStep);
       cpu::dropout_avx512<scalar_t>(x + begin, y + begin, end - begin, begin, threshold, static_cast<double>(scale),
                                     seed, offset);
+    });
+    return;
+  }
+#endif
+#if DROPREG_HAVE_AVX2_DROPOUT
+  static const bool avx2 = cpu::cpu_has_avx2();
+  if (avx2 && threshold < 65536u) {
+    constexpr int64_t kStep = cpu::kAvx2StepElems;
+    const int64_t steps = (n + kStep - 1) / kStep;
+    at::parallel_for(0, steps, 256, [&](int64_t s0, int64_t s1) {  // 32k elements a task, as above
+      const int64_t begin = s0 * kStep;
+      const int64_t end = std::min(n, s1 * kStep);
+      cpu::dropout_avx2<scalar_t, acc_t>(x + begin, y + begin, end - begin, begin, threshold, scale, seed, offset);
     });
     return;
   }
@@ -122,6 +137,13 @@ void philox_words(uint64_t seed, uint64_t offset, const uint64_t* ids, int64_t c
     return;
   }
 #endif
+#if DROPREG_HAVE_AVX2_DROPOUT
+  static const bool avx2 = cpu::cpu_has_avx2();
+  if (avx2) {
+    cpu::philox_list_avx2(seed, offset + kStreamDropoutMask, ids, count, words);
+    return;
+  }
+#endif
   for (int64_t k = 0; k < count; ++k) {
     const Philox4 r = philox_group(seed, offset, kStreamDropoutMask, ids[k]);
     for (int q = 0; q < 4; ++q) words[4 * k + q] = r.x[q];
@@ -148,6 +170,13 @@ void apply_u16(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, i
   static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512 && x_step == 1 && y_step == 1 && threshold < 65536u) {
     cpu::apply_u16_avx512<scalar_t>(x, y, u16, n, threshold, static_cast<double>(scale));
+    return;
+  }
+#endif
+#if DROPREG_HAVE_AVX2_DROPOUT
+  static const bool avx2 = cpu::cpu_has_avx2();
+  if (avx2 && x_step == 1 && y_step == 1 && threshold < 65536u) {
+    cpu::apply_u16_avx2<scalar_t, acc_t>(x, y, u16, n, threshold, scale);
     return;
   }
 #endif
@@ -340,12 +369,7 @@ void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) {
 }  // namespace
 
 // The CPU dropout path this process takes (declared in ops.cpp, reported by build_info).
-const char* dropout_cpu_capability() {
-#if DROPREG_HAVE_AVX512_DROPOUT
-  if (cpu::cpu_has_avx512()) return "avx512";
-#endif
-  return "default";
-}
+const char* dropout_cpu_capability() { return cpu::cpu_path_name(); }
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("dropout", &dropout_cpu);

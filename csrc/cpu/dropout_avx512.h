@@ -25,10 +25,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
+#include "cpu_capability.h"
 #include "philox.h"
 
 #define DROPREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
@@ -38,16 +37,6 @@ namespace cpu {
 
 constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Philox calls
 constexpr int64_t kPrefetchBytes = 8192;                   // how far ahead x is prefetched by hand
-
-// DROPREG_CPU_CAPABILITY=default (read once, like ATen's ATEN_CPU_CAPABILITY) selects the portable
-// loops of every CPU kernel (dropout, cross-entropy) even where the CPU has AVX-512: to compare the
-// paths, or to test the portable one here.
-inline bool cpu_has_avx512() {
-  const char* capability = std::getenv("DROPREG_CPU_CAPABILITY");
-  if (capability != nullptr && std::string_view(capability) == "default") return false;
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-}
 
 DROPREG_AVX512 inline __m512i set1_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 
