@@ -6,19 +6,23 @@ outputs from z and y, nothing requiring grad.
 Providers:
 
 * ours, per backend that runs natively on the device (:func:`bench.dropout.our_backends`):
-  ``loss, lse, ŷ = ops.cross_entropy_sample(z, y, rng)`` (one pass: max, log-sum-exp, the true-label
-  loss and a Gumbel-max ŷ), then ``G = ops.ce_grad(z, lse, ŷ, ones)`` (one more pass);
+  ``loss, lse, ŷ, G = ops.cross_entropy_sample_grad(z, y, rng)`` (one op: max, log-sum-exp, the
+  true-label loss, a Gumbel-max ŷ and G from the row the sample read), what ``DropoutRegularizer``
+  runs; ``<backend>-2op``: the two-op path ``cross_entropy_sample`` then ``ce_grad`` (z read twice);
 * ``eager``: ``F.cross_entropy(z, y, reduction="none")``, ``p = torch.softmax(z)``,
   ``ŷ = torch.multinomial(p, 1)``, ``G = p - F.one_hot(ŷ, C)``: the same outputs;
 * ``compile``: ``torch.compile`` of the eager function (static shapes, recompiled for each case).
 
-Bytes (``bytes_min``, the same count for every provider, so GB/s compare like with like): ours reads
-z once in the sample pass and reads z and writes G in the grad pass, ``3 · s · N · C`` for itemsize s
-(the (N,) vectors y, loss, lse, ŷ are left out: under 0.1% at C >= 1k). ``pct_copy`` divides that
-GB/s by the GB/s of ``out.copy_(z)`` (``2 · s · N · C`` bytes) timed in the same rounds.
+Bytes (``bytes_min``, the same count for every provider, so GB/s compare like with like): the least
+any provider moves, z read once and G written once, ``2 · s · N · C`` for itemsize s (the (N,)
+vectors y, loss, lse, ŷ are left out: under 0.1% at C >= 1k). ``pct_copy`` divides that GB/s by the
+GB/s of ``out.copy_(z)`` (the same ``2 · s · N · C`` bytes) timed in the same rounds.
 
 The floor (``of_floor``): ``torch.add(z, z2)`` with z2 a second tensor of z's shape, the cheapest op
-that moves those bytes (two reads of N x C and one fresh write), timed in the same rounds.
+that moves the two-op path's bytes (two reads of N x C and one fresh write), timed in the same
+rounds. On the CPU most of its time is the page faults of its fresh output (4 KiB at a time), so
+``floor-warm``, the same add into an output whose pages are already mapped, is timed too: the cost
+of the bytes alone. Ours writes G into 2 MiB pages where Linux offers them (csrc/cpu/huge_pages.h).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_bac
 from .measure import Timing, peak_bytes, time_fns, timed_row
 
 MODE = "sample+grad"
+FLOOR_WARM = FLOOR + "-warm"  # the floor's add into an output whose pages are mapped already
 CeFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
@@ -48,26 +53,40 @@ def eager_ce_sample(z: torch.Tensor, y: torch.Tensor) -> tuple:
 
 
 def ours_ce_sample(backend: str) -> CeFn:
-    """(per-row loss, ŷ, G) by the fused ops of ``backend``."""
+    """(per-row loss, ŷ, G) by the fused op of ``backend``."""
 
     def fn(z: torch.Tensor, y: torch.Tensor) -> tuple:
-        with dr.use_backend(backend):
-            loss, lse, yhat = dr.ops.cross_entropy_sample(z, y, dr.ops.make_rng(z.device))
-            return loss, yhat, dr.ops.ce_grad(z, lse, yhat, torch.ones_like(lse))
+        loss, _, yhat, grad = dr.ops.cross_entropy_sample_grad(z, y, dr.ops.make_rng(z.device), backend=backend)
+        return loss, yhat, grad
 
     return fn
+
+
+def ours_ce_sample_two_ops(backend: str) -> CeFn:
+    """(per-row loss, ŷ, G) by ``cross_entropy_sample`` then ``ce_grad`` of ``backend``."""
+
+    def fn(z: torch.Tensor, y: torch.Tensor) -> tuple:
+        loss, lse, yhat = dr.ops.cross_entropy_sample(z, y, dr.ops.make_rng(z.device), backend=backend)
+        return loss, yhat, dr.ops.ce_grad(z, lse, yhat, torch.ones_like(lse), backend=backend)
+
+    return fn
+
+
+TWO_OPS = "-2op"  # suffix of the two-op providers
 
 
 def providers(device: torch.device) -> dict:
     """Provider name -> a ``make()`` returning ``fn(z, y) -> (loss, ŷ, G)``; compile compiles afresh."""
     makers = {"eager": lambda: eager_ce_sample, "compile": lambda: fresh_compile(eager_ce_sample)}
-    makers.update({b: (lambda b=b: ours_ce_sample(b)) for b in our_backends(device)})
+    for b in our_backends(device):
+        makers[b] = lambda b=b: ours_ce_sample(b)
+        makers[b + TWO_OPS] = lambda b=b: ours_ce_sample_two_ops(b)
     return makers
 
 
 def bytes_per_elem(itemsize: int) -> int:
-    """Read z (sample pass) + read z and write G (grad pass), per logit."""
-    return 3 * itemsize
+    """Read z and write G, once each, per logit."""
+    return 2 * itemsize
 
 
 @dataclasses.dataclass
@@ -115,7 +134,12 @@ def run_case(case: Case, cfg: Config) -> list:
     """Every provider on one case, timed in interleaved rounds with ``out.copy_(z)``; peak memory of
     one call each."""
     out = torch.empty_like(case.z)
-    calls = {"copy": lambda: out.copy_(case.z), FLOOR: lambda: torch.add(case.z, case.z2)}
+    warm = torch.add(case.z, case.z2)  # its pages are mapped from here on
+    calls = {
+        "copy": lambda: out.copy_(case.z),
+        FLOOR: lambda: torch.add(case.z, case.z2),
+        FLOOR_WARM: lambda: torch.add(case.z, case.z2, out=warm),
+    }
     for name, make in providers(cfg.device).items():
         calls[name] = case_call(make(), case)
     timings = time_fns(calls, cfg.device, cfg.ce_reps)
@@ -123,7 +147,7 @@ def run_case(case: Case, cfg: Config) -> list:
     rows = []
     for name, timing in timings.items():
         row = _row(case, name, "copy" if name == "copy" else MODE, timing, copy_gbps)
-        if name not in ("copy", FLOOR):
+        if name not in ("copy", FLOOR, FLOOR_WARM):
             row["peak_bytes"] = peak_bytes(calls[name], cfg.device)
         rows.append(row)
     add_ratios(rows)

@@ -98,6 +98,24 @@ def train_table(rows: list) -> str:
     return format_table(headers, body, text_cols=4)
 
 
+PHASE_COLUMNS = ("forward", "objective", "first-order VJPs", "backward", "optimizer", "our kernels", "matmuls")
+
+
+def phase_table_rows(rows: list) -> tuple:
+    """(headers, body) of the regularized steps' phases (bench.train.phase_rows), ms per step."""
+    headers = ["case", "variant", *PHASE_COLUMNS]
+    body = [[r["case"], r["provider"], *(f"{r[c]:.1f}" for c in PHASE_COLUMNS)]
+            for r in rows if r["section"] == "train_phases"]
+    return headers, body
+
+
+PHASE_NOTES = """\
+ms per step under torch.profiler (its overhead included): the model's forward; the objective (loss and
+terms, of which the first-order VJPs: the autograd.grad calls giving the gradients at the sites); the
+backward (a double backward); the SGD update. our kernels: the dropreg:: ops' own time in all phases;
+matmuls: aten::mm/addmm/bmm in all phases."""
+
+
 def regularizer_headlines(rows: list) -> list:
     """Per training case: the fused regularized step vs the plain-autograd one, and its cost in
     plain (eager ``nn.Dropout``) dropout steps of the same model."""
@@ -141,10 +159,12 @@ peak MiB: peak allocation of one fwd+bwd (or training step) above what was live 
 
 CE_NOTES = """\
 sample+grad: per-row loss CE(z, y), ŷ ~ softmax(z) and G = softmax(z) - onehot(ŷ) from z (N x C).
-ours: cross_entropy_sample + ce_grad; eager: F.cross_entropy + softmax + multinomial + one_hot + (p - onehot);
-compile: torch.compile of eager. eff GB/s counts ours' passes: read z (sample) + read z, write G (grad) =
-3 x itemsize x N x C bytes, for every provider. % copy vs out.copy_(z). of floor: vs torch.add(z, z2) (two
-reads of N x C and a fresh write, the cheapest op moving those bytes). peak MiB: one call, outputs included."""
+ours: cross_entropy_sample_grad (one op, z read once); <ours>-2op: cross_entropy_sample + ce_grad (z read
+twice); eager: F.cross_entropy + softmax + multinomial + one_hot + (p - onehot); compile: torch.compile of
+eager. eff GB/s counts read z + write G = 2 x itemsize x N x C bytes, for every provider. % copy vs
+out.copy_(z) (the same bytes). of floor: vs torch.add(z, z2) (two reads of N x C and a fresh write);
+floor-warm: that add into an output already mapped (the bytes without the page faults). peak MiB: one
+call, outputs included."""
 
 SITE_NOTES = """\
 [Σ (g_e h)², Σ g_i η h] with Rademacher η; eager draws η with torch.randint. eff GB/s counts fwd: read h,
@@ -178,6 +198,10 @@ def print_report(result: dict) -> None:
         print("x eager: vs the eager nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
         for line in regularizer_headlines(rows) + dropout_memory_headlines(rows):
             print("  " + line)
+    if "train_phases" in sections:
+        print("\n== where a regularized step's time goes ==")
+        print(format_table(*phase_table_rows(rows), text_cols=2))
+        print(PHASE_NOTES)
     if result["checks"]:
         print(f"\n== acceptance checks (targets set for 2 CPU cores; device: {result['meta']['device']}) ==")
         for check in result["checks"]:

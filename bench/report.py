@@ -16,7 +16,7 @@ import os
 import sys
 
 from .checks import format_check
-from .output import dropout_memory_headlines, regularizer_headlines, size_text
+from .output import PHASE_NOTES, dropout_memory_headlines, phase_table_rows, regularizer_headlines, size_text
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(RESULTS_ROOT, "README.md")
@@ -105,8 +105,9 @@ def render_section(result: dict, folder: str, link: str) -> str:
         title = "Dropout at the largest size of each dtype (eff GB/s: minimal bytes / median time):"
         parts += ["", title, "", dropout_headline(rows)]
     if any(r["section"] == "ce" for r in rows):
-        title = ("Cross-entropy + sampled label + gradient (eff GB/s: 3 x itemsize x N x C bytes, the passes"
-                 " of ours, / median time):")  # fmt: skip
+        title = ("Cross-entropy + sampled label + gradient (eff GB/s: 2 x itemsize x N x C bytes, read z and"
+                 " write G once, / median time; floor: torch.add(z, z2), floor-warm: the same into mapped"
+                 " pages):")  # fmt: skip
         parts += ["", title, "", op_headline(rows, "ce")]
     if any(r["section"] == "site" for r in rows):
         title = "Site penalty [Σ (g_e h)², Σ g_i η h] (eff GB/s: 3 (fwd) or 9 (fwd+bwd) x itemsize x n bytes):"
@@ -121,6 +122,9 @@ def render_section(result: dict, folder: str, link: str) -> str:
         headlines = regularizer_headlines(rows)
         if headlines:
             parts += ["", "Regularized steps (explicit sampled + implicit):", ""] + [f"- {h}" for h in headlines]
+    if any(r["section"] == "train_phases" for r in rows):
+        parts += ["", "Where a regularized step's time goes:", "", markdown_table(*phase_table_rows(rows)), ""]
+        parts += [" ".join(PHASE_NOTES.split("\n"))]
     plots = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
     parts += [""] + [f"![{p}]({link}/{p})" for p in plots]
     return "\n".join(parts).rstrip() + "\n"

@@ -16,8 +16,9 @@ Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same
 LSTM is the reproduction's layer in plain ops (``bench/repro/models.py::LSTMLayer``).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
-with plain SGD. Throughput is ``units_per_step / median step time`` (samples for the MLP, tokens
-for the language models). Peak memory is the peak of one step above the model and optimizer
+with plain SGD; on the CPU a few more steps of each regularized variant run under torch.profiler to
+show where the time goes (:func:`phase_rows`). Throughput is ``units_per_step / median step time``
+(samples for the MLP, tokens for the language models). Peak memory is the peak of one step above the model and optimizer
 state (gradients are freed at the end of each step, so they count inside it).
 """
 
@@ -31,8 +32,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 import dropreg_ext as dr
+from dropreg_ext.reference import VJP_RANGE
 
 from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, time_fns
@@ -278,9 +281,10 @@ def _regularized_fused(model: nn.Module) -> LossFn:
     reg = dr.DropoutRegularizer(model, explicit="sampled", implicit=True)
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with reg.capture():
+        with record_function(FORWARD), reg.capture():
             logits = model(inputs)
-        return reg.loss(logits, target)
+        with record_function(OBJECTIVE):
+            return reg.loss(logits, target)
 
     return loss_fn
 
@@ -294,10 +298,11 @@ def _regularized_plain(model: nn.Module) -> LossFn:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with dr.record_sites(model) as sites:
+        with record_function(FORWARD), dr.record_sites(model) as sites:
             logits = model(inputs)
-        J, explicit, implicit, _ = dr.reference.regularizer_objective(logits, target, sites)
-        return J + explicit + implicit
+        with record_function(OBJECTIVE):
+            J, explicit, implicit, _ = dr.reference.regularizer_objective(logits, target, sites)
+            return J + explicit + implicit
 
     return loss_fn
 
@@ -325,11 +330,56 @@ def make_step(variant: Variant, work: Workload) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> None:
-        loss_fn(work.inputs, work.target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(work.inputs, work.target)
+        with record_function(BACKWARD):
+            loss.backward()
+        with record_function(OPTIMIZER):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a regularized step's time goes: profiler ranges around its phases
+# ---------------------------------------------------------------------------------------------
+
+# The ranges of one step (record_function labels): the model's forward, the objective (the loss
+# and the regularizer's terms, which includes the first-order VJPs), the backward (a double backward
+# for the regularized variants) and the optimizer. VJP is the regularizer's own range around its
+# first-order autograd.grad calls (dropreg_ext.regularizer.VJP_RANGE, also used by the reference).
+FORWARD, OBJECTIVE, BACKWARD, OPTIMIZER = "step.forward", "step.objective", "step.backward", "step.optimizer"
+PHASES = {"forward": FORWARD, "objective": OBJECTIVE, "first-order VJPs": VJP_RANGE, "backward": BACKWARD,
+          "optimizer": OPTIMIZER}
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+PROFILED_STEPS = 3
+
+
+def phase_rows(case: TrainCase, steps: dict) -> list:
+    """Per regularized variant of ``steps``: the milliseconds per step of each phase (wall time of its
+    range on the main thread), of our kernels (self time of the ``dropreg::`` ops, all phases) and of
+    the matrix products (all phases), from ``PROFILED_STEPS`` steps under torch.profiler (CPU: the
+    profiler's own overhead is included, so the phases add up to more than the timed step)."""
+    rows = []
+    for name in (REG_PLAIN, REG_FUSED):
+        if name not in steps:
+            continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(PROFILED_STEPS):
+                steps[name]()
+        events = prof.key_averages()
+        by_key = {e.key: e for e in events}
+
+        def per_step(us: float) -> float:
+            return us / 1e3 / PROFILED_STEPS
+
+        row = {"section": "train_phases", "case": case.name, "provider": name}
+        for phase, label in PHASES.items():
+            row[phase] = per_step(by_key[label].cpu_time_total) if label in by_key else 0.0
+        row["our kernels"] = per_step(sum(e.self_cpu_time_total for e in events if e.key.startswith("dropreg::")))
+        row["matmuls"] = per_step(sum(e.self_cpu_time_total for e in events if e.key in MATMULS))
+        rows.append(row)
+    return rows
 
 
 def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: int) -> dict:
@@ -363,6 +413,8 @@ def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> l
         row["speedup_vs_eager"] = by_name[EAGER]["median_ms"] / row["median_ms"]
         if row["provider"] in (REG_FUSED, REG_PLAIN) and REG_PLAIN in by_name:
             row["speedup_vs_reg_plain"] = by_name[REG_PLAIN]["median_ms"] / row["median_ms"]
+    if cfg.device.type == "cpu":  # on a GPU the ranges' CPU times are launch times
+        rows += phase_rows(case, steps)
     return rows
 
 

@@ -50,6 +50,11 @@ TORCH_LIBRARY(dropreg, m) {
   m.def(
       "cross_entropy_sample(Tensor z, Tensor target, Tensor rng, int ignore_index) -> "
       "(Tensor loss, Tensor lse, Tensor yhat)");
+  // The same three and G (N, C) = exp(z - lse) - onehot(yhat) (0 on ignored rows, z's dtype), the
+  // gradient of the sampled label's cross-entropy, written from the row the sample just read.
+  m.def(
+      "cross_entropy_sample_grad(Tensor z, Tensor target, Tensor rng, int ignore_index) -> "
+      "(Tensor loss, Tensor lse, Tensor yhat, Tensor grad)");
   // G (N, C) = row_scale ⊙ (exp(z - lse) - onehot(label)), 0 on ignored rows; z's dtype.
   m.def("ce_grad(Tensor z, Tensor lse, Tensor label, Tensor row_scale, int ignore_index) -> Tensor");
   // VJP of ce_grad: grad_z = row_scale ⊙ p ⊙ (u - <p,u>), grad_row_scale = <p,u> - u[label].

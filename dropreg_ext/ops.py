@@ -6,18 +6,19 @@ schemas in ``csrc/ops.cpp``), ``dropreg::<op>_triton`` (``triton_kernels/<file>.
 ``triton_op`` where the kernels compile, a plain custom op under ``TRITON_INTERPRET=1``) and
 ``dropreg::<op>_reference`` (``reference.py``):
 
-=========================  ==============================================  ============================
-op                         computes                                        kernels (C++ / Triton)
-=========================  ==============================================  ============================
-``dropout``                m ⊙ x / (1 - p), m from the Philox mask stream  ``dropout.cpp/.cu/.py``
-``dropout_`` (C++ only)    the same, written into x                        ``dropout.cpp/.cu``
-``philox``                 raw Philox4x32-10 (known-answer tests)          ``philox.cpp/.cu/.py``
-``cross_entropy_sample``   loss, log-sum-exp, ŷ ~ softmax(z) in one pass   ``cross_entropy.*``
-``ce_grad``                row_scale ⊙ (softmax(z) - onehot(label))        ``cross_entropy.*``
-``ce_grad_backward``       its VJP (for create_graph graphs)               ``cross_entropy.*``
-``site_penalty``           [Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h]                   ``site_penalty.*``
-``site_penalty_backward``  its gradients (η regenerated)                   ``site_penalty.*``
-=========================  ==============================================  ============================
+=============================  ==============================================  =======================
+op                             computes                                        kernels (C++ / Triton)
+=============================  ==============================================  =======================
+``dropout``                    m ⊙ x / (1 - p), m from the Philox mask stream  ``dropout.cpp/.cu/.py``
+``dropout_`` (C++ only)        the same, written into x                        ``dropout.cpp/.cu``
+``philox``                     raw Philox4x32-10 (known-answer tests)          ``philox.cpp/.cu/.py``
+``cross_entropy_sample``       loss, log-sum-exp, ŷ ~ softmax(z) in one pass   ``cross_entropy.*``
+``cross_entropy_sample_grad``  the same and G = softmax(z) - onehot(ŷ)         ``cross_entropy.*``
+``ce_grad``                    row_scale ⊙ (softmax(z) - onehot(label))        ``cross_entropy.*``
+``ce_grad_backward``           its VJP (for create_graph graphs)               ``cross_entropy.*``
+``site_penalty``               [Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h]                   ``site_penalty.*``
+``site_penalty_backward``      its gradients (η regenerated)                   ``site_penalty.*``
+=============================  ==============================================  =======================
 
 Each op has one section below with everything Python knows about it: the signature of the Python
 backends' ops (``torch.library`` infers their schema from its annotations), the fake kernel, the
@@ -70,6 +71,7 @@ __all__ = [
     "fused_dropout",
     "philox",
     "cross_entropy_sample",
+    "cross_entropy_sample_grad",
     "ce_grad",
     "site_penalty",
     "BACKEND_OPS",
@@ -254,8 +256,19 @@ def _cross_entropy_sample_fake(z, target, rng, ignore_index):
         z.new_empty(z.shape[:1], dtype=torch.int64)
 
 
+def _loss_lse_grad(ops: dict, z, target, lse, grad_loss, grad_lse, ignore_index):
+    """The gradient in z of ⟨grad_loss, loss⟩ + ⟨grad_lse, lse⟩ (None if both are None):
+    d loss_r / d z_r = softmax(z_r) - onehot(y_r) = a ce_grad row; d lse / d z = softmax(z)."""
+    grad_z = None
+    if grad_loss is not None:
+        grad_z = ops["ce_grad"](z, lse, target, grad_loss.to(lse.dtype), ignore_index)
+    if grad_lse is not None:
+        from_lse = (grad_lse[:, None] * torch.exp(z.to(lse.dtype) - lse[:, None])).to(z.dtype)
+        grad_z = from_lse if grad_z is None else grad_z + from_lse
+    return grad_z
+
+
 def _cross_entropy_sample_autograd(ops: dict) -> tuple:
-    # d loss_r / d z_r = softmax(z_r) - onehot(y_r) = ce_grad row; d lse / d z = softmax(z).
     def setup_context(ctx, inputs, output):
         z, target, _, ignore_index = inputs
         ctx.ignore_index = ignore_index
@@ -265,13 +278,7 @@ def _cross_entropy_sample_autograd(ops: dict) -> tuple:
 
     def backward(ctx, grad_loss, grad_lse, _grad_yhat):
         z, target, lse = ctx.saved_tensors
-        grad_z = None
-        if grad_loss is not None:
-            grad_z = ops["ce_grad"](z, lse, target, grad_loss.to(lse.dtype), ctx.ignore_index)
-        if grad_lse is not None:
-            from_lse = (grad_lse[:, None] * torch.exp(z.to(lse.dtype) - lse[:, None])).to(z.dtype)
-            grad_z = from_lse if grad_z is None else grad_z + from_lse
-        return grad_z, None, None, None
+        return _loss_lse_grad(ops, z, target, lse, grad_loss, grad_lse, ctx.ignore_index), None, None, None
 
     return setup_context, backward
 
@@ -350,6 +357,66 @@ def ce_grad(
     returns (N, C) in z's dtype.
     """
     return _call("ce_grad", backend, z, lse, label, row_scale, ignore_index)
+
+
+def _sig_cross_entropy_sample_grad(
+    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Signature of ``dropreg::cross_entropy_sample_grad_<backend>``."""
+
+
+def _cross_entropy_sample_grad_fake(z, target, rng, ignore_index):
+    return (*_cross_entropy_sample_fake(z, target, rng, ignore_index), _empty_like_shape(z))
+
+
+def _cross_entropy_sample_grad_autograd(ops: dict) -> tuple:
+    # G = ce_grad(z, lse, ŷ, 1) with ŷ fixed by the draw: its VJP is ce_grad_backward's grad_z.
+    def setup_context(ctx, inputs, output):
+        z, target, _, ignore_index = inputs
+        ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(z, target, output[1], output[2])
+
+    def backward(ctx, grad_loss, grad_lse, _grad_yhat, grad_g):
+        z, target, lse, yhat = ctx.saved_tensors
+        grad_z = _loss_lse_grad(ops, z, target, lse, grad_loss, grad_lse, ctx.ignore_index)
+        if grad_g is not None:
+            label = reference.sampled_label(target, yhat, ctx.ignore_index)
+            from_g, _ = ops["ce_grad_backward"](grad_g.contiguous(), z, lse, label, torch.ones_like(lse), -1)
+            grad_z = from_g if grad_z is None else grad_z + from_g
+        return grad_z, None, None, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="cross_entropy_sample_grad",
+    signature=_sig_cross_entropy_sample_grad,
+    fake=_cross_entropy_sample_grad_fake,
+    check=_check_cross_entropy_sample,
+    autograd=_cross_entropy_sample_grad_autograd,
+    to_schema=lambda out, *args: tuple(out),
+)
+
+
+def cross_entropy_sample_grad(
+    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int = -100, *, backend: Optional[str] = None
+) -> tuple:
+    """:func:`cross_entropy_sample` and the sampled label's gradient G = softmax(z) - onehot(ŷ), in one op.
+
+    The same loss, lse and ŷ as :func:`cross_entropy_sample` for the same ``rng`` (bit for bit), and
+
+        G_r = exp(z_r - lse_r) - onehot(ŷ_r)   on rows whose target is not ``ignore_index``, 0 on the others,
+
+    i.e. ``ce_grad(z, lse, ŷ, 1)``: the cotangent of the regularizer's explicit term. Where a row fits
+    on chip (on the CPU: in L2) the kernels write G from the row they just read for the sample, so z
+    is read from memory once instead of twice. All four outputs except ŷ are differentiable in z
+    (G through :func:`ce_grad`'s backward, so it can sit in a ``create_graph=True`` graph).
+
+    Shapes: z (N, C); target (N,) int64; returns loss (N,), lse (N,) (float32; float64 for float64
+    z), yhat (N,) int64, G (N, C) in z's dtype (contiguous).
+    """
+    return _call("cross_entropy_sample_grad", backend, z, target, rng, ignore_index)
 
 
 def _sig_ce_grad_backward(

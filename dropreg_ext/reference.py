@@ -63,6 +63,8 @@ __all__ = [
     "gumbel_noise",
     "cross_entropy_sample",
     "ce_grad",
+    "cross_entropy_sample_grad",
+    "sampled_label",
     "ce_grad_backward",
     "NOISE_KINDS",
     "site_noise",
@@ -304,6 +306,31 @@ def ce_grad(
     return g.to(z.dtype)
 
 
+def sampled_label(target: torch.Tensor, yhat: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """ŷ on valid rows and -1 (never a class) on ignored ones: the label of the sampled gradient
+    with ``ignore_index=-1``, so that a valid row whose ŷ happens to equal ``ignore_index`` (when that
+    is a real class) is not taken for an ignored one."""
+    return torch.where(target != ignore_index, yhat, -1)
+
+
+def cross_entropy_sample_grad(
+    z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_sample` and the gradient of the sampled label's cross-entropy, in one op:
+
+        loss, lse, ŷ = cross_entropy_sample(z, target, rng, ignore_index)
+        G_r = softmax(z_r) - onehot(ŷ_r) = exp(z_r - lse_r) - onehot(ŷ_r)   (0 on ignored rows)
+
+    G is the cotangent of the regularizer's explicit term (docs/design.md §2). Returns loss, lse
+    (float32; float64 for float64 z), ŷ (int64) and G (N, C) in z's dtype.
+    """
+    loss, lse, yhat = cross_entropy_sample(z, target, rng, ignore_index)
+    if z.shape[1] == 0:
+        return loss, lse, yhat, torch.empty_like(z, memory_format=torch.contiguous_format)
+    grad = ce_grad(z, lse, sampled_label(target, yhat, ignore_index), torch.ones_like(lse), -1)
+    return loss, lse, yhat, grad
+
+
 def ce_grad_backward(
     u: torch.Tensor,
     z: torch.Tensor,
@@ -450,6 +477,11 @@ def _site_noise_draw(h: torch.Tensor, q: float, noise: str) -> torch.Tensor:
     return torch.bernoulli(torch.full_like(h, 1.0 - q)) / (1.0 - q) - 1.0
 
 
+# The profiler range (torch.profiler.record_function) around a regularizer objective's first-order
+# VJPs, the autograd.grad calls that give the gradients at the sites (here and in DropoutRegularizer).
+VJP_RANGE = "dropreg.first_order_vjps"
+
+
 def regularizer_objective(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -503,14 +535,16 @@ def regularizer_objective(
     explicit_term = implicit_term = zero
     if explicit is not None:
         label = torch.where(valid, yhat, t) if explicit == "sampled" else t
-        g_e = torch.autograd.grad(ce_sum(label), outs, create_graph=True, allow_unused=True)
+        with torch.profiler.record_function(VJP_RANGE):
+            g_e = torch.autograd.grad(ce_sum(label), outs, create_graph=True, allow_unused=True)
         for site, g in zip(sites, g_e):
             if g is not None:
                 lam = scale * 0.5 * site.q / (1 - site.q)
                 explicit_term = explicit_term + lam * ((g * site.h) ** 2).sum()
         explicit_term = explicit_term / n_eff
     if implicit:
-        g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
+        with torch.profiler.record_function(VJP_RANGE):
+            g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
         for i, (site, g) in enumerate(zip(sites, g_i)):
             if g is None:
                 continue

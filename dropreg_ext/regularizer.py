@@ -12,6 +12,7 @@ import torch
 
 from . import ops
 from .nn import record_sites
+from .reference import VJP_RANGE
 
 __all__ = ["DropoutRegularizer", "k_sample_loss"]
 
@@ -54,9 +55,9 @@ class DropoutRegularizer:
 
     One ``loss.backward()`` gives the paper's update (a double backward through the model).
 
-    How the work is fused: one pass over the logits gives J, the log-sum-exp and ŷ
-    (:func:`ops.cross_entropy_sample`); one pass builds each cotangent softmax(z) - onehot(·)
-    (:func:`ops.ce_grad`); the gradients at all sites come from one ``autograd.grad`` call per
+    How the work is fused: one read of the logits gives J, the log-sum-exp, ŷ and the explicit
+    term's cotangent softmax(z) - onehot(ŷ) (:func:`ops.cross_entropy_sample_grad`); one pass builds
+    the implicit term's (:func:`ops.ce_grad`); the gradients at all sites come from one ``autograd.grad`` call per
     cotangent — a single one for ``explicit="true"`` with ``implicit``, whose two cotangents are
     proportional; each site's two terms come from one pass over (h, g_e, g_i) with η drawn
     in-kernel (:func:`ops.site_penalty`).
@@ -157,33 +158,39 @@ class DropoutRegularizer:
         num_classes = logits.shape[-1]
         z = logits.reshape(-1, num_classes)
         t = target.reshape(-1).to(torch.int64)
-        loss_rows, lse, yhat = ops.cross_entropy_sample(z, t, ops.make_rng(z.device), ignore_index)
+        sites = [s for s in sites if s.q > 0]
+        terms = bool(sites) and torch.is_grad_enabled() and (self.explicit is not None or self.implicit)
+        rng = ops.make_rng(z.device)
+        if terms and self.explicit == "sampled":
+            # The explicit term's cotangent softmax(z) - onehot(ŷ) from the same read of the logits
+            # as the sample (ŷ's gradient graph: ce_grad's).
+            loss_rows, lse, yhat, sampled_cotangent = ops.cross_entropy_sample_grad(z, t, rng, ignore_index)
+        else:
+            loss_rows, lse, yhat = ops.cross_entropy_sample(z, t, rng, ignore_index)
         n_eff = (t != ignore_index).sum().clamp_min(1).to(lse.dtype)
         J = loss_rows.sum() / n_eff
         zero = J.new_zeros(())
-        sites = [s for s in sites if s.q > 0]
-        if not sites or not torch.is_grad_enabled() or (self.explicit is None and not self.implicit):
+        if not terms:
             return J, zero, zero
 
         lse = lse.detach()
         ones = torch.ones_like(lse)
         outs = [s.o for s in sites]
 
-        def site_grads(label: torch.Tensor, row_scale: torch.Tensor, skip: int = ignore_index) -> tuple:
-            cotangent = ops.ce_grad(z, lse, label, row_scale, skip)
-            return torch.autograd.grad(z, outs, cotangent, create_graph=True, allow_unused=True)
+        def site_grads(cotangent: torch.Tensor) -> tuple:
+            with torch.profiler.record_function(VJP_RANGE):
+                return torch.autograd.grad(z, outs, cotangent, create_graph=True, allow_unused=True)
 
         g_e = g_i = [None] * len(sites)
-        if self.explicit is not None:
-            # ŷ may equal ignore_index when that is a real class: mark excluded rows by the target
-            # instead, with a label that is never a class.
-            label = torch.where(t != ignore_index, yhat, -1) if self.explicit == "sampled" else t
-            g_e = site_grads(label, ones, -1 if self.explicit == "sampled" else ignore_index)
+        if self.explicit == "sampled":
+            g_e = site_grads(sampled_cotangent)
+        elif self.explicit == "true":
+            g_e = site_grads(ops.ce_grad(z, lse, t, ones, ignore_index))
         if self.implicit:
             if self.explicit == "true":  # ∂J/∂o_i = g_e / N_eff: no second backward pass
                 g_i = [g / n_eff if g is not None else None for g in g_e]
             else:
-                g_i = site_grads(t, ones / n_eff)
+                g_i = site_grads(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index))
 
         # Site i draws its noise at offset + 4·i: distinct counters for every site and stream
         # (built on the device: no host-to-device copy).

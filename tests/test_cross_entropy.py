@@ -1,4 +1,5 @@
-"""Cross-entropy with a sampled label: ``cross_entropy_sample``, ``ce_grad`` and ``ce_grad_backward``.
+"""Cross-entropy with a sampled label: ``cross_entropy_sample``, ``cross_entropy_sample_grad``,
+``ce_grad`` and ``ce_grad_backward``.
 
 Every backend is compared with ``reference.py``: loss and log-sum-exp within an error bound built from
 the inputs (the row sum is reordered: C exponentials summed in another order), ŷ exactly — a mismatch
@@ -40,6 +41,7 @@ from dropreg_ext import reference as R
 IGNORE = -100
 
 CE_BACKENDS = op_backends("cross_entropy_sample")
+FUSED_BACKENDS = op_backends("cross_entropy_sample_grad")
 GRAD_BACKENDS = op_backends("ce_grad")
 GRAD_BW_BACKENDS = op_backends("ce_grad_backward")
 CE_CPU_BACKENDS = op_backends("cross_entropy_sample", CPU_BACKENDS)
@@ -300,6 +302,83 @@ def _check_ce_grad_backward(be, u, z, lse, label, scale, what):
 
 
 # ------------------------------------------------------------------------------------------------
+# cross_entropy_sample_grad: the sample and G = softmax(z) - onehot(ŷ) in one op
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_fused(be, z, t, rng, what, ignore_index=IGNORE):
+    """loss, lse and ŷ bit-identical to the same backend's cross_entropy_sample, and G against the
+    reference ce_grad(z, lse, ŷ, 1) of the valid rows within ce_grad's bound (0 on ignored rows)."""
+    loss, lse, yhat, g = dr.ops.cross_entropy_sample_grad(z, t, rng, ignore_index, backend=be.name)
+    sample = dr.ops.cross_entropy_sample(z, t, rng, ignore_index, backend=be.name)
+    for a, b, name in zip((loss, lse, yhat), sample, ("loss", "lse", "yhat")):
+        assert_bitwise_equal(a, b, f"{what} {name} vs cross_entropy_sample")
+    assert g.dtype == z.dtype and g.shape == z.shape and g.is_contiguous()
+    valid = t != ignore_index
+    if z.numel():
+        label = torch.where(valid, yhat, -1)
+        expected = R.ce_grad(z, lse, label, torch.ones_like(lse), -1)
+        p, arg = _softmax_terms(z, lse)
+        tol = TOL[z.dtype]
+        bound = tol["rtol"] * expected.cpu().double().abs() + tol["atol"] + 4 * acc_eps(z.dtype) * p * (2 + arg)
+        assert_within(g, expected, bound, f"{what} G")
+    assert (g[~valid] == 0).all()
+    return loss, lse, yhat, g
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("be", FUSED_BACKENDS)
+def test_cross_entropy_sample_grad_matches_reference(be, dtype, shape):
+    z, t, rng = _inputs(shape, dtype, be.device, seed=13 * shape[0] + shape[1])
+    what = f"{be} {dtype} {shape}"
+    _check_fused(be, z, t, rng, what)
+    _check_cross_entropy_sample(be, z, t, rng, what)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 2], ids=["ii-100", "ii-1", "ii-class2"])
+@pytest.mark.parametrize("be", FUSED_BACKENDS)
+def test_cross_entropy_sample_grad_ignore_index_values(be, ignore_index):
+    """An ignore_index that is a real class: a valid row whose ŷ equals it keeps its one-hot."""
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(8, 3, generator=gen).to(be.device)
+    z[:, 2] += 6.0  # ŷ = 2 on most rows (softmax ≈ 0.995 there)
+    t = torch.tensor([0, ignore_index, 1, 0, 1, 0, ignore_index, 1], device=be.device)
+    rng = dr.ops.make_rng(be.device, 5)
+    _, _, yhat, g = _check_fused(be, z, t, rng, f"{be} ignore_index={ignore_index}", ignore_index)
+    hit = (t != ignore_index) & (yhat == 2)
+    assert hit.any(), "the case this test is about did not occur: change the seed"
+    assert (g[hit, 2] < 0).all()  # p - 1: the one-hot is there
+
+
+@pytest.mark.parametrize("be", FUSED_BACKENDS)
+def test_cross_entropy_sample_grad_deterministic_and_strided(be):
+    """Twice the same bits (rows split over threads on the CPU); for the kernels, strided logits give
+    the result of their contiguous copy (torch's own reductions, the reference's, reorder by layout)."""
+    shape = (3, 300) if _fast(be) or be.name == "reference" else (256, 513)
+    z, t, rng = _inputs(shape, torch.float32, be.device, seed=9)
+    first = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)
+    second = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)
+    for a, b, name in zip(first, second, ("loss", "lse", "yhat", "G")):
+        assert_bitwise_equal(a, b, f"{be} {name}")
+    if be.name == "reference":
+        return
+    strided = torch.empty(shape[1], shape[0], device=be.device).t().copy_(z)
+    for a, b, name in zip(dr.ops.cross_entropy_sample_grad(strided, t, rng, IGNORE, backend=be.name), first,
+                          ("loss", "lse", "yhat", "G")):
+        assert_bitwise_equal(a, b, f"{be} transposed {name}")
+
+
+@pytest.mark.parametrize("be", FUSED_BACKENDS)
+def test_cross_entropy_sample_grad_empty(be):
+    for shape in ((0, 4), (0, 0)):
+        z = torch.randn(shape, device=be.device)
+        t = torch.zeros(0, dtype=torch.int64, device=be.device)
+        loss, lse, yhat, g = dr.ops.cross_entropy_sample_grad(z, t, dr.ops.make_rng(be.device, 0), backend=be.name)
+        assert loss.shape == lse.shape == yhat.shape == (0,) and g.shape == shape
+
+
+# ------------------------------------------------------------------------------------------------
 # Sizes GPU users run: CUDA's block mode (C > 1024, one 512-thread block a row), Triton past one
 # chunk (C > 2048), vocabularies of GPT-2 (50257) and of 128k-token models, and for ce_grad a
 # grid-stride loop past one resident wave (N·C >= 2^25). The CPU runs the same C on fewer rows.
@@ -317,11 +396,13 @@ LARGE_C_CASES = sized_cases("cross_entropy_sample", {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("be, shape", LARGE_C_CASES)
 def test_large_vocabulary_matches_reference(be, shape, dtype):
-    """cross_entropy_sample, ce_grad and ce_grad_backward at large C against the reference, with the
-    error bounds of the small-shape tests (they grow with √C and |lse|)."""
+    """cross_entropy_sample, cross_entropy_sample_grad, ce_grad and ce_grad_backward at large C against
+    the reference, with the error bounds of the small-shape tests (they grow with √C and |lse|)."""
     what = f"{be} {dtype} {shape}"
     z, t, rng = _inputs(shape, dtype, be.device, seed=shape[1] % 1000 + shape[0])
     _check_cross_entropy_sample(be, z, t, rng, what)
+    if "cross_entropy_sample_grad" in _ops(be):
+        _check_fused(be, z, t, rng, f"{what} fused")
     z, lse, label, scale, u = _grad_inputs(shape, dtype, be.device, seed=shape[1] % 997 + shape[0])
     _check_ce_grad(be, z, lse, label, scale, f"{what} ce_grad")
     _check_ce_grad_backward(be, u, z, lse, label, scale, f"{what} ce_grad_backward")
@@ -352,6 +433,26 @@ def test_cross_entropy_sample_gradcheck(be):
         return loss, lse
 
     for f in (loss_and_lse,) if _fast(be) else (loss_only, loss_and_lse):
+        assert torch.autograd.gradcheck(f, (z,), fast_mode=_fast(be))
+        assert torch.autograd.gradgradcheck(f, (z,), fast_mode=_fast(be))
+
+
+@pytest.mark.parametrize("be", FUSED_BACKENDS)
+def test_cross_entropy_sample_grad_gradcheck(be):
+    """loss, lse and G in z (ŷ fixed by the draw: G = ce_grad(z, lse(z), ŷ, 1))."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(be.device).requires_grad_()
+    t = torch.tensor([1, IGNORE, 3], device=be.device)
+    rng = dr.ops.make_rng(be.device, 19)
+
+    def outputs(z):
+        loss, lse, _, g = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)
+        return loss, lse, g
+
+    def grad_only(z):
+        return dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)[3]
+
+    for f in (outputs,) if _fast(be) else (grad_only, outputs):
         assert torch.autograd.gradcheck(f, (z,), fast_mode=_fast(be))
         assert torch.autograd.gradgradcheck(f, (z,), fast_mode=_fast(be))
 
@@ -407,6 +508,12 @@ def _opcheck_samples(name, device):
             ("bf16-empty", (rnd(0, 3, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.int64, device=device),
                             rng, IGNORE)),
         ],
+        "cross_entropy_sample_grad": [
+            ("f64-grad", (rnd(3, 4, grad=True), t3, rng, IGNORE)),
+            ("bf16", (rnd(2, 5, dtype=torch.bfloat16), torch.tensor([4, 0], device=device), rng, IGNORE)),
+            ("f32-empty", (rnd(0, 3, dtype=torch.float32), torch.zeros(0, dtype=torch.int64, device=device),
+                           rng, IGNORE)),
+        ],
         "ce_grad": [
             ("f64-grad", (rnd(3, 4, grad=True), torch.zeros(3, **f64), t3, rnd(3, grad=True), IGNORE)),
             ("f32", (rnd(2, 3, dtype=torch.float32), torch.zeros(2, device=device), t2,
@@ -423,7 +530,7 @@ def _opcheck_samples(name, device):
 
 OPCHECK_CASES = [
     pytest.param(name, i, id=f"{name}-{sample_id}")
-    for name in ("cross_entropy_sample", "ce_grad", "ce_grad_backward")
+    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "ce_grad", "ce_grad_backward")
     for i, (sample_id, _) in enumerate(_opcheck_samples(name, "cpu"))
 ]
 
@@ -443,7 +550,7 @@ def test_opcheck(be, name, index):
 
 def test_registered_op_names():
     """The documented qualified names: C++ ops for cpu/cuda, ``_reference`` / ``_triton`` twins."""
-    for name in ("cross_entropy_sample", "ce_grad", "ce_grad_backward"):
+    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "ce_grad", "ce_grad_backward"):
         assert dr.ops.BACKEND_OPS["reference"][name] is getattr(torch.ops.dropreg, f"{name}_reference")
         if "cpu" in dr.ops.BACKEND_OPS:
             assert dr.ops.BACKEND_OPS["cpu"][name] is getattr(torch.ops.dropreg, name)

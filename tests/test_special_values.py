@@ -94,6 +94,31 @@ def test_cross_entropy_special_values(be, c):
     assert yhat.cpu().tolist() == want_yhat.tolist(), f"{be} yhat vs torch.argmax(z + G)"
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("c", [7, 1500], ids=lambda c: f"C{c}")
+@pytest.mark.parametrize("be", op_backends("cross_entropy_sample_grad"))
+def test_cross_entropy_sample_grad_special_values(be, c):
+    """The fused op on the same rows: loss, lse and ŷ those of cross_entropy_sample (bit for bit, NaN
+    included), and G the reference's ce_grad(z, lse, ŷ, 1): the same NaN and ±inf entries, finite
+    ones within float32 rounding."""
+    if be.name == "triton" and be.device == "cpu" and c == 7:
+        pytest.skip("interpreted Triton: the chunked case only (slow launches)")
+    z = _special_logits(c, be.device).float()
+    t = torch.zeros(z.shape[0], dtype=torch.int64, device=be.device)
+    rng = dr.ops.make_rng(be.device, 11)
+    loss, lse, yhat, g = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)
+    for name, got, want in zip(("loss", "lse", "yhat"), (loss, lse, yhat),
+                               dr.ops.cross_entropy_sample(z, t, rng, IGNORE, backend=be.name)):
+        assert_bitwise_equal(got, want, f"{be} {name}")
+    want_g = R.ce_grad(z.cpu(), lse.cpu(), yhat.cpu(), torch.ones_like(lse.cpu()), IGNORE).double()
+    got_g = g.double().cpu()
+    assert bool((got_g.isnan() == want_g.isnan()).all()), f"{be} G: NaN entries differ"
+    special = ~want_g.isfinite() & ~want_g.isnan()
+    assert bool((got_g[special] == want_g[special]).all()), f"{be} G: ±inf entries differ"
+    finite = want_g.isfinite()
+    torch.testing.assert_close(got_g[finite], want_g[finite], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("be", op_backends("site_penalty"))
 def test_site_penalty_special_values(be):
     """A NaN in h makes both sums NaN; an inf makes the explicit sum inf; the backward equals the

@@ -27,11 +27,13 @@ _CHILD = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     failures = {}
-    for case_id, name, sig, constexprs, warps in json.loads(sys.stdin.read()):
+    for case_id, name, sig, constexprs, div16, warps in json.loads(sys.stdin.read()):
         module, fn = name.rsplit(".", 1)
         kernel = getattr(importlib.import_module(module), fn)
+        names = list(sig)
+        attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in div16}
         try:
-            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         except Exception:
             failures[case_id] = traceback.format_exc()[-2000:]
@@ -48,17 +50,6 @@ def _cases():
         yield f"dropout-{dt}", "dropreg_ext.triton_kernels.dropout._dropout_kernel", {
             "x_ptr": "*" + t, "y_ptr": "*" + t, "rng_ptr": "*i64", "n": "i64", "threshold": "i32",
             "scale_bits": "i64" if acc == "fp64" else "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4
-        yield f"cross_entropy_sample-{dt}", "dropreg_ext.triton_kernels.cross_entropy._cross_entropy_sample_kernel", {
-            "z_ptr": "*" + t, "target_ptr": "*i64", "rng_ptr": "*i64", "loss_ptr": "*" + acc, "lse_ptr": "*" + acc,
-            "yhat_ptr": "*i64", "n_cols": "i32", "stride_row": "i32", "ignore_index": "i32",
-            "BLOCK_C": "constexpr"}, {"BLOCK_C": 2048}, 8
-        yield f"ce_grad-{dt}", "dropreg_ext.triton_kernels.cross_entropy._ce_grad_kernel", {
-            "z_ptr": "*" + t, "lse_ptr": "*" + acc, "label_ptr": "*i64", "scale_ptr": "*" + acc, "g_ptr": "*" + t,
-            "n_cols": "i32", "stride_z": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}, {"BLOCK": 2048}, 8
-        yield f"ce_grad_backward-{dt}", "dropreg_ext.triton_kernels.cross_entropy._ce_grad_backward_kernel", {
-            "u_ptr": "*" + t, "z_ptr": "*" + t, "lse_ptr": "*" + acc, "label_ptr": "*i64", "scale_ptr": "*" + acc,
-            "grad_z_ptr": "*" + t, "grad_scale_ptr": "*" + acc, "n_cols": "i32", "stride_u": "i32",
-            "stride_z": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}, {"BLOCK": 2048}, 8
         yield f"site_penalty-{dt}", "dropreg_ext.triton_kernels.site_penalty._site_penalty_kernel", {
             "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_ptr": "*" + acc, "rng_ptr": "*i64",
             "partial_ptr": "*" + acc, "n": "i32", "threshold": "i64", "HAS_GE": "constexpr",
@@ -77,7 +68,66 @@ def _cases():
         "partial_ptr": "*fp32", "out_ptr": "*fp32", "n_programs": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4
 
 
-CASES = list(_cases())
+def _cross_entropy_cases():
+    """The cross-entropy kernels as their launchers launch them: the sample kernels at each C's plan
+    (many rows; few rows, where long rows are split), ce_grad and ce_grad_backward at theirs. Pointers
+    are 16-byte aligned and C divisible by 16 where it is, as Triton specializes them at run time."""
+    ce = importlib.import_module("dropreg_ext.triton_kernels.cross_entropy")
+    module = "dropreg_ext.triton_kernels.cross_entropy."
+    for c in (200, 1000, 10000, 50257, 131072):
+        for dt, t in (("f32", "fp32"), ("bf16", "bf16"), ("f64", "fp64")):
+            if dt == "f64" and c not in (1000, 50257):
+                continue
+            acc = "fp64" if t == "fp64" else "fp32"
+            c16 = ["n_cols"] if c % 16 == 0 else []
+            p = ce._sample_plan(4096, c)  # many rows: one program per row (or per ROWS rows)
+            for grad in (False, True):
+                sig = {"z_ptr": "*" + t, "target_ptr": "*i64", "rng_ptr": "*i64", "loss_ptr": "*" + acc,
+                       "lse_ptr": "*" + acc, "yhat_ptr": "*i64", "g_ptr": "*" + t, "n_rows": "i32",
+                       "n_cols": "i32", "ignore_index": "i32", "ROWS": "constexpr", "BLOCK_G": "constexpr",
+                       "ONE_CHUNK": "constexpr", "ALIGNED": "constexpr", "GRAD": "constexpr"}
+                cx = {"ROWS": p.rows, "BLOCK_G": p.block // 4, "ONE_CHUNK": p.one_chunk, "ALIGNED": p.aligned,
+                      "GRAD": grad}
+                yield (f"sample{'_grad' * grad}-C{c}-{dt}", module + "_cross_entropy_sample_kernel", sig, cx,
+                       [a for a in sig if a.endswith("_ptr")] + c16, p.num_warps)
+            p = ce._sample_plan(8, c)  # few rows: long ones are split
+            if p.splits > 1:
+                sig = {"z_ptr": "*" + t, "target_ptr": "*i64", "rng_ptr": "*i64", "part_ptr": "*" + acc,
+                       "col_ptr": "*i32", "n_cols": "i32", "split_cols": "i32", "ignore_index": "i32",
+                       "BLOCK_G": "constexpr", "ALIGNED": "constexpr"}
+                yield (f"split-C{c}-{dt}", module + "_cross_entropy_sample_split_kernel", sig,
+                       {"BLOCK_G": p.block // 4, "ALIGNED": p.aligned},
+                       [a for a in sig if a.endswith("_ptr")] + c16 + ["split_cols"], p.num_warps)
+            if c == 50257:
+                sig = {"z_ptr": "*" + t, "target_ptr": "*i64", "part_ptr": "*" + acc, "col_ptr": "*i32",
+                       "loss_ptr": "*" + acc, "lse_ptr": "*" + acc, "yhat_ptr": "*i64", "n_rows": "i32",
+                       "n_cols": "i32", "n_splits": "i32", "ignore_index": "i32", "BLOCK_R": "constexpr"}
+                yield (f"merge-{dt}", module + "_merge_splits_kernel", sig, {"BLOCK_R": 128},
+                       [a for a in sig if a.endswith("_ptr")], 4)
+            block = ce._block(c)
+            rows = max(1, ce.ROW_TILE // block)
+            sig = {"z_ptr": "*" + t, "lse_ptr": "*" + acc, "label_ptr": "*i64", "scale_ptr": "*" + acc,
+                   "g_ptr": "*" + t, "n_rows": "i32", "n_cols": "i32", "stride_z": "i32", "ignore_index": "i32",
+                   "ROWS": "constexpr", "BLOCK": "constexpr"}
+            yield (f"ce_grad-C{c}-{dt}", module + "_ce_grad_kernel", sig, {"ROWS": rows, "BLOCK": block},
+                   [a for a in sig if a.endswith("_ptr")] + (c16 and ["n_cols", "stride_z"]),
+                   ce._num_warps(rows * block))
+            one = c <= block
+            rows = rows if one else 1
+            sig = {"u_ptr": "*" + t, "z_ptr": "*" + t, "lse_ptr": "*" + acc, "label_ptr": "*i64",
+                   "scale_ptr": "*" + acc, "grad_z_ptr": "*" + t, "grad_scale_ptr": "*" + acc, "n_rows": "i32",
+                   "n_cols": "i32", "ignore_index": "i32", "ROWS": "constexpr", "BLOCK": "constexpr",
+                   "ONE_CHUNK": "constexpr"}
+            yield (f"ce_grad_backward-C{c}-{dt}", module + "_ce_grad_backward_kernel", sig,
+                   {"ROWS": rows, "BLOCK": block, "ONE_CHUNK": one},
+                   [a for a in sig if a.endswith("_ptr")] + c16, ce._num_warps(rows * block))
+
+
+def _all_cases():
+    """(id, kernel, signature, constexprs, arguments divisible by 16, num_warps) of every case."""
+    for case_id, name, sig, constexprs, warps in _cases():
+        yield case_id, name, sig, constexprs, [], warps
+    yield from _cross_entropy_cases()
 
 
 def test_kernels_compile_for_sm90():
@@ -85,9 +135,11 @@ def test_kernels_compile_for_sm90():
     if importlib.util.find_spec("triton.compiler") is None:
         pytest.skip("this Triton has no ahead-of-time compiler API")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cases = list(_all_cases())
+    assert len({case[0] for case in cases}) == len(cases)
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD], input=json.dumps(CASES), env=env, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, "-c", _CHILD], input=json.dumps(cases), env=env, capture_output=True, text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     failures = json.loads(result.stdout.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ One launcher per op, under the op's name (``dropreg_ext.ops`` registers them as
 run under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
-from .cross_entropy import ce_grad, ce_grad_backward, cross_entropy_sample
+from .cross_entropy import ce_grad, ce_grad_backward, cross_entropy_sample, cross_entropy_sample_grad
 from .dropout import dropout
 from .philox import philox
 from .site_penalty import site_penalty, site_penalty_backward
@@ -16,6 +16,7 @@ __all__ = [
     "dropout",
     "philox",
     "cross_entropy_sample",
+    "cross_entropy_sample_grad",
     "ce_grad",
     "ce_grad_backward",
     "site_penalty",

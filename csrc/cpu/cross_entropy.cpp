@@ -1,9 +1,12 @@
-// Cross-entropy with a sampled label on the CPU (reference.cross_entropy_sample, ce_grad,
-// ce_grad_backward). Rows run in parallel; each row is read from memory once, in 128-element
-// blocks: per block the max (online, earlier sums rescaled), Σ exp(z - max) and the Gumbel-max
-// argmax, with exp/log by SLEEF (cpu_kernels.h). For float accumulation on AVX-512 CPUs the
-// block loops run 16 logits a register (cross_entropy_avx512.h), the same arithmetic in the same order.
-// The Gumbel draws use the global element index r·C + c, so ŷ does not depend on threading.
+// Cross-entropy with a sampled label on the CPU (reference.cross_entropy_sample,
+// cross_entropy_sample_grad, ce_grad, ce_grad_backward). Rows run in parallel; each row is read
+// from memory once, in 128-element blocks of flat indices: per block the max (online, earlier
+// sums rescaled), Σ exp(z - max) and the Gumbel-max argmax, with exp/log by SLEEF (cpu_kernels.h).
+// For float accumulation on AVX-512 CPUs the block runs from the registers
+// (cross_entropy_avx512.h), the same arithmetic in the same order. The fused op keeps the row's
+// exp(z - max) in a per-thread buffer (a row of 50k floats fits in L2) and writes G from it, so z
+// is read once and G written once. The Gumbel draws use the global element index r·C + c, so ŷ
+// does not depend on threading.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,11 +15,14 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "cross_entropy_avx512.h"
 #include "cross_entropy_host.h"
+#include "fresh_output.h"
 #include "regularizer.h"
 
 namespace dropreg {
@@ -29,7 +35,8 @@ using cpu::kSumLanes;  // Σ exp(z - m): partials in double, summed in lane orde
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
 // Exact Gumbel scores z + G for the elements k[0..n) of a block (G as in reference.gumbel_noise:
-// the same SLEEF log, so the same bits), merged into `best` in index order.
+// the same SLEEF log, so the same bits), merged into `best` in index order. zb and ub are indexed
+// by the same offsets k; the column of offset k is first_col + k.
 template <typename scalar_t, typename acc_t>
 void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k, int64_t n,
                         int64_t first_col, float* scratch, ArgmaxState<acc_t>& best) {
@@ -54,73 +61,69 @@ bool use_avx512() {
 #endif
 }
 
-// The loops of one block: the AVX-512 ones (cross_entropy_avx512.h) where use_avx512, else these
-// portable loops, which do the same arithmetic in the same order.
-#if DROPREG_HAVE_AVX512_CE
-#define DROPREG_CE_AVX512(call)                                     \
-  if constexpr (std::is_same_v<acc_t, float>) {                     \
-    if (use_avx512<acc_t>()) return call;                           \
+// The offsets 0, 1, ..., kBlockElems - 1: the candidates of a block on the exact path.
+struct AllOffsets {
+  alignas(64) int32_t k[kBlockElems];
+  AllOffsets() {
+    for (int32_t j = 0; j < kBlockElems; ++j) k[j] = j;
   }
-#else
-#define DROPREG_CE_AVX512(call)
-#endif
+};
+const AllOffsets kAllOffsets;
 
-// e[k] = z[k] in acc_t; the block's max (NaN never wins); flags a non-finite z and a NaN.
+// The portable sample_block (cross_entropy_avx512.h has the AVX-512 one, which does the same
+// arithmetic in the same order; only its exp differs, within 2 ulp): the offsets [lo, hi) of the
+// 128-element block at flat index blk (z points there) update the row state `st`; e[k] =
+// exp(z[k] - m) at offsets [lo, hi) (e is the fused gradient's row buffer, or a block's), their
+// sum into partial k % kSumLanes (the block's 8 elements of a lane summed in acc_t first, in
+// order); u[0..128) the Gumbel u32 of the block; the candidates of the filter (see
+// cross_entropy_sample_rows) into cand, or the offsets [lo, hi) on the exact path. Returns their
+// number and points *cand_out at them.
 template <typename scalar_t, typename acc_t>
-acc_t scan_block(const scalar_t* zb, int64_t n, acc_t* e, bool* nonfinite, bool* nan) {
-  DROPREG_CE_AVX512(cpu::scan_block<scalar_t>(zb, n, e, nonfinite, nan))
-  acc_t block_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t x = static_cast<acc_t>(zb[k]);
+int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<acc_t>& st, uint64_t seed,
+                     uint64_t offset, uint64_t first_call, acc_t* e, uint32_t* u, int32_t* cand,
+                     const int32_t** cand_out) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  acc_t block_max = -kInf;
+  for (int64_t k = lo; k < hi; ++k) {
+    const acc_t x = static_cast<acc_t>(z[k]);
     e[k] = x;
-    block_max = x > block_max ? x : block_max;
-    *nonfinite |= !std::isfinite(x);
-    *nan |= x != x;
+    block_max = x > block_max ? x : block_max;  // NaN never wins
+    st.nonfinite |= !std::isfinite(x);
+    st.nan |= x != x;
   }
-  return block_max;
-}
-
-// u[w]: the Gumbel words of the 32 calls from first_group (element 4·first_group + w).
-template <typename acc_t>
-void gumbel_words(uint64_t seed, uint64_t offset, uint64_t first_group, uint64_t* ids, uint32_t* u) {
-#if DROPREG_HAVE_AVX512_CE
-  if (use_avx512<acc_t>()) {
-    for (int64_t k = 0; k < cpu::kBlockGroups; ++k) ids[k] = first_group + static_cast<uint64_t>(k);
-    return cpu::philox_list(seed, offset + kStreamGumbel, ids, cpu::kBlockGroups, u);
+  if (block_max > st.m) st.raise_max(block_max);
+  for (int64_t k = lo; k < hi; ++k) e[k] -= st.m;
+  cpu::vexp_inplace(e + lo, hi - lo);
+  if (st.m > -kInf) {  // while m = -inf every value so far is -inf and adds 0 (e would be NaN)
+    for (int lane = 0; lane < kSumLanes; ++lane) {
+      acc_t lane_sum = 0;
+      for (int64_t k = lane; k < kBlockElems; k += kSumLanes) lane_sum += k >= lo && k < hi ? e[k] : acc_t(0);
+      st.partial[lane] += static_cast<double>(lane_sum);
+    }
   }
-#endif
-  (void)ids;
-  cpu::philox_block(seed, offset, kStreamGumbel, first_group, u);
-}
-
-// e[k] = exp(e[k] - m) and, when `add`, partial[k % kSumLanes] += e[k].
-template <typename acc_t>
-void exp_sum_block(acc_t* e, int64_t n, acc_t m, bool add, double* partial) {
-  DROPREG_CE_AVX512(cpu::exp_sum_block(e, n, m, add, partial))
-  for (int64_t k = 0; k < n; ++k) e[k] -= m;
-  cpu::vexp_inplace(e, n);
-  if (add) {
-    for (int64_t k = 0; k < n; ++k) partial[k % kSumLanes] += e[k];
+  cpu::philox_block(seed, offset, kStreamGumbel, first_call, u);
+  if (st.nonfinite || !(st.bound < kInf)) {
+    *cand_out = kAllOffsets.k + lo;
+    return hi - lo;
   }
-}
-
-// The k < n that pass the filter below (1 - u_k < e_k·bound), in order, into cand; their count.
-template <typename acc_t>
-int64_t candidates(const uint32_t* ub, const acc_t* e, int64_t n, acc_t bound, int32_t* cand) {
-  DROPREG_CE_AVX512(cpu::candidates(ub, e, n, bound, cand))
   int64_t count = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(ub[k]));
+  for (int64_t k = lo; k < hi; ++k) {
+    const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(u[k]));
     cand[count] = static_cast<int32_t>(k);
-    count += one_minus_u < e[k] * bound;
+    count += one_minus_u < e[k] * st.bound;
   }
+  *cand_out = cand;
   return count;
 }
 
 // G's row: g[c] = (exp(z[c] - l) - [c == y]) · s.
 template <typename scalar_t, typename acc_t>
 void grad_row(const scalar_t* zr, int64_t C, acc_t l, int64_t y, acc_t s, acc_t* p, scalar_t* gr) {
-  DROPREG_CE_AVX512(cpu::grad_row<scalar_t>(zr, C, l, y, s, gr))
+#if DROPREG_HAVE_AVX512_CE
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx512<acc_t>()) return cpu::grad_row<scalar_t>(zr, C, l, y, s, gr);
+  }
+#endif
   for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
     const int64_t n = std::min(kBlockElems, C - c0);
     for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
@@ -130,147 +133,229 @@ void grad_row(const scalar_t* zr, int64_t C, acc_t l, int64_t y, acc_t s, acc_t*
     }
   }
 }
-#undef DROPREG_CE_AVX512
 
-// Per row, in one read, per 128-element block: the online max m (earlier sums rescaled when it
-// grows), Σ exp(z - m) for the log-sum-exp, and the Gumbel-max argmax ŷ = argmax_c z_c + G_c, G_c = -log E_c,
-// E_c = -log u_c. Computing both logs for every element would triple the transcendental work,
-// so the exact score is computed only for candidates: with S the best score so far,
-// z_c + G_c > S  ⇔  E_c < exp(z_c - S) = e_c · exp(m - S), and E_c ≥ 1 - u_c, so an element with
-// 1 - u_c ≥ e_c · exp(m - S) · (1 + 1e-3) cannot win (the margin covers the float rounding of
-// e_c and of the scores). About exp(lse - S) = O(1) elements per row pass the filter; they get the
-// reference's exact score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is seen, the
-// rest of the row takes the exact path.
+// Per parallel task: the fused gradient's row buffer (e = exp(z - m_b) of every column, after a
+// block of padding, since a row's first block starts up to 127 columns before it) and the running
+// max m_b after each block b.
+template <typename acc_t>
+struct GradRowBuffer {
+  std::vector<acc_t> e;
+  std::vector<acc_t> block_max;
+  explicit GradRowBuffer(int64_t C) : e(static_cast<size_t>(C + 2 * kBlockElems)), block_max(static_cast<size_t>(C / kBlockElems + 2)) {}
+  acc_t* col(int64_t c) { return e.data() + kBlockElems + c; }
+};
+
+// One row's sample pass. Per 128-element block of flat indices (aligned, so that a block's Gumbel
+// draws are 32 whole Philox calls): the online max m (earlier sums rescaled when it grows),
+// Σ exp(z - m) for the log-sum-exp, and the Gumbel-max argmax ŷ = argmax_c z_c + G_c,
+// G_c = -log E_c, E_c = -log u_c. Computing both logs for every element would triple the
+// transcendental work, so the exact score is computed only for candidates: with S the best score
+// so far, z_c + G_c > S  ⇔  E_c < exp(z_c - S) = e_c · exp(m - S), and E_c ≥ 1 - u_c, so an
+// element with 1 - u_c ≥ e_c · exp(m - S) · (1 + 1e-3) cannot win (the margin covers the float
+// rounding of e_c and of the scores). About exp(lse - S) = O(1) elements per row pass the filter;
+// they get the reference's exact score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is
+// seen, the rest of the row takes the exact path. With `grad`, the e of every column and the m of
+// every block stay in its buffer for the gradient.
+template <typename scalar_t, typename acc_t>
+cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uint64_t seed, uint64_t offset,
+                                GradRowBuffer<acc_t>* grad) {
+  alignas(64) uint32_t u[kBlockElems];
+  alignas(64) acc_t e_block[kBlockElems];
+  alignas(64) float scratch[kBlockElems];
+  alignas(64) int32_t cand[kBlockElems];
+  cpu::RowState<acc_t> st;
+  const int64_t end = begin + C;
+  int64_t b = 0;
+  for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems, ++b) {
+    const int64_t lo = std::max(begin, blk) - blk;
+    const int64_t hi = std::min(end, blk + kBlockElems) - blk;
+    acc_t* e = grad != nullptr ? grad->col(blk - begin) : e_block;
+    const uint64_t first_call = static_cast<uint64_t>(blk) / 4;
+    const int32_t* candidates = cand;
+    int64_t count;
+#if DROPREG_HAVE_AVX512_CE
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_avx512<acc_t>()) {
+        count = cpu::sample_block<scalar_t>(z + blk, lo, hi, st, seed, offset + kStreamGumbel, first_call,
+                                            grad != nullptr ? e : nullptr, u, cand);
+      } else {
+        count = sample_block<scalar_t, acc_t>(z + blk, lo, hi, st, seed, offset, first_call, e, u, cand, &candidates);
+      }
+    } else
+#endif
+    {
+      count = sample_block<scalar_t, acc_t>(z + blk, lo, hi, st, seed, offset, first_call, e, u, cand, &candidates);
+    }
+    if (count > 0) {  // most blocks have none once a best score exists
+      merge_exact_scores<scalar_t, acc_t>(z + blk, u, candidates, count, blk - begin, scratch, st.best);
+      st.update_bound();
+    }
+    if (grad != nullptr) grad->block_max[b] = st.m;
+  }
+  return st;
+}
+
+// The fused gradient's row from the sample pass: g[c] = e_c · exp(m_b - lse) - [c == y] (e_c =
+// exp(z_c - m_b), m_b the running max after c's block b), rounded once to scalar_t: no second exp
+// and no second read of z. A row with a non-finite logit takes ce_grad's formula instead, which
+// gives the reference's values for ±inf and NaN.
+template <typename scalar_t, typename acc_t>
+void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, int64_t y, bool finite,
+                      GradRowBuffer<acc_t>& buf, scalar_t* g) {
+  if (!finite) return grad_row<scalar_t, acc_t>(z + begin, C, lse, y, acc_t(1), buf.e.data(), g + begin);
+  const int64_t end = begin + C;
+  int64_t b = 0;
+  for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems, ++b) {
+    const int64_t lo = std::max(begin, blk) - blk;
+    const int64_t hi = std::min(end, blk + kBlockElems) - blk;
+    const acc_t f = static_cast<acc_t>(std::exp(static_cast<double>(buf.block_max[b]) - static_cast<double>(lse)));
+    const acc_t* e = buf.col(blk - begin);
+    const int64_t y_off = begin + y - blk;  // ŷ's offset in this block (outside [lo, hi): not here)
+#if DROPREG_HAVE_AVX512_CE
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_avx512<acc_t>()) {
+        cpu::scale_block<scalar_t>(e, lo, hi, f, y_off >= lo && y_off < hi ? y_off : -1, g + blk);
+        continue;
+      }
+    }
+#endif
+    for (int64_t k = lo; k < hi; ++k) g[blk + k] = static_cast<scalar_t>(e[k] * f - (k == y_off ? acc_t(1) : acc_t(0)));
+  }
+}
+
+// The rows of an op that writes a fresh N x C output `out` (fresh_output.h: its pages are mapped
+// ahead of the rows by one thread) or, with out = nullptr, none.
+template <typename scalar_t, typename MakeWorker>
+void parallel_rows(int64_t N, int64_t C, scalar_t* out, const MakeWorker& make_worker) {
+  if (out != nullptr) {
+    cpu::parallel_rows_fresh(N, row_grain(C), reinterpret_cast<char*>(out), C * int64_t(sizeof(scalar_t)),
+                             make_worker);
+  } else {
+    at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) { make_worker()(r0, r1); });
+  }
+}
+
+// The sample of every row; `grad` (nullable) receives the fused gradient.
 template <typename scalar_t, typename acc_t>
 void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t N, int64_t C,
                                int64_t ignore_index, uint64_t seed, uint64_t offset, acc_t* loss,
-                               acc_t* lse_out, int64_t* yhat) {
-  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  constexpr acc_t kMargin = acc_t(1.001);
-  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
-    alignas(64) uint32_t u[kBlockElems];
-    alignas(64) acc_t e[kBlockElems];
-    alignas(64) float scratch[kBlockElems];
-    alignas(64) int32_t cand[kBlockElems];
-    alignas(64) int32_t all[kBlockElems];
-    alignas(64) uint64_t ids[cpu::kBlockGroups];
-    for (int32_t k = 0; k < kBlockElems; ++k) all[k] = k;
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* zr = z + r * C;
-      const int64_t t = target[r];
-      const bool valid = t != ignore_index;
-      TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
-                  ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
-      acc_t m = -kInf;  // running row max (online: the row is read once; NaN never wins it)
-      bool nonfinite = false;
-      bool any_nan = false;  // a NaN makes the lse NaN, as in torch.logsumexp
-      // Σ exp(z - m) so far, in double: a float running sum over a 50k-class row would lose
-      // ~√C·u to rounding (the summands are float and exact in double, so this sum is exact to
-      // ~C·2^-53).
-      double partial[kSumLanes] = {};
-      ArgmaxState<acc_t> best = argmax_identity<acc_t>();
-      acc_t bound = kInf;  // exp(m - S)·margin: +inf until a best score S exists
-      const int64_t begin = r * C;
-      const int64_t end = begin + C;
-      for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems) {
-        const int64_t lo = std::max(begin, blk);
-        const int64_t n = std::min(end, blk + kBlockElems) - lo;
-        const scalar_t* zb = zr + (lo - begin);
-        const acc_t block_max = scan_block<scalar_t, acc_t>(zb, n, e, &nonfinite, &any_nan);
-        if (block_max > m) {  // rescale what was summed so far to the new max
-          const double rescale = std::exp(static_cast<double>(m) - static_cast<double>(block_max));
-          for (double& p : partial) p *= rescale;
-          m = block_max;
-          if (!nonfinite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+                               acc_t* lse_out, int64_t* yhat, scalar_t* grad) {
+  parallel_rows(N, C, grad, [&] {
+    std::optional<GradRowBuffer<acc_t>> buf;
+    if (grad != nullptr) buf.emplace(C);
+    return [&, buf = std::move(buf)](int64_t r0, int64_t r1) mutable {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zr = z + r * C;
+        const int64_t t = target[r];
+        const bool valid = t != ignore_index;
+        TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
+        const cpu::RowState<acc_t> st =
+            sample_row<scalar_t, acc_t>(z, r * C, C, seed, offset, buf ? &*buf : nullptr);
+        const acc_t lse = st.lse();
+        lse_out[r] = lse;
+        loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
+        yhat[r] = valid ? st.best.index : ignore_index;
+        if (grad == nullptr) continue;
+        if (valid) {
+          grad_from_sample<scalar_t, acc_t>(z, r * C, C, lse, st.best.index, !st.nonfinite, *buf, grad);
+        } else {
+          std::fill(grad + r * C, grad + (r + 1) * C, scalar_t(0));
         }
-        const uint32_t* ub = u + (lo - blk);
-        // While m = -inf every value so far is -inf and adds 0 (exp(-inf - -inf) would be NaN).
-        const bool add = m > -kInf;
-        const bool exact = nonfinite || !(bound < kInf);
-        gumbel_words<acc_t>(seed, offset, static_cast<uint64_t>(blk) / 4, ids, u);
-        exp_sum_block<acc_t>(e, n, m, add, partial);
-        const int64_t count = exact ? n : candidates<acc_t>(ub, e, n, bound, cand);
-        merge_exact_scores<scalar_t, acc_t>(zb, ub, exact ? all : cand, count, lo - begin, scratch, best);
-        if (!nonfinite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
       }
-      double sum = 0;
-      for (const double p : partial) sum += p;
-      // All -inf or a +inf: lse = m, as torch.logsumexp (exp(m - m) above would be NaN).
-      const acc_t lse = any_nan ? std::numeric_limits<acc_t>::quiet_NaN()
-                                : (std::isinf(m) ? m : static_cast<acc_t>(m + std::log(sum)));
-      lse_out[r] = lse;
-      loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
-      yhat[r] = valid ? best.index : ignore_index;
-    }
+    };
   });
 }
 
 template <typename scalar_t, typename acc_t>
 void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, const acc_t* row_scale,
                   int64_t N, int64_t C, int64_t ignore_index, scalar_t* out) {
-  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
-    alignas(64) acc_t p[kBlockElems];
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* zr = z + r * C;
-      scalar_t* gr = out + r * C;
-      const int64_t y = label[r];
-      if (y == ignore_index) {
-        std::fill(gr, gr + C, scalar_t(0));
-        continue;
+  parallel_rows(N, C, out, [&] {
+    return [&, p = std::vector<acc_t>(kBlockElems)](int64_t r0, int64_t r1) mutable {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zr = z + r * C;
+        scalar_t* gr = out + r * C;
+        const int64_t y = label[r];
+        if (y == ignore_index) {
+          std::fill(gr, gr + C, scalar_t(0));
+          continue;
+        }
+        TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+        grad_row<scalar_t, acc_t>(zr, C, lse[r], y, row_scale[r], p.data(), gr);
       }
-      TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
-                  ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
-      grad_row<scalar_t, acc_t>(zr, C, lse[r], y, row_scale[r], p, gr);
-    }
+    };
   });
 }
 
+// ⟨p, u⟩ of one row with p = exp(z - l) kept in the row buffer p: partial[k % kSumLanes] += p_k·u_k
+// in double, summed in lane order (the AVX-512 loop adds in the same order).
+template <typename scalar_t, typename acc_t>
+acc_t softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_t C, acc_t l, acc_t* p) {
+  alignas(64) double partial[kSumLanes] = {};
+  bool done = false;
+#if DROPREG_HAVE_AVX512_CE
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx512<acc_t>()) {
+      cpu::softmax_dot_row<scalar_t>(z, u, C, l, p, partial);
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    for (int64_t k = 0; k < C; ++k) p[k] = static_cast<acc_t>(z[k]) - l;
+    cpu::vexp_inplace(p, C);
+    for (int64_t k = 0; k < C; ++k) partial[k % kSumLanes] += p[k] * static_cast<acc_t>(u[k]);
+  }
+  double sum = 0;
+  for (const double part : partial) sum += part;
+  return static_cast<acc_t>(sum);
+}
+
+// VJP of ce_grad per row: ⟨p, u⟩ in a first pass that keeps p = exp(z - lse) in a per-thread row
+// buffer, then grad_z = s·p ⊙ (u - ⟨p, u⟩) from the buffer and u, which the first pass left in
+// cache for rows up to ~50k classes: z and u are read from memory once, one exp per element.
 template <typename scalar_t, typename acc_t>
 void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* lse, const int64_t* label,
                            const acc_t* row_scale, int64_t N, int64_t C, int64_t ignore_index,
                            scalar_t* grad_z, acc_t* grad_scale) {
-  at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) {
-    alignas(64) acc_t p[kBlockElems];
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* zr = z + r * C;
-      const scalar_t* ur = u + r * C;
-      scalar_t* gr = grad_z + r * C;
-      const int64_t y = label[r];
-      if (y == ignore_index) {
-        std::fill(gr, gr + C, scalar_t(0));
-        grad_scale[r] = 0;
-        continue;
-      }
-      TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
-                  ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
-      const acc_t l = lse[r];
-      const acc_t s = row_scale[r];
-      double pu_sum = 0;  // ⟨p, u⟩ accumulated in double, as the lse's Σ exp above
-      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
-        const int64_t n = std::min(kBlockElems, C - c0);
-        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
-        cpu::vexp_inplace(p, n);
-        for (int64_t k = 0; k < n; ++k) pu_sum += p[k] * static_cast<acc_t>(ur[c0 + k]);
-      }
-      const acc_t pu = static_cast<acc_t>(pu_sum);
-      for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
-        const int64_t n = std::min(kBlockElems, C - c0);
-        for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
-        cpu::vexp_inplace(p, n);
-        for (int64_t k = 0; k < n; ++k) {
-          gr[c0 + k] = static_cast<scalar_t>(
-              ce_grad_backward_element<acc_t>(p[k], static_cast<acc_t>(ur[c0 + k]), pu, s));
+  parallel_rows(N, C, grad_z, [&] {
+    return [&, p = std::vector<acc_t>(static_cast<size_t>(C))](int64_t r0, int64_t r1) mutable {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zr = z + r * C;
+        const scalar_t* ur = u + r * C;
+        scalar_t* gr = grad_z + r * C;
+        const int64_t y = label[r];
+        if (y == ignore_index) {
+          std::fill(gr, gr + C, scalar_t(0));
+          grad_scale[r] = 0;
+          continue;
+        }
+        TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+        const acc_t s = row_scale[r];
+        const acc_t pu = softmax_dot_row<scalar_t, acc_t>(zr, ur, C, lse[r], p.data());
+        grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
+#if DROPREG_HAVE_AVX512_CE
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx512<acc_t>()) {
+            cpu::softmax_vjp_row<scalar_t>(p.data(), ur, C, pu, s, gr);
+            continue;
+          }
+        }
+#endif
+        for (int64_t k = 0; k < C; ++k) {
+          gr[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], static_cast<acc_t>(ur[k]), pu, s));
         }
       }
-      grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
-    }
+    };
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at::Tensor& z_in,
-                                                                        const at::Tensor& target_in,
-                                                                        const at::Tensor& rng,
-                                                                        int64_t ignore_index) {
+// loss, lse, ŷ and, with `with_grad`, the fused gradient G (an undefined tensor otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& z_in, const at::Tensor& target_in,
+                                                                      const at::Tensor& rng, int64_t ignore_index,
+                                                                      bool with_grad) {
   check_cross_entropy_sample_args(z_in, target_in, rng);
   const at::Tensor z = z_in.contiguous();
   const at::Tensor target = target_in.contiguous();
@@ -278,6 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at
   at::Tensor loss = at::empty({N}, z.options().dtype(acc_type(z)));
   at::Tensor lse = at::empty({N}, z.options().dtype(acc_type(z)));
   at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
+  at::Tensor grad;
+  if (with_grad) grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_cpu", [&] {
@@ -285,9 +372,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at
     cross_entropy_sample_rows<scalar_t, acc_t>(
         z.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
         static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]), loss.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>());
+        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr);
   });
+  return {loss, lse, yhat, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at::Tensor& z, const at::Tensor& target,
+                                                                        const at::Tensor& rng, int64_t ignore_index) {
+  auto [loss, lse, yhat, grad] = sample_cpu(z, target, rng, ignore_index, false);
   return {loss, lse, yhat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cpu(const at::Tensor& z,
+                                                                                     const at::Tensor& target,
+                                                                                     const at::Tensor& rng,
+                                                                                     int64_t ignore_index) {
+  return sample_cpu(z, target, rng, ignore_index, true);
 }
 
 at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& label,
@@ -328,6 +428,7 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, 
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("cross_entropy_sample", &cross_entropy_sample_cpu);
+  m.impl("cross_entropy_sample_grad", &cross_entropy_sample_grad_cpu);
   m.impl("ce_grad", &ce_grad_cpu);
   m.impl("ce_grad_backward", &ce_grad_backward_cpu);
 }

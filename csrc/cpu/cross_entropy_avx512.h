@@ -6,8 +6,57 @@
 // portable path to rounding, as it does with torch.logsumexp.
 #pragma once
 
+#include <cmath>
+#include <limits>
+
 #include "cpu_kernels.h"
 #include "dropout_avx512.h"
+#include "regularizer.h"
+
+namespace dropreg {
+namespace cpu {
+
+// The running state of one row of the sample pass (cross_entropy.cpp), shared by the portable and
+// the AVX-512 block steps: the row's max m so far, Σ exp(z - m) as kSumLanes partial sums in
+// double (a float running sum over a 50k-class row would lose ~√C·u to rounding), the non-finite
+// flags, the best Gumbel score S so far and the candidate bound exp(m - S)·kMargin (+inf until S
+// exists, or once a non-finite logit sends the rest of the row down the exact path).
+template <typename acc_t>
+struct RowState {
+  static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  static constexpr acc_t kMargin = acc_t(1.001);
+
+  acc_t m = -kInf;
+  acc_t bound = kInf;
+  bool nonfinite = false;
+  bool nan = false;  // a NaN makes the lse NaN, as in torch.logsumexp
+  ArgmaxState<acc_t> best = argmax_identity<acc_t>();
+  alignas(64) double partial[kSumLanes] = {};
+
+  // A larger running max: what was summed so far is rescaled to it.
+  void raise_max(acc_t new_max) {
+    const double rescale = std::exp(static_cast<double>(m) - static_cast<double>(new_max));
+    for (double& p : partial) p *= rescale;
+    m = new_max;
+    update_bound();
+  }
+
+  void update_bound() {
+    if (!nonfinite && best.score > -kInf) bound = std::exp(m - best.score) * kMargin;
+  }
+
+  // log Σ exp(z): m + log Σ partial; m itself when m = ±inf (all -inf, or a +inf: exp(m - m) would
+  // be NaN), NaN when a NaN was seen.
+  acc_t lse() const {
+    double sum = 0;
+    for (const double p : partial) sum += p;
+    if (nan) return std::numeric_limits<acc_t>::quiet_NaN();
+    return std::isinf(m) ? m : static_cast<acc_t>(m + std::log(sum));
+  }
+};
+
+}  // namespace cpu
+}  // namespace dropreg
 
 #if DROPREG_HAVE_AVX512_DROPOUT && DROPREG_X86_SLEEF
 
@@ -17,30 +66,6 @@
 
 namespace dropreg {
 namespace cpu {
-
-// e[k] = float(z[k]) for k < n; returns the block's max (NaN never wins it; -inf when n = 0) and
-// sets *nonfinite / *nan when some z is not finite / is NaN.
-template <typename scalar_t>
-DROPREG_AVX512 float scan_block(const scalar_t* z, int64_t n, float* e, bool* nonfinite, bool* nan) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __mmask16 bad = 0, unordered = 0;
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 in = lanes(n - k);
-    const __m512 x = load16<scalar_t>(z + k, in);
-    _mm512_mask_storeu_ps(e + k, in, x);
-    mx = _mm512_mask_max_ps(mx, _mm512_kand(in, _mm512_cmp_ps_mask(x, mx, _CMP_GT_OQ)), x, mx);
-    bad |= _mm512_mask_cmp_ps_mask(in, _mm512_abs_ps(x), inf, _CMP_NLT_UQ);  // |x| >= inf or NaN
-    unordered |= _mm512_mask_cmp_ps_mask(in, x, x, _CMP_UNORD_Q);
-  }
-  *nonfinite |= bad != 0;
-  *nan |= unordered != 0;
-  alignas(64) float lane_max[16];
-  _mm512_store_ps(lane_max, mx);
-  float block_max = lane_max[0];
-  for (int j = 1; j < 16; ++j) block_max = lane_max[j] > block_max ? lane_max[j] : block_max;
-  return block_max;
-}
 
 // exp(x) for x <= 0 to about 2 ulp, inline: x = n·ln2 + r with |r| <= ln2/2 (ln2 split in two,
 // Cody-Waite), e^r by its degree-7 Taylor polynomial (truncation < 2^-27 relative), times 2^n by
@@ -64,45 +89,121 @@ DROPREG_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// e[k] = exp(e[k] - m) for k < n (exp_nonpositive) and, when `add`, partial[k % 16] += e[k] in double.
-DROPREG_AVX512 inline void exp_sum_block(float* e, int64_t n, float m, bool add, double* partial) {
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512d lo = _mm512_loadu_pd(partial), hi = _mm512_loadu_pd(partial + 8);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 in = lanes(n - k);
-    const __m512 v = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, e + k), mv));
-    _mm512_mask_storeu_ps(e + k, in, v);
-    if (add) {
-      lo = _mm512_mask_add_pd(lo, static_cast<__mmask8>(in), lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-      hi = _mm512_mask_add_pd(hi, static_cast<__mmask8>(in >> 8), hi,
-                              _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1))));
-    }
-  }
-  _mm512_storeu_pd(partial, lo);
-  _mm512_storeu_pd(partial + 8, hi);
+// Lanes [lo, hi) of a 16-lane register, lo and hi clamped to [0, 16].
+DROPREG_AVX512 inline __mmask16 lanes_between(int64_t lo, int64_t hi) {
+  const int64_t a = lo < 0 ? 0 : (lo > 16 ? 16 : lo);
+  const int64_t b = hi < 0 ? 0 : (hi > 16 ? 16 : hi);
+  return b <= a ? static_cast<__mmask16>(0) : static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
-// The candidates of the Gumbel-max filter: the k < n with 1 - uniform_open01(u[k]) < e[k]·bound,
-// in increasing order, into cand; returns their count.
-DROPREG_AVX512 inline int64_t candidates(const uint32_t* u, const float* e, int64_t n, float bound, int32_t* cand) {
-  const __m512 b = _mm512_set1_ps(bound);
-  const __m512 half = _mm512_set1_ps(0.5f), ulp = _mm512_set1_ps(1.1920928955078125e-07f), one = _mm512_set1_ps(1.0f);
+// philox32's registers t[0..3] (128-bit lane L of t[r]: call 4L + r's four words) in element
+// order: u[j] = the words of calls 4j .. 4j + 3, i.e. the u32 of elements 16j .. 16j + 15.
+DROPREG_AVX512 inline void calls_to_elements(const __m512i* t, __m512i* u) {
+  const __m512i p0 = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0));
+  const __m512i p1 = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1));
+  const __m512i p2 = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(2, 0, 2, 0));
+  const __m512i p3 = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 1, 3, 1));
+  u[0] = _mm512_shuffle_i32x4(p0, p2, _MM_SHUFFLE(2, 0, 2, 0));
+  u[1] = _mm512_shuffle_i32x4(p1, p3, _MM_SHUFFLE(2, 0, 2, 0));
+  u[2] = _mm512_shuffle_i32x4(p0, p2, _MM_SHUFFLE(3, 1, 3, 1));
+  u[3] = _mm512_shuffle_i32x4(p1, p3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// One 128-element block of the sample pass, all in registers: the block is the flat indices
+// [blk, blk + 128) (blk a multiple of 128, so its Gumbel draws are the 32 calls from blk / 4), of
+// which [lo, hi) (offsets from blk) belong to the row. `z` points at flat index blk. In the order
+// of the portable loops of cross_entropy.cpp: the block max (NaN never wins) and the non-finite
+// flags; the running max and the earlier partial sums rescaled when it grows; e = exp(z - m)
+// (exp_nonpositive) and their sum, added over the 8 registers in order, into the 16 double partials;
+// e stored at e_out[0..128) when e_out is not null (the fused gradient's row buffer); the u32
+// draws stored at u[0..128); the offsets of the elements that may beat the best score so far
+// (the filter of cross_entropy.cpp: 1 - u < e·bound; every element of the row when `exact`)
+// compress-stored into cand in increasing order. Returns the number of candidates.
+template <typename scalar_t>
+DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
+                                    uint64_t stream, uint64_t first_call, float* e_out, uint32_t* u, int32_t* cand) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: QNaN, +inf, -inf, SNaN
+  const bool full = lo == 0 && hi == kBlockElems;   // every block but a row's first and last
+  const __m512 neg_inf = _mm512_set1_ps(-kInf);
+  // The draws first, into u (L1): the Philox chains and the logits' registers are not live together.
+  {
+    __m512i t[8], w[8];
+    philox32(seed, stream, first_call, t);
+    calls_to_elements(t, w);
+    calls_to_elements(t + 4, w + 4);
+    for (int j = 0; j < 8; ++j) _mm512_store_si512(u + 16 * j, w[j]);
+  }
+  __mmask16 in[8];
+  __m512 x[8];
+  __m512 mx = neg_inf;
+  __mmask16 bad = 0;
+  for (int j = 0; j < 8; ++j) {
+    in[j] = full ? static_cast<__mmask16>(0xFFFF) : lanes_between(lo - 16 * j, hi - 16 * j);
+    x[j] = load16<scalar_t>(z + 16 * j, in[j]);
+    if (!full) x[j] = _mm512_mask_blend_ps(in[j], neg_inf, x[j]);
+    mx = _mm512_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
+    bad |= _mm512_mask_fpclass_ps_mask(in[j], x[j], kNonFinite);
+  }
+  if (bad != 0) {
+    st.nonfinite = true;
+    for (int j = 0; j < 8; ++j) st.nan |= _mm512_mask_cmp_ps_mask(in[j], x[j], x[j], _CMP_UNORD_Q) != 0;
+  }
+  const float block_max = _mm512_reduce_max_ps(mx);
+  if (block_max > st.m) st.raise_max(block_max);
+  const bool add = st.m > -kInf;  // while m = -inf every value so far is -inf and adds 0
+  const bool exact = st.nonfinite || !(st.bound < kInf);
+  const __m512 mv = _mm512_set1_ps(st.m);
+  // The filter 1 - u < e·bound on the integers: with u = (k + 1/2)·2^-23 (k = u32 >> 9) it is
+  // d - 1/2 < e·B for d = 2^23 - k (exact in float) and B = bound·2^23, i.e. d < fma(e, B, 1/2):
+  // one rounding, like the portable e·bound (and covered by the same 1e-3 margin: a winner needs
+  // e·B > 1/2, where the rounding is ~2^-24 relative).
+  const __m512 big_b = _mm512_set1_ps(st.bound * 8388608.0f);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  const __m512i two23 = _mm512_set1_epi32(1 << 23);
   const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 sum = _mm512_setzero_ps();
   int64_t count = 0;
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 in = lanes(n - k);
-    const __m512i w = _mm512_srli_epi32(_mm512_maskz_loadu_epi32(in, u + k), 9);
-    // uniform_open01 as regularizer.h writes it: (float(u >> 9) + 0.5) · 2^-23, then 1 - that
-    const __m512 one_minus_u = _mm512_sub_ps(one, _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(w), half), ulp));
-    const __mmask16 pass =
-        _mm512_mask_cmp_ps_mask(in, one_minus_u, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, e + k), b), _CMP_LT_OQ);
+  for (int j = 0; j < 8; ++j) {
+    __m512 e = exp_nonpositive(_mm512_sub_ps(x[j], mv));
+    if (!full) e = _mm512_maskz_mov_ps(in[j], e);
+    sum = _mm512_add_ps(sum, e);
+    if (e_out != nullptr) _mm512_mask_storeu_ps(e_out + 16 * j, in[j], e);
+    __mmask16 pass = in[j];
+    if (!exact) {
+      const __m512i k = _mm512_srli_epi32(_mm512_load_si512(u + 16 * j), 9);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(two23, k));
+      pass = _mm512_mask_cmp_ps_mask(in[j], d, _mm512_fmadd_ps(e, big_b, half), _CMP_LT_OQ);
+    }
     if (pass != 0) {
-      _mm512_mask_compressstoreu_epi32(cand + count, pass,
-                                       _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int>(k))));
+      _mm512_mask_compressstoreu_epi32(cand + count, pass, _mm512_add_epi32(step, _mm512_set1_epi32(16 * j)));
       count += __builtin_popcount(pass);
     }
   }
+  if (add) {
+    const __m512d lo_sum = _mm512_add_pd(_mm512_load_pd(st.partial), _mm512_cvtps_pd(_mm512_castps512_ps256(sum)));
+    const __m512d hi_sum = _mm512_add_pd(
+        _mm512_load_pd(st.partial + 8),
+        _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(sum), 1))));
+    _mm512_store_pd(st.partial, lo_sum);
+    _mm512_store_pd(st.partial + 8, hi_sum);
+  }
   return count;
+}
+
+// g[k] = e[k]·f - [k == y] rounded to scalar_t for the offsets k in [lo, hi) of a 128-element
+// block: the gradient's softmax from the sample pass's e = exp(z - m_b) and f = exp(m_b - lse) (y:
+// ŷ's offset in the block, or -1).
+template <typename scalar_t>
+DROPREG_AVX512 void scale_block(const float* e, int64_t lo, int64_t hi, float f, int64_t y, scalar_t* g) {
+  const __m512 fv = _mm512_set1_ps(f), one = _mm512_set1_ps(1.0f);
+  for (int j = 0; j < 8; ++j) {
+    const __mmask16 in = lanes_between(lo - 16 * j, hi - 16 * j);
+    if (in == 0) continue;
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, e + 16 * j), fv);
+    if (y >= 16 * j && y < 16 * j + 16) v = _mm512_mask_sub_ps(v, static_cast<__mmask16>(1u << (y - 16 * j)), v, one);
+    store16<scalar_t>(g + 16 * j, v, in);
+  }
 }
 
 // g[k] = (exp(float(z[k]) - l) - [k == y]) · s for k < n, rounded to scalar_t: the row of ce_grad
@@ -115,6 +216,38 @@ DROPREG_AVX512 void grad_row(const scalar_t* z, int64_t n, float l, int64_t y, f
     __m512 p = Sleef_expf16_u10(_mm512_sub_ps(load16<scalar_t>(z + k, in), lv));
     if (y >= k && y < k + 16) p = _mm512_mask_sub_ps(p, static_cast<__mmask16>(1u << (y - k)), p, one);
     store16<scalar_t>(g + k, _mm512_mul_ps(p, sv), in);
+  }
+}
+
+// p[k] = exp(float(z[k]) - l) (SLEEF, as ce_grad) for k < n, into the row buffer p, and ⟨p, u⟩'s
+// partial sums: partial[k % 16] += p[k]·u[k] (the product in float, the sum in double), the order
+// of the portable loop in cross_entropy.cpp.
+template <typename scalar_t>
+DROPREG_AVX512 void softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_t n, float l, float* p,
+                                    double* partial) {
+  const __m512 lv = _mm512_set1_ps(l);
+  __m512d lo = _mm512_load_pd(partial), hi = _mm512_load_pd(partial + 8);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 in = lanes(n - k);
+    const __m512 pv = Sleef_expf16_u10(_mm512_sub_ps(load16<scalar_t>(z + k, in), lv));
+    _mm512_mask_storeu_ps(p + k, in, pv);
+    const __m512 prod = _mm512_mul_ps(pv, load16<scalar_t>(u + k, in));
+    lo = _mm512_mask_add_pd(lo, static_cast<__mmask8>(in), lo, _mm512_cvtps_pd(_mm512_castps512_ps256(prod)));
+    hi = _mm512_mask_add_pd(hi, static_cast<__mmask8>(in >> 8), hi,
+                            _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(prod), 1))));
+  }
+  _mm512_store_pd(partial, lo);
+  _mm512_store_pd(partial + 8, hi);
+}
+
+// g[k] = s·p[k]·(u[k] - pu) for k < n (ce_grad_backward_element), rounded to scalar_t.
+template <typename scalar_t>
+DROPREG_AVX512 void softmax_vjp_row(const float* p, const scalar_t* u, int64_t n, float pu, float s, scalar_t* g) {
+  const __m512 puv = _mm512_set1_ps(pu), sv = _mm512_set1_ps(s);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 in = lanes(n - k);
+    const __m512 sp = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(in, p + k));
+    store16<scalar_t>(g + k, _mm512_mul_ps(sp, _mm512_sub_ps(load16<scalar_t>(u + k, in), puv)), in);
   }
 }
 

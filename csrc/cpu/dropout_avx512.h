@@ -103,7 +103,9 @@ DROPREG_AVX512 inline void rounds32(Calls8 (&c)[4], uint64_t seed) {
 // The words of calls first_group .. first_group + 31 of stream s, as two transposed sets of 16
 // (t[0..3] for the first 16 calls, t[4..7] for the next). Four independent chains of rounds (even
 // and odd calls of each set), so that the multiplies of one hide the latency of the others'.
-DROPREG_AVX512 inline void philox32(uint64_t seed, uint64_t s, uint64_t first_group, __m512i (&t)[8]) {
+// Always inlined: its callers keep t in registers (out of line, the 8 registers go through memory).
+DROPREG_AVX512 __attribute__((always_inline)) inline void philox32(uint64_t seed, uint64_t s, uint64_t first_group,
+                                                                    __m512i (&t)[8]) {
   Calls8 c[4] = {calls8(first_group, s, 2), calls8(first_group + 1, s, 2), calls8(first_group + 16, s, 2),
                  calls8(first_group + 17, s, 2)};
   rounds32(c, seed);

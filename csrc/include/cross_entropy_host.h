@@ -1,5 +1,5 @@
-// Host-side argument checks of the cross-entropy ops (cross_entropy_sample, ce_grad,
-// ce_grad_backward), shared by the CPU and CUDA launchers: metadata only, no host sync. The
+// Host-side argument checks of the cross-entropy ops (cross_entropy_sample, cross_entropy_sample_grad,
+// ce_grad, ce_grad_backward), shared by the CPU and CUDA launchers: metadata only, no host sync. The
 // class-index range is checked where the labels are read (CPU: in the loop; CUDA: a device assert).
 #pragma once
 
@@ -8,6 +8,10 @@
 #include "checks.h"
 
 namespace dropreg {
+
+// The label of the sampled gradient's ignored rows (reference.sampled_label): never a class, so a
+// valid row whose ŷ equals a user's ignore_index (when that is a real class) keeps its one-hot.
+constexpr int64_t kSampledLabelIgnore = -1;
 
 // z: (N, C) floating logits with at least one class unless there are no rows.
 inline void check_logits(const at::Tensor& z) {
