@@ -112,31 +112,60 @@ inline bool is_aligned(const void* p, uintptr_t align) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % align == 0;
 }
 
-// Blocks of `kernel` with `threads` threads that fit on the current device at once, from the
-// occupancy calculator (registers and shared memory included), computed once per kernel, block
-// size and device. Grids are capped at one resident wave and loop (grid-stride) beyond it, so no
-// wave is left with a short tail.
+// Blocks of `kernel` with `threads` threads and `smem` bytes of dynamic shared memory that fit on
+// the current device at once, from the occupancy calculator (registers and shared memory
+// included), computed once per kernel, block size, shared memory size and device. Grids are
+// capped at one resident wave and loop (grid-stride) beyond it, so no wave is left with a short
+// tail.
 template <typename Kernel>
-int resident_blocks(Kernel kernel, int threads) {
+int resident_blocks(Kernel kernel, int threads, size_t smem = 0) {
   static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int>, int> cache;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, device);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, device);
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     it = cache.emplace(key, std::max(1, per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount).first;
   }
   return it->second;
 }
 
 template <typename Kernel>
-int grid_size(Kernel kernel, int64_t work_blocks, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work_blocks, resident_blocks(kernel, threads))));
+int grid_size(Kernel kernel, int64_t work_blocks, int threads, size_t smem = 0) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work_blocks, resident_blocks(kernel, threads, smem))));
 }
+
+// Dynamic shared memory a block of `kernel` may use on the current device: the device's opt-in
+// maximum less the kernel's static shared memory. The first call per kernel and device raises the
+// kernel's limit to it (launches above 48 KB fail without that).
+template <typename Kernel>
+size_t max_dynamic_smem(Kernel kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const size_t bytes = optin > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    it = cache.emplace(key, bytes).first;
+  }
+  return it->second;
+}
+
+// a * b rounded on its own, never contracted with a later add into an FMA: a running sum rescaled
+// by it rounds as written, whatever code the compiler schedules around it.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 }  // namespace cuda
 }  // namespace dropreg
