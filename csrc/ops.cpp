@@ -51,10 +51,16 @@ TORCH_LIBRARY(dropreg, m) {
       "cross_entropy_sample(Tensor z, Tensor target, Tensor rng, int ignore_index) -> "
       "(Tensor loss, Tensor lse, Tensor yhat)");
   // The same three and G (N, C) = exp(z - lse) - onehot(yhat) (0 on ignored rows, z's dtype), the
-  // gradient of the sampled label's cross-entropy, written from the row the sample just read.
+  // gradient of the sampled label's cross-entropy, written from the row the sample just read; with
+  // true_scale (N,) also G_true = true_scale * (exp(z - lse) - onehot(target)) (else an empty (0,)).
   m.def(
-      "cross_entropy_sample_grad(Tensor z, Tensor target, Tensor rng, int ignore_index) -> "
-      "(Tensor loss, Tensor lse, Tensor yhat, Tensor grad)");
+      "cross_entropy_sample_grad(Tensor z, Tensor target, Tensor rng, int ignore_index, Tensor? true_scale=None) -> "
+      "(Tensor loss, Tensor lse, Tensor yhat, Tensor grad, Tensor grad_true)");
+  // Its backward: grad_z = p * (w - <p,w>) + grad_loss * (p - onehot(target)), w = grad_g +
+  // true_scale * grad_g_true, p = exp(z - lse), 0 on ignored rows (a missing cotangent counts as 0).
+  m.def(
+      "cross_entropy_sample_grad_backward(Tensor? grad_loss, Tensor? grad_g, Tensor? grad_g_true, Tensor z, "
+      "Tensor lse, Tensor target, Tensor? true_scale, int ignore_index) -> Tensor");
   // G (N, C) = row_scale ⊙ (exp(z - lse) - onehot(label)), 0 on ignored rows; z's dtype.
   m.def("ce_grad(Tensor z, Tensor lse, Tensor label, Tensor row_scale, int ignore_index) -> Tensor");
   // VJP of ce_grad: grad_z = row_scale ⊙ p ⊙ (u - <p,u>), grad_row_scale = <p,u> - u[label].

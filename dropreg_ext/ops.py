@@ -14,6 +14,7 @@ op                             computes                                        k
 ``philox``                     raw Philox4x32-10 (known-answer tests)          ``philox.cpp/.cu/.py``
 ``cross_entropy_sample``       loss, log-sum-exp, ŷ ~ softmax(z) in one pass   ``cross_entropy.*``
 ``cross_entropy_sample_grad``  the same and G = softmax(z) - onehot(ŷ)         ``cross_entropy.*``
+``..._grad_backward``          the gradient in z of all of its outputs         ``cross_entropy.*``
 ``ce_grad``                    row_scale ⊙ (softmax(z) - onehot(label))        ``cross_entropy.*``
 ``ce_grad_backward``           its VJP (for create_graph graphs)               ``cross_entropy.*``
 ``site_penalty``               [Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h]                   ``site_penalty.*``
@@ -231,12 +232,17 @@ def _check_logits_rows(z, target_name: str, target, lse=None, row_scale=None, ig
         )
     if target.device != z.device:
         raise ValueError(f"argument '{target_name}' must be on the device of 'z' ({z.device}), got {target.device}")
+    _check_row_values(z, "lse", lse)
+    _check_row_values(z, "row_scale", row_scale)
+
+
+def _check_row_values(z, name: str, t) -> None:
+    """``t`` None, or per-row values (N,) in z's accumulation dtype on z's device."""
     acc = acc_dtype(z.dtype)
-    for name, t in (("lse", lse), ("row_scale", row_scale)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
-            raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
-        if t is not None and t.device != z.device:
-            raise ValueError(f"argument '{name}' must be on the device of 'z' ({z.device}), got {t.device}")
+    if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != acc or t.shape != z.shape[:1]):
+        raise TypeError(f"argument '{name}' must be a {acc} tensor of shape ({z.shape[0]},)")
+    if t is not None and t.device != z.device:
+        raise ValueError(f"argument '{name}' must be on the device of 'z' ({z.device}), got {t.device}")
 
 
 def _sig_cross_entropy_sample(
@@ -360,31 +366,52 @@ def ce_grad(
 
 
 def _sig_cross_entropy_sample_grad(
-    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Signature of ``dropreg::cross_entropy_sample_grad_<backend>``."""
+    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int, true_scale: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Signature of ``dropreg::cross_entropy_sample_grad_<backend>``; G_true is an empty (0,) tensor
+    when true_scale is None."""
 
 
-def _cross_entropy_sample_grad_fake(z, target, rng, ignore_index):
-    return (*_cross_entropy_sample_fake(z, target, rng, ignore_index), _empty_like_shape(z))
+def _check_true_scale(z, true_scale) -> None:
+    _check_row_values(z, "true_scale", true_scale)
+    if true_scale is not None and true_scale.requires_grad:
+        raise ValueError("argument 'true_scale' is taken as a constant: it must not require grad")
+
+
+def _check_cross_entropy_sample_grad(z, target, rng, ignore_index, true_scale=None) -> None:
+    _check_cross_entropy_sample(z, target, rng, ignore_index)
+    _check_true_scale(z, true_scale)
+
+
+def _cross_entropy_sample_grad_fake(z, target, rng, ignore_index, true_scale=None):
+    grad_true = _empty_like_shape(z) if true_scale is not None else z.new_empty((0,))
+    return (*_cross_entropy_sample_fake(z, target, rng, ignore_index), _empty_like_shape(z), grad_true)
 
 
 def _cross_entropy_sample_grad_autograd(ops: dict) -> tuple:
-    # G = ce_grad(z, lse, ŷ, 1) with ŷ fixed by the draw: its VJP is ce_grad_backward's grad_z.
+    # G = ce_grad(z, lse, ŷ, 1) and G_true = ce_grad(z, lse, y, true_scale), ŷ fixed by the draw:
+    # one backward op for every output's cotangent (cross_entropy_sample_grad_backward).
     def setup_context(ctx, inputs, output):
-        z, target, _, ignore_index = inputs
+        z, target, _, ignore_index, *rest = inputs
+        true_scale = rest[0] if rest else None
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(z, target, output[1], output[2])
+        ctx.save_for_backward(z, target, output[1], true_scale)
 
-    def backward(ctx, grad_loss, grad_lse, _grad_yhat, grad_g):
-        z, target, lse, yhat = ctx.saved_tensors
-        grad_z = _loss_lse_grad(ops, z, target, lse, grad_loss, grad_lse, ctx.ignore_index)
-        if grad_g is not None:
-            label = reference.sampled_label(target, yhat, ctx.ignore_index)
-            from_g, _ = ops["ce_grad_backward"](grad_g.contiguous(), z, lse, label, torch.ones_like(lse), -1)
-            grad_z = from_g if grad_z is None else grad_z + from_g
-        return grad_z, None, None, None
+    def backward(ctx, grad_loss, grad_lse, _grad_yhat, grad_g, grad_g_true):
+        z, target, lse, true_scale = ctx.saved_tensors
+        if true_scale is None:  # G_true was the empty placeholder (AOT autograd may hand it zeros)
+            grad_g_true = None
+        grad_z = None
+        if grad_loss is not None or grad_g is not None or grad_g_true is not None:
+            grad_z = ops["cross_entropy_sample_grad_backward"](
+                None if grad_loss is None else grad_loss.to(lse.dtype), grad_g, grad_g_true, z, lse, target,
+                true_scale, ctx.ignore_index,
+            )
+        if grad_lse is not None:
+            from_lse = _loss_lse_grad(ops, z, target, lse, None, grad_lse, ctx.ignore_index)
+            grad_z = from_lse if grad_z is None else grad_z + from_lse
+        return grad_z, None, None, None, None
 
     return setup_context, backward
 
@@ -393,14 +420,20 @@ _spec(
     name="cross_entropy_sample_grad",
     signature=_sig_cross_entropy_sample_grad,
     fake=_cross_entropy_sample_grad_fake,
-    check=_check_cross_entropy_sample,
+    check=_check_cross_entropy_sample_grad,
     autograd=_cross_entropy_sample_grad_autograd,
     to_schema=lambda out, *args: tuple(out),
 )
 
 
 def cross_entropy_sample_grad(
-    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int = -100, *, backend: Optional[str] = None
+    z: Tensor,
+    target: Tensor,
+    rng: Tensor,
+    ignore_index: int = -100,
+    *,
+    true_scale: Optional[Tensor] = None,
+    backend: Optional[str] = None,
 ) -> tuple:
     """:func:`cross_entropy_sample` and the sampled label's gradient G = softmax(z) - onehot(ŷ), in one op.
 
@@ -408,15 +441,81 @@ def cross_entropy_sample_grad(
 
         G_r = exp(z_r - lse_r) - onehot(ŷ_r)   on rows whose target is not ``ignore_index``, 0 on the others,
 
-    i.e. ``ce_grad(z, lse, ŷ, 1)``: the cotangent of the regularizer's explicit term. Where a row fits
-    on chip (on the CPU: in L2) the kernels write G from the row they just read for the sample, so z
-    is read from memory once instead of twice. All four outputs except ŷ are differentiable in z
-    (G through :func:`ce_grad`'s backward, so it can sit in a ``create_graph=True`` graph).
+    i.e. ``ce_grad(z, lse, ŷ, 1)``: the cotangent of the regularizer's explicit term. With
+    ``true_scale`` (N,) it also returns ``G_true = ce_grad(z, lse, target, true_scale)``, the true
+    label's (the implicit term's cotangent with true_scale = 1/N_eff), from the same read of z. Where
+    a row fits on chip (on the CPU: in L2) the kernels write the gradients from the row they just
+    read, so z is read from memory once instead of once per output. loss, lse, G and G_true are
+    differentiable in z, all through one backward op (so G and G_true can sit in a
+    ``create_graph=True`` graph); ŷ is not, and true_scale is a constant (it must not require grad).
 
-    Shapes: z (N, C); target (N,) int64; returns loss (N,), lse (N,) (float32; float64 for float64
-    z), yhat (N,) int64, G (N, C) in z's dtype (contiguous).
+    Shapes: z (N, C); target (N,) int64; true_scale (N,) in z's accumulation dtype; returns loss (N,),
+    lse (N,) (float32; float64 for float64 z), yhat (N,) int64, G (N, C) in z's dtype (contiguous),
+    and G_true (N, C) when true_scale is given.
     """
-    return _call("cross_entropy_sample_grad", backend, z, target, rng, ignore_index)
+    out = _call("cross_entropy_sample_grad", backend, z, target, rng, ignore_index, true_scale)
+    return tuple(out) if true_scale is not None else tuple(out[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy_sample_grad_backward: the gradient in z of all of the fused op's outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _sig_cross_entropy_sample_grad_backward(
+    grad_loss: Optional[Tensor],
+    grad_g: Optional[Tensor],
+    grad_g_true: Optional[Tensor],
+    z: Tensor,
+    lse: Tensor,
+    target: Tensor,
+    true_scale: Optional[Tensor],
+    ignore_index: int,
+) -> Tensor:
+    """Signature of ``dropreg::cross_entropy_sample_grad_backward_<backend>``."""
+
+
+def _check_cross_entropy_sample_grad_backward(grad_loss, grad_g, grad_g_true, z, lse, target, true_scale,
+                                              ignore_index) -> None:
+    _check_logits_rows(z, "target", target, lse, ignore_index=ignore_index)
+    _check_row_values(z, "grad_loss", grad_loss)
+    _check_row_values(z, "true_scale", true_scale)
+    for name, u in (("grad_g", grad_g), ("grad_g_true", grad_g_true)):
+        if u is not None and (not isinstance(u, torch.Tensor) or u.shape != z.shape or u.dtype != z.dtype
+                              or u.device != z.device):
+            raise ValueError(f"argument '{name}' must match z ({z.dtype} of shape {tuple(z.shape)} on {z.device})")
+    if grad_g_true is not None and true_scale is None:
+        raise ValueError("argument 'grad_g_true' needs the 'true_scale' G_true was made with")
+
+
+def _cross_entropy_sample_grad_backward_autograd(ops: dict) -> tuple:
+    # Third-order derivatives: composite PyTorch around the reference (softmax recomputed from z).
+    def setup_context(ctx, inputs, output):
+        grad_loss, grad_g, grad_g_true, z, lse, target, true_scale, ignore_index = inputs
+        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(grad_loss, grad_g, grad_g_true, z, target, true_scale)
+
+    def backward(ctx, grad_out):
+        grad_loss, grad_g, grad_g_true, z, target, true_scale = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_loss, grad_g, grad_g_true, z)]
+        with torch.enable_grad():
+            lse_ = torch.logsumexp(leaves[3].to(acc_dtype(z.dtype)), dim=-1)
+            out = reference.cross_entropy_sample_grad_backward(*leaves, lse_, target, true_scale, ctx.ignore_index)
+            wrt = [t for t in leaves if t is not None]
+            got = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=torch.is_grad_enabled(), allow_unused=True))
+        grads = [next(got) if t is not None else None for t in leaves]
+        return (*grads[:3], grads[3], None, None, None, None)
+
+    return setup_context, backward
+
+
+_spec(
+    name="cross_entropy_sample_grad_backward",
+    signature=_sig_cross_entropy_sample_grad_backward,
+    check=_check_cross_entropy_sample_grad_backward,
+    autograd=_cross_entropy_sample_grad_backward_autograd,
+    fake=lambda gl, gg, gt, z, lse, target, ts, ii: _empty_like_shape(z),
+)
 
 
 def _sig_ce_grad_backward(

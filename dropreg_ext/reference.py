@@ -64,6 +64,7 @@ __all__ = [
     "cross_entropy_sample",
     "ce_grad",
     "cross_entropy_sample_grad",
+    "cross_entropy_sample_grad_backward",
     "sampled_label",
     "ce_grad_backward",
     "NOISE_KINDS",
@@ -314,21 +315,69 @@ def sampled_label(target: torch.Tensor, yhat: torch.Tensor, ignore_index: int) -
 
 
 def cross_entropy_sample_grad(
-    z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`cross_entropy_sample` and the gradient of the sampled label's cross-entropy, in one op:
+    z: torch.Tensor,
+    target: torch.Tensor,
+    rng: torch.Tensor,
+    ignore_index: int = -100,
+    true_scale: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_sample` and the gradients of the sampled and of the true label's
+    cross-entropy, in one op:
 
         loss, lse, ŷ = cross_entropy_sample(z, target, rng, ignore_index)
-        G_r = softmax(z_r) - onehot(ŷ_r) = exp(z_r - lse_r) - onehot(ŷ_r)   (0 on ignored rows)
+        G_r      = softmax(z_r) - onehot(ŷ_r)                  (0 on ignored rows)
+        G_true_r = true_scale_r · (softmax(z_r) - onehot(y_r))  (0 on ignored rows; only with true_scale)
 
-    G is the cotangent of the regularizer's explicit term (docs/design.md §2). Returns loss, lse
-    (float32; float64 for float64 z), ŷ (int64) and G (N, C) in z's dtype.
+    with softmax(z_r) = exp(z_r - lse_r). G is the cotangent of the regularizer's explicit term and
+    G_true (true_scale = 1/N_eff) that of its implicit term (docs/design.md §2). Returns loss, lse
+    (float32; float64 for float64 z), ŷ (int64), G and G_true (N, C) in z's dtype; G_true is an
+    empty (0,) tensor when true_scale is None.
     """
     loss, lse, yhat = cross_entropy_sample(z, target, rng, ignore_index)
+    grad_true = z.new_empty((0,))
     if z.shape[1] == 0:
-        return loss, lse, yhat, torch.empty_like(z, memory_format=torch.contiguous_format)
+        empty = torch.empty_like(z, memory_format=torch.contiguous_format)
+        return loss, lse, yhat, empty, empty.clone() if true_scale is not None else grad_true
     grad = ce_grad(z, lse, sampled_label(target, yhat, ignore_index), torch.ones_like(lse), -1)
-    return loss, lse, yhat, grad
+    if true_scale is not None:
+        grad_true = ce_grad(z, lse, target, true_scale, ignore_index)
+    return loss, lse, yhat, grad, grad_true
+
+
+def cross_entropy_sample_grad_backward(
+    grad_loss: Optional[torch.Tensor],
+    grad_g: Optional[torch.Tensor],
+    grad_g_true: Optional[torch.Tensor],
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    true_scale: Optional[torch.Tensor],
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The gradient in z of ⟨grad_loss, loss⟩ + ⟨grad_g, G⟩ + ⟨grad_g_true, G_true⟩ for the outputs of
+    :func:`cross_entropy_sample_grad` (ŷ held fixed; a missing cotangent counts as 0). With p =
+    softmax(z) and w = grad_g + true_scale ⊙ grad_g_true, on rows whose target is not ignore_index::
+
+        grad_z = p ⊙ (w - ⟨p, w⟩) + grad_loss ⊙ (p - onehot(y))
+
+    (the softmax Jacobian is symmetric and the one-hots are constants: G's derivative does not
+    depend on ŷ), 0 on the other rows; in z's dtype.
+    """
+    acc = acc_dtype(z.dtype)
+    valid = target != ignore_index
+    p = torch.exp(z.to(acc) - lse.to(acc)[:, None])
+    grad = torch.zeros_like(p)
+    w = torch.zeros_like(p)
+    if grad_g is not None:
+        w = w + grad_g.to(acc)
+    if grad_g_true is not None:
+        w = w + true_scale.to(acc)[:, None] * grad_g_true.to(acc)
+    if grad_g is not None or grad_g_true is not None:
+        grad = p * (w - (p * w).sum(-1, keepdim=True))
+    if grad_loss is not None:
+        onehot = torch.zeros_like(p).scatter_(1, torch.where(valid, target, 0)[:, None], 1.0)
+        grad = grad + grad_loss.to(acc)[:, None] * (p - onehot)
+    return torch.where(valid[:, None], grad, 0.0).to(z.dtype)
 
 
 def ce_grad_backward(

@@ -12,7 +12,7 @@ import torch
 
 from . import ops
 from .nn import record_sites
-from .reference import VJP_RANGE
+from .reference import VJP_RANGE, acc_dtype
 
 __all__ = ["DropoutRegularizer", "k_sample_loss"]
 
@@ -55,11 +55,11 @@ class DropoutRegularizer:
 
     One ``loss.backward()`` gives the paper's update (a double backward through the model).
 
-    How the work is fused: one read of the logits gives J, the log-sum-exp, ŷ and the explicit
-    term's cotangent softmax(z) - onehot(ŷ) (:func:`ops.cross_entropy_sample_grad`); one pass builds
-    the implicit term's (:func:`ops.ce_grad`); the gradients at all sites come from one ``autograd.grad`` call per
-    cotangent — a single one for ``explicit="true"`` with ``implicit``, whose two cotangents are
-    proportional; each site's two terms come from one pass over (h, g_e, g_i) with η drawn
+    How the work is fused: one read of the logits gives J, the log-sum-exp, ŷ and the cotangents of
+    both terms, softmax(z) - onehot(ŷ) and (softmax(z) - onehot(y)) / N_eff
+    (:func:`ops.cross_entropy_sample_grad`), whose backward is one op for all of them; the
+    gradients at all sites come from one ``autograd.grad`` call per cotangent — a single one for
+    ``explicit="true"`` with ``implicit``, whose two cotangents are proportional; each site's two terms come from one pass over (h, g_e, g_i) with η drawn
     in-kernel (:func:`ops.site_penalty`).
 
     Args:
@@ -161,13 +161,18 @@ class DropoutRegularizer:
         sites = [s for s in sites if s.q > 0]
         terms = bool(sites) and torch.is_grad_enabled() and (self.explicit is not None or self.implicit)
         rng = ops.make_rng(z.device)
+        n_eff = (t != ignore_index).sum().clamp_min(1).to(acc_dtype(z.dtype))
+        true_cotangent = None
         if terms and self.explicit == "sampled":
-            # The explicit term's cotangent softmax(z) - onehot(ŷ) from the same read of the logits
-            # as the sample (ŷ's gradient graph: ce_grad's).
-            loss_rows, lse, yhat, sampled_cotangent = ops.cross_entropy_sample_grad(z, t, rng, ignore_index)
+            # The explicit term's cotangent softmax(z) - onehot(ŷ), and the implicit term's
+            # (softmax(z) - onehot(y)) / N_eff, from the same read of the logits as the sample; the
+            # double backward then meets one node for J and both cotangents.
+            true_scale = n_eff.reciprocal().expand(z.shape[0]) if self.implicit else None
+            sample = ops.cross_entropy_sample_grad(z, t, rng, ignore_index, true_scale=true_scale)
+            loss_rows, lse, yhat, sampled_cotangent = sample[:4]
+            true_cotangent = sample[4] if self.implicit else None
         else:
             loss_rows, lse, yhat = ops.cross_entropy_sample(z, t, rng, ignore_index)
-        n_eff = (t != ignore_index).sum().clamp_min(1).to(lse.dtype)
         J = loss_rows.sum() / n_eff
         zero = J.new_zeros(())
         if not terms:
@@ -189,6 +194,8 @@ class DropoutRegularizer:
         if self.implicit:
             if self.explicit == "true":  # ∂J/∂o_i = g_e / N_eff: no second backward pass
                 g_i = [g / n_eff if g is not None else None for g in g_e]
+            elif true_cotangent is not None:
+                g_i = site_grads(true_cotangent)
             else:
                 g_i = site_grads(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index))
 

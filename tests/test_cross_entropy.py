@@ -307,22 +307,30 @@ def _check_ce_grad_backward(be, u, z, lse, label, scale, what):
 
 
 def _check_fused(be, z, t, rng, what, ignore_index=IGNORE):
-    """loss, lse and ŷ bit-identical to the same backend's cross_entropy_sample, and G against the
-    reference ce_grad(z, lse, ŷ, 1) of the valid rows within ce_grad's bound (0 on ignored rows)."""
+    """loss, lse and ŷ bit-identical to the same backend's cross_entropy_sample, G against the
+    reference ce_grad(z, lse, ŷ, 1) and G_true (with a true_scale) against ce_grad(z, lse, y,
+    true_scale), on the valid rows within ce_grad's bound (0 on ignored rows)."""
     loss, lse, yhat, g = dr.ops.cross_entropy_sample_grad(z, t, rng, ignore_index, backend=be.name)
+    scale = torch.linspace(0.5, 2.0, z.shape[0], dtype=acc_dtype(z.dtype), device=z.device)
+    with_true = dr.ops.cross_entropy_sample_grad(z, t, rng, ignore_index, true_scale=scale, backend=be.name)
     sample = dr.ops.cross_entropy_sample(z, t, rng, ignore_index, backend=be.name)
-    for a, b, name in zip((loss, lse, yhat), sample, ("loss", "lse", "yhat")):
+    for a, b, c, name in zip((loss, lse, yhat, g), sample + (g,), with_true, ("loss", "lse", "yhat", "G")):
         assert_bitwise_equal(a, b, f"{what} {name} vs cross_entropy_sample")
-    assert g.dtype == z.dtype and g.shape == z.shape and g.is_contiguous()
+        assert_bitwise_equal(a, c, f"{what} {name} with true_scale")
+    g_true = with_true[4]
     valid = t != ignore_index
-    if z.numel():
-        label = torch.where(valid, yhat, -1)
-        expected = R.ce_grad(z, lse, label, torch.ones_like(lse), -1)
-        p, arg = _softmax_terms(z, lse)
-        tol = TOL[z.dtype]
-        bound = tol["rtol"] * expected.cpu().double().abs() + tol["atol"] + 4 * acc_eps(z.dtype) * p * (2 + arg)
-        assert_within(g, expected, bound, f"{what} G")
-    assert (g[~valid] == 0).all()
+    for out, label, row_scale, name in ((g, torch.where(valid, yhat, -1), torch.ones_like(lse), "G"),
+                                        (g_true, torch.where(valid, t, -1), scale, "G_true")):
+        assert out.dtype == z.dtype and out.shape == z.shape and out.is_contiguous(), name
+        if z.numel():
+            expected = R.ce_grad(z, lse, label, row_scale, -1)
+            p, arg = _softmax_terms(z, lse)
+            s = row_scale.cpu().double().abs()[:, None]
+            tol = TOL[z.dtype]
+            bound = (tol["rtol"] * expected.cpu().double().abs() + tol["atol"]
+                     + 4 * acc_eps(z.dtype) * s * p * (2 + arg))
+            assert_within(out, expected, bound, f"{what} {name}")
+        assert (out[~valid] == 0).all(), f"{what} {name} on ignored rows"
     return loss, lse, yhat, g
 
 
@@ -367,6 +375,50 @@ def test_cross_entropy_sample_grad_deterministic_and_strided(be):
     for a, b, name in zip(dr.ops.cross_entropy_sample_grad(strided, t, rng, IGNORE, backend=be.name), first,
                           ("loss", "lse", "yhat", "G")):
         assert_bitwise_equal(a, b, f"{be} transposed {name}")
+
+
+FUSED_BW_BACKENDS = op_backends("cross_entropy_sample_grad_backward")
+
+
+@pytest.mark.parametrize("parts", ["all", "loss", "g", "g_true", "g+g_true"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("be", FUSED_BW_BACKENDS)
+def test_cross_entropy_sample_grad_backward_matches_reference(be, dtype, parts):
+    """The registered backward op: p ⊙ (w - ⟨p, w⟩) + grad_loss ⊙ (p - onehot(y)), w = grad_g +
+    true_scale ⊙ grad_g_true, with any of the cotangents missing, within the bound of
+    ce_grad_backward (its ⟨p, w⟩ is the same reordered sum) plus ce_grad's for the loss part; plus
+    the roundings in z's dtype of the backends that compose the op from ce_grad_backward and
+    ce_grad: of w (so ⟨p, w⟩ moves by up to Σ p|w| of them) and of the two parts before their sum."""
+    shape = (5, 257)
+    z, lse, target, scale, u = _grad_inputs(shape, dtype, be.device, seed=17)
+    gen = torch.Generator().manual_seed(18)
+    u_true = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(be.device)
+    grad_loss = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(lse.dtype).to(be.device)
+    use = {"loss": parts in ("all", "loss"), "g": parts in ("all", "g", "g+g_true"),
+           "g_true": parts in ("all", "g_true", "g+g_true")}
+    args = (grad_loss if use["loss"] else None, u if use["g"] else None, u_true if use["g_true"] else None, z, lse,
+            target, scale, IGNORE)
+    got = _ops(be)["cross_entropy_sample_grad_backward"](*args)
+    want = R.cross_entropy_sample_grad_backward(*args)
+    assert got.dtype == dtype and got.shape == z.shape
+    p, arg = _softmax_terms(z, lse)
+    w = torch.zeros(shape, dtype=torch.float64)
+    if use["g"]:
+        w += u.cpu().double()
+    if use["g_true"]:
+        w += scale.cpu().double()[:, None] * u_true.cpu().double()
+    eps, c = acc_eps(dtype), shape[1]
+    pw = (p * w).sum(-1, keepdim=True)
+    pw_err = 4 * eps * (2 + math.sqrt(c)) * (p * w.abs() * (2 + arg)).sum(-1, keepdim=True)
+    gl = grad_loss.cpu().double().abs()[:, None] if use["loss"] else 0.0
+    tol = TOL[dtype]
+    out_eps = torch.finfo(dtype).eps / 2
+    vjp, from_loss = p * (w - pw), gl * p
+    bound = (tol["rtol"] * want.cpu().double().abs() + tol["atol"]
+             + p * (4 * eps * ((w - pw).abs() + w.abs()) * (2 + arg) + pw_err) + 4 * eps * from_loss * (2 + arg)
+             + 2 * out_eps * (p * (w.abs() + (p * w.abs()).sum(-1, keepdim=True)) + vjp.abs() + from_loss + 1e-30))
+    assert_within(got, want, bound, f"{be} {dtype} {parts}")
+    assert (got[target == IGNORE] == 0).all()
 
 
 @pytest.mark.parametrize("be", FUSED_BACKENDS)
@@ -439,15 +491,19 @@ def test_cross_entropy_sample_gradcheck(be):
 
 @pytest.mark.parametrize("be", FUSED_BACKENDS)
 def test_cross_entropy_sample_grad_gradcheck(be):
-    """loss, lse and G in z (ŷ fixed by the draw: G = ce_grad(z, lse(z), ŷ, 1))."""
+    """loss, lse, G and G_true in z (ŷ fixed by the draw: G = ce_grad(z, lse(z), ŷ, 1)), all through
+    the one backward op; its own derivative (gradgradcheck) through the composite third order."""
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(be.device).requires_grad_()
     t = torch.tensor([1, IGNORE, 3], device=be.device)
     rng = dr.ops.make_rng(be.device, 19)
 
+    scale = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64, device=be.device)
+
     def outputs(z):
-        loss, lse, _, g = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)
-        return loss, lse, g
+        loss, lse, _, g, g_true = dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, true_scale=scale,
+                                                                   backend=be.name)
+        return loss, lse, g, g_true
 
     def grad_only(z):
         return dr.ops.cross_entropy_sample_grad(z, t, rng, IGNORE, backend=be.name)[3]
@@ -510,9 +566,16 @@ def _opcheck_samples(name, device):
         ],
         "cross_entropy_sample_grad": [
             ("f64-grad", (rnd(3, 4, grad=True), t3, rng, IGNORE)),
+            ("f64-grad-true", (rnd(3, 4, grad=True), t3, rng, IGNORE, rnd(3))),
             ("bf16", (rnd(2, 5, dtype=torch.bfloat16), torch.tensor([4, 0], device=device), rng, IGNORE)),
             ("f32-empty", (rnd(0, 3, dtype=torch.float32), torch.zeros(0, dtype=torch.int64, device=device),
                            rng, IGNORE)),
+        ],
+        "cross_entropy_sample_grad_backward": [
+            ("f64-grad", (rnd(3, grad=True), rnd(3, 4, grad=True), rnd(3, 4, grad=True), rnd(3, 4, grad=True),
+                          torch.zeros(3, **f64), t3, rnd(3), IGNORE)),
+            ("f32-g-only", (None, rnd(2, 3, dtype=torch.float32), None, rnd(2, 3, dtype=torch.float32),
+                            torch.zeros(2, device=device), t2, None, IGNORE)),
         ],
         "ce_grad": [
             ("f64-grad", (rnd(3, 4, grad=True), torch.zeros(3, **f64), t3, rnd(3, grad=True), IGNORE)),
@@ -530,7 +593,8 @@ def _opcheck_samples(name, device):
 
 OPCHECK_CASES = [
     pytest.param(name, i, id=f"{name}-{sample_id}")
-    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "ce_grad", "ce_grad_backward")
+    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "cross_entropy_sample_grad_backward", "ce_grad",
+                 "ce_grad_backward")
     for i, (sample_id, _) in enumerate(_opcheck_samples(name, "cpu"))
 ]
 
@@ -550,7 +614,8 @@ def test_opcheck(be, name, index):
 
 def test_registered_op_names():
     """The documented qualified names: C++ ops for cpu/cuda, ``_reference`` / ``_triton`` twins."""
-    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "ce_grad", "ce_grad_backward"):
+    for name in ("cross_entropy_sample", "cross_entropy_sample_grad", "cross_entropy_sample_grad_backward", "ce_grad",
+                 "ce_grad_backward"):
         assert dr.ops.BACKEND_OPS["reference"][name] is getattr(torch.ops.dropreg, f"{name}_reference")
         if "cpu" in dr.ops.BACKEND_OPS:
             assert dr.ops.BACKEND_OPS["cpu"][name] is getattr(torch.ops.dropreg, name)

@@ -7,7 +7,13 @@ One launcher per op, under the op's name (``dropreg_ext.ops`` registers them as
 run under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
-from .cross_entropy import ce_grad, ce_grad_backward, cross_entropy_sample, cross_entropy_sample_grad
+from .cross_entropy import (
+    ce_grad,
+    ce_grad_backward,
+    cross_entropy_sample,
+    cross_entropy_sample_grad,
+    cross_entropy_sample_grad_backward,
+)
 from .dropout import dropout
 from .philox import philox
 from .site_penalty import site_penalty, site_penalty_backward
@@ -17,6 +23,7 @@ __all__ = [
     "philox",
     "cross_entropy_sample",
     "cross_entropy_sample_grad",
+    "cross_entropy_sample_grad_backward",
     "ce_grad",
     "ce_grad_backward",
     "site_penalty",

@@ -28,7 +28,7 @@ Launch plans (:func:`_sample_plan`) depend on the shape only, never on the devic
 ce_grad and ce_grad_backward also take several rows per program when C is small.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -627,13 +627,47 @@ def cross_entropy_sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tenso
 
 
 def cross_entropy_sample_grad(
-    z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_index: int = -100
+    z: torch.Tensor,
+    target: torch.Tensor,
+    rng: torch.Tensor,
+    ignore_index: int = -100,
+    true_scale: Optional[torch.Tensor] = None,
 ) -> tuple:
     """Launcher: :func:`cross_entropy_sample` (the same bits) and G = exp(z - lse) - onehot(ŷ) (N, C)
     in z's dtype, 0 on ignored rows (ce_grad's values, bit for bit). The sample kernel writes G:
     from registers for rows of one chunk, else by re-reading the row it just read (from L2 on a
-    GPU); rows split over programs take a ce_grad pass instead."""
-    return _sample(z, target, rng, ignore_index, grad=True)
+    GPU); rows split over programs take a ce_grad pass instead. With true_scale, G_true =
+    ce_grad(z, lse, target, true_scale) by a ce_grad pass (else an empty (0,) tensor)."""
+    loss, lse, yhat, grad = _sample(z, target, rng, ignore_index, grad=True)
+    grad_true = z.new_empty((0,)) if true_scale is None else ce_grad(z, lse, target, true_scale, ignore_index)
+    return loss, lse, yhat, grad, grad_true
+
+
+def cross_entropy_sample_grad_backward(
+    grad_loss: Optional[torch.Tensor],
+    grad_g: Optional[torch.Tensor],
+    grad_g_true: Optional[torch.Tensor],
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    true_scale: Optional[torch.Tensor],
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Launcher: the gradient in z of :func:`cross_entropy_sample_grad`'s outputs, p ⊙ (w - ⟨p, w⟩) +
+    grad_loss ⊙ (p - onehot(target)) with w = grad_g + true_scale ⊙ grad_g_true, from the other
+    kernels: ce_grad_backward of w (formed in the accumulation dtype, rounded once to z's) and
+    ce_grad of grad_loss."""
+    grad_z = None
+    if grad_g is not None or grad_g_true is not None:
+        acc = acc_dtype(z.dtype)
+        w = grad_g.to(acc) if grad_g is not None else torch.zeros(z.shape, dtype=acc, device=z.device)
+        if grad_g_true is not None:
+            w = w + true_scale[:, None] * grad_g_true.to(acc)
+        grad_z = ce_grad_backward(w.to(z.dtype), z, lse, target, torch.ones_like(lse), ignore_index)[0]
+    if grad_loss is not None:
+        from_loss = ce_grad(z, lse, target, grad_loss, ignore_index)
+        grad_z = from_loss if grad_z is None else grad_z + from_loss
+    return grad_z if grad_z is not None else torch.zeros(z.shape, dtype=z.dtype, device=z.device)
 
 
 def ce_grad(

@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <initializer_list>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -195,14 +197,14 @@ cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uin
   return st;
 }
 
-// The fused gradient's row from the sample pass: g[c] = e_c · exp(m_b - lse) - [c == y] (e_c =
+// A fused gradient's row from the sample pass: g[c] = (e_c · exp(m_b - lse) - [c == y])·s (e_c =
 // exp(z_c - m_b), m_b the running max after c's block b), rounded once to scalar_t: no second exp
 // and no second read of z. A row with a non-finite logit takes ce_grad's formula instead, which
 // gives the reference's values for ±inf and NaN.
 template <typename scalar_t, typename acc_t>
-void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, int64_t y, bool finite,
+void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, int64_t y, acc_t s, bool finite,
                       GradRowBuffer<acc_t>& buf, scalar_t* g) {
-  if (!finite) return grad_row<scalar_t, acc_t>(z + begin, C, lse, y, acc_t(1), buf.e.data(), g + begin);
+  if (!finite) return grad_row<scalar_t, acc_t>(z + begin, C, lse, y, s, buf.e.data(), g + begin);
   const int64_t end = begin + C;
   int64_t b = 0;
   for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems, ++b) {
@@ -210,39 +212,46 @@ void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, in
     const int64_t hi = std::min(end, blk + kBlockElems) - blk;
     const acc_t f = static_cast<acc_t>(std::exp(static_cast<double>(buf.block_max[b]) - static_cast<double>(lse)));
     const acc_t* e = buf.col(blk - begin);
-    const int64_t y_off = begin + y - blk;  // ŷ's offset in this block (outside [lo, hi): not here)
+    const int64_t y_off = begin + y - blk;  // the label's offset in this block (outside [lo, hi): not here)
 #if DROPREG_HAVE_AVX512_CE
     if constexpr (std::is_same_v<acc_t, float>) {
       if (use_avx512<acc_t>()) {
-        cpu::scale_block<scalar_t>(e, lo, hi, f, y_off >= lo && y_off < hi ? y_off : -1, g + blk);
+        cpu::scale_block<scalar_t>(e, lo, hi, f, y_off >= lo && y_off < hi ? y_off : -1, s, g + blk);
         continue;
       }
     }
 #endif
-    for (int64_t k = lo; k < hi; ++k) g[blk + k] = static_cast<scalar_t>(e[k] * f - (k == y_off ? acc_t(1) : acc_t(0)));
+    for (int64_t k = lo; k < hi; ++k) {
+      g[blk + k] = static_cast<scalar_t>((e[k] * f - (k == y_off ? acc_t(1) : acc_t(0))) * s);
+    }
   }
 }
 
-// The rows of an op that writes a fresh N x C output `out` (fresh_output.h: its pages are mapped
-// ahead of the rows by one thread) or, with out = nullptr, none.
+// The rows of an op that writes fresh N x C outputs `outs` (fresh_output.h: their pages are mapped
+// ahead of the rows by one thread; the null ones are not written) or none.
 template <typename scalar_t, typename MakeWorker>
-void parallel_rows(int64_t N, int64_t C, scalar_t* out, const MakeWorker& make_worker) {
-  if (out != nullptr) {
-    cpu::parallel_rows_fresh(N, row_grain(C), reinterpret_cast<char*>(out), C * int64_t(sizeof(scalar_t)),
-                             make_worker);
+void parallel_rows(int64_t N, int64_t C, std::initializer_list<scalar_t*> outs, const MakeWorker& make_worker) {
+  std::vector<char*> fresh;
+  for (scalar_t* out : outs) {
+    if (out != nullptr) fresh.push_back(reinterpret_cast<char*>(out));
+  }
+  if (!fresh.empty()) {
+    cpu::parallel_rows_fresh(N, row_grain(C), fresh, C * int64_t(sizeof(scalar_t)), make_worker);
   } else {
     at::parallel_for(0, N, row_grain(C), [&](int64_t r0, int64_t r1) { make_worker()(r0, r1); });
   }
 }
 
-// The sample of every row; `grad` (nullable) receives the fused gradient.
+// The sample of every row; `grad` (nullable) receives the sampled label's gradient G and
+// `grad_true` (nullable, with true_scale) the true label's G_true.
 template <typename scalar_t, typename acc_t>
 void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t N, int64_t C,
                                int64_t ignore_index, uint64_t seed, uint64_t offset, acc_t* loss,
-                               acc_t* lse_out, int64_t* yhat, scalar_t* grad) {
-  parallel_rows(N, C, grad, [&] {
+                               acc_t* lse_out, int64_t* yhat, scalar_t* grad, const acc_t* true_scale,
+                               scalar_t* grad_true) {
+  parallel_rows(N, C, {grad, grad_true}, [&] {
     std::optional<GradRowBuffer<acc_t>> buf;
-    if (grad != nullptr) buf.emplace(C);
+    if (grad != nullptr || grad_true != nullptr) buf.emplace(C);
     return [&, buf = std::move(buf)](int64_t r0, int64_t r1) mutable {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* zr = z + r * C;
@@ -256,11 +265,14 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
         lse_out[r] = lse;
         loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
         yhat[r] = valid ? st.best.index : ignore_index;
-        if (grad == nullptr) continue;
-        if (valid) {
-          grad_from_sample<scalar_t, acc_t>(z, r * C, C, lse, st.best.index, !st.nonfinite, *buf, grad);
-        } else {
-          std::fill(grad + r * C, grad + (r + 1) * C, scalar_t(0));
+        for (auto [g, y, s] : {std::tuple{grad, st.best.index, acc_t(1)},
+                               std::tuple{grad_true, t, true_scale ? true_scale[r] : acc_t(0)}}) {
+          if (g == nullptr) continue;
+          if (valid) {
+            grad_from_sample<scalar_t, acc_t>(z, r * C, C, lse, y, s, !st.nonfinite, *buf, g);
+          } else {
+            std::fill(g + r * C, g + (r + 1) * C, scalar_t(0));
+          }
         }
       }
     };
@@ -270,7 +282,7 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
 template <typename scalar_t, typename acc_t>
 void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, const acc_t* row_scale,
                   int64_t N, int64_t C, int64_t ignore_index, scalar_t* out) {
-  parallel_rows(N, C, out, [&] {
+  parallel_rows(N, C, {out}, [&] {
     return [&, p = std::vector<acc_t>(kBlockElems)](int64_t r0, int64_t r1) mutable {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* zr = z + r * C;
@@ -288,16 +300,18 @@ void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, con
   });
 }
 
-// ⟨p, u⟩ of one row with p = exp(z - l) kept in the row buffer p: partial[k % kSumLanes] += p_k·u_k
-// in double, summed in lane order (the AVX-512 loop adds in the same order).
+// ⟨p, w⟩ of one row with p = exp(z - l) and w = u_g + s·u_t (null cotangents: 0) kept in the row
+// buffers p and w: partial[k % kSumLanes] += p_k·w_k in double, summed in lane order (as the
+// AVX-512 loop).
 template <typename scalar_t, typename acc_t>
-acc_t softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_t C, acc_t l, acc_t* p) {
+acc_t softmax_dot2_row(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, acc_t s, int64_t C, acc_t l,
+                       acc_t* p, acc_t* w) {
   alignas(64) double partial[kSumLanes] = {};
   bool done = false;
 #if DROPREG_HAVE_AVX512_CE
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx512<acc_t>()) {
-      cpu::softmax_dot_row<scalar_t>(z, u, C, l, p, partial);
+      cpu::softmax_dot2_row<scalar_t>(z, u_g, u_t, s, C, l, p, w, partial);
       done = true;
     }
   }
@@ -305,22 +319,27 @@ acc_t softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_t C, acc_t l, 
   if (!done) {
     for (int64_t k = 0; k < C; ++k) p[k] = static_cast<acc_t>(z[k]) - l;
     cpu::vexp_inplace(p, C);
-    for (int64_t k = 0; k < C; ++k) partial[k % kSumLanes] += p[k] * static_cast<acc_t>(u[k]);
+    for (int64_t k = 0; k < C; ++k) {
+      w[k] = (u_g != nullptr ? static_cast<acc_t>(u_g[k]) : acc_t(0)) +
+             (u_t != nullptr ? s * static_cast<acc_t>(u_t[k]) : acc_t(0));
+      partial[k % kSumLanes] += p[k] * w[k];
+    }
   }
   double sum = 0;
   for (const double part : partial) sum += part;
   return static_cast<acc_t>(sum);
 }
 
-// VJP of ce_grad per row: ⟨p, u⟩ in a first pass that keeps p = exp(z - lse) in a per-thread row
-// buffer, then grad_z = s·p ⊙ (u - ⟨p, u⟩) from the buffer and u, which the first pass left in
-// cache for rows up to ~50k classes: z and u are read from memory once, one exp per element.
+// VJP of ce_grad per row: ⟨p, u⟩ in a first pass that keeps p = exp(z - lse) and u in per-thread
+// row buffers (softmax_dot2_row, below), then grad_z = s·p ⊙ (u - ⟨p, u⟩) from the buffers: z and u
+// are read from memory once, one exp per element.
 template <typename scalar_t, typename acc_t>
 void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* lse, const int64_t* label,
                            const acc_t* row_scale, int64_t N, int64_t C, int64_t ignore_index,
                            scalar_t* grad_z, acc_t* grad_scale) {
-  parallel_rows(N, C, grad_z, [&] {
-    return [&, p = std::vector<acc_t>(static_cast<size_t>(C))](int64_t r0, int64_t r1) mutable {
+  parallel_rows(N, C, {grad_z}, [&] {
+    return [&, p = std::vector<acc_t>(static_cast<size_t>(C)), w = std::vector<acc_t>(static_cast<size_t>(C))](
+               int64_t r0, int64_t r1) mutable {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* zr = z + r * C;
         const scalar_t* ur = u + r * C;
@@ -334,29 +353,29 @@ void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* ls
         TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
                     ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
         const acc_t s = row_scale[r];
-        const acc_t pu = softmax_dot_row<scalar_t, acc_t>(zr, ur, C, lse[r], p.data());
+        const acc_t pu = softmax_dot2_row<scalar_t, acc_t>(zr, ur, nullptr, acc_t(0), C, lse[r], p.data(), w.data());
         grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
 #if DROPREG_HAVE_AVX512_CE
         if constexpr (std::is_same_v<acc_t, float>) {
           if (use_avx512<acc_t>()) {
-            cpu::softmax_vjp_row<scalar_t>(p.data(), ur, C, pu, s, gr);
+            cpu::softmax_vjp_row<scalar_t>(p.data(), w.data(), C, pu, s, gr);
             continue;
           }
         }
 #endif
-        for (int64_t k = 0; k < C; ++k) {
-          gr[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], static_cast<acc_t>(ur[k]), pu, s));
-        }
+        for (int64_t k = 0; k < C; ++k) gr[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], w[k], pu, s));
       }
     };
   });
 }
 
-// loss, lse, ŷ and, with `with_grad`, the fused gradient G (an undefined tensor otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& z_in, const at::Tensor& target_in,
-                                                                      const at::Tensor& rng, int64_t ignore_index,
-                                                                      bool with_grad) {
+// loss, lse, ŷ and, with `with_grad`, the fused gradient G (an undefined tensor otherwise), and
+// with true_scale G_true (an empty (0,) tensor otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& z_in, const at::Tensor& target_in, const at::Tensor& rng, int64_t ignore_index, bool with_grad,
+    const std::optional<at::Tensor>& true_scale) {
   check_cross_entropy_sample_args(z_in, target_in, rng);
+  check_true_scale(true_scale, z_in);
   const at::Tensor z = z_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1);
@@ -365,6 +384,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::
   at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
   at::Tensor grad;
   if (with_grad) grad = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const bool with_true = with_grad && true_scale.has_value();
+  at::Tensor grad_true = with_true ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
+  const at::Tensor scale = with_true ? true_scale->contiguous() : at::Tensor();
   const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_cpu", [&] {
@@ -372,22 +394,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::
     cross_entropy_sample_rows<scalar_t, acc_t>(
         z.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
         static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]), loss.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr);
+        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+        with_true ? scale.const_data_ptr<acc_t>() : nullptr, with_true ? grad_true.data_ptr<scalar_t>() : nullptr);
   });
-  return {loss, lse, yhat, grad};
+  return {loss, lse, yhat, grad, grad_true};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cpu(const at::Tensor& z, const at::Tensor& target,
                                                                         const at::Tensor& rng, int64_t ignore_index) {
-  auto [loss, lse, yhat, grad] = sample_cpu(z, target, rng, ignore_index, false);
+  auto [loss, lse, yhat, grad, grad_true] = sample_cpu(z, target, rng, ignore_index, false, std::nullopt);
   return {loss, lse, yhat};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cpu(const at::Tensor& z,
-                                                                                     const at::Tensor& target,
-                                                                                     const at::Tensor& rng,
-                                                                                     int64_t ignore_index) {
-  return sample_cpu(z, target, rng, ignore_index, true);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cpu(
+    const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng, int64_t ignore_index,
+    const std::optional<at::Tensor>& true_scale) {
+  return sample_cpu(z, target, rng, ignore_index, true, true_scale);
+}
+
+// The backward of cross_entropy_sample_grad per row (reference.cross_entropy_sample_grad_backward):
+// grad_z = p ⊙ (w - ⟨p, w⟩) + gl·(p - onehot(y)), w = u_g + s·u_t, in two passes of which the
+// second reads the row buffers p and w (in cache): z and the cotangents are read from memory once,
+// one exp per element, one fresh N x C output.
+template <typename scalar_t, typename acc_t>
+void sample_grad_backward_rows(const acc_t* grad_loss, const scalar_t* u_g, const scalar_t* u_t, const scalar_t* z,
+                               const acc_t* lse, const int64_t* target, const acc_t* true_scale, int64_t N, int64_t C,
+                               int64_t ignore_index, scalar_t* grad_z) {
+  parallel_rows(N, C, {grad_z}, [&] {
+    return [&, p = std::vector<acc_t>(static_cast<size_t>(C)), w = std::vector<acc_t>(static_cast<size_t>(C))](
+               int64_t r0, int64_t r1) mutable {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* gr = grad_z + r * C;
+        const int64_t y = target[r];
+        if (y == ignore_index) {
+          std::fill(gr, gr + C, scalar_t(0));
+          continue;
+        }
+        TORCH_CHECK(y >= 0 && y < C, "argument 'target' must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+        const acc_t s = true_scale != nullptr ? true_scale[r] : acc_t(0);
+        const acc_t gl = grad_loss != nullptr ? grad_loss[r] : acc_t(0);
+        const acc_t pw = softmax_dot2_row<scalar_t, acc_t>(z + r * C, u_g ? u_g + r * C : nullptr,
+                                                           u_t ? u_t + r * C : nullptr, s, C, lse[r], p.data(),
+                                                           w.data());
+#if DROPREG_HAVE_AVX512_CE
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx512<acc_t>()) {
+            cpu::softmax_vjp2_row<scalar_t>(p.data(), w.data(), C, pw, gl, y, gr);
+            continue;
+          }
+        }
+#endif
+        for (int64_t k = 0; k < C; ++k) {
+          gr[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? acc_t(1) : acc_t(0))));
+        }
+      }
+    };
+  });
+}
+
+at::Tensor cross_entropy_sample_grad_backward_cpu(const std::optional<at::Tensor>& grad_loss,
+                                                  const std::optional<at::Tensor>& grad_g,
+                                                  const std::optional<at::Tensor>& grad_g_true, const at::Tensor& z_in,
+                                                  const at::Tensor& lse, const at::Tensor& target,
+                                                  const std::optional<at::Tensor>& true_scale, int64_t ignore_index) {
+  check_sample_grad_backward_args(grad_loss, grad_g, grad_g_true, z_in, lse, target, true_scale);
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor grad_z = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
+  const at::Tensor gl = contiguous(grad_loss), ug = contiguous(grad_g), ut = contiguous(grad_g_true);
+  const at::Tensor ts = grad_g_true ? contiguous(true_scale) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_grad_backward_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    sample_grad_backward_rows<scalar_t, acc_t>(
+        gl.defined() ? gl.const_data_ptr<acc_t>() : nullptr, ug.defined() ? ug.const_data_ptr<scalar_t>() : nullptr,
+        ut.defined() ? ut.const_data_ptr<scalar_t>() : nullptr, z.const_data_ptr<scalar_t>(),
+        lse.contiguous().const_data_ptr<acc_t>(), target.contiguous().const_data_ptr<int64_t>(),
+        ts.defined() ? ts.const_data_ptr<acc_t>() : nullptr, z.size(0), z.size(1), ignore_index,
+        grad_z.data_ptr<scalar_t>());
+  });
+  return grad_z;
 }
 
 at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& label,
@@ -429,6 +516,7 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("cross_entropy_sample", &cross_entropy_sample_cpu);
   m.impl("cross_entropy_sample_grad", &cross_entropy_sample_grad_cpu);
+  m.impl("cross_entropy_sample_grad_backward", &cross_entropy_sample_grad_backward_cpu);
   m.impl("ce_grad", &ce_grad_cpu);
   m.impl("ce_grad_backward", &ce_grad_backward_cpu);
 }

@@ -191,18 +191,18 @@ DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, R
   return count;
 }
 
-// g[k] = e[k]·f - [k == y] rounded to scalar_t for the offsets k in [lo, hi) of a 128-element
-// block: the gradient's softmax from the sample pass's e = exp(z - m_b) and f = exp(m_b - lse) (y:
-// ŷ's offset in the block, or -1).
+// g[k] = (e[k]·f - [k == y])·s rounded to scalar_t for the offsets k in [lo, hi) of a 128-element
+// block: a gradient's softmax from the sample pass's e = exp(z - m_b) and f = exp(m_b - lse) (y:
+// the label's offset in the block, or -1; s: the row's scale), in the order of ce_grad's formula.
 template <typename scalar_t>
-DROPREG_AVX512 void scale_block(const float* e, int64_t lo, int64_t hi, float f, int64_t y, scalar_t* g) {
-  const __m512 fv = _mm512_set1_ps(f), one = _mm512_set1_ps(1.0f);
+DROPREG_AVX512 void scale_block(const float* e, int64_t lo, int64_t hi, float f, int64_t y, float s, scalar_t* g) {
+  const __m512 fv = _mm512_set1_ps(f), sv = _mm512_set1_ps(s), one = _mm512_set1_ps(1.0f);
   for (int j = 0; j < 8; ++j) {
     const __mmask16 in = lanes_between(lo - 16 * j, hi - 16 * j);
     if (in == 0) continue;
     __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, e + 16 * j), fv);
     if (y >= 16 * j && y < 16 * j + 16) v = _mm512_mask_sub_ps(v, static_cast<__mmask16>(1u << (y - 16 * j)), v, one);
-    store16<scalar_t>(g + 16 * j, v, in);
+    store16<scalar_t>(g + 16 * j, _mm512_mul_ps(v, sv), in);
   }
 }
 
@@ -219,19 +219,35 @@ DROPREG_AVX512 void grad_row(const scalar_t* z, int64_t n, float l, int64_t y, f
   }
 }
 
-// p[k] = exp(float(z[k]) - l) (SLEEF, as ce_grad) for k < n, into the row buffer p, and ⟨p, u⟩'s
-// partial sums: partial[k % 16] += p[k]·u[k] (the product in float, the sum in double), the order
-// of the portable loop in cross_entropy.cpp.
+// ce_grad_backward's second pass: g[k] = s·p[k]·(u[k] - pu) for k < n (ce_grad_backward_element),
+// from the row buffers p and u (the cotangent as softmax_dot2_row left it), rounded to scalar_t.
 template <typename scalar_t>
-DROPREG_AVX512 void softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_t n, float l, float* p,
-                                    double* partial) {
-  const __m512 lv = _mm512_set1_ps(l);
+DROPREG_AVX512 void softmax_vjp_row(const float* p, const float* u, int64_t n, float pu, float s, scalar_t* g) {
+  const __m512 puv = _mm512_set1_ps(pu), sv = _mm512_set1_ps(s);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 in = lanes(n - k);
+    const __m512 sp = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(in, p + k));
+    store16<scalar_t>(g + k, _mm512_mul_ps(sp, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, u + k), puv)), in);
+  }
+}
+
+// The first pass of a row of ce_grad_backward and of the fused op's backward: p[k] = exp(float(z[k])
+// - l) (SLEEF, as ce_grad) and w[k] = u_g[k] + s·u_t[k] (either cotangent may be null: 0) into the
+// row buffers p and w, and ⟨p, w⟩'s partial sums partial[k % 16] += p[k]·w[k] (the product in
+// float, the sum in double).
+template <typename scalar_t>
+DROPREG_AVX512 void softmax_dot2_row(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, float s, int64_t n,
+                                     float l, float* p, float* w, double* partial) {
+  const __m512 lv = _mm512_set1_ps(l), sv = _mm512_set1_ps(s);
   __m512d lo = _mm512_load_pd(partial), hi = _mm512_load_pd(partial + 8);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
     const __m512 pv = Sleef_expf16_u10(_mm512_sub_ps(load16<scalar_t>(z + k, in), lv));
+    __m512 wv = u_g != nullptr ? load16<scalar_t>(u_g + k, in) : _mm512_setzero_ps();
+    if (u_t != nullptr) wv = _mm512_add_ps(wv, _mm512_mul_ps(sv, load16<scalar_t>(u_t + k, in)));
     _mm512_mask_storeu_ps(p + k, in, pv);
-    const __m512 prod = _mm512_mul_ps(pv, load16<scalar_t>(u + k, in));
+    _mm512_mask_storeu_ps(w + k, in, wv);
+    const __m512 prod = _mm512_mul_ps(pv, wv);
     lo = _mm512_mask_add_pd(lo, static_cast<__mmask8>(in), lo, _mm512_cvtps_pd(_mm512_castps512_ps256(prod)));
     hi = _mm512_mask_add_pd(hi, static_cast<__mmask8>(in >> 8), hi,
                             _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(prod), 1))));
@@ -240,14 +256,18 @@ DROPREG_AVX512 void softmax_dot_row(const scalar_t* z, const scalar_t* u, int64_
   _mm512_store_pd(partial + 8, hi);
 }
 
-// g[k] = s·p[k]·(u[k] - pu) for k < n (ce_grad_backward_element), rounded to scalar_t.
+// Its second pass: g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]) for k < n, rounded to scalar_t.
 template <typename scalar_t>
-DROPREG_AVX512 void softmax_vjp_row(const float* p, const scalar_t* u, int64_t n, float pu, float s, scalar_t* g) {
-  const __m512 puv = _mm512_set1_ps(pu), sv = _mm512_set1_ps(s);
+DROPREG_AVX512 void softmax_vjp2_row(const float* p, const float* w, int64_t n, float pw, float gl, int64_t y,
+                                     scalar_t* g) {
+  const __m512 pwv = _mm512_set1_ps(pw), glv = _mm512_set1_ps(gl), one = _mm512_set1_ps(1.0f);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
-    const __m512 sp = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(in, p + k));
-    store16<scalar_t>(g + k, _mm512_mul_ps(sp, _mm512_sub_ps(load16<scalar_t>(u + k, in), puv)), in);
+    const __m512 pv = _mm512_maskz_loadu_ps(in, p + k);
+    __m512 onehot_term = pv;  // p - [k == y]
+    if (y >= k && y < k + 16) onehot_term = _mm512_mask_sub_ps(pv, static_cast<__mmask16>(1u << (y - k)), pv, one);
+    const __m512 vjp = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(in, w + k), pwv));
+    store16<scalar_t>(g + k, _mm512_add_ps(vjp, _mm512_mul_ps(glv, onehot_term)), in);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -41,12 +42,12 @@ inline bool map_pages(char* begin, char* end) {
 #endif
 }
 
-// Rows [0, N) of a kernel writing row r of a fresh output at out + r·row_bytes, in chunks of rows
-// claimed in order by every thread; thread 0 first maps the output's pages ahead of the others
+// Rows [0, N) of a kernel writing row r of each fresh output at out + r·row_bytes, in chunks of rows
+// claimed in order by every thread; thread 0 first maps the outputs' pages ahead of the others
 // (see above). make_worker() is called once per thread and returns its `void(int64_t r0, int64_t r1)`
 // (so a thread can keep its own scratch buffers).
 template <typename MakeWorker>
-void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, char* out, int64_t row_bytes,
+void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, const std::vector<char*>& outs, int64_t row_bytes,
                          const MakeWorker& make_worker) {
   if (N <= 0) return;
   const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
@@ -62,10 +63,13 @@ void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, char* out, int64_t r
         for (int64_t c = 0; c < chunks && mapping.load(std::memory_order_relaxed); c += chunks_per_call) {
           const int64_t c_end = std::min(chunks, c + chunks_per_call);
           const int64_t r_end = std::min(N, c_end * rows_per_chunk);
-          if (c >= next.load(std::memory_order_relaxed) &&
-              !map_pages(out + c * rows_per_chunk * row_bytes, out + r_end * row_bytes)) {
-            break;  // no MADV_POPULATE_WRITE here: rows fault as they are written
+          bool done = true;
+          for (char* out : outs) {
+            if (c < next.load(std::memory_order_relaxed)) break;
+            done = map_pages(out + c * rows_per_chunk * row_bytes, out + r_end * row_bytes);
+            if (!done) break;
           }
+          if (!done) break;  // no MADV_POPULATE_WRITE here: rows fault as they are written
           mapped.store(c_end, std::memory_order_release);
         }
         mapping.store(false, std::memory_order_release);

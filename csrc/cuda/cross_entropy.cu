@@ -1092,22 +1092,48 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cuda(const at::Tensor& u, co
 }
 
 // The sample and G = exp(z - lse) - onehot(ŷ) (0 on ignored rows) in one kernel when the row fits
-// on chip; otherwise the sample, then ce_grad(z, lse, ŷ, 1) on the valid rows (z read twice).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cuda(const at::Tensor& z,
-                                                                                      const at::Tensor& target,
-                                                                                      const at::Tensor& rng,
-                                                                                      int64_t ignore_index) {
+// on chip; otherwise the sample, then ce_grad(z, lse, ŷ, 1) on the valid rows (z read twice). With
+// true_scale, G_true = ce_grad(z, lse, target, true_scale) by one more ce_grad pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cuda(
+    const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng, int64_t ignore_index,
+    const std::optional<at::Tensor>& true_scale) {
   check_cross_entropy_sample_args(z, target, rng);
+  check_true_scale(true_scale, z);
   const c10::cuda::CUDAGuard guard(z.device());
   auto [loss, lse, yhat] = sample_outputs(z);
   at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
-  if (z.size(0) == 0) return {loss, lse, yhat, grad};
+  at::Tensor grad_true = true_scale ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
+  if (z.size(0) == 0) return {loss, lse, yhat, grad, grad_true};
   const at::Tensor zc = z.contiguous();
   if (!sample_into(zc, target.contiguous(), rng.contiguous(), ignore_index, loss, lse, yhat, &grad)) {
     const at::Tensor label = yhat.masked_fill(target == ignore_index, kSampledLabelIgnore);
     grad = ce_grad_cuda(zc, lse, label, at::ones_like(lse), kSampledLabelIgnore);
   }
-  return {loss, lse, yhat, grad};
+  if (true_scale) grad_true = ce_grad_cuda(zc, lse, target, *true_scale, ignore_index);
+  return {loss, lse, yhat, grad, grad_true};
+}
+
+// The fused op's backward from the other kernels: ce_grad_backward of w = grad_g + true_scale·grad_g_true
+// (formed in the accumulation dtype, rounded once to z's) plus ce_grad of grad_loss.
+at::Tensor cross_entropy_sample_grad_backward_cuda(const std::optional<at::Tensor>& grad_loss,
+                                                   const std::optional<at::Tensor>& grad_g,
+                                                   const std::optional<at::Tensor>& grad_g_true, const at::Tensor& z,
+                                                   const at::Tensor& lse, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& true_scale, int64_t ignore_index) {
+  check_sample_grad_backward_args(grad_loss, grad_g, grad_g_true, z, lse, target, true_scale);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor ones = at::ones_like(lse);
+  at::Tensor grad_z;
+  if (grad_g || grad_g_true) {
+    at::Tensor w = grad_g ? grad_g->to(acc_type(z)) : at::zeros_like(z, z.options().dtype(acc_type(z)));
+    if (grad_g_true) w = w + true_scale->unsqueeze(1) * grad_g_true->to(acc_type(z));
+    grad_z = std::get<0>(ce_grad_backward_cuda(w.to(z.scalar_type()), z, lse, target, ones, ignore_index));
+  }
+  if (grad_loss) {
+    const at::Tensor from_loss = ce_grad_cuda(z, lse, target, *grad_loss, ignore_index);
+    grad_z = grad_z.defined() ? grad_z + from_loss : from_loss;
+  }
+  return grad_z.defined() ? grad_z : at::zeros_like(z, at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
@@ -1115,6 +1141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_
 TORCH_LIBRARY_IMPL(dropreg, CUDA, m) {
   m.impl("cross_entropy_sample", &cross_entropy_sample_cuda);
   m.impl("cross_entropy_sample_grad", &cross_entropy_sample_grad_cuda);
+  m.impl("cross_entropy_sample_grad_backward", &cross_entropy_sample_grad_backward_cuda);
   m.impl("ce_grad", &ce_grad_cuda);
   m.impl("ce_grad_backward", &ce_grad_backward_cuda);
 }

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "checks.h"
 
 namespace dropreg {
@@ -40,9 +42,9 @@ inline void check_row_values(const at::Tensor& v, const char* name, const at::Te
 }
 
 // u: the cotangent of ce_grad, z's shape, dtype and device.
-inline void check_cotangent(const at::Tensor& u, const at::Tensor& z) {
+inline void check_cotangent(const at::Tensor& u, const at::Tensor& z, const char* name = "u") {
   TORCH_CHECK(u.sizes() == z.sizes() && u.scalar_type() == z.scalar_type() && u.device() == z.device(),
-              "argument 'u' must match z (", z.scalar_type(), " of shape ", z.sizes(), " on ", z.device(),
+              "argument '", name, "' must match z (", z.scalar_type(), " of shape ", z.sizes(), " on ", z.device(),
               "), got ", u.scalar_type(), " of shape ", u.sizes(), " on ", u.device());
 }
 
@@ -50,6 +52,29 @@ inline void check_cross_entropy_sample_args(const at::Tensor& z, const at::Tenso
   check_logits(z);
   check_labels(target, "target", z);
   DROPREG_CHECK_RNG(rng, z);
+}
+
+// true_scale: optional per-row scale of G_true.
+inline void check_true_scale(const std::optional<at::Tensor>& true_scale, const at::Tensor& z) {
+  if (true_scale.has_value()) check_row_values(*true_scale, "true_scale", z);
+}
+
+// The backward of cross_entropy_sample_grad: optional cotangents of loss (per row), G and G_true (z's
+// shape and dtype); G_true's needs the true_scale it was made with.
+inline void check_sample_grad_backward_args(const std::optional<at::Tensor>& grad_loss,
+                                            const std::optional<at::Tensor>& grad_g,
+                                            const std::optional<at::Tensor>& grad_g_true, const at::Tensor& z,
+                                            const at::Tensor& lse, const at::Tensor& target,
+                                            const std::optional<at::Tensor>& true_scale) {
+  check_logits(z);
+  check_row_values(lse, "lse", z);
+  check_labels(target, "target", z);
+  if (grad_loss.has_value()) check_row_values(*grad_loss, "grad_loss", z);
+  check_true_scale(true_scale, z);
+  if (grad_g.has_value()) check_cotangent(*grad_g, z, "grad_g");
+  if (grad_g_true.has_value()) check_cotangent(*grad_g_true, z, "grad_g_true");
+  TORCH_CHECK(!grad_g_true.has_value() || true_scale.has_value(),
+              "argument 'grad_g_true' needs the 'true_scale' G_true was made with");
 }
 
 inline void check_ce_grad_args(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& label,
