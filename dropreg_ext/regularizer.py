@@ -59,8 +59,8 @@ class DropoutRegularizer:
     both terms, softmax(z) - onehot(ŷ) and (softmax(z) - onehot(y)) / N_eff
     (:func:`ops.cross_entropy_sample_grad`), whose backward is one op for all of them; the
     gradients at all sites come from one ``autograd.grad`` call per cotangent — a single one for
-    ``explicit="true"`` with ``implicit``, whose two cotangents are proportional; each site's two terms come from one pass over (h, g_e, g_i) with η drawn
-    in-kernel (:func:`ops.site_penalty`).
+    ``explicit="true"`` with ``implicit``, whose two cotangents are proportional; each site's two
+    terms come from one pass over (h, g_e, g_i) with η drawn in-kernel (:func:`ops.site_penalty`).
 
     Args:
         model: the module whose fused dropout layers become sites.
