@@ -146,3 +146,100 @@ def test_kernels_compile_for_sm90():
     assert not failures, "kernels that do not compile for sm_90:\n" + "\n".join(
         f"--- {case}\n{trace}" for case, trace in failures.items()
     )
+
+
+# torch.compile traces into the Triton launchers (torch.library.triton_op): the launcher runs on
+# fake tensors, which have no address, and each launch goes through torch's mutation analysis,
+# which lowers the kernel to TTIR with its scalar arguments as Python constants. The child traces
+# every Triton op as opcheck's aot_dispatch_dynamic test does (AOTAutograd, dynamic shapes) and
+# stops before anything runs; the active target is set to sm_90, as torch's analysis asks for it.
+_TRACE_CHILD = textwrap.dedent(
+    """
+    import json, logging, traceback
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(Sm90())
+    import dropreg_ext as dr
+    from torch._functorch.aot_autograd import aot_function
+
+    class Traced(Exception):
+        pass
+
+    def stop(graph, example_inputs):
+        raise Traced()
+
+    analysis_failures = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if "assuming every input is mutated" in record.getMessage():  # any torch version's wording
+                analysis_failures.append(record.getMessage() + " " + str(record.exc_info and record.exc_info[1]))
+
+    logging.getLogger("torch._dynamo").addHandler(Record())
+    ops = dr.ops.BACKEND_OPS["triton"]
+    rng = dr.ops.make_rng("cpu", 3)
+
+    def cases():
+        for dt in (torch.float32, torch.bfloat16, torch.float64):
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            x = torch.randn(4, 8, dtype=dt)
+            yield f"dropout-{dt}", "dropout", (x, 0.25, rng)
+            z, t = torch.randn(3, 40, dtype=dt), torch.tensor([1, -100, 7])
+            lse, scale = torch.randn(3, dtype=acc), torch.ones(3, dtype=acc)
+            yield f"cross_entropy_sample-{dt}", "cross_entropy_sample", (z, t, rng, -100)
+            yield f"cross_entropy_sample_grad-{dt}", "cross_entropy_sample_grad", (z, t, rng, -100, scale)
+            yield (f"cross_entropy_sample_grad_backward-{dt}", "cross_entropy_sample_grad_backward",
+                   (torch.randn(3, dtype=acc), torch.randn(3, 40, dtype=dt), torch.randn(3, 40, dtype=dt), z, lse,
+                    t, scale, -100))
+            yield f"ce_grad-{dt}", "ce_grad", (z, lse, t, scale, -100)
+            yield f"ce_grad_backward-{dt}", "ce_grad_backward", (torch.randn(3, 40, dtype=dt), z, lse, t, scale, -100)
+            h = torch.randn(64, dtype=dt)
+            for noise, q in (("rademacher", 0.5), ("dropout", 0.25)):
+                yield f"site_penalty-{noise}-{dt}", "site_penalty", (h, h, h, q, noise, rng)
+                yield (f"site_penalty_backward-{noise}-{dt}", "site_penalty_backward",
+                       (torch.randn(2, dtype=acc), h, h, h, q, noise, rng))
+        yield "philox", "philox", (torch.zeros(5, 4, dtype=torch.int64), torch.ones(5, 2, dtype=torch.int64))
+
+    failures = {}
+    for case_id, name, args in cases():
+        op = ops[name]
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+        def call(*ts, args=args, op=op, tensors=tensors):
+            full = list(args)
+            for i, t in zip(tensors, ts):
+                full[i] = t
+            return op(*full)
+
+        del analysis_failures[:]
+        try:
+            aot_function(call, fw_compiler=stop, dynamic=True)(*(args[i] for i in tensors))
+        except Traced:
+            pass
+        except Exception:
+            failures[case_id] = traceback.format_exc()[-1500:]
+        if analysis_failures:
+            failures[case_id] = "torch's mutation analysis failed: " + analysis_failures[0][-1500:]
+    print(json.dumps(failures))
+    """
+)
+
+
+def test_triton_ops_trace_like_torch_compile():
+    pytest.importorskip("triton")
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip("this torch has no torch.library.triton_op: the Triton ops are opaque custom ops")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _TRACE_CHILD], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not failures, "Triton ops that torch.compile cannot trace:\n" + "\n".join(
+        f"--- {case}\n{trace}" for case, trace in failures.items()
+    )

@@ -9,6 +9,7 @@ functions annotated with triton.jit"), so it is never passed to ``wrap_triton`` 
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.jit import JITFunction
 
 _wrap = getattr(torch.library, "wrap_triton", None)
@@ -27,8 +28,15 @@ def reduction_input(t: torch.Tensor) -> torch.Tensor:
     contiguous copy (then the strides and sizes are functions of the shape alone), or the two could
     sum in different orders and give different bits. The caching allocator's blocks are aligned,
     so a copy is only made for views that are strided or start inside a block at an odd offset.
+
+    While torch.compile traces the launcher (``triton_op``), ``t`` is a fake tensor without an
+    address: there the storage offset decides, which is the address test for allocator blocks.
     """
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+    if is_fake(t):
+        aligned = t.storage_offset() * t.element_size() % 16 == 0
+    else:
+        aligned = t.data_ptr() % 16 == 0
+    if t.is_contiguous() and aligned:
         return t
     return t.clone(memory_format=torch.contiguous_format)
 

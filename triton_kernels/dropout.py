@@ -26,11 +26,13 @@ def _dropout_kernel(x_ptr, y_ptr, rng_ptr, n, threshold, scale_bits, BLOCK: tl.c
     u = philox_tile16(rng_ptr, STREAM_DROPOUT_MASK, group)
     keep = u >= threshold
     # The scale arrives as the bits of the accumulation dtype: a scalar argument, so no tensor (and
-    # no fill kernel) per call, and exact for float64 too.
+    # no fill kernel) per call, and exact for float64 too. tl.cast, not .to: torch.compile lowers
+    # the kernel with scalar arguments as Python constants, which have no methods and take the
+    # narrowest integer type that holds them.
     if x_ptr.dtype.element_ty == tl.float64:
-        scale = scale_bits.to(tl.float64, bitcast=True)
+        scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
     else:
-        scale = scale_bits.to(tl.uint32).to(tl.float32, bitcast=True)
+        scale = tl.cast(tl.cast(scale_bits, tl.uint32), tl.float32, bitcast=True)
     y = tl.where(keep, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
     tl.store(y_ptr + offs, y, mask=mask)
 
