@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cross_entropy_avx2.h"
 #include "cross_entropy_avx512.h"
 #include "cross_entropy_host.h"
 #include "fresh_output.h"
@@ -58,6 +59,17 @@ bool use_avx512() {
 #if DROPREG_HAVE_AVX512_CE
   static const bool avx512 = cpu::cpu_has_avx512();
   return std::is_same_v<acc_t, float> && avx512;
+#else
+  return false;
+#endif
+}
+
+// Whether the AVX2 sample loop (cross_entropy_avx2.h) runs: float accumulation, AVX2 but no AVX-512.
+template <typename acc_t>
+bool use_avx2() {
+#if DROPREG_HAVE_AVX2_CE
+  static const bool avx2 = cpu::cpu_path() == cpu::CpuPath::kAvx2;
+  return std::is_same_v<acc_t, float> && avx2;
 #else
   return false;
 #endif
@@ -174,18 +186,24 @@ cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uin
     acc_t* e = grad != nullptr ? grad->col(blk - begin) : e_block;
     const uint64_t first_call = static_cast<uint64_t>(blk) / 4;
     const int32_t* candidates = cand;
-    int64_t count;
-#if DROPREG_HAVE_AVX512_CE
+    int64_t count = -1;
     if constexpr (std::is_same_v<acc_t, float>) {
+      float* e_out = grad != nullptr ? e : nullptr;
+      const uint64_t stream = offset + kStreamGumbel;
+#if DROPREG_HAVE_AVX512_CE
       if (use_avx512<acc_t>()) {
-        count = cpu::sample_block<scalar_t>(z + blk, lo, hi, st, seed, offset + kStreamGumbel, first_call,
-                                            grad != nullptr ? e : nullptr, u, cand);
-      } else {
-        count = sample_block<scalar_t, acc_t>(z + blk, lo, hi, st, seed, offset, first_call, e, u, cand, &candidates);
+        count = cpu::sample_block<scalar_t>(z + blk, lo, hi, st, seed, stream, first_call, e_out, u, cand);
       }
-    } else
 #endif
-    {
+#if DROPREG_HAVE_AVX2_CE
+      if (use_avx2<acc_t>()) {
+        count = cpu::sample_block_avx2<scalar_t>(z + blk, lo, hi, st, seed, stream, first_call, e_out, u, cand);
+      }
+#endif
+      (void)e_out;
+      (void)stream;
+    }
+    if (count < 0) {
       count = sample_block<scalar_t, acc_t>(z + blk, lo, hi, st, seed, offset, first_call, e, u, cand, &candidates);
     }
     if (count > 0) {  // most blocks have none once a best score exists
@@ -213,14 +231,22 @@ void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, in
     const acc_t f = static_cast<acc_t>(std::exp(static_cast<double>(buf.block_max[b]) - static_cast<double>(lse)));
     const acc_t* e = buf.col(blk - begin);
     const int64_t y_off = begin + y - blk;  // the label's offset in this block (outside [lo, hi): not here)
-#if DROPREG_HAVE_AVX512_CE
     if constexpr (std::is_same_v<acc_t, float>) {
+      const int64_t y_in = y_off >= lo && y_off < hi ? y_off : -1;
+#if DROPREG_HAVE_AVX512_CE
       if (use_avx512<acc_t>()) {
-        cpu::scale_block<scalar_t>(e, lo, hi, f, y_off >= lo && y_off < hi ? y_off : -1, s, g + blk);
+        cpu::scale_block<scalar_t>(e, lo, hi, f, y_in, s, g + blk);
         continue;
       }
-    }
 #endif
+#if DROPREG_HAVE_AVX2_CE
+      if (use_avx2<acc_t>()) {
+        cpu::scale_block_avx2<scalar_t>(e, lo, hi, f, y_in, s, g + blk);
+        continue;
+      }
+#endif
+      (void)y_in;
+    }
     for (int64_t k = lo; k < hi; ++k) {
       g[blk + k] = static_cast<scalar_t>((e[k] * f - (k == y_off ? acc_t(1) : acc_t(0))) * s);
     }

@@ -1,0 +1,183 @@
+// AVX2 inner loops of the CPU cross-entropy sample pass (cross_entropy.cpp), for float
+// accumulation on CPUs with AVX2 + FMA + F16C and no AVX-512: the AVX-512 sample_block
+// (cross_entropy_avx512.h) at 8 logits a register, the same arithmetic in the same order (the
+// 16 partial sums: elements 8j..8j+7 of the block go to partials 0..7 for even j, 8..15 for odd),
+// with the Philox draws of dropout_avx2.h. Its exp is the AVX-512 one's polynomial; below -87.3
+// (where exp is subnormal) it gives 0: those elements add nothing the lse can see and cannot win
+// the Gumbel-max (that needs z > S - 16.6).
+#pragma once
+
+#include "cpu_kernels.h"
+#include "cross_entropy_row.h"
+#include "dropout_avx2.h"
+
+#if DROPREG_HAVE_AVX2_DROPOUT && DROPREG_X86_SLEEF
+
+#include <limits>
+#include <type_traits>
+
+#define DROPREG_HAVE_AVX2_CE 1
+
+namespace dropreg {
+namespace cpu {
+
+// exp(x) for x <= 0 (see the header): x = n·ln2 + r, e^r by its degree-7 Taylor polynomial, 2^n
+// built in the exponent bits; x < -87.3, -inf and NaN give 0.
+DROPREG_AVX2 inline __m256 exp_nonpositive_avx2(__m256 x) {
+  const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);  // false for NaN
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860676533018704e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), normal);
+}
+
+// The lanes of register j (elements 8j .. 8j + 7 of a block) whose offsets lie in [lo, hi), as bits.
+inline int in_row_lanes(int64_t lo, int64_t hi, int j) {
+  int bits = 0;
+  for (int k = 0; k < 8; ++k) bits |= (8 * j + k >= lo && 8 * j + k < hi) << k;
+  return bits;
+}
+
+// 8 logits of type scalar_t as floats (whole registers: the caller pads partial blocks).
+template <typename scalar_t>
+DROPREG_AVX2 inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+// One 128-element block of the sample pass: the AVX-512 sample_block's contract (z points at flat
+// index blk, [lo, hi) the offsets that belong to the row, e_out nullable, u[0..128) the draws,
+// candidates into cand), 8 logits a register.
+template <typename scalar_t>
+DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
+                                       uint64_t stream, uint64_t first_call, float* e_out, uint32_t* u,
+                                       int32_t* cand) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const bool full = lo == 0 && hi == kBlockElems;  // every block but a row's first and last
+  {
+    __m256i d[8];
+    for (int half = 0; half < 2; ++half) {  // 16 calls = 64 draws of u32 each
+      philox16(seed, stream, first_call + 16 * half, d);
+      for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(u + 64 * half + 8 * j), d[j]);
+    }
+  }
+  // A row's first and last blocks: the row's logits as floats, -inf around them.
+  alignas(32) float padded[kBlockElems];
+  if (!full) {
+    for (int64_t k = 0; k < kBlockElems; ++k) {
+      padded[k] = k >= lo && k < hi ? static_cast<float>(z[k]) : -kInf;
+    }
+  }
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 x[16];
+  __m256 mx = _mm256_set1_ps(-kInf);
+  int bad = 0;
+  for (int j = 0; j < 16; ++j) {
+    x[j] = full ? load8<scalar_t>(z + 8 * j) : _mm256_load_ps(padded + 8 * j);
+    mx = _mm256_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
+    // |x| >= inf or NaN; the padding's -inf is not the row's
+    const int lanes_bad = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(x[j], abs_mask), _mm256_set1_ps(kInf),
+                                                           _CMP_NLT_UQ));
+    bad |= full ? lanes_bad : lanes_bad & in_row_lanes(lo, hi, j);
+  }
+  if (bad != 0) {
+    st.nonfinite = true;
+    for (int j = 0; j < 16; ++j) st.nan |= _mm256_movemask_ps(_mm256_cmp_ps(x[j], x[j], _CMP_UNORD_Q)) != 0;
+  }
+  alignas(32) float lane_max[8];
+  _mm256_store_ps(lane_max, mx);
+  float block_max = lane_max[0];
+  for (int k = 1; k < 8; ++k) block_max = lane_max[k] > block_max ? lane_max[k] : block_max;
+  if (block_max > st.m) st.raise_max(block_max);
+  const bool add = st.m > -kInf;  // while m = -inf every value so far is -inf and adds 0
+  const bool exact = st.nonfinite || !(st.bound < kInf);
+  const __m256 mv = _mm256_set1_ps(st.m);
+  // The filter on the integers, as the AVX-512 block: d = 2^23 - (u32 >> 9) < fma(e, bound·2^23, 1/2).
+  const __m256 big_b = _mm256_set1_ps(st.bound * 8388608.0f);
+  const __m256 half_v = _mm256_set1_ps(0.5f);
+  const __m256i two23 = _mm256_set1_epi32(1 << 23);
+  __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t count = 0;
+  for (int j = 0; j < 16; ++j) {
+    const __m256 e = exp_nonpositive_avx2(_mm256_sub_ps(x[j], mv));  // the padding's -inf gives 0
+    sum[j & 1] = _mm256_add_ps(sum[j & 1], e);
+    int pass = full ? 0xFF : in_row_lanes(lo, hi, j);
+    if (e_out != nullptr) {
+      if (full) {
+        _mm256_storeu_ps(e_out + 8 * j, e);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, e);
+        for (int k = 0; k < 8; ++k) {
+          if (pass >> k & 1) e_out[8 * j + k] = tmp[k];
+        }
+      }
+    }
+    if (!exact) {
+      const __m256i k = _mm256_srli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(u + 8 * j)), 9);
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(two23, k));
+      pass &= _mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_fmadd_ps(e, big_b, half_v), _CMP_LT_OQ));
+    }
+    for (; pass != 0; pass &= pass - 1) cand[count++] = static_cast<int32_t>(8 * j + __builtin_ctz(pass));
+  }
+  if (add) {
+    for (int h = 0; h < 2; ++h) {
+      double* part = st.partial + 8 * h;
+      const __m256d lo_sum = _mm256_add_pd(_mm256_load_pd(part), _mm256_cvtps_pd(_mm256_castps256_ps128(sum[h])));
+      const __m256d hi_sum = _mm256_add_pd(_mm256_load_pd(part + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum[h], 1)));
+      _mm256_store_pd(part, lo_sum);
+      _mm256_store_pd(part + 4, hi_sum);
+    }
+  }
+  return count;
+}
+
+// The AVX-512 scale_block's contract (g[k] = (e[k]·f - [k == y])·s for the offsets [lo, hi), the
+// values of a finite row), 8 a register; a row's first and last blocks element by element.
+template <typename scalar_t>
+DROPREG_AVX2 void scale_block_avx2(const float* e, int64_t lo, int64_t hi, float f, int64_t y, float s, scalar_t* g) {
+  if (lo != 0 || hi != kBlockElems) {
+    for (int64_t k = lo; k < hi; ++k) g[k] = static_cast<scalar_t>((e[k] * f - (k == y ? 1.0f : 0.0f)) * s);
+    return;
+  }
+  const __m256 fv = _mm256_set1_ps(f), sv = _mm256_set1_ps(s);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < 16; ++j) {
+    const __m256 is_y = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(y - 8 * j))));
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(e + 8 * j), fv);
+    const __m256 v = _mm256_mul_ps(_mm256_sub_ps(p, _mm256_and_ps(is_y, _mm256_set1_ps(1.0f))), sv);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_storeu_ps(g + 8 * j, v);
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(g + 8 * j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {  // bf16: round to nearest even on the bits (the values are finite)
+      const __m256i bits = round_bf16_bits(v);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(g + 8 * j), packed);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace dropreg
+
+#else
+#define DROPREG_HAVE_AVX2_CE 0
+#endif
