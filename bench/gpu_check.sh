@@ -13,23 +13,30 @@
 # junit/<stage>-<file>.xml, bench-<section>/ (results.json, results.csv, PNGs), summary.txt.
 #
 # Stages, in order of value, each command under its own `timeout -s INT` (pytest then still prints
-# its failures and writes its junit file), one pytest process per test file, PYTHONUNBUFFERED=1:
+# its failures and writes its junit file), PYTHONUNBUFFERED=1. A test stage is one pytest run over
+# all the test files, spread over 8 processes by pytest-xdist (in the GPU image): a test that crashes
+# its process is reported as that test's failure and the process replaced, and the startup (several
+# seconds of imports per process there) is paid in parallel. Without xdist, one process.
 #   machine          record the machine; no GPU / torch without CUDA: exit 3 here
 #   build            the machine's own python and torch, sm_90 only, all cores; if the CUDA build
 #                    fails its log is kept, a CPU-only build installs the package (and its Triton
 #                    kernels), and the stages that need the CUDA kernels are skipped
-#   cuda-tests       the CUDA backend against the reference (-m cuda -k "not triton"), per file
+#   cuda-tests       the CUDA backend against the reference (-m cuda -k "not triton")
+#   crash-probe      only if a test crashed its process: that test again under cuda-gdb, for the
+#                    native backtrace (logs/crash-probe.log)
 #   regularizer      the objective on CUDA against plain autograd (test_regularizer.py -m cuda)
 #   bench-train      python -m bench --check --only train
-#   triton-tests     the compiled Triton kernels (-m cuda -k triton), per file
+#   triton-tests     the compiled Triton kernels (-m cuda -k triton)
 #   bench-dropout, bench-ce, bench-site
 #   summary          python -m bench.gpu_summary: stages, test counts, first failures, bandwidth
-# The limits add up to 410 s, so the script ends within 7 minutes even if every stage hits its
+# The limits add up to 420 s, so the script ends within 7 minutes even if every stage hits its
 # limit. Exit status: 0 if every stage passed, else the first failing stage's (124: a time limit).
 # On a machine without a GPU it lists the stages with their limits, says what is missing and exits 3.
 #
-# Measured stage times: NOT RUN ON A GPU YET. After the first real run, replace this line with
-#   the stage times of summary.txt (date, GPU, torch, triton versions).
+# Measured on an H200 (2026-12-04, torch 2.11.0+cu130, triton 3.6.0), with the earlier layout of one
+# pytest process per file: machine 5 s, build 56 s, regularizer 19 s, bench-train 28 s, bench-dropout
+# 23 s, bench-ce 23 s, bench-site about 20 s; every test file hit its 6-20 s limit (about 6 s of it
+# imports), while all the CUDA and Triton tests but test_fuzz pass in 88 s in one process.
 
 set -uo pipefail
 
@@ -44,25 +51,22 @@ T0=$SECONDS
 FIRST_FAILURE=0
 CUDA_BUILT=0
 
-# name:limit_s of each test file, per test stage (the limits are part of the 410 s).
-CUDA_TEST_FILES="test_philox:7 test_dropout:14 test_cross_entropy:18 test_site_penalty:11 test_special_values:6 test_ecosystem:14 test_fuzz:8"
-TRITON_TEST_FILES="test_philox:6 test_dropout:12 test_cross_entropy:20 test_site_penalty:11 test_special_values:6 test_ecosystem:12 test_fuzz:6"
+TEST_FILES="tests/test_philox.py tests/test_dropout.py tests/test_cross_entropy.py tests/test_site_penalty.py
+  tests/test_special_values.py tests/test_ecosystem.py tests/test_fuzz.py"
 
 plan() {  # the stages and their limits, as run below
-  local sum_cuda=0 sum_triton=0 entry
-  for entry in $CUDA_TEST_FILES; do sum_cuda=$((sum_cuda + ${entry#*:})); done
-  for entry in $TRITON_TEST_FILES; do sum_triton=$((sum_triton + ${entry#*:})); done
   cat <<EOF
-gpu_check plan (limit per stage; test stages: one pytest process per file):
+gpu_check plan (limit per stage; test stages: one pytest run, 8 xdist workers where xdist is there):
   machine        10 s
-  build         100 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
-  cuda-tests    ${sum_cuda} s   ${CUDA_TEST_FILES}
+  build          90 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
+  cuda-tests     65 s   $(echo $TEST_FILES) -m cuda -k "not triton"
+  crash-probe    30 s   only if a test crashed its process
   regularizer    25 s   test_regularizer.py -m cuda
   bench-train    35 s   python -m bench --check --only train
-  triton-tests  ${sum_triton} s   ${TRITON_TEST_FILES}
-  bench-dropout  35 s
+  triton-tests   70 s   the same files, -m cuda -k triton
+  bench-dropout  30 s
   bench-ce       30 s
-  bench-site     15 s
+  bench-site     30 s
   summary         5 s
 results: $OUT_DIR/gpu_check.tgz and $OUT_DIR/summary.txt (work tree $WORK)
 EOF
@@ -173,14 +177,25 @@ build() {  # DROPREG_CUDA=1: setup.py fails loudly instead of silently building 
   "$PY" -m dropreg_ext.info
 }
 
-pytest_files() {  # stage files marker keyword: one pytest process per file
-  local stage=$1 files=$2 marker=$3 keyword=$4 entry file limit
-  for entry in $files; do
-    file=${entry%%:*}
-    limit=${entry#*:}
-    run "$stage-$file" "$limit" "$PY" -m pytest "tests/$file.py" -m "$marker" -k "$keyword" -q -rfE \
-      --tb=short -p no:cacheprovider --junitxml="$WORK/junit/$stage-$file.xml"
-  done
+pytest_stage() {  # stage limit marker keyword: the test files in one pytest run
+  local xdist=()
+  "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 8 --max-worker-restart 16)
+  # shellcheck disable=SC2086  # TEST_FILES is a list of paths
+  run "$1" "$2" "$PY" -m pytest $TEST_FILES -m "$3" -k "$4" "${xdist[@]}" -q -rfE --tb=short \
+    -p no:cacheprovider --junitxml="$WORK/junit/$1.xml"
+}
+
+crash_probe() {  # the first test that crashed its xdist worker, again alone under cuda-gdb
+  local crashed gdb
+  crashed=$(grep -o "crashed while running '[^']*'" "$WORK/logs/cuda-tests.log" 2> /dev/null | head -n 1 | cut -d"'" -f2)
+  [ -z "$crashed" ] && return 0
+  gdb=$(command -v cuda-gdb || echo "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb")
+  if [ -x "$gdb" ]; then
+    run crash-probe 30 "$gdb" -batch -ex run -ex bt --args "$PY" -X faulthandler -m pytest "$crashed" \
+      -p no:xdist -p no:cacheprovider -q
+  else
+    run crash-probe 30 "$PY" -X faulthandler -m pytest "$crashed" -p no:xdist -p no:cacheprovider -q
+  fi
 }
 
 bench_section() {  # name limit section
@@ -197,7 +212,7 @@ run machine 10 bash -c machine
 cp "$WORK/logs/machine.log" "$WORK/machine.txt"
 [ "$FIRST_FAILURE" -ne 0 ] && { echo "gpu_check: no usable GPU here (see above); nothing else was run"; finish; }
 
-if run build 100 bash -c build; then
+if run build 90 bash -c build; then
   "$PY" -c 'import sys, dropreg_ext; sys.exit(0 if dropreg_ext._ext.HAS_CUDA else 1)' && CUDA_BUILT=1
 fi
 if [ "$CUDA_BUILT" -eq 0 ]; then
@@ -206,15 +221,16 @@ if [ "$CUDA_BUILT" -eq 0 ]; then
 fi
 
 if [ "$CUDA_BUILT" -eq 1 ]; then
-  pytest_files cuda-tests "$CUDA_TEST_FILES" cuda "not triton"
+  pytest_stage cuda-tests 65 cuda "not triton"
+  crash_probe
 else
   record cuda-tests 0 0 -1
 fi
 run regularizer 25 "$PY" -m pytest tests/test_regularizer.py -m cuda -q -rfE --tb=short -p no:cacheprovider \
   --junitxml="$WORK/junit/regularizer-test_regularizer.xml"
 bench_section bench-train 35 train
-pytest_files triton-tests "$TRITON_TEST_FILES" cuda "triton"
-bench_section bench-dropout 35 dropout
+pytest_stage triton-tests 70 cuda "triton"
+bench_section bench-dropout 30 dropout
 bench_section bench-ce 30 ce
-bench_section bench-site 15 site
+bench_section bench-site 30 site
 finish

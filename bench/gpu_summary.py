@@ -1,11 +1,12 @@
 """``python -m bench.gpu_summary DIR``: the one-screen summary of a ``bench/gpu_check.sh`` run.
 
 Reads what the script left in DIR: ``machine.txt`` (its first lines), ``stages.tsv`` (one row per
-stage and per test file: name, limit, seconds, exit status), ``junit/*.xml`` (one pytest process per
-test file) and ``bench-*/results.json`` (one benchmark section each). Prints the stage table, the
-test counts with the first failures, and for each benchmark section our backends' share of the
-copy bandwidth and their speedups over eager PyTorch and torch.compile; writes the same text to
-``DIR/summary.txt``. Needs no torch: it must also summarize a run on a machine where torch failed.
+stage: name, limit, seconds, exit status), ``junit/*.xml`` (one per test stage) and
+``bench-*/results.json`` (one benchmark section each). Prints the stage table, the test counts with
+the first failures, and for each benchmark section our backends' share of the copy bandwidth and
+their speedups over eager PyTorch and torch.compile; writes the same text to ``DIR/summary.txt``,
+and the sections as one ``DIR/results.json`` with their plots (the layout ``bench.report``
+renders). Needs no torch: it must also summarize a run on a machine where torch failed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import sys
 import xml.etree.ElementTree as ElementTree
 
@@ -101,6 +103,34 @@ def bench_lines(folder: str) -> list:
     return lines or ["(no benchmark results)"]
 
 
+def merge_bench(folder: str) -> list:
+    """The benchmark sections (``bench-*/results.json``) as one ``results.json`` in ``folder``, with
+    their plots beside it: the layout of every results folder, which ``python -m bench.report``
+    renders. Rows and checks are concatenated; the meta is the first section's, with the seconds
+    of every section. Returns the sections merged."""
+    paths = sorted(glob.glob(os.path.join(folder, "bench-*", "results.json")))
+    if not paths:
+        return []
+    merged: dict = {"meta": {}, "rows": [], "checks": []}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        meta = part.get("meta", {})
+        if not merged["meta"]:
+            merged["meta"] = dict(meta)
+        else:
+            merged["meta"].setdefault("elapsed_s", {}).update(meta.get("elapsed_s", {}))
+        merged["rows"] += part["rows"]
+        merged["checks"] += part.get("checks", [])
+        for plot in glob.glob(os.path.join(os.path.dirname(path), "*.png")):
+            shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
+    sections = [os.path.basename(os.path.dirname(path)) for path in paths]
+    merged["meta"]["command"] = f"bash bench/gpu_check.sh ({', '.join(sections)})"
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    return sections
+
+
 def summary(folder: str) -> str:
     parts = []
     machine = os.path.join(folder, "machine.txt")
@@ -120,6 +150,9 @@ def main(argv: list | None = None) -> int:
     with open(os.path.join(args[0], "summary.txt"), "w") as f:
         f.write(text)
     print(text, end="")
+    merged = merge_bench(args[0])
+    if merged:
+        print(f"results.json: {', '.join(merged)} merged (python -m bench.report renders it)")
     return 0
 
 

@@ -34,8 +34,8 @@ def test_dry_run_lists_stages_and_exits_3(tmp_path):
         match = re.match(r"\s+([a-z-]+)\s+(\d+) s", line)
         if match:
             limits[match.group(1)] = int(match.group(2))
-    assert list(limits) == ["machine", "build", "cuda-tests", "regularizer", "bench-train", "triton-tests",
-                            "bench-dropout", "bench-ce", "bench-site", "summary"]
+    assert list(limits) == ["machine", "build", "cuda-tests", "crash-probe", "regularizer", "bench-train",
+                            "triton-tests", "bench-dropout", "bench-ce", "bench-site", "summary"]
     assert sum(limits.values()) <= 420, f"stage limits add up to {sum(limits.values())} s > 7 min"
     assert "cannot run the GPU check" in out and "missing" in out
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.tgz", "summary.txt"]
@@ -74,6 +74,9 @@ def test_summary_reads_stages_tests_and_bench(tmp_path):
     assert "tests.test_x::test_b[cuda]: AssertionError: bits differ" in text
     assert "bench-dropout: float32 2^26 cuda" in text and "fwd 87%" in text and "fwd x1.90/x1.20" in text
     assert "eager " not in text.split("bench-dropout:", 1)[1], "only our backends get a bandwidth line"
+    merged = json.loads((tmp_path / "results.json").read_text())  # the layout bench.report renders
+    assert [r["provider"] for r in merged["rows"]] == ["cuda", "eager"]
+    assert merged["meta"]["command"] == "bash bench/gpu_check.sh (bench-dropout)"
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
