@@ -11,7 +11,7 @@ namespace dropreg {
 namespace {
 
 at::Tensor philox_cpu(const at::Tensor& counter, const at::Tensor& key) {
-  DROPREG_CHECK_PHILOX_ARGS(counter, key);
+  check_philox_args(counter, key);
   const at::Tensor c = counter.contiguous();
   const at::Tensor k = key.contiguous();
   at::Tensor out = at::empty_like(c);

@@ -176,12 +176,6 @@ size_t stash_bytes(const RowPlan& plan, int64_t arrays) {
   return static_cast<size_t>(plan.iters) * plan_threads(plan) * arrays * C::kBytes;
 }
 
-// Row-relative chunk indices are ints: the row loops need fewer than 2^31 chunks a row.
-void check_cols_cuda(int64_t cols) {
-  TORCH_CHECK(cols < std::numeric_limits<int32_t>::max(), "argument 'z' must have fewer than 2^31 - 1 columns on CUDA, got ",
-              cols);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Chunk and reduction helpers
 // ---------------------------------------------------------------------------------------------
@@ -968,7 +962,7 @@ bool sample_into(const at::Tensor& zc, const at::Tensor& tc, const at::Tensor& r
                  at::Tensor& loss, at::Tensor& lse, at::Tensor& yhat, at::Tensor* grad) {
   const int64_t rows = zc.size(0);
   const int64_t cols = zc.size(1);
-  check_cols_cuda(cols);
+  check_cuda_columns(cols);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   bool fused = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "cross_entropy_sample_cuda", [&] {
@@ -1022,7 +1016,7 @@ at::Tensor ce_grad_cuda(const at::Tensor& z, const at::Tensor& lse, const at::Te
   if (zc.numel() == 0) return out;
   const int64_t rows = zc.size(0);
   const int64_t cols = zc.size(1);
-  check_cols_cuda(cols);
+  check_cuda_columns(cols);
   const at::Tensor lc = lse.contiguous();
   const at::Tensor yc = label.contiguous();
   const at::Tensor sc = row_scale.contiguous();
@@ -1061,7 +1055,7 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cuda(const at::Tensor& u, co
   const int64_t rows = zc.size(0);
   const int64_t cols = zc.size(1);
   if (rows == 0) return {grad_z, grad_row_scale};
-  check_cols_cuda(cols);
+  check_cuda_columns(cols);
   const at::Tensor lc = lse.contiguous();
   const at::Tensor yc = label.contiguous();
   const at::Tensor sc = row_scale.contiguous();

@@ -24,7 +24,7 @@ __global__ void philox_kernel(const int64_t* __restrict__ c, const int64_t* __re
 }
 
 at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key) {
-  DROPREG_CHECK_PHILOX_ARGS(counter, key);
+  check_philox_args(counter, key);
   const c10::cuda::CUDAGuard guard(counter.device());
   const at::Tensor c = counter.contiguous();
   const at::Tensor k = key.contiguous();

@@ -55,3 +55,10 @@ inline at::ScalarType acc_type(const at::Tensor& t) {
                 (counter).size(0), ", got ", (key).scalar_type(), " of shape ", (key).sizes()); \
     DROPREG_CHECK_SAME_DEVICE(counter, key);                                                    \
   } while (0)
+
+namespace dropreg {
+
+// The raw philox op's arguments: the macro above, out of line (checks.cpp).
+void check_philox_args(const at::Tensor& counter, const at::Tensor& key);
+
+}  // namespace dropreg

@@ -11,11 +11,8 @@ namespace dropreg {
 // Writes the dropout of contiguous x into y (which may be x itself).
 using DropoutInto = void (*)(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng);
 
-inline void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng) {
-  DROPREG_CHECK_FLOATING(x);
-  DROPREG_CHECK_PROB(p);
-  DROPREG_CHECK_RNG(rng, x);
-}
+// x floating, p in [0, 1], rng an int64 [seed, offset] on x's device (checks.cpp).
+void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng);
 
 // y = dropout(x) in x's memory layout, as torch.empty_like(x) lays it out (dense inputs keep their
 // strides; others get a dense tensor in their stride order), with the mask keyed by the logical

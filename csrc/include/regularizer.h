@@ -252,21 +252,14 @@ DROPREG_HOST_DEVICE acc_t site_dg_implicit(acc_t b, acc_t eta, acc_t h) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-only helpers (plain inline functions: never compiled for the device).
+// Host-only argument checks (defined in checks.cpp: never compiled for the device).
 // ---------------------------------------------------------------------------------------------
 
 // "rademacher" -> kRademacher, "dropout" -> kDropoutNoise; anything else is a user error.
-inline NoiseKind parse_noise(const std::string& noise) {
-  if (noise == "rademacher") return kRademacher;
-  TORCH_CHECK(noise == "dropout",
-              "argument 'noise' must be \"rademacher\" or \"dropout\", got \"", noise, "\"");
-  return kDropoutNoise;
-}
+NoiseKind parse_noise(const std::string& noise);
 
 // The site-noise drop probability: q = 1 would make q/(1-q) infinite.
-inline void check_noise_prob(double q) {
-  TORCH_CHECK(std::isfinite(q) && q >= 0.0 && q < 1.0, "argument 'q' must be in [0, 1), got ", q);
-}
+void check_noise_prob(double q);
 
 // The positive noise value `a` of site_noise_value, in double (cast once to acc_t by the caller),
 // as reference.site_noise_amplitude: pow(·, 0.5) rather than sqrt mirrors Python's `** 0.5` bit
