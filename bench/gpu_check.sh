@@ -27,7 +27,10 @@
 #   regularizer      the objective on CUDA against plain autograd (test_regularizer.py -m cuda)
 #   bench-train      python -m bench --check --only train
 #   triton-tests     the compiled Triton kernels (-m cuda -k triton)
-#   bench-dropout, bench-ce, bench-site
+#   bench-dropout, bench-ce
+#   kernels          python -m bench.gpu_kernels: each op's device time from CUDA-graph replays (no
+#                    host overhead), against a device-to-device copy
+#   bench-site
 #   summary          python -m bench.gpu_summary: stages, test counts, first failures, bandwidth
 # The limits add up to 420 s, so the script ends within 7 minutes even if every stage hits its
 # limit. Exit status: 0 if every stage passed, else the first failing stage's (124: a time limit).
@@ -58,15 +61,16 @@ plan() {  # the stages and their limits, as run below
   cat <<EOF
 gpu_check plan (limit per stage; test stages: one pytest run, 8 xdist workers where xdist is there):
   machine        10 s
-  build          90 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
+  build          80 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
   cuda-tests     65 s   $(echo $TEST_FILES) -m cuda -k "not triton"
-  crash-probe    30 s   only if a test crashed its process
+  crash-probe    20 s   only if a test crashed its process
   regularizer    25 s   test_regularizer.py -m cuda
   bench-train    35 s   python -m bench --check --only train
   triton-tests   70 s   the same files, -m cuda -k triton
   bench-dropout  30 s
   bench-ce       30 s
-  bench-site     30 s
+  kernels        25 s   python -m bench.gpu_kernels
+  bench-site     25 s
   summary         5 s
 results: $OUT_DIR/gpu_check.tgz and $OUT_DIR/summary.txt (work tree $WORK)
 EOF
@@ -191,10 +195,10 @@ crash_probe() {  # the first test that crashed its xdist worker, again alone und
   [ -z "$crashed" ] && return 0
   gdb=$(command -v cuda-gdb || echo "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb")
   if [ -x "$gdb" ]; then
-    run crash-probe 30 "$gdb" -batch -ex run -ex bt --args "$PY" -X faulthandler -m pytest "$crashed" \
+    run crash-probe 20 "$gdb" -batch -ex run -ex bt --args "$PY" -X faulthandler -m pytest "$crashed" \
       -p no:xdist -p no:cacheprovider -q
   else
-    run crash-probe 30 "$PY" -X faulthandler -m pytest "$crashed" -p no:xdist -p no:cacheprovider -q
+    run crash-probe 20 "$PY" -X faulthandler -m pytest "$crashed" -p no:xdist -p no:cacheprovider -q
   fi
 }
 
@@ -212,7 +216,7 @@ run machine 10 bash -c machine
 cp "$WORK/logs/machine.log" "$WORK/machine.txt"
 [ "$FIRST_FAILURE" -ne 0 ] && { echo "gpu_check: no usable GPU here (see above); nothing else was run"; finish; }
 
-if run build 90 bash -c build; then
+if run build 80 bash -c build; then
   "$PY" -c 'import sys, dropreg_ext; sys.exit(0 if dropreg_ext._ext.HAS_CUDA else 1)' && CUDA_BUILT=1
 fi
 if [ "$CUDA_BUILT" -eq 0 ]; then
@@ -232,5 +236,6 @@ bench_section bench-train 35 train
 pytest_stage triton-tests 70 cuda "triton"
 bench_section bench-dropout 30 dropout
 bench_section bench-ce 30 ce
-bench_section bench-site 30 site
+run kernels 25 "$PY" -m bench.gpu_kernels --out "$WORK/kernels"
+bench_section bench-site 25 site
 finish

@@ -131,6 +131,22 @@ def merge_bench(folder: str) -> list:
     return sections
 
 
+def kernel_lines(folder: str) -> list:
+    """The device times of ``python -m bench.gpu_kernels`` (``kernels/kernels.json``), if it ran."""
+    path = os.path.join(folder, "kernels", "kernels.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    out = ["device time per call (CUDA graph replay):"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"  {r['case']:<40} {r['error']}")
+        else:
+            out.append(f"  {r['case']:<40} {r['us_per_call']:9.1f} us {r['pct_copy']:5.0f}% of copy")
+    return out
+
+
 def summary(folder: str) -> str:
     parts = []
     machine = os.path.join(folder, "machine.txt")
@@ -138,6 +154,8 @@ def summary(folder: str) -> str:
         with open(machine) as f:
             parts += [line.rstrip() for line in f.readlines()[:4]]
     parts += [""] + stage_lines(folder) + [""] + test_lines(folder) + [""] + bench_lines(folder)
+    kernels = kernel_lines(folder)
+    parts += [""] + kernels if kernels else []
     return "\n".join(parts) + "\n"
 
 

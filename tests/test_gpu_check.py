@@ -35,7 +35,7 @@ def test_dry_run_lists_stages_and_exits_3(tmp_path):
         if match:
             limits[match.group(1)] = int(match.group(2))
     assert list(limits) == ["machine", "build", "cuda-tests", "crash-probe", "regularizer", "bench-train",
-                            "triton-tests", "bench-dropout", "bench-ce", "bench-site", "summary"]
+                            "triton-tests", "bench-dropout", "bench-ce", "kernels", "bench-site", "summary"]
     assert sum(limits.values()) <= 420, f"stage limits add up to {sum(limits.values())} s > 7 min"
     assert "cannot run the GPU check" in out and "missing" in out
     assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.tgz", "summary.txt"]
@@ -74,6 +74,15 @@ def test_summary_reads_stages_tests_and_bench(tmp_path):
     assert "tests.test_x::test_b[cuda]: AssertionError: bits differ" in text
     assert "bench-dropout: float32 2^26 cuda" in text and "fwd 87%" in text and "fwd x1.90/x1.20" in text
     assert "eager " not in text.split("bench-dropout:", 1)[1], "only our backends get a bandwidth line"
+    assert "device time per call" not in text  # bench.gpu_kernels did not run
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "kernels.json").write_text(json.dumps({"rows": [
+        {"case": "dropout cuda float32 2^26", "bytes": 2**29, "us_per_call": 140.0, "gbps": 3835.0, "pct_copy": 91.5},
+        {"case": "ce backward triton bfloat16 2048x32000", "bytes": 1, "error": "RuntimeError: capture failed"}]}))
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.txt").read_text()
+    assert re.search(r"dropout cuda float32 2\^26\s+140.0 us\s+92% of copy", text)
+    assert re.search(r"ce backward triton bfloat16 2048x32000\s+RuntimeError: capture failed", text)
     merged = json.loads((tmp_path / "results.json").read_text())  # the layout bench.report renders
     assert [r["provider"] for r in merged["rows"]] == ["cuda", "eager"]
     assert merged["meta"]["command"] == "bash bench/gpu_check.sh (bench-dropout)"
@@ -123,3 +132,11 @@ def test_sass_table_of_the_built_kernels():
     for line in rows:
         per_elem = float(line.split("|")[5])
         assert 4 < per_elem < 100, line  # a plausible count: a loop was found, not the whole file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_gpu_kernels_without_cuda_says_so_and_exits_3(capsys):
+    from bench import gpu_kernels
+
+    assert gpu_kernels.main([]) == 3
+    assert "needs a CUDA device" in capsys.readouterr().err
