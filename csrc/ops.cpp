@@ -1,5 +1,6 @@
 // Operator schemas of the dropreg namespace and the Python module that carries the build facts.
-// Kernels: cpu/*.cpp (CPU) and cuda/*.cu (CUDA). Fakes and autograd: dropreg_ext/ops.py.
+// Kernels: cpu/*.cpp (CPU) and cuda/*.cu (CUDA). Fakes and autograd: dropreg_ext/ops.py, but dropout's
+// autograd: autograd.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
