@@ -5,8 +5,9 @@ microseconds is then bounded by the host (Python, dispatch, launches) rather tha
 the first H200 run measured our dropout forward at 46% of copy bandwidth at 2^24 float32 and 68% at
 2^26, a fixed cost per call on top of a kernel near the copy rate. Here each case's calls are
 captured in a CUDA graph and the graph is replayed: the time per call is the time its kernels keep
-the GPU busy, against a device-to-device copy measured the same way. A case whose capture fails is
-reported with its error, not dropped. Without CUDA it says so and exits 3.
+the GPU busy, against a device-to-device copy measured the same way; beside it, the same calls
+back to back from Python (what ``python -m bench`` measures), whose excess is host cost. A case
+whose capture fails is reported with its error, not dropped. Without CUDA it says so and exits 3.
 
 Cases: dropout (ours on each backend, eager ``F.dropout``), the fused cross-entropy op
 (``cross_entropy_sample_grad``) and its backward, the site penalty forward and backward. Bytes are
@@ -50,6 +51,19 @@ def graph_time_s(fn: Callable[[], object], calls: int = CALLS_PER_GRAPH, replays
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
+def launch_time_s(fn: Callable[[], object], calls: int = CALLS_PER_GRAPH * REPLAYS) -> float:
+    """Seconds per call of ``fn`` called back to back from Python, between two events: what
+    ``python -m bench`` measures. Above graph_time_s by the host cost a call does not hide."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / calls
 
 
 def cases(device: torch.device) -> list:
@@ -104,7 +118,8 @@ def run(device: torch.device) -> list:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             torch.cuda.synchronize(device)
         else:
-            row.update(us_per_call=seconds * 1e6, gbps=nbytes / seconds / 1e9)
+            row.update(us_per_call=seconds * 1e6, gbps=nbytes / seconds / 1e9,
+                       us_per_python_call=launch_time_s(fn) * 1e6)
             if name.startswith("copy "):
                 copy_gbps[name.split(" ", 1)[1]] = row["gbps"]
         rows.append(row)
@@ -116,12 +131,13 @@ def run(device: torch.device) -> list:
 
 
 def lines(rows: list) -> list:
-    out = [f"{'case':<40} {'us/call':>9} {'GB/s':>8} {'of copy':>8}"]
+    out = [f"{'case':<40} {'us/call':>9} {'GB/s':>8} {'of copy':>8} {'us/Python call':>15}"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['case']:<40} {r['error']}")
         else:
-            out.append(f"{r['case']:<40} {r['us_per_call']:9.1f} {r['gbps']:8.0f} {r['pct_copy']:7.0f}%")
+            out.append(f"{r['case']:<40} {r['us_per_call']:9.1f} {r['gbps']:8.0f} {r['pct_copy']:7.0f}% "
+                       f"{r['us_per_python_call']:15.1f}")
     return out
 
 

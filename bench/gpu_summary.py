@@ -138,12 +138,13 @@ def kernel_lines(folder: str) -> list:
         return []
     with open(path) as f:
         rows = json.load(f)["rows"]
-    out = ["device time per call (CUDA graph replay):"]
+    out = ["device time per call (CUDA graph replay; in brackets: back-to-back Python calls):"]
     for r in rows:
         if "error" in r:
             out.append(f"  {r['case']:<40} {r['error']}")
         else:
-            out.append(f"  {r['case']:<40} {r['us_per_call']:9.1f} us {r['pct_copy']:5.0f}% of copy")
+            python = f"  [{r['us_per_python_call']:.1f} us]" if "us_per_python_call" in r else ""
+            out.append(f"  {r['case']:<40} {r['us_per_call']:9.1f} us {r['pct_copy']:5.0f}% of copy{python}")
     return out
 
 
