@@ -746,7 +746,7 @@ def test_lower_cpu_paths_pass_the_cpu_kernel_tests(capability):
     """The tests run the widest vector loops this CPU has (AVX-512 or AVX2); this reruns the CPU cases
     of dropout, cross-entropy, the site penalty and the special values with
     DROPREG_CPU_CAPABILITY capped lower: the AVX2 loops (dropout, the cross-entropy sample and
-    gradient) and the portable loops every other CPU takes."""
+    gradient, the site penalty) and the portable loops every other CPU takes."""
     order = ["default", "avx2", "avx512"]
     if order.index(dr._ext.C.cpu_capability()) <= order.index(capability):
         pytest.skip(f"this CPU takes the {dr._ext.C.cpu_capability()!r} path: the tests above ran it")

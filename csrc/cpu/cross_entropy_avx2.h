@@ -49,19 +49,6 @@ inline int in_row_lanes(int64_t lo, int64_t hi, int j) {
   return bits;
 }
 
-// 8 logits of type scalar_t as floats (whole registers: the caller pads partial blocks).
-template <typename scalar_t>
-DROPREG_AVX2 inline __m256 load8(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
-}
-
 // One 128-element block of the sample pass: the AVX-512 sample_block's contract (z points at flat
 // index blk, [lo, hi) the offsets that belong to the row, e_out nullable, u[0..128) the draws,
 // candidates into cand), 8 logits a register.

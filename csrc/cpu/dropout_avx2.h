@@ -28,6 +28,9 @@
 #include "philox.h"
 
 #define DROPREG_AVX2 __attribute__((target("avx2,f16c,fma")))
+// Without FMA: for loops whose products and sums must each be rounded (GCC contracts a vector a·b + c
+// into an FMA where the target has one), and for helpers that any AVX2 loop may inline.
+#define DROPREG_AVX2_NO_FMA __attribute__((target("avx2,f16c")))
 
 namespace dropreg {
 namespace cpu {
@@ -96,6 +99,19 @@ DROPREG_AVX2 inline void philox16(uint64_t seed, uint64_t s, uint64_t first, __m
     d[4 * set + 1] = _mm256_permute2x128_si256(t2, t3, 0x20);  // calls 2, 3
     d[4 * set + 2] = _mm256_permute2x128_si256(t0, t1, 0x31);  // calls 4, 5
     d[4 * set + 3] = _mm256_permute2x128_si256(t2, t3, 0x31);  // calls 6, 7
+  }
+}
+
+// 8 values of type scalar_t (f32, f16 or bf16) as floats, exactly.
+template <typename scalar_t>
+DROPREG_AVX2_NO_FMA inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
 }
 

@@ -4,7 +4,8 @@
 // Deterministic reduction: the elements are cut into fixed 4096-element chunks (independent of
 // the thread count); each chunk is summed in acc_t as 16 partial sums (element k to partial
 // k % 16, the partials then added in order), and the chunk sums are added in chunk order in double.
-// On AVX-512 CPUs float accumulation runs the loops of site_penalty_avx512.h, in the same order.
+// Float accumulation runs the loops of site_penalty_avx512.h on AVX-512 CPUs, of site_penalty_avx2.h
+// on AVX2 ones (whole 16-element steps), in the same order.
 // η comes a chunk at a time (one Philox block of Rademacher bits, or 16 of dropout-kind u16s).
 // Bytes per element: forward reads h, g_e, g_i; backward reads them and writes dh, dg_e, dg_i.
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 
 #include "cpu_kernels.h"
 #include "regularizer.h"
+#include "site_penalty_avx2.h"
 #include "site_penalty_avx512.h"
 #include "site_penalty_host.h"
 
@@ -71,21 +73,36 @@ void noise_block(const NoiseParams& np, int64_t blk, int64_t n, acc_t* eta) {
   }
 }
 
-#if DROPREG_HAVE_AVX512_SITE
-// Whether the AVX-512 loops run: float accumulation, a CPU that has them, a 16-bit threshold.
+// Which vector loops run a chunk: float accumulation, a 16-bit threshold, the widest this CPU has;
+// the AVX2 loops take whole 16-element steps only.
+enum class Loops { kPortable, kAvx2, kAvx512 };
+
 template <typename acc_t>
-bool use_avx512(const NoiseParams& np) {
-  static const bool avx512 = cpu::cpu_has_avx512();
-  return std::is_same_v<acc_t, float> && avx512 && np.threshold < 65536u;
+Loops vector_loops(const NoiseParams& np, int64_t m) {
+  static const cpu::CpuPath path = cpu::cpu_path();
+  if (!std::is_same_v<acc_t, float> || np.threshold >= 65536u) return Loops::kPortable;
+  if (DROPREG_HAVE_AVX512_SITE && path == cpu::CpuPath::kAvx512) return Loops::kAvx512;
+  if (DROPREG_HAVE_AVX2_SITE && path == cpu::CpuPath::kAvx2 && m % 16 == 0) return Loops::kAvx2;
+  return Loops::kPortable;
 }
 
+#if DROPREG_HAVE_AVX512_SITE || DROPREG_HAVE_AVX2_SITE
 // The Philox words of the chunk at blk (m elements), laid out as noise_block reads them: one call
 // per 128 Rademacher bits, one per 8 dropout-kind draws.
-void chunk_words(const NoiseParams& np, int64_t blk, int64_t m, uint64_t* ids, uint32_t* words) {
+void chunk_words(const NoiseParams& np, int64_t blk, int64_t m, Loops loops, uint64_t* ids, uint32_t* words) {
   const int64_t per_call = np.kind == kRademacher ? kBitsPerGroup : kU16PerGroup;
   const int64_t calls = (m + per_call - 1) / per_call;
   for (int64_t k = 0; k < calls; ++k) ids[k] = static_cast<uint64_t>(blk / per_call + k);
-  cpu::philox_list(np.seed, np.offset + kStreamSiteNoise, ids, calls, words);
+#if DROPREG_HAVE_AVX512_SITE
+  if (loops == Loops::kAvx512) {
+    cpu::philox_list(np.seed, np.offset + kStreamSiteNoise, ids, calls, words);
+    return;
+  }
+#endif
+#if DROPREG_HAVE_AVX2_SITE
+  cpu::philox_list_avx2(np.seed, np.offset + kStreamSiteNoise, ids, calls, words);
+#endif
+  (void)loops;
 }
 #endif
 
@@ -96,23 +113,35 @@ void penalty_kernel(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, i
   std::vector<double> partial(2 * chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> eta(kChunk);
-#if DROPREG_HAVE_AVX512_SITE
+#if DROPREG_HAVE_AVX512_SITE || DROPREG_HAVE_AVX2_SITE
     std::vector<uint64_t> ids(kChunk / kU16PerGroup);
     std::vector<uint32_t> words(kChunk / 2);
 #endif
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t m = std::min(kChunk, n - begin);
-#if DROPREG_HAVE_AVX512_SITE
+#if DROPREG_HAVE_AVX512_SITE || DROPREG_HAVE_AVX2_SITE
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (use_avx512<acc_t>(np)) {
-          if (gi != nullptr) chunk_words(np, begin, m, ids.data(), words.data());
+        const Loops loops = vector_loops<acc_t>(np, m);
+        if (loops != Loops::kPortable) {
+          if (gi != nullptr) chunk_words(np, begin, m, loops, ids.data(), words.data());
           const float a = static_cast<float>(np.amplitude);
-          float explicit_sum, implicit_sum;
-          cpu::site_sums16<scalar_t>(h + begin, ge == nullptr ? nullptr : ge + begin,
-                                     gi == nullptr ? nullptr : gi + begin, m, words.data(), np.kind == kRademacher,
-                                     a, np.kind == kRademacher ? -a : -1.0f, np.threshold, &explicit_sum,
-                                     &implicit_sum);
+          const float negative = np.kind == kRademacher ? -a : -1.0f;
+          const scalar_t* ge_c = ge == nullptr ? nullptr : ge + begin;
+          const scalar_t* gi_c = gi == nullptr ? nullptr : gi + begin;
+          float explicit_sum = 0, implicit_sum = 0;
+#if DROPREG_HAVE_AVX512_SITE
+          if (loops == Loops::kAvx512) {
+            cpu::site_sums16<scalar_t>(h + begin, ge_c, gi_c, m, words.data(), np.kind == kRademacher, a, negative,
+                                       np.threshold, &explicit_sum, &implicit_sum);
+          }
+#endif
+#if DROPREG_HAVE_AVX2_SITE
+          if (loops == Loops::kAvx2) {
+            cpu::site_sums8<scalar_t>(h + begin, ge_c, gi_c, m, words.data(), np.kind == kRademacher, a, negative,
+                                      np.threshold, &explicit_sum, &implicit_sum);
+          }
+#endif
           partial[2 * c] = explicit_sum;
           partial[2 * c + 1] = implicit_sum;
           continue;
@@ -156,23 +185,36 @@ void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t
   const int64_t blocks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, blocks, 2, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> eta(kChunk);
-#if DROPREG_HAVE_AVX512_SITE
+#if DROPREG_HAVE_AVX512_SITE || DROPREG_HAVE_AVX2_SITE
     std::vector<uint64_t> ids(kChunk / kU16PerGroup);
     std::vector<uint32_t> words(kChunk / 2);
 #endif
     for (int64_t blkno = b0; blkno < b1; ++blkno) {
       const int64_t blk = blkno * kChunk;
       const int64_t m = std::min(kChunk, n - blk);
-#if DROPREG_HAVE_AVX512_SITE
+#if DROPREG_HAVE_AVX512_SITE || DROPREG_HAVE_AVX2_SITE
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (use_avx512<acc_t>(np)) {
-          if (gi != nullptr) chunk_words(np, blk, m, ids.data(), words.data());
+        const Loops loops = vector_loops<acc_t>(np, m);
+        if (loops != Loops::kPortable) {
+          if (gi != nullptr) chunk_words(np, blk, m, loops, ids.data(), words.data());
           const float amp = static_cast<float>(np.amplitude);
-          cpu::site_backward16<scalar_t>(a2, b, h + blk, ge == nullptr ? nullptr : ge + blk,
-                                         gi == nullptr ? nullptr : gi + blk, m, words.data(),
-                                         np.kind == kRademacher, amp, np.kind == kRademacher ? -amp : -1.0f,
-                                         np.threshold, dh + blk, dge == nullptr ? nullptr : dge + blk,
-                                         dgi == nullptr ? nullptr : dgi + blk);
+          const float negative = np.kind == kRademacher ? -amp : -1.0f;
+          const scalar_t* ge_c = ge == nullptr ? nullptr : ge + blk;
+          const scalar_t* gi_c = gi == nullptr ? nullptr : gi + blk;
+          scalar_t* dge_c = dge == nullptr ? nullptr : dge + blk;
+          scalar_t* dgi_c = dgi == nullptr ? nullptr : dgi + blk;
+#if DROPREG_HAVE_AVX512_SITE
+          if (loops == Loops::kAvx512) {
+            cpu::site_backward16<scalar_t>(a2, b, h + blk, ge_c, gi_c, m, words.data(), np.kind == kRademacher, amp,
+                                           negative, np.threshold, dh + blk, dge_c, dgi_c);
+          }
+#endif
+#if DROPREG_HAVE_AVX2_SITE
+          if (loops == Loops::kAvx2) {
+            cpu::site_backward8<scalar_t>(a2, b, h + blk, ge_c, gi_c, m, words.data(), np.kind == kRademacher, amp,
+                                          negative, np.threshold, dh + blk, dge_c, dgi_c);
+          }
+#endif
           continue;
         }
       }
