@@ -124,6 +124,9 @@ def describe(cfg: Config, tags: dict) -> dict:
         "train_scale": cfg.train_scale,
         "budget_s": cfg.budget_s,
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        # The CPU kernels' vector loops, and the cap that chose them where one was set.
+        "cpu_path": env.cpu_path(),
+        "cpu_capability_cap": os.environ.get("DROPREG_CPU_CAPABILITY", "-"),
     }
 
 

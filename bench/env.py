@@ -57,8 +57,13 @@ def device_tag(device: torch.device) -> str:
         words = re.sub(r"(?i)\bnvidia\b", "", torch.cuda.get_device_name(device)).split()
         model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
         return f"cuda-{model}"
-    narrower = dr.build_info()["cpu_dropout_path"] != "avx512"
+    narrower = cpu_path() != "avx512"
     return f"cpu-{cpu_count()}core" + ("-noavx512" if narrower else "")
+
+
+def cpu_path() -> str:
+    """The CPU kernels' vector loops in this process: ``avx512``, ``avx2`` or ``default``."""
+    return dr.build_info()["cpu_dropout_path"]
 
 
 def versions() -> dict:

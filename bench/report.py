@@ -96,7 +96,9 @@ def render_section(result: dict, folder: str, link: str) -> str:
         "",
         f"- device: {meta['device']}",
         f"- versions: torch {meta['torch']}, triton {meta['triton']}, dropreg_ext {meta['dropreg_ext']}",
-        f"- date: {meta['date']}; command: `{meta['command']}`; p = {meta['p']}",
+        f"- date: {meta['date']}; command: `{meta['command']}`; p = {meta['p']}"
+        + (f"; CPU loops: {meta['cpu_path']} (DROPREG_CPU_CAPABILITY={meta['cpu_capability_cap']})"
+           if meta.get("device_type", "cpu") == "cpu" and "cpu_path" in meta else ""),
         "- time per section: " + ", ".join(f"{k} {v:.0f} s" for k, v in meta["elapsed_s"].items())
         + f"; 1-min load average at start / end: {' / '.join(map(str, meta.get('load_avg_1min', [])))}"
         + f" on {meta['threads']} threads (OMP_WAIT_POLICY={meta.get('omp_wait_policy', '-')})",
