@@ -253,6 +253,15 @@ void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, in
   }
 }
 
+// Whether row r, of class index y, is computed: false where y is ignore_index (the caller writes the
+// row's zeros); a y outside [0, C) is the user's error, naming the argument the labels came in.
+inline bool labelled_row(int64_t y, int64_t r, int64_t C, int64_t ignore_index, const char* name) {
+  if (y == ignore_index) return false;
+  TORCH_CHECK(y >= 0 && y < C, "argument '", name, "' must hold class indices in [0, ", C,
+              ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
+  return true;
+}
+
 // The rows of an op that writes fresh N x C outputs `outs` (fresh_output.h: their pages are mapped
 // ahead of the rows by one thread; the null ones are not written) or none.
 template <typename scalar_t, typename MakeWorker>
@@ -282,9 +291,7 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* zr = z + r * C;
         const int64_t t = target[r];
-        const bool valid = t != ignore_index;
-        TORCH_CHECK(!valid || (t >= 0 && t < C), "argument 'target' must hold class indices in [0, ", C,
-                    ") or ignore_index=", ignore_index, ", got ", t, " in row ", r);
+        const bool valid = labelled_row(t, r, C, ignore_index, "target");
         const cpu::RowState<acc_t> st =
             sample_row<scalar_t, acc_t>(z, r * C, C, seed, offset, buf ? &*buf : nullptr);
         const acc_t lse = st.lse();
@@ -314,12 +321,10 @@ void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, con
         const scalar_t* zr = z + r * C;
         scalar_t* gr = out + r * C;
         const int64_t y = label[r];
-        if (y == ignore_index) {
+        if (!labelled_row(y, r, C, ignore_index, "label")) {
           std::fill(gr, gr + C, scalar_t(0));
           continue;
         }
-        TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
-                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
         grad_row<scalar_t, acc_t>(zr, C, lse[r], y, row_scale[r], p.data(), gr);
       }
     };
@@ -371,13 +376,11 @@ void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* ls
         const scalar_t* ur = u + r * C;
         scalar_t* gr = grad_z + r * C;
         const int64_t y = label[r];
-        if (y == ignore_index) {
+        if (!labelled_row(y, r, C, ignore_index, "label")) {
           std::fill(gr, gr + C, scalar_t(0));
           grad_scale[r] = 0;
           continue;
         }
-        TORCH_CHECK(y >= 0 && y < C, "argument 'label' must hold class indices in [0, ", C,
-                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
         const acc_t s = row_scale[r];
         const acc_t pu = softmax_dot2_row<scalar_t, acc_t>(zr, ur, nullptr, acc_t(0), C, lse[r], p.data(), w.data());
         grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
@@ -452,12 +455,10 @@ void sample_grad_backward_rows(const acc_t* grad_loss, const scalar_t* u_g, cons
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* gr = grad_z + r * C;
         const int64_t y = target[r];
-        if (y == ignore_index) {
+        if (!labelled_row(y, r, C, ignore_index, "target")) {
           std::fill(gr, gr + C, scalar_t(0));
           continue;
         }
-        TORCH_CHECK(y >= 0 && y < C, "argument 'target' must hold class indices in [0, ", C,
-                    ") or ignore_index=", ignore_index, ", got ", y, " in row ", r);
         const acc_t s = true_scale != nullptr ? true_scale[r] : acc_t(0);
         const acc_t gl = grad_loss != nullptr ? grad_loss[r] : acc_t(0);
         const acc_t pw = softmax_dot2_row<scalar_t, acc_t>(z + r * C, u_g ? u_g + r * C : nullptr,
