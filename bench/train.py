@@ -11,8 +11,9 @@ Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same
 :func:`dropreg_ext.replace_dropout` and the forward under :func:`dropreg_ext.patch_functional`),
 ``reg_plain`` (the objective J + Σ λ_i R_i + T of docs/design.md
 §2, explicit="sampled" + implicit with Rademacher noise, in plain autograd: the reference's
-``regularizer_objective``, tested against the fused one) and ``reg_fused`` (the same objective by
-:class:`dropreg_ext.DropoutRegularizer`). Every model must therefore have a double backward: the
+``regularizer_objective``, tested against the fused one), ``reg_fused`` (the same objective by
+:class:`dropreg_ext.DropoutRegularizer` told the model's output layer, ``head=``) and
+``reg_fused_generic`` (the same without ``head=``: every cotangent goes through autograd from the logits). Every model must therefore have a double backward: the
 LSTM is the reproduction's layer in plain ops (``bench/repro/models.py::LSTMLayer``).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
@@ -273,12 +274,21 @@ def _with_our_dropout(model: nn.Module) -> LossFn:
     return loss_fn
 
 
-def _regularized_fused(model: nn.Module) -> LossFn:
+def _output_layer(model: nn.Module) -> nn.Linear:
+    """The Linear layer that produces the logits: ``model.head``, or an ``nn.Sequential``'s last layer."""
+    head = model.head if hasattr(model, "head") else model[-1]
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the model's output layer must be an nn.Linear, got {type(head).__name__}")
+    return head
+
+
+def _regularized(model: nn.Module, head: bool) -> LossFn:
     """Ours: :class:`dropreg_ext.DropoutRegularizer` (explicit="sampled", implicit=True) on the
-    model's dropout sites, which stop dropping under ``capture()``."""
+    model's dropout sites, which stop dropping under ``capture()``; with ``head``, told the model's
+    output layer (``head=``), so that the implicit term's cotangent needs no product with its weight."""
     if dr.replace_dropout(model) == 0:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
-    reg = dr.DropoutRegularizer(model, explicit="sampled", implicit=True)
+    reg = dr.DropoutRegularizer(model, explicit="sampled", implicit=True, head=_output_layer(model) if head else None)
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with record_function(FORWARD), reg.capture():
@@ -287,6 +297,14 @@ def _regularized_fused(model: nn.Module) -> LossFn:
             return reg.loss(logits, target)
 
     return loss_fn
+
+
+def _regularized_fused(model: nn.Module) -> LossFn:
+    return _regularized(model, head=True)
+
+
+def _regularized_fused_generic(model: nn.Module) -> LossFn:
+    return _regularized(model, head=False)
 
 
 def _regularized_plain(model: nn.Module) -> LossFn:
@@ -309,12 +327,14 @@ def _regularized_plain(model: nn.Module) -> LossFn:
 
 EAGER = "eager"
 REG_FUSED = "reg_fused"
+REG_FUSED_GENERIC = "reg_fused_generic"
 REG_PLAIN = "reg_plain"
 VARIANTS = [
     Variant(EAGER, _cross_entropy),
     Variant("dropreg", _with_our_dropout),
     Variant(REG_PLAIN, _regularized_plain),
     Variant(REG_FUSED, _regularized_fused),
+    Variant(REG_FUSED_GENERIC, _regularized_fused_generic),
 ]
 
 
@@ -361,7 +381,7 @@ def phase_rows(case: TrainCase, steps: dict) -> list:
     the matrix products (all phases), from ``PROFILED_STEPS`` steps under torch.profiler (CPU: the
     profiler's own overhead is included, so the phases add up to more than the timed step)."""
     rows = []
-    for name in (REG_PLAIN, REG_FUSED):
+    for name in (REG_PLAIN, REG_FUSED, REG_FUSED_GENERIC):
         if name not in steps:
             continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -411,7 +431,7 @@ def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> l
     by_name = {r["provider"]: r for r in rows}
     for row in rows:
         row["speedup_vs_eager"] = by_name[EAGER]["median_ms"] / row["median_ms"]
-        if row["provider"] in (REG_FUSED, REG_PLAIN) and REG_PLAIN in by_name:
+        if row["provider"] in (REG_FUSED, REG_FUSED_GENERIC, REG_PLAIN) and REG_PLAIN in by_name:
             row["speedup_vs_reg_plain"] = by_name[REG_PLAIN]["median_ms"] / row["median_ms"]
     if cfg.device.type == "cpu":  # on a GPU the ranges' CPU times are launch times
         rows += phase_rows(case, steps)

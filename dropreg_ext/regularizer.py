@@ -69,6 +69,14 @@ class DropoutRegularizer:
         noise: ``"rademacher"`` or ``"dropout"``.
         scale: multiplier of the Taylor coefficient λ_i (1 = the paper's coefficient).
         noise_scale: multiplier of T (e.g. sqrt(1 - 1/k) on top of DROPOUT_k).
+        head: the ``nn.Linear`` that produces the logits (e.g. a language model's output layer), or
+            ``None``. With it, :meth:`loss` needs the logits to be that layer's output in the captured
+            forward, z = x Wᵀ + b, and takes the gradients at the sites from cotangents at its input x:
+            c W for a cotangent c at z. For ``explicit="sampled"`` with ``implicit`` and C > d (logits
+            wider than x, e.g. a vocabulary), the true label's follows from the sampled one's,
+            (softmax(z) - onehot(y)) W = G W + W[ŷ] - W[y], so that one product with W is formed and
+            differentiated instead of two: three fewer (N, C) x (C, d) matrix products per step. The
+            result is the same objective, up to rounding.
 
     Shape:
         logits (..., C), target (...) integer class indices.
@@ -93,6 +101,7 @@ class DropoutRegularizer:
         noise: str = "rademacher",
         scale: float = 1.0,
         noise_scale: float = 1.0,
+        head: Optional[torch.nn.Linear] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -105,7 +114,10 @@ class DropoutRegularizer:
         for name, value in (("scale", scale), ("noise_scale", noise_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"argument '{name}' must be a finite number >= 0, got {value!r}")
+        if head is not None and not isinstance(head, torch.nn.Linear):
+            raise TypeError(f"argument 'head' must be a torch.nn.Linear or None, got {type(head).__name__}")
         self.model = model
+        self.head = head
         self.explicit = explicit
         self.implicit = implicit
         self.noise = noise
@@ -113,6 +125,7 @@ class DropoutRegularizer:
         self.noise_scale = float(noise_scale)
         self.last: Optional[dict] = None
         self._sites: Optional[list] = None
+        self._head_call: Optional[tuple] = None  # (input, weight, output) of the head's last call in the capture
 
     @contextlib.contextmanager
     def capture(self) -> Iterator["DropoutRegularizer"]:
@@ -120,9 +133,42 @@ class DropoutRegularizer:
 
         Under ``torch.no_grad()`` (evaluation) nothing is recorded and the model runs as usual.
         """
-        with record_sites(self.model) as sites:
-            self._sites = sites
-            yield self
+        self._head_call = None
+        hook = self.head.register_forward_hook(self._record_head, with_kwargs=True) if self.head is not None else None
+        try:
+            with record_sites(self.model) as sites:
+                self._sites = sites
+                yield self
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _record_head(self, module, args, kwargs, output) -> None:
+        # The weight as the call saw it (torch.func.functional_call swaps parameters for one call).
+        self._head_call = (args[0] if args else kwargs["input"], module.weight, output)
+
+    def _head_call_of(self, logits: torch.Tensor) -> Optional[tuple]:
+        """(x, W) of the head's call in the captured forward when ``logits`` is its output (or a
+        contiguous view of it with the same rows); None without a head."""
+        if self.head is None:
+            return None
+        call, self._head_call = self._head_call, None
+        if call is None:
+            raise RuntimeError("argument 'head' was given, but the head was not called in the captured forward")
+        x, weight, out = call
+        def root(t):
+            return t if t._base is None else t._base
+
+        same = logits is out or (
+            root(logits) is root(out) and logits.data_ptr() == out.data_ptr() and logits.numel() == out.numel()
+            and logits.is_contiguous() and out.is_contiguous() and logits.shape[-1] == out.shape[-1]
+        )
+        if not same:
+            raise ValueError(
+                "argument 'logits' must be the output of the regularizer's head (its last call in the captured "
+                "forward) when 'head' is given; construct the DropoutRegularizer without 'head' for other logits"
+            )
+        return x, weight
 
     def _take_sites(self) -> list:
         if self._sites is None:
@@ -155,6 +201,7 @@ class DropoutRegularizer:
             raise TypeError(f"argument 'target' must be an integer tensor of class indices, got {target.dtype}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+        head_call = self._head_call_of(logits)
         num_classes = logits.shape[-1]
         z = logits.reshape(-1, num_classes)
         t = target.reshape(-1).to(torch.int64)
@@ -163,7 +210,16 @@ class DropoutRegularizer:
         rng = ops.make_rng(z.device)
         n_eff = (t != ignore_index).sum().clamp_min(1).to(acc_dtype(z.dtype))
         true_cotangent = None
-        if terms and self.explicit == "sampled":
+        # With the head, and logits wider than its input (C > d: a product with W costs more than the
+        # (N, d) rows that replace it), the implicit term's cotangent at the head's input follows from
+        # the sampled one's (below).
+        true_from_sampled = (
+            head_call is not None and self.explicit == "sampled" and self.implicit
+            and num_classes > head_call[0].shape[-1]
+        )
+        if terms and true_from_sampled:
+            loss_rows, lse, yhat, sampled_cotangent = ops.cross_entropy_sample_grad(z, t, rng, ignore_index)
+        elif terms and self.explicit == "sampled":
             # The explicit term's cotangent softmax(z) - onehot(ŷ), and the implicit term's
             # (softmax(z) - onehot(y)) / N_eff, from the same read of the logits as the sample; the
             # double backward then meets one node for J and both cotangents.
@@ -182,22 +238,49 @@ class DropoutRegularizer:
         ones = torch.ones_like(lse)
         outs = [s.o for s in sites]
 
+        if head_call is None:
+            def head_vjp(cotangent: torch.Tensor) -> torch.Tensor:
+                return cotangent
+            start = z
+        else:
+            # z = x Wᵀ + b row by row, so a cotangent c at z is c W at x.
+            head_input, weight = head_call
+            weight = weight.to(z.dtype)
+            head_rows = head_input.reshape(-1, head_input.shape[-1])
+
+            def head_vjp(cotangent: torch.Tensor) -> torch.Tensor:
+                return (cotangent @ weight).to(head_rows.dtype)
+            start = head_rows
+
         def site_grads(cotangent: torch.Tensor) -> tuple:
+            """The gradients at the sites for a cotangent at ``start`` (z, or the head's input)."""
+            if not start.requires_grad:  # the logits depend on no site
+                return (None,) * len(outs)
             with torch.profiler.record_function(VJP_RANGE):
-                return torch.autograd.grad(z, outs, cotangent, create_graph=True, allow_unused=True)
+                return torch.autograd.grad(start, outs, cotangent, create_graph=True, allow_unused=True)
 
         g_e = g_i = [None] * len(sites)
         if self.explicit == "sampled":
-            g_e = site_grads(sampled_cotangent)
+            sampled_at_start = head_vjp(sampled_cotangent)
+            g_e = site_grads(sampled_at_start)
         elif self.explicit == "true":
-            g_e = site_grads(ops.ce_grad(z, lse, t, ones, ignore_index))
+            g_e = site_grads(head_vjp(ops.ce_grad(z, lse, t, ones, ignore_index)))
         if self.implicit:
             if self.explicit == "true":  # ∂J/∂o_i = g_e / N_eff: no second backward pass
                 g_i = [g / n_eff if g is not None else None for g in g_e]
             elif true_cotangent is not None:
-                g_i = site_grads(true_cotangent)
+                g_i = site_grads(head_vjp(true_cotangent))
+            elif true_from_sampled:
+                # (softmax(z) - onehot(y)) W = (softmax(z) - onehot(ŷ)) W + W[ŷ] - W[y] on the rows not
+                # ignored: two row gathers instead of a second (N, C) x (C, d) product (and of its two
+                # products in the double backward).
+                kept = (t != ignore_index).unsqueeze(1)
+                label_rows = weight.index_select(0, torch.where(kept[:, 0], t, 0))
+                sampled_rows = weight.index_select(0, torch.where(kept[:, 0], yhat, 0))
+                true_at_start = (sampled_at_start + (sampled_rows - label_rows).to(head_rows.dtype)) / n_eff
+                g_i = site_grads(torch.where(kept, true_at_start, 0))
             else:
-                g_i = site_grads(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index))
+                g_i = site_grads(head_vjp(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index)))
 
         # Site i draws its noise at offset + 4·i: distinct counters for every site and stream
         # (built on the device: no host-to-device copy).

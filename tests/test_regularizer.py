@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CPU_BACKENDS, CUDA_BACKENDS, op_backends
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg_ext as dr
 from dropreg_ext import reference as R
@@ -65,13 +66,13 @@ class SkipNet(torch.nn.Module):
     """A site on the input (h needs no gradient) and a residual path around a second site: the
     site gradient is ∂(·)/∂o through l2 only, not the total gradient of h."""
 
-    def __init__(self):
+    def __init__(self, classes=4):
         super().__init__()
         self.drop_in = dr.Dropout(0.2)
         self.l1 = torch.nn.Linear(3, 5)
         self.drop = dr.Dropout(0.4)
         self.l2 = torch.nn.Linear(5, 5)
-        self.out = torch.nn.Linear(5, 4)
+        self.out = torch.nn.Linear(5, classes)
 
     def forward(self, x):
         h = torch.tanh(self.l1(self.drop_in(x)))
@@ -131,6 +132,11 @@ def make_case(name, seed=0):
         model = SkipNet().double()
         x = torch.randn(4, 3, generator=gen, dtype=F64)
         target = torch.tensor([2, IGNORE, 0, 3])
+    elif name == "wide":  # more classes than the output layer has inputs (C = 9 > d = 5), as in a language model
+        torch.manual_seed(seed)
+        model = SkipNet(classes=9).double()
+        x = torch.randn(6, 3, generator=gen, dtype=F64)
+        target = torch.tensor([2, IGNORE, 8, 0, 5, 3])
     else:
         torch.manual_seed(seed)
         model = RecurrentNet().double()
@@ -144,8 +150,8 @@ def make_case(name, seed=0):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_package(model, x, target, seed, ignore_index=IGNORE, **kwargs):
-    reg = dr.DropoutRegularizer(model, **kwargs)
+def run_package(model, x, target, seed, ignore_index=IGNORE, head=None, **kwargs):
+    reg = dr.DropoutRegularizer(model, head=head, **kwargs)
     torch.manual_seed(seed)
     with reg.capture():
         logits = model(x)
@@ -169,10 +175,10 @@ def run_plain(model, x, target, seed, ignore_index=IGNORE, **kwargs):
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 
 
-def assert_matches_plain(model, x, target, seed=7, ignore_index=IGNORE, **kwargs):
+def assert_matches_plain(model, x, target, seed=7, ignore_index=IGNORE, head=None, **kwargs):
     """Package objective == plain objective: value, reg.last terms and every parameter gradient."""
     params = [p for p in model.parameters()]
-    reg, loss = run_package(model, x, target, seed, ignore_index, **kwargs)
+    reg, loss = run_package(model, x, target, seed, ignore_index, head, **kwargs)
     got = torch.autograd.grad(loss, params)
     J, ex, im, _, n_sites = run_plain(model, x, target, seed, ignore_index, **kwargs)
     want_loss = J + ex + im
@@ -242,11 +248,12 @@ def test_objective_matches_plain_autograd_cuda(be, model_name, explicit, implici
         assert float(reg.last["implicit"]) != 0
 
 
+@pytest.mark.parametrize("head", [False, True], ids=["generic", "head"])
 @pytest.mark.parametrize("be", CUDA_REG_BACKENDS)
-def test_float32_transformer_sized_objective_matches_plain_cuda(be):
+def test_float32_transformer_sized_objective_matches_plain_cuda(be, head):
     """A float32 MLP at GPU sizes (batch 256, width 1024, 32000 classes, so the logits take the CUDA
-    block mode and Triton several chunks): objective and gradients within float32 accuracy of the
-    plain-autograd objective."""
+    block mode and Triton several chunks), with and without head=: objective and gradients within
+    float32 accuracy of the plain-autograd objective."""
     dr.set_backend(be.name)
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), dr.Dropout(0.1),
@@ -256,7 +263,7 @@ def test_float32_transformer_sized_objective_matches_plain_cuda(be):
     target = torch.randint(0, 32000, (256,), device="cuda", generator=gen)
     target[::7] = IGNORE
     params = list(model.parameters())
-    reg, loss = run_package(model, x, target, 5, explicit="sampled", implicit=True)
+    reg, loss = run_package(model, x, target, 5, head=model[-1] if head else None, explicit="sampled", implicit=True)
     got = torch.autograd.grad(loss, params)
     J, ex, im, _, _ = run_plain(model, x, target, 5, explicit="sampled", implicit=True)
     want = torch.autograd.grad(J + ex + im, params)
@@ -331,6 +338,108 @@ def test_true_label_with_implicit_uses_one_vjp(be, explicit, vjps, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# head=: the site gradients from cotangents at the output layer's input
+# ------------------------------------------------------------------------------------------------
+
+HEADS = {"mlp": lambda m: m[-1], "skip": lambda m: m.out, "wide": lambda m: m.out, "channel": lambda m: m.out}
+
+
+@pytest.mark.parametrize("model_name", sorted(HEADS))
+@pytest.mark.parametrize("explicit, implicit, noise", CONFIGS)
+@pytest.mark.parametrize("be", FAST_BACKENDS)
+def test_head_objective_matches_plain_autograd(be, explicit, implicit, noise, model_name):
+    """With the output layer given (head=), the same objective and parameter gradients as plain
+    autograd: the cotangents enter at the head's input (c W), and where C > d ("wide") the implicit
+    term's is derived from the sampled one's (G W + W[ŷ] - W[y]); ignored rows included."""
+    dr.set_backend(be.name)
+    model, x, target = make_case(model_name)
+    assert_matches_plain(model, x, target, head=HEADS[model_name](model), explicit=explicit, implicit=implicit,
+                         noise=noise, scale=1.5, noise_scale=0.7)
+
+
+class _Products(TorchDispatchMode):
+    """Counts the matrix products with an (N, C) operand or result."""
+
+    def __init__(self, n, c):
+        super().__init__()
+        self.shapes, self.count = {(n, c), (c, n)}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            if any(isinstance(a, torch.Tensor) and tuple(a.shape) in self.shapes for a in (*args, out)):
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("c, with_head", [pytest.param(7, 6, id="C>d"), pytest.param(4, 9, id="C<d")])
+@pytest.mark.parametrize("be", FAST_BACKENDS)
+def test_head_saves_three_products_with_the_weight(be, c, with_head):
+    """explicit="sampled" + implicit: without head= both cotangents (N, C) are multiplied by the
+    output layer's weight (C, d) (and both products differentiated: two more each), 9 products with
+    the forward's and the head's backward; with head= and C > d only the sampled one is (6); with
+    C <= d the (N, d) rows would cost more than they save, and nothing changes. Objective and
+    backward, counted by the aten calls with an (N, C) operand."""
+    dr.set_backend(be.name)
+    torch.manual_seed(0)
+    model = mlp(d_in=3, d_h=5, c=c)
+    x, target = torch.randn(6, 3, dtype=F64), torch.tensor([0, c - 1, IGNORE, 1, 2, 3])
+    counts = []
+    for head in (None, model[-1]):
+        products = _Products(6, c)
+        with products:
+            _, loss = run_package(model, x, target, 3, head=head, explicit="sampled", implicit=True)
+            loss.backward()
+        counts.append(products.count)
+    assert counts == [9, with_head], f"products with an (N, C) operand without / with head=: {counts}"
+
+
+def test_head_reshaped_logits_and_float32():
+    """Logits (B, T, C) from a Linear on (B, T, d), passed flattened (a view with the same rows), in
+    float32: the objective and gradients agree with those without head= to float32 accuracy."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), dr.Dropout(0.3), torch.nn.Linear(8, 11))
+    x = torch.randn(2, 5, 3)
+    target = torch.randint(0, 11, (2, 5))
+    target[0, 1] = IGNORE
+    params = list(model.parameters())
+    results = []
+    for head in (None, model[-1]):
+        reg = dr.DropoutRegularizer(model, head=head)
+        torch.manual_seed(9)
+        with reg.capture():
+            logits = model(x)
+        loss = reg.loss(logits.reshape(-1, 11), target.reshape(-1))
+        results.append((loss.detach(), reg.last, torch.autograd.grad(loss, params)))
+    (loss0, last0, grads0), (loss1, last1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for key in last0:
+        torch.testing.assert_close(last1[key], last0[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_head_errors():
+    model, x, target = make_case("mlp")
+    reg = dr.DropoutRegularizer(model, head=torch.nn.Linear(5, 4).double())  # not the model's layer
+    with reg.capture():
+        logits = model(x)
+    with pytest.raises(RuntimeError, match=r"'head'.*not called"):
+        reg.loss(logits, target)
+    reg = dr.DropoutRegularizer(model, head=model[-1])
+    with reg.capture():
+        logits = model(x)
+    with pytest.raises(ValueError, match=r"argument 'logits' must be the output of the regularizer's head"):
+        reg.loss(logits * 1, target)
+    model, x, target = make_case("recurrent")  # the output layer is called once per step
+    reg = dr.DropoutRegularizer(model, head=model.out)
+    with reg.capture():
+        logits = model(x)
+    with pytest.raises(ValueError, match=r"argument 'logits'"):
+        reg.loss(logits, target)
+
+
+# ------------------------------------------------------------------------------------------------
 # gradcheck / gradgradcheck of the whole objective (float64)
 # ------------------------------------------------------------------------------------------------
 
@@ -379,6 +488,26 @@ def test_objective_gradcheck_wrt_parameter(be):
 
     def g(w):
         return f(x, {**params, "0.weight": w})
+
+    assert torch.autograd.gradcheck(g, (w,))
+    assert torch.autograd.gradgradcheck(g, (w,))
+
+
+@pytest.mark.parametrize("be", FAST_BACKENDS)
+def test_head_objective_gradcheck_wrt_head_weight(be):
+    """head= under torch.func.functional_call: the objective uses the weight the call saw, so the
+    output layer's weight as an explicit input passes gradcheck and gradgradcheck."""
+    dr.set_backend(be.name)
+    model = mlp(q=0.4, seed=5, d_h=3, c=6)  # C > d: the implicit cotangent from the sampled one
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 3, generator=gen, dtype=F64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    w = params["3.weight"].clone().requires_grad_()
+    f = _objective(model, torch.tensor([0, IGNORE, 5]), explicit="sampled", implicit=True, noise="rademacher",
+                   head=model[-1])
+
+    def g(w):
+        return f(x, {**params, "3.weight": w})
 
     assert torch.autograd.gradcheck(g, (w,))
     assert torch.autograd.gradgradcheck(g, (w,))
@@ -681,6 +810,8 @@ BAD_CONSTRUCTORS = [
     ("noise_scale-negative", dict(noise_scale=-0.5), ValueError, r"argument 'noise_scale'"),
     ("noise_scale-nan", dict(noise_scale=float("nan")), ValueError, r"argument 'noise_scale'"),
     ("noise_scale-none", dict(noise_scale=None), ValueError, r"argument 'noise_scale'"),
+    ("head-relu", dict(head=torch.nn.ReLU()), TypeError, r"argument 'head'.*ReLU"),
+    ("head-str", dict(head="auto"), TypeError, r"argument 'head'"),
 ]
 
 
