@@ -73,7 +73,7 @@ DROPREG_AVX512 inline void calls_to_elements(const __m512i* t, __m512i* u) {
 // e stored at e_out[0..128) when e_out is not null (the fused gradient's row buffer); the u32
 // draws stored at u[0..128); the offsets of the elements that may beat the best score so far
 // (the filter of cross_entropy.cpp: 1 - u < e·bound; every element of the row when `exact`)
-// compress-stored into cand in increasing order. Returns the number of candidates.
+// into cand in increasing order. Returns their number.
 template <typename scalar_t>
 DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
                                     uint64_t stream, uint64_t first_call, float* e_out, uint32_t* u, int32_t* cand) {
@@ -131,7 +131,10 @@ DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, R
       pass = _mm512_mask_cmp_ps_mask(in[j], d, _mm512_fmadd_ps(e, big_b, half), _CMP_LT_OQ);
     }
     if (pass != 0) {
-      _mm512_mask_compressstoreu_epi32(cand + count, pass, _mm512_add_epi32(step, _mm512_set1_epi32(16 * j)));
+      // Compressed in a register, then stored whole (count <= 16·j, so the 16 slots stay within
+      // cand's 128): the compress-store form takes ~50 cycles on Zen 4, this ~4.
+      const __m512i offsets = _mm512_add_epi32(step, _mm512_set1_epi32(16 * j));
+      _mm512_storeu_si512(cand + count, _mm512_maskz_compress_epi32(pass, offsets));
       count += __builtin_popcount(pass);
     }
   }
