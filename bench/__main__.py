@@ -117,6 +117,7 @@ def describe(cfg: Config, tags: dict) -> dict:
         "p": cfg.p,
         "sizes": cfg.sizes,
         "ce_shapes": cfg.ce_shapes,
+        "ce_floor": "torch.mul(z, z2)",  # results without this key were measured against torch.add(z, z2)
         "site_sizes": cfg.site_sizes,
         "op_reps": dataclasses.asdict(cfg.op_reps),
         "ce_reps": dataclasses.asdict(cfg.ce_reps),

@@ -18,11 +18,14 @@ any provider moves, z read once and G written once, ``2 · s · N · C`` for ite
 vectors y, loss, lse, ŷ are left out: under 0.1% at C >= 1k). ``pct_copy`` divides that GB/s by the
 GB/s of ``out.copy_(z)`` (the same ``2 · s · N · C`` bytes) timed in the same rounds.
 
-The floor (``of_floor``): ``torch.add(z, z2)`` with z2 a second tensor of z's shape, the cheapest op
+The floor (``of_floor``): ``torch.mul(z, z2)`` with z2 a second tensor of z's shape, the cheapest op
 that moves the two-op path's bytes (two reads of N x C and one fresh write), timed in the same
-rounds. On the CPU most of its time is the page faults of its fresh output (4 KiB at a time), so
-``floor-warm``, the same add into an output whose pages are already mapped, is timed too: the cost
-of the bytes alone. Ours writes G into 2 MiB pages where Linux offers them (csrc/cpu/huge_pages.h).
+rounds. (Until the results of 2026-12-05 it was ``torch.add(z, z2)``, which moves the same bytes;
+on an Intel Xeon VM its fresh bfloat16 form took 1.5x the time of ``torch.mul``'s, a floor that is
+not the cheapest.) On the CPU most of its time is the page faults of its fresh output (4 KiB at a time), so
+``floor-warm``, the same product into an output whose pages are already mapped, is timed too: the cost
+of the bytes alone. Ours takes the same 4 KiB faults on G, but one thread maps G's pages ahead of
+the rows being computed so the faults overlap the compute (csrc/cpu/fresh_output.h).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_bac
 from .measure import Timing, peak_bytes, time_fns, timed_row
 
 MODE = "sample+grad"
-FLOOR_WARM = FLOOR + "-warm"  # the floor's add into an output whose pages are mapped already
+FLOOR_WARM = FLOOR + "-warm"  # the floor's product into an output whose pages are mapped already
 CeFn = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
@@ -134,11 +137,11 @@ def run_case(case: Case, cfg: Config) -> list:
     """Every provider on one case, timed in interleaved rounds with ``out.copy_(z)``; peak memory of
     one call each."""
     out = torch.empty_like(case.z)
-    warm = torch.add(case.z, case.z2)  # its pages are mapped from here on
+    warm = torch.mul(case.z, case.z2)  # its pages are mapped from here on
     calls = {
         "copy": lambda: out.copy_(case.z),
-        FLOOR: lambda: torch.add(case.z, case.z2),
-        FLOOR_WARM: lambda: torch.add(case.z, case.z2, out=warm),
+        FLOOR: lambda: torch.mul(case.z, case.z2),
+        FLOOR_WARM: lambda: torch.mul(case.z, case.z2, out=warm),
     }
     for name, make in providers(cfg.device).items():
         calls[name] = case_call(make(), case)

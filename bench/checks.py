@@ -16,7 +16,7 @@ Stated for a 2-core CPU, "ours" being the C++ backend:
 9. a channels_last input at least 0.85 of its floor, channel and locked dropout at least 0.8;
 10. cross-entropy + sampling + gradient at N = 2048, C = 10k, float32 and bfloat16, and at N = 512,
     C = 50257 float32: the fused op (``cross_entropy_sample_grad``) at least 0.7 of its floor
-    (torch.add of two N x C tensors: two reads and a fresh write), and so is the two-op path
+    (torch.mul of two N x C tensors: two reads and a fresh write), and so is the two-op path
     (``cross_entropy_sample`` + ``ce_grad``) at N = 2048, C = 10k float32;
 11. site penalty fwd+bwd at 2^22 float32: at least 0.8 of its floor (three reads, then three more
     reads and three fresh writes);

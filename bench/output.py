@@ -166,8 +166,8 @@ sample+grad: per-row loss CE(z, y), ŷ ~ softmax(z) and G = softmax(z) - onehot(
 ours: cross_entropy_sample_grad (one op, z read once); <ours>-2op: cross_entropy_sample + ce_grad (z read
 twice); eager: F.cross_entropy + softmax + multinomial + one_hot + (p - onehot); compile: torch.compile of
 eager. eff GB/s counts read z + write G = 2 x itemsize x N x C bytes, for every provider. % copy vs
-out.copy_(z) (the same bytes). of floor: vs torch.add(z, z2) (two reads of N x C and a fresh write);
-floor-warm: that add into an output already mapped (the bytes without the page faults). peak MiB: one
+out.copy_(z) (the same bytes). of floor: vs torch.mul(z, z2) (two reads of N x C and a fresh write);
+floor-warm: that product into an output already mapped (the bytes without the page faults). peak MiB: one
 call, outputs included."""
 
 SITE_NOTES = """\

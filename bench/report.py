@@ -108,8 +108,8 @@ def render_section(result: dict, folder: str, link: str) -> str:
         parts += ["", title, "", dropout_headline(rows)]
     if any(r["section"] == "ce" for r in rows):
         title = ("Cross-entropy + sampled label + gradient (eff GB/s: 2 x itemsize x N x C bytes, read z and"
-                 " write G once, / median time; floor: torch.add(z, z2), floor-warm: the same into mapped"
-                 " pages):")  # fmt: skip
+                 f" write G once, / median time; floor: {meta.get('ce_floor', 'torch.add(z, z2)')}, floor-warm:"
+                 " the same into mapped pages):")  # fmt: skip
         parts += ["", title, "", op_headline(rows, "ce")]
     if any(r["section"] == "site" for r in rows):
         title = "Site penalty [Σ (g_e h)², Σ g_i η h] (eff GB/s: 3 (fwd) or 9 (fwd+bwd) x itemsize x n bytes):"

@@ -13,8 +13,9 @@ Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same
 §2, explicit="sampled" + implicit with Rademacher noise, in plain autograd: the reference's
 ``regularizer_objective``, tested against the fused one), ``reg_fused`` (the same objective by
 :class:`dropreg_ext.DropoutRegularizer` told the model's output layer, ``head=``) and
-``reg_fused_generic`` (the same without ``head=``: every cotangent goes through autograd from the logits). Every model must therefore have a double backward: the
-LSTM is the reproduction's layer in plain ops (``bench/repro/models.py::LSTMLayer``).
+``reg_fused_generic`` (the same without ``head=``: every cotangent goes through autograd from the
+logits). Every model must therefore have a double backward: the LSTM is the reproduction's layer
+in plain ops (``bench/repro/models.py::LSTMLayer``).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
 with plain SGD; on the CPU a few more steps of each regularized variant run under torch.profiler to
