@@ -22,6 +22,7 @@
 #include "dropout_avx2.h"
 #include "dropout_avx512.h"
 #include "dropout_host.h"
+#include "fresh_output.h"
 
 namespace dropreg {
 namespace {
@@ -42,6 +43,23 @@ DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,
   }
 }
 
+constexpr int64_t kChunkElems = 16384;  // elements a task: large enough for the scheduling, small enough for balance
+
+// Steps [0, steps) of `step_elems` elements each, in tasks of ~kChunkElems: where y is a fresh output
+// (not x: dropout_ writes in place), through parallel_rows_fresh (fresh_output.h: y's pages are
+// mapped ahead of the writes), else parallel_for. make_worker() gives a thread its
+// `void(int64_t s0, int64_t s1)`.
+template <typename scalar_t, typename MakeWorker>
+void parallel_steps(const scalar_t* x, scalar_t* y, int64_t steps, int64_t step_elems, const MakeWorker& make_worker) {
+  const int64_t grain = std::max<int64_t>(1, kChunkElems / step_elems);
+  if (static_cast<const void*>(x) == static_cast<const void*>(y)) {
+    at::parallel_for(0, steps, grain, [&](int64_t s0, int64_t s1) { make_worker()(s0, s1); });
+  } else {
+    cpu::parallel_rows_fresh(steps, grain, {reinterpret_cast<char*>(y)}, step_elems * int64_t(sizeof(scalar_t)),
+                             make_worker);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
                     uint64_t seed, uint64_t offset) {
@@ -50,13 +68,13 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
   static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512 && threshold < 65536u) {
     constexpr int64_t kStep = cpu::kAvx512StepElems;
-    const int64_t steps = (n + kStep - 1) / kStep;
-    // 256 steps (32k elements) a task: large enough for the scheduling, small enough for balance.
-    at::parallel_for(0, steps, 256, [&](int64_t s0, int64_t s1) {
-      const int64_t begin = s0 * kStep;
-      const int64_t end = std::min(n, s1 * kStep);
-      cpu::dropout_avx512<scalar_t>(x + begin, y + begin, end - begin, begin, threshold, static_cast<double>(scale),
-                                    seed, offset);
+    parallel_steps(x, y, (n + kStep - 1) / kStep, kStep, [&] {
+      return [&](int64_t s0, int64_t s1) {
+        const int64_t begin = s0 * kStep;
+        const int64_t end = std::min(n, s1 * kStep);
+        cpu::dropout_avx512<scalar_t>(x + begin, y + begin, end - begin, begin, threshold,
+                                      static_cast<double>(scale), seed, offset);
+      };
     });
     return;
   }
@@ -65,24 +83,26 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
   static const bool avx2 = cpu::cpu_has_avx2();
   if (avx2 && threshold < 65536u) {
     constexpr int64_t kStep = cpu::kAvx2StepElems;
-    const int64_t steps = (n + kStep - 1) / kStep;
-    at::parallel_for(0, steps, 256, [&](int64_t s0, int64_t s1) {  // 32k elements a task, as above
-      const int64_t begin = s0 * kStep;
-      const int64_t end = std::min(n, s1 * kStep);
-      cpu::dropout_avx2<scalar_t, acc_t>(x + begin, y + begin, end - begin, begin, threshold, scale, seed, offset);
+    parallel_steps(x, y, (n + kStep - 1) / kStep, kStep, [&] {
+      return [&](int64_t s0, int64_t s1) {
+        const int64_t begin = s0 * kStep;
+        const int64_t end = std::min(n, s1 * kStep);
+        cpu::dropout_avx2<scalar_t, acc_t>(x + begin, y + begin, end - begin, begin, threshold, scale, seed, offset);
+      };
     });
     return;
   }
 #endif
-  const int64_t blocks = (n + kMaskBlockElems - 1) / kMaskBlockElems;
-  at::parallel_for(0, blocks, 32, [&](int64_t b0, int64_t b1) {
-    alignas(64) uint32_t u[cpu::kBlockWords];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t begin = b * kMaskBlockElems;
-      philox_block(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(b * kBlockGroups), u);
-      apply_block<scalar_t, acc_t>(x + begin, y + begin, u, std::min(kMaskBlockElems, n - begin),
-                                   threshold, scale);
-    }
+  parallel_steps(x, y, (n + kMaskBlockElems - 1) / kMaskBlockElems, kMaskBlockElems, [&] {
+    return [&](int64_t b0, int64_t b1) {
+      alignas(64) uint32_t u[cpu::kBlockWords];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * kMaskBlockElems;
+        philox_block(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(b * kBlockGroups), u);
+        apply_block<scalar_t, acc_t>(x + begin, y + begin, u, std::min(kMaskBlockElems, n - begin),
+                                     threshold, scale);
+      }
+    };
   });
 }
 
