@@ -45,19 +45,20 @@ DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,
 
 constexpr int64_t kChunkElems = 16384;  // elements a task: large enough for the scheduling, small enough for balance
 
-// Steps [0, steps) of `step_elems` elements each, in tasks of ~kChunkElems: where y is a fresh output
-// (not x: dropout_ writes in place), through parallel_rows_fresh (fresh_output.h: y's pages are
-// mapped ahead of the writes), else parallel_for. make_worker() gives a thread its
-// `void(int64_t s0, int64_t s1)`.
+// Steps [0, steps) of `step_elems` elements each (the last one cut at n), in tasks of ~kChunkElems:
+// where y is a fresh output (not x: dropout_ writes in place), through parallel_tasks_fresh
+// (fresh_output.h: y's pages are mapped ahead of the writes), else parallel_for. make_worker()
+// gives a thread its `void(int64_t s0, int64_t s1)`.
 template <typename scalar_t, typename MakeWorker>
-void parallel_steps(const scalar_t* x, scalar_t* y, int64_t steps, int64_t step_elems, const MakeWorker& make_worker) {
+void parallel_steps(const scalar_t* x, scalar_t* y, int64_t n, int64_t step_elems, const MakeWorker& make_worker) {
+  const int64_t steps = (n + step_elems - 1) / step_elems;
   const int64_t grain = std::max<int64_t>(1, kChunkElems / step_elems);
   if (static_cast<const void*>(x) == static_cast<const void*>(y)) {
     at::parallel_for(0, steps, grain, [&](int64_t s0, int64_t s1) { make_worker()(s0, s1); });
-  } else {
-    cpu::parallel_rows_fresh(steps, grain, {reinterpret_cast<char*>(y)}, step_elems * int64_t(sizeof(scalar_t)),
-                             make_worker);
+    return;
   }
+  const auto offset = [&](int64_t s) { return std::min(n, s * step_elems) * int64_t(sizeof(scalar_t)); };
+  cpu::parallel_tasks_fresh(steps, grain, {reinterpret_cast<char*>(y)}, offset, make_worker);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -68,7 +69,7 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
   static const bool avx512 = cpu::cpu_has_avx512();
   if (avx512 && threshold < 65536u) {
     constexpr int64_t kStep = cpu::kAvx512StepElems;
-    parallel_steps(x, y, (n + kStep - 1) / kStep, kStep, [&] {
+    parallel_steps(x, y, n, kStep, [&] {
       return [&](int64_t s0, int64_t s1) {
         const int64_t begin = s0 * kStep;
         const int64_t end = std::min(n, s1 * kStep);
@@ -83,7 +84,7 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
   static const bool avx2 = cpu::cpu_has_avx2();
   if (avx2 && threshold < 65536u) {
     constexpr int64_t kStep = cpu::kAvx2StepElems;
-    parallel_steps(x, y, (n + kStep - 1) / kStep, kStep, [&] {
+    parallel_steps(x, y, n, kStep, [&] {
       return [&](int64_t s0, int64_t s1) {
         const int64_t begin = s0 * kStep;
         const int64_t end = std::min(n, s1 * kStep);
@@ -93,7 +94,7 @@ void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshol
     return;
   }
 #endif
-  parallel_steps(x, y, (n + kMaskBlockElems - 1) / kMaskBlockElems, kMaskBlockElems, [&] {
+  parallel_steps(x, y, n, kMaskBlockElems, [&] {
     return [&](int64_t b0, int64_t b1) {
       alignas(64) uint32_t u[cpu::kBlockWords];
       for (int64_t b = b0; b < b1; ++b) {
@@ -299,61 +300,85 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
                 x + xbase + l0 * x_l + m0 * x_m, y + ybase + l0 * y_l + m0 * y_m};
   };
   const bool dense_tiles = x_m == 1 && x_l == tile_m && y_l == tile_m;  // each tile one block in x and y
-  at::parallel_for(0, outer_count * tiles_l * tiles_m, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t max_ids = tile_m * (tile_l / kU16PerGroup + 2);
-    std::vector<uint64_t> ids(register_rows ? 0 : max_ids);
-    std::vector<uint32_t> words(register_rows ? 0 : 4 * max_ids);
-    std::vector<uint16_t> u16(register_rows ? 0 : tile_l * tile_m);
-    std::vector<int64_t> first_id(register_rows ? 0 : tile_m);
-    std::vector<const uint16_t*> runs(register_rows ? 0 : tile_m);
-    std::vector<uint32_t> keep(register_rows ? 8 * ((size_m + 31) / 32) : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Tile tile = locate(t);
-      const int64_t nl = tile.nl, nm = tile.nm;
+  const int64_t max_ids = tile_m * (tile_l / kU16PerGroup + 2);
+  // A thread's tiles, with its scratch: a tile's draws (generic tiles) or keep bits (register rows).
+  auto make_worker = [&] {
+    return [&, ids = std::vector<uint64_t>(register_rows ? 0 : max_ids),
+            words = std::vector<uint32_t>(register_rows ? 0 : 4 * max_ids),
+            u16 = std::vector<uint16_t>(register_rows ? 0 : tile_l * tile_m),
+            first_id = std::vector<int64_t>(register_rows ? 0 : tile_m),
+            runs = std::vector<const uint16_t*>(register_rows ? 0 : tile_m),
+            keep = std::vector<uint32_t>(register_rows ? 8 * ((size_m + 31) / 32) : 0)](int64_t t0,
+                                                                                           int64_t t1) mutable {
+        for (int64_t t = t0; t < t1; ++t) {
+          const Tile tile = locate(t);
+          const int64_t nl = tile.nl, nm = tile.nm;
 #if DROPREG_HAVE_AVX512_DROPOUT
-      if (register_rows) {  // m0 = 0, nm = size_m
-        cpu::dropout_rows_avx512<scalar_t>(tile.x, tile.y, nl, nm, x_l, y_l,
-                                           static_cast<uint64_t>(tile.first / kU16PerGroup),
-                                           static_cast<uint64_t>(lm / kU16PerGroup), threshold,
-                                           static_cast<double>(scale), seed, offset, keep.data());
-        continue;
-      }
+          if (register_rows) {  // m0 = 0, nm = size_m
+            cpu::dropout_rows_avx512<scalar_t>(tile.x, tile.y, nl, nm, x_l, y_l,
+                                               static_cast<uint64_t>(tile.first / kU16PerGroup),
+                                               static_cast<uint64_t>(lm / kU16PerGroup), threshold,
+                                               static_cast<double>(scale), seed, offset, keep.data());
+            continue;
+          }
 #endif
-      // The calls of each m's run of nl logical indices f .. f + nl - 1, f = first + m·lm. Runs
-      // that abut (channels_last, when a tile spans L) make one range of calls.
-      int64_t count = 0;
-      const int64_t g_first = tile.first / kU16PerGroup;
-      if (lm == nl) {
-        count = (tile.first + nm * nl - 1) / kU16PerGroup - g_first + 1;
-        for (int64_t k = 0; k < count; ++k) ids[k] = static_cast<uint64_t>(g_first + k);
-      } else {
-        for (int64_t m = 0; m < nm; ++m) {
-          const int64_t f = tile.first + m * lm;
-          first_id[m] = count;
-          for (int64_t g = f / kU16PerGroup; g <= (f + nl - 1) / kU16PerGroup; ++g) ids[count++] = static_cast<uint64_t>(g);
+          // The calls of each m's run of nl logical indices f .. f + nl - 1, f = first + m·lm. Runs
+          // that abut (channels_last, when a tile spans L) make one range of calls.
+          int64_t count = 0;
+          const int64_t g_first = tile.first / kU16PerGroup;
+          if (lm == nl) {
+            count = (tile.first + nm * nl - 1) / kU16PerGroup - g_first + 1;
+            for (int64_t k = 0; k < count; ++k) ids[k] = static_cast<uint64_t>(g_first + k);
+          } else {
+            for (int64_t m = 0; m < nm; ++m) {
+              const int64_t f = tile.first + m * lm;
+              first_id[m] = count;
+              for (int64_t g = f / kU16PerGroup; g <= (f + nl - 1) / kU16PerGroup; ++g) {
+                ids[count++] = static_cast<uint64_t>(g);
+              }
+            }
+          }
+          philox_words(seed, offset, ids.data(), count, words.data());
+          const uint16_t* halves = reinterpret_cast<const uint16_t*>(words.data());  // u16 e of call k: 8k + e
+          for (int64_t m = 0; m < nm; ++m) {  // where m's draws start
+            const int64_t f = tile.first + m * lm;
+            runs[m] = halves + (lm == nl ? f - g_first * kU16PerGroup : first_id[m] * kU16PerGroup + f % kU16PerGroup);
+          }
+          if (nm == 1) {  // one run along L: its draws are in place
+            apply_u16<scalar_t, acc_t>(tile.x, tile.y, runs[0], nl, x_l, y_l, threshold, scale);
+            continue;
+          }
+          transpose_u16(runs.data(), nm, nl, u16.data());  // the draws in the tile's memory order: u16[l·nm + m]
+          if (dense_tiles && nm == tile_m) {
+            apply_u16<scalar_t, acc_t>(tile.x, tile.y, u16.data(), nl * nm, 1, 1, threshold, scale);
+            continue;
+          }
+          for (int64_t l = 0; l < nl; ++l) {
+            apply_u16<scalar_t, acc_t>(tile.x + l * x_l, tile.y + l * y_l, u16.data() + l * nm, nm, x_m, 1, threshold,
+                                       scale);
+          }
         }
-      }
-      philox_words(seed, offset, ids.data(), count, words.data());
-      const uint16_t* halves = reinterpret_cast<const uint16_t*>(words.data());  // u16 e of call k: 8k + e
-      for (int64_t m = 0; m < nm; ++m) {  // where m's draws start
-        const int64_t f = tile.first + m * lm;
-        runs[m] = halves + (lm == nl ? f - g_first * kU16PerGroup : first_id[m] * kU16PerGroup + f % kU16PerGroup);
-      }
-      if (nm == 1) {  // one run along L: its draws are in place
-        apply_u16<scalar_t, acc_t>(tile.x, tile.y, runs[0], nl, x_l, y_l, threshold, scale);
-        continue;
-      }
-      transpose_u16(runs.data(), nm, nl, u16.data());  // the draws in the tile's memory order: u16[l·nm + m]
-      if (dense_tiles && nm == tile_m) {
-        apply_u16<scalar_t, acc_t>(tile.x, tile.y, u16.data(), nl * nm, 1, 1, threshold, scale);
-        continue;
-      }
-      for (int64_t l = 0; l < nl; ++l) {
-        apply_u16<scalar_t, acc_t>(tile.x + l * x_l, tile.y + l * y_l, u16.data() + l * nm, nm, x_m, 1, threshold,
-                                   scale);
-      }
-    }
-  });
+    };
+  };
+  // Where y is fresh (not x) and holds the tiles one after another in memory (each tile whole rows
+  // along M, the outer dims dense around them: channels_last), its pages are mapped ahead of the
+  // tiles (fresh_output.h); elsewhere the tiles fault as they write.
+  const int64_t tiles = outer_count * tiles_l * tiles_m;
+  bool tile_order = static_cast<const void*>(x) != static_cast<const void*>(y) && tiles_m == 1 &&
+                    (M == L ? y_l == 1 : y_l == size_m);
+  int64_t dense_stride = size_l * size_m;
+  for (int64_t k = static_cast<int64_t>(outer.size()) - 1; k >= 0; --k) {
+    tile_order = tile_order && w.ys[outer[k]] == dense_stride;
+    dense_stride *= w.sizes[outer[k]];
+  }
+  if (tile_order) {
+    const auto tile_offset = [&](int64_t t) {
+      return ((t / tiles_l) * size_l + (t % tiles_l) * tile_l) * size_m * int64_t(sizeof(scalar_t));
+    };
+    cpu::parallel_tasks_fresh(tiles, 1, {reinterpret_cast<char*>(y)}, tile_offset, make_worker);
+  } else {
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { make_worker()(t0, t1); });
+  }
 }
 
 void dropout_into_strided(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng) {

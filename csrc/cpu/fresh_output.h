@@ -53,36 +53,38 @@ inline bool map_pages(char* begin, char* end) {
 #endif
 }
 
-// Rows [0, N) of a kernel writing row r of each fresh output at out + r·row_bytes, in chunks of rows
-// claimed in order by every thread. The outputs' pages are mapped group by group (a group: the
-// chunks of ~1 MiB of output, one madvise call per output), in order, by thread 0 ahead of the
-// others (see above); a thread whose next chunk is not mapped yet maps the next unmapped group
-// itself rather than wait: where the kernel populates in parallel (some VMs do, at ~1.8x with two
-// threads) the mapping is shared, where it serializes the helper was idle anyway.
-// make_worker() is called once per thread and returns its `void(int64_t r0, int64_t r1)` (so a
+// Tasks [0, T) of a kernel writing fresh outputs, task t writing bytes [offset(t), offset(t + 1))
+// of each output in `outs` (offset nondecreasing, offset(T) the bytes of the whole output), claimed
+// in order by every thread in chunks of tasks_per_chunk. The outputs' pages are mapped group by
+// group (a group: the chunks of ~1 MiB of output, one madvise call per output), in order, by
+// thread 0 ahead of the others (see above); a thread whose next chunk is not mapped yet maps the
+// next unmapped group itself rather than wait: where the kernel populates in parallel (some VMs
+// do, ~2x with two threads) the mapping is shared, where it serializes the helper was idle anyway.
+// make_worker() is called once per thread and returns its `void(int64_t t0, int64_t t1)` (so a
 // thread can keep its own scratch buffers).
-template <typename MakeWorker>
-void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, const std::vector<char*>& outs, int64_t row_bytes,
-                         const MakeWorker& make_worker) {
-  if (N <= 0) return;
-  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+template <typename Offset, typename MakeWorker>
+void parallel_tasks_fresh(int64_t T, int64_t tasks_per_chunk, const std::vector<char*>& outs, const Offset& offset,
+                          const MakeWorker& make_worker) {
+  if (T <= 0) return;
+  const int64_t chunks = (T + tasks_per_chunk - 1) / tasks_per_chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  const int64_t chunks_per_group = std::max<int64_t>(1, kMapChunkBytes / std::max<int64_t>(1, row_bytes * rows_per_chunk));
+  const int64_t chunk_bytes = std::max<int64_t>(1, offset(T) / chunks);  // on average
+  const int64_t chunks_per_group = std::max<int64_t>(1, kMapChunkBytes / chunk_bytes);
   const int64_t groups = (chunks + chunks_per_group - 1) / chunks_per_group;
   std::atomic<int64_t> next{0};        // the next chunk to compute
   std::atomic<int64_t> next_group{0};  // the next group to map
-  std::atomic<bool> mapping{threads > 1 && row_bytes * rows_per_chunk >= kPageBytes};
+  std::atomic<bool> mapping{threads > 1 && chunk_bytes >= kPageBytes};
   std::unique_ptr<std::atomic<bool>[]> mapped(new std::atomic<bool>[groups]);
   for (int64_t g = 0; g < groups; ++g) mapped[g].store(false, std::memory_order_relaxed);
   // Claims the next unmapped group and maps it; false when every group is claimed or the kernel
-  // cannot map (then mapping stops for all threads: rows fault as they are written).
+  // cannot map (then mapping stops for all threads: tasks fault as they write).
   auto map_next_group = [&]() {
     const int64_t g = next_group.fetch_add(1);
     if (g >= groups) return false;
-    const int64_t r_begin = g * chunks_per_group * rows_per_chunk;
-    const int64_t r_end = std::min(N, (g + 1) * chunks_per_group * rows_per_chunk);
+    const int64_t begin = offset(g * chunks_per_group * tasks_per_chunk);
+    const int64_t end = offset(std::min(T, (g + 1) * chunks_per_group * tasks_per_chunk));
     for (char* out : outs) {
-      if (!map_pages(out + r_begin * row_bytes, out + r_end * row_bytes)) {
+      if (!map_pages(out + begin, out + end)) {
         mapping.store(false, std::memory_order_release);
         return false;
       }
@@ -102,10 +104,17 @@ void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, const std::vector<ch
         while (!mapped[g].load(std::memory_order_acquire) && mapping.load(std::memory_order_acquire)) {
           if (!map_next_group()) std::this_thread::yield();  // every group claimed: g is being mapped
         }
-        work(c * rows_per_chunk, std::min(N, (c + 1) * rows_per_chunk));
+        work(c * tasks_per_chunk, std::min(T, (c + 1) * tasks_per_chunk));
       }
     }
   });
+}
+
+// The same for rows [0, N) of row_bytes each: row r at out + r·row_bytes.
+template <typename MakeWorker>
+void parallel_rows_fresh(int64_t N, int64_t rows_per_chunk, const std::vector<char*>& outs, int64_t row_bytes,
+                         const MakeWorker& make_worker) {
+  parallel_tasks_fresh(N, rows_per_chunk, outs, [row_bytes](int64_t r) { return r * row_bytes; }, make_worker);
 }
 
 }  // namespace cpu
