@@ -49,16 +49,25 @@ def device_name(device: torch.device) -> str:
     return f"{_cpu_model()} ({cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def cpu_vendor() -> str:
+    """``amd`` or ``intel`` from the CPU's model name; empty where it names neither."""
+    match = re.search(r"\b(AMD|Intel)\b", _cpu_model(), re.IGNORECASE)
+    return match.group(1).lower() if match else ""
+
+
 def device_tag(device: torch.device) -> str:
-    """Short folder name for a device: ``cpu-2core``, ``cuda-h200``; ``cpu-2core-noavx512`` where the
-    CPU kernels run narrower loops (no AVX-512 on the CPU, or ``DROPREG_CPU_CAPABILITY=avx2`` or
-    ``=default``), so that such a run does not replace the AVX-512 machine's results."""
+    """Short folder name for a device: ``cpu-2core-amd``, ``cpu-2core-intel``, ``cuda-h200``;
+    ``cpu-2core-amd-noavx512`` where the CPU kernels run narrower loops (no AVX-512 on the CPU, or
+    ``DROPREG_CPU_CAPABILITY=avx2`` or ``=default``), so that such a run does not replace the AVX-512
+    machine's results. The vendor keeps one CPU's results from replacing another's: fault costs and
+    the floors differ between them (docs in csrc/cpu/fresh_output.h)."""
     if device.type == "cuda":
         words = re.sub(r"(?i)\bnvidia\b", "", torch.cuda.get_device_name(device)).split()
         model = re.sub(r"[^a-z0-9]+", "-", words[0].lower()) if words else "gpu"
         return f"cuda-{model}"
     narrower = cpu_path() != "avx512"
-    return f"cpu-{cpu_count()}core" + ("-noavx512" if narrower else "")
+    vendor = cpu_vendor()
+    return f"cpu-{cpu_count()}core" + (f"-{vendor}" if vendor else "") + ("-noavx512" if narrower else "")
 
 
 def cpu_path() -> str:

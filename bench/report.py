@@ -92,7 +92,7 @@ def render_section(result: dict, folder: str, link: str) -> str:
     """The README section of the results folder ``folder``; images are linked as ``link/<png>``."""
     meta, rows = result["meta"], result["rows"]
     parts = [
-        f"### {meta['device_tag']}",
+        f"### {os.path.basename(os.path.normpath(folder))}",
         "",
         f"- device: {meta['device']}",
         f"- versions: torch {meta['torch']}, triton {meta['triton']}, dropreg_ext {meta['dropreg_ext']}",
