@@ -26,6 +26,9 @@ namespace cpu {
 constexpr int64_t kBlockGroups = 32;                // Philox calls per block
 constexpr int64_t kBlockWords = 4 * kBlockGroups;   // 32-bit words per block (128)
 constexpr int64_t kBlockElems = kBlockWords;        // elements per block at the u32 (Gumbel) density
+// How far ahead a streamed input is prefetched by hand, where the loop between its loads is long
+// enough that the hardware prefetcher falls behind (dropout's short rows, the CE loops' z).
+constexpr int64_t kPrefetchBytes = 8192;
 // Partial sums of the fixed-order reductions (cross-entropy's Σ exp, the site penalty's chunks):
 // element k of a block adds to partial k % kSumLanes, one AVX-512 register of floats.
 constexpr int kSumLanes = 16;

@@ -77,6 +77,7 @@ DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi
   __m256 mx = _mm256_set1_ps(-kInf);
   int bad = 0;
   for (int j = 0; j < 16; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(z + 8 * j) + kPrefetchBytes, _MM_HINT_T0);
     x[j] = full ? load8<scalar_t>(z + 8 * j) : _mm256_load_ps(padded + 8 * j);
     mx = _mm256_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
     // |x| >= inf or NaN; the padding's -inf is not the row's

@@ -95,6 +95,7 @@ DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, R
   __mmask16 bad = 0;
   for (int j = 0; j < 8; ++j) {
     in[j] = full ? static_cast<__mmask16>(0xFFFF) : lanes_between(lo - 16 * j, hi - 16 * j);
+    _mm_prefetch(reinterpret_cast<const char*>(z + 16 * j) + kPrefetchBytes, _MM_HINT_T0);
     x[j] = load16<scalar_t>(z + 16 * j, in[j]);
     if (!full) x[j] = _mm512_mask_blend_ps(in[j], neg_inf, x[j]);
     mx = _mm512_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
@@ -171,6 +172,7 @@ DROPREG_AVX512 void grad_row(const scalar_t* z, int64_t n, float l, int64_t y, f
   const __m512 lv = _mm512_set1_ps(l), sv = _mm512_set1_ps(s), one = _mm512_set1_ps(1.0f);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
+    _mm_prefetch(reinterpret_cast<const char*>(z + k) + kPrefetchBytes, _MM_HINT_T0);
     __m512 p = Sleef_expf16_u10(_mm512_sub_ps(load16<scalar_t>(z + k, in), lv));
     if (y >= k && y < k + 16) p = _mm512_mask_sub_ps(p, static_cast<__mmask16>(1u << (y - k)), p, one);
     store16<scalar_t>(g + k, _mm512_mul_ps(p, sv), in);

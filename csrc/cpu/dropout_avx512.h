@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cpu_capability.h"
+#include "cpu_kernels.h"
 #include "philox.h"
 
 #define DROPREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
@@ -36,7 +37,6 @@ namespace dropreg {
 namespace cpu {
 
 constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Philox calls
-constexpr int64_t kPrefetchBytes = 8192;                   // how far ahead x is prefetched by hand
 
 DROPREG_AVX512 inline __m512i set1_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 
