@@ -225,10 +225,16 @@ void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, in
   if (!finite) return grad_row<scalar_t, acc_t>(z + begin, C, lse, y, s, buf.e.data(), g + begin);
   const int64_t end = begin + C;
   int64_t b = 0;
+  // f changes only where the running max does (a few times a row), so it is computed only there.
+  acc_t f_max = buf.block_max[0];
+  acc_t f = static_cast<acc_t>(std::exp(static_cast<double>(f_max) - static_cast<double>(lse)));
   for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems, ++b) {
     const int64_t lo = std::max(begin, blk) - blk;
     const int64_t hi = std::min(end, blk + kBlockElems) - blk;
-    const acc_t f = static_cast<acc_t>(std::exp(static_cast<double>(buf.block_max[b]) - static_cast<double>(lse)));
+    if (buf.block_max[b] != f_max) {
+      f_max = buf.block_max[b];
+      f = static_cast<acc_t>(std::exp(static_cast<double>(f_max) - static_cast<double>(lse)));
+    }
     const acc_t* e = buf.col(blk - begin);
     const int64_t y_off = begin + y - blk;  // the label's offset in this block (outside [lo, hi): not here)
     if constexpr (std::is_same_v<acc_t, float>) {
