@@ -170,6 +170,8 @@ MEMORY_ORDER_CASES = {
     "last-dim-innermost": lambda: torch.randn(6, 5, 300).permute(1, 0, 2),  # M = L: runs along L
     "sliced-channels": lambda: _cl(2, 70, 3, 264)()[:, 3:60],
     "sliced-rows": lambda: _cl(2, 70, 6, 264)()[:, :, ::2],
+    # 36 register-row tiles of 64 KiB (f32): several ~1 MiB groups of the fresh output's page mapping
+    "channels_last-mapped-groups": _cl(2, 64, 64, 72),
 }
 
 
