@@ -364,8 +364,7 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
   // along M, the outer dims dense around them: channels_last), its pages are mapped ahead of the
   // tiles (fresh_output.h); elsewhere the tiles fault as they write.
   const int64_t tiles = outer_count * tiles_l * tiles_m;
-  bool tile_order = static_cast<const void*>(x) != static_cast<const void*>(y) && tiles_m == 1 &&
-                    (M == L ? y_l == 1 : y_l == size_m);
+  bool tile_order = static_cast<const void*>(x) != static_cast<const void*>(y) && tiles_m == 1 && y_l == size_m;
   int64_t dense_stride = size_l * size_m;
   for (int64_t k = static_cast<int64_t>(outer.size()) - 1; k >= 0; --k) {
     tile_order = tile_order && w.ys[outer[k]] == dense_stride;

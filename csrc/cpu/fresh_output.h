@@ -5,10 +5,11 @@
 // per ~1 MiB instead of a trap per page), in row order, while the others compute the rows behind
 // it; a thread that catches up maps the next pages too instead of waiting; the mapping thread
 // computes rows once everything is mapped. The faults overlap the compute instead of adding to it.
-// (On an AMD EPYC VM two threads populate an output no faster than one: the helper only replaces
-// idle waiting. On an Intel Xeon VM they do, ~2x, and the helper is what brings a fresh-output
-// dropout from 0.84 to ~1.0 of a fresh torch.mul.) Without MADV_POPULATE_WRITE (Linux < 5.14, not
-// Linux) or with one thread, the rows are computed in order and fault as they go.
+// (On an AMD EPYC VM two threads populated an output no faster than one, so there the helper
+// should only replace idle waiting; not measured since. On an Intel Xeon VM they populate ~2x
+// faster, and the helper brought a fresh-output dropout from 0.84 to ~1.0 of a fresh torch.mul.)
+// Without MADV_POPULATE_WRITE (Linux < 5.14, not Linux) or with one thread, the rows are computed
+// in order and fault as they go.
 #pragma once
 
 #include <ATen/Parallel.h>
