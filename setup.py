@@ -89,7 +89,7 @@ def _nvidia_pip_includes() -> list:
 def _extension():
     with_cuda = _want_cuda()
     # checks.cpp: every op's argument checks, compiled by the host compiler for CPU and CUDA alike.
-    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp", "draw.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = ["-O3", "-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20

@@ -1,7 +1,7 @@
-"""``python -m bench [--quick|--check|--full] [--only dropout|kinds|ce|site|train] [--device cpu|cuda] [--out DIR]``
+"""``python -m bench [--quick|--check|--full] [--only SECTION] [--device cpu|cuda] [--out DIR]``
 
 Runs the per-op benchmarks (dropout, dropout kinds and layouts, cross-entropy with a sampled label,
-site penalty) and the
+site penalty), the host cost of each public call against torch's (overhead) and the
 training-step benchmark (dropout and the dropout regularizer), prints the tables and the
 acceptance checks, and writes ``results.json``, ``results.csv`` and PNG plots to
 ``bench/results/<device-tag>/`` (or ``--out``). ``--quick`` (default) fits in 5 minutes on 2 CPU
@@ -20,11 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import ce, checks, dropout, dropout_kinds, env, output, plots, site_penalty, train
+from . import ce, checks, dropout, dropout_kinds, env, output, overhead, plots, site_penalty, train
 from .config import Config, make_config, size_label
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SECTIONS = {"dropout": dropout, "kinds": dropout_kinds, "ce": ce, "site": site_penalty, "train": train}
+SECTIONS = {
+    "dropout": dropout, "kinds": dropout_kinds, "ce": ce, "site": site_penalty, "overhead": overhead, "train": train,
+}
 
 
 def parse_args(argv: list) -> argparse.Namespace:

@@ -21,7 +21,11 @@ Stated for a 2-core CPU, "ours" being the C++ backend:
 11. site penalty fwd+bwd at 2^22 float32: at least 0.8 of its floor (three reads, then three more
     reads and three fresh writes);
 12. on a GPU, the fused cross-entropy op at C >= 32k at least 80% of the copy bandwidth (reported
-    with the other GPU figures as INFO).
+    with the other GPU figures as INFO);
+13. host cost per call on 16-element tensors, 1 thread (bench.overhead): torch's time / ours at least
+    1.0 for dropout fwd, dropout fwd+bwd, the Dropout module fwd+bwd and the fused cross-entropy
+    fwd+bwd; F.dropout fwd+bwd / the site penalty fwd+bwd at least 1/1.5. The host path does not
+    depend on the device, so these are checked on every device.
 
 A section that did not run (``--only``) contributes no checks. On other devices the same numbers
 are computed for the device's native backend and reported as ``INFO``: the targets were set for
@@ -165,6 +169,27 @@ def _train_checks(rows: list) -> list:
     return checks
 
 
+OVERHEAD_TARGETS = {  # torch's µs per call / ours
+    "dropout fwd": 1.0, "dropout fwd+bwd": 1.0, "module fwd+bwd": 1.0, "cross-entropy fwd+bwd": 1.0,
+    "site fwd+bwd": 1 / 1.5,
+}
+
+
+def _overhead_checks(rows: list) -> list:
+    checks = []
+    for case, target in OVERHEAD_TARGETS.items():
+        row = next((r for r in rows if (r["section"], r["case"]) == ("overhead", case)), None)
+        name = f"host cost of {case}, torch / ours per call (16 elements, 1 thread)"
+        if row is None:
+            checks.append({"check": name, "measured": None, "target": target, "unit": "x", "detail": "not measured"})
+            continue
+        detail = (f"torch {row['torch_us']:.1f} us, ours {row['ours_us']:.1f} us; ops ours "
+                  f"{row['ours_ops_fwd']}+{row['ours_ops_bwd']}, torch {row['torch_ops_fwd']}+{row['torch_ops_bwd']}")
+        checks.append({"check": name, "measured": row["torch_us"] / row["ours_us"], "target": target, "unit": "x",
+                       "detail": detail, "device_independent": True})
+    return checks
+
+
 def acceptance(rows: list, device_type: str) -> list:
     """The checks of the sections present in ``rows``, as dicts: check, measured, target, unit,
     status, detail."""
@@ -179,12 +204,14 @@ def acceptance(rows: list, device_type: str) -> list:
         checks += _ce_checks(rows, ours, device_type)
     if "site" in sections:
         checks += _site_checks(rows, ours)
+    if "overhead" in sections:
+        checks += _overhead_checks(rows)
     if "train" in sections:
         checks += _train_checks(rows)
     for check in checks:
         if check["measured"] is None:
             check["status"] = "MISSING"
-        elif device_type != "cpu":
+        elif device_type != "cpu" and not check.pop("device_independent", False):
             check["status"] = "INFO"
         else:
             check["status"] = "PASS" if check["measured"] >= check["target"] else "FAIL"

@@ -73,6 +73,20 @@ def op_table(rows: list, section: str) -> str:
     return format_table(headers, body, text_cols=5 if kinds else 4)
 
 
+def overhead_table(rows: list) -> str:
+    headers = ["call", "torch us", "ours us", "ours / torch", "torch ops", "ours ops", "ours dispatches"]
+    body = [
+        [r["case"], f"{r['torch_us']:.2f}", f"{r['ours_us']:.2f}", f"{r['ratio']:.2f}",
+         f"{r['torch_ops_fwd']}+{r['torch_ops_bwd']}", f"{r['ours_ops_fwd']}+{r['ours_ops_bwd']}", r["ours_ops"]]
+        for r in rows if r["section"] == "overhead"
+    ]
+    return format_table(headers, body, text_cols=1)
+
+
+OVERHEAD_NOTES = """torch: F.dropout, nn.Dropout, F.cross_entropy; site fwd+bwd is compared with F.dropout fwd+bwd.
+ops: tensor ops dispatched below autograd, forward + backward (each one launch at least on a GPU)."""
+
+
 def train_table(rows: list) -> str:
     headers = [
         "case", "variant", "dtype", "unit", "median ms", "p20-p80 ms", "reps",
@@ -194,6 +208,10 @@ def print_report(result: dict) -> None:
         print(f"\n== site penalty, q={result['meta']['p']} ==")
         print(op_table(rows, "site"))
         print(SITE_NOTES)
+    if "overhead" in sections:
+        print("\n== host cost per call (16 elements, 1 thread, interleaved medians) ==")
+        print(overhead_table(rows))
+        print(OVERHEAD_NOTES)
     if "train" in sections:
         print("\n== training steps (SGD step: forward, loss, backward, update) ==")
         print(train_table(rows))

@@ -21,9 +21,13 @@ namespace dropreg {
 // dropout, philox
 // ---------------------------------------------------------------------------------------------
 
-void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng) {
+void check_dropout_draw_args(const at::Tensor& x, double p) {
   DROPREG_CHECK_FLOATING(x);
   DROPREG_CHECK_PROB(p);
+}
+
+void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng) {
+  check_dropout_draw_args(x, p);
   DROPREG_CHECK_RNG(rng, x);
 }
 
@@ -123,15 +127,21 @@ void check_site_grad(const std::optional<at::Tensor>& g, const char* name, const
               "), got ", g->scalar_type(), " of shape ", g->sizes(), " on ", g->device());
 }
 
-NoiseKind check_site_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
-                          const std::optional<at::Tensor>& g_i, double q, const std::string& noise,
-                          const at::Tensor& rng) {
+NoiseKind check_site_draw_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                               const std::optional<at::Tensor>& g_i, double q, const std::string& noise) {
   DROPREG_CHECK_FLOATING(h);
   check_site_grad(g_e, "g_e", h);
   check_site_grad(g_i, "g_i", h);
   check_noise_prob(q);
-  DROPREG_CHECK_RNG(rng, h);
   return parse_noise(noise);
+}
+
+NoiseKind check_site_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                          const std::optional<at::Tensor>& g_i, double q, const std::string& noise,
+                          const at::Tensor& rng) {
+  const NoiseKind kind = check_site_draw_args(h, g_e, g_i, q, noise);
+  DROPREG_CHECK_RNG(rng, h);
+  return kind;
 }
 
 void check_site_output_grad(const at::Tensor& grad, const at::Tensor& h) {

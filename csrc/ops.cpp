@@ -77,4 +77,27 @@ TORCH_LIBRARY(dropreg, m) {
   m.def(
       "site_penalty_backward(Tensor grad, Tensor h, Tensor? g_e, Tensor? g_i, float q, str noise, "
       "Tensor rng) -> (Tensor grad_h, Tensor grad_g_e, Tensor grad_g_i)");
+
+  // The ops that draw their own state: <op>_draw is <op> with `rng` replaced by a trailing `seed`
+  // and the state it used, int64 [seed, offset] on the input's device, as one more output (saved by
+  // the backward that regenerates the noise). seed=None draws [seed, offset] from torch's generator
+  // of that device (on a GPU: an offset reserved on the host, read by the kernel itself, graph-safe);
+  // an int gives [seed, 0]. One launch where the op is one kernel: no random_, fill_ or copy.
+  const std::vector<at::Tag> seeded = {at::Tag::nondeterministic_seeded};
+  // The state alone, as the _draw ops draw it (dropreg_ext.ops.make_rng), on like's device.
+  m.def("rng_state(Tensor like, int? seed=None) -> Tensor", seeded);
+  m.def("dropout_draw(Tensor x, float p, int? seed=None) -> (Tensor y, Tensor rng)", seeded);
+  m.def("dropout_draw_(Tensor(a!) x, float p, int? seed=None) -> Tensor rng", seeded);
+  m.def(
+      "cross_entropy_sample_draw(Tensor z, Tensor target, int ignore_index, int? seed=None) -> "
+      "(Tensor loss, Tensor lse, Tensor yhat, Tensor rng)",
+      seeded);
+  m.def(
+      "cross_entropy_sample_grad_draw(Tensor z, Tensor target, int ignore_index, Tensor? true_scale=None, "
+      "int? seed=None) -> (Tensor loss, Tensor lse, Tensor yhat, Tensor grad, Tensor grad_true, Tensor rng)",
+      seeded);
+  m.def(
+      "site_penalty_draw(Tensor h, Tensor? g_e, Tensor? g_i, float q, str noise, int? seed=None) -> "
+      "(Tensor out, Tensor rng)",
+      seeded);
 }

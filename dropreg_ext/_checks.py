@@ -14,6 +14,8 @@ def check_prob(p, name: str = "p") -> float:
     """p must be a real number in [0, 1] (not bool, not NaN), or a 0-d real tensor that needs no
     gradient (as torch's dropout accepts); returned as float. Out of range: ValueError with torch's
     message, so code that matches torch's error keeps working."""
+    if type(p) is float and 0.0 <= p <= 1.0:  # the common case, first (NaN fails the comparisons)
+        return p
     if isinstance(p, torch.Tensor) and p.dim() == 0 and not p.requires_grad and p.dtype != torch.bool \
             and not p.is_complex():
         p = p.item()

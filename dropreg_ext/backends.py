@@ -62,6 +62,8 @@ def available_backends(device) -> list:
 def resolve_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
     """The concrete backend that runs an op on ``x`` under the current (or given) choice."""
     name = _backend if backend is None else backend
+    if name == "auto" and _ext.HAS_CPU and x.is_cpu:  # the common case on a CPU, first
+        return "cpu"
     if name not in BACKENDS:
         raise ValueError(f"argument 'backend' must be one of {BACKENDS}, got {name!r}")
     device = x.device

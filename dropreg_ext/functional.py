@@ -46,23 +46,26 @@ def covered(input) -> bool:
     dtype in float64/float32/float16/bfloat16. Everything else (other dtypes, sparse, nested, meta
     or other devices, tensor subclasses with their own ``__torch_function__``) is torch's business."""
     return (
-        isinstance(input, torch.Tensor)
-        and type(input) in (torch.Tensor, torch.nn.Parameter)
+        type(input) in _PLAIN_TENSORS
         and input.dtype in FLOAT_DTYPES
         and input.layout == torch.strided
         and not input.is_nested
-        and input.device.type in ("cpu", "cuda")
+        and (input.is_cpu or input.is_cuda)
     )
 
 
-def _checked_p(input, p, training, seed) -> Optional[float]:
-    """The checked p, or None where torch returns the input itself: training off, p = 0, an empty input."""
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _checked_p(input, p, training, seed) -> tuple:
+    """(p, seed) checked, seed as the int64 with its bits (or None); p is None where torch returns the
+    input itself: training off, p = 0, an empty input."""
     check_float_tensor(input, "input")
     p = check_prob(p, "p")
     if not isinstance(training, bool):
         raise TypeError(f"argument 'training' must be a bool, got {type(training).__name__}")
-    check_seed(seed)
-    return None if not training or p == 0.0 or input.numel() == 0 else p
+    seed = check_seed(seed)
+    return (None if not training or p == 0.0 or input.numel() == 0 else p), seed
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -103,24 +106,24 @@ def dropout(
         >>> x = torch.randn(4, 8)
         >>> y = dropreg_ext.functional.dropout(x, 0.1, seed=0)
     """
-    p = _checked_p(input, p, training, seed)
+    p, seed = _checked_p(input, p, training, seed)
     if p is None:
         return input  # as torch: the input itself, no random number drawn
-    rng = ops.make_rng(input.device, seed)
     backend = resolve_backend(input)
-    op = ops.BACKEND_OPS[backend]["dropout"]  # input, p and rng are checked: the registered op itself
+    # input and p are checked: the registered op itself, which draws its state (one launch on a GPU)
+    draw = ops.BACKEND_OPS[backend]["dropout_draw"]
     if not inplace:
-        return op(_dense(input), p, rng)
+        return draw(input if input.is_contiguous() else _dense(input), p, seed)[0]
     needs_graph = torch.is_grad_enabled() and input.requires_grad
     # The kernels write in place contiguous tensors, and on the CPU any dense layout (memory order).
     writable = input.is_contiguous() or (backend == "cpu" and is_dense(input))
     if backend in ("cpu", "cuda") and not needs_graph and writable:
-        torch.ops.dropreg.dropout_(input, p, rng)
+        torch.ops.dropreg.dropout_draw_.default(input, p, seed)
         # The kernel wrote through the data pointer: bump the version counter so autograd
         # rejects graphs that saved the old values (as it does for torch's in-place dropout).
         torch.autograd.graph.increment_version(input)
         return input
-    return input.copy_(op(_dense(input), p, rng))
+    return input.copy_(draw(_dense(input), p, seed)[0])
 
 
 def broadcast_dropout(
@@ -142,7 +145,7 @@ def broadcast_dropout(
     """
     check_float_tensor(input, "input")
     p = check_prob(p, "p")
-    check_seed(seed)
+    seed = check_seed(seed)
     try:
         shape = torch.broadcast_shapes(tuple(mask_shape), input.shape)
     except (RuntimeError, TypeError) as exc:
@@ -154,7 +157,7 @@ def broadcast_dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     ones = torch.ones(tuple(mask_shape), dtype=input.dtype, device=input.device)
-    mask = ops.fused_dropout(ones, p, ops.make_rng(input.device, seed))
+    mask = ops.BACKEND_OPS[resolve_backend(ones)]["dropout_draw"](ones, p, seed)[0]
     return input.mul_(mask) if inplace else input * mask
 
 
@@ -163,7 +166,7 @@ def _feature_dropout(input, p, training, inplace, seed, batched: bool) -> torch.
     """torch's feature dropout: one draw per channel, the mask over dims (N, C) of a batched input and
     over dim C of an unbatched one (as torch, which unsqueezes N = 1: the same mask, element for
     element). Early returns, the p = 1 product and the rank error in torch's order."""
-    p = _checked_p(input, p, training, seed)
+    p, _ = _checked_p(input, p, training, seed)
     if p is None:
         return input
     if p == 1.0:
@@ -236,7 +239,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
 
 
 def _alpha_dropout(input, p, training, inplace, seed, feature: bool) -> torch.Tensor:
-    p = _checked_p(input, p, training, seed)
+    p, _ = _checked_p(input, p, training, seed)
     if p is None:
         return input
     q, a = reference.alpha_dropout_scale(p)  # q: the drop probability the mask applies

@@ -82,20 +82,33 @@ Tensor = torch.Tensor
 
 
 def make_rng(device, seed: Optional[int] = None) -> torch.Tensor:
-    """The per-call RNG state ``[seed, offset]`` (int64, on ``device``).
+    """The per-call RNG state ``[seed, offset]`` (int64, on ``device``), as the ``*_draw`` ops draw it.
 
-    With ``seed=None`` both words are drawn from torch's generator of ``device`` (uniform int64)
-    on the device itself, so no host sync and CUDA-graph replays draw fresh values; with an
-    explicit seed the state is ``[seed, 0]``, written by fill kernels that take the seed as an
-    argument (no host-to-device copy: no sync, and a CUDA graph can capture it; its replays then
-    reuse that seed, as an explicit seed means).
+    With ``seed=None`` the state comes from torch's generator of ``device``, so ``torch.manual_seed``
+    reproduces a run; with an explicit seed it is ``[seed, 0]``. Where the C++ kernels run the
+    device (``dropreg::rng_state``): two words of the CPU generator, or on a GPU ``[seed, offset]``
+    of the CUDA generator's Philox state, reserved on the host and written by one kernel
+    (graph-safe: a captured graph's replays draw fresh states); elsewhere both words are drawn with
+    ``torch.randint`` on the device, or an explicit seed is written by fill kernels. Never a host
+    sync or a host-to-device copy.
     """
-    seed = check_seed(seed)
+    return _rng_state(torch.device(device), check_seed(seed))
+
+
+def _rng_state(device: torch.device, seed: Optional[int]) -> torch.Tensor:
+    """:func:`make_rng` for a checked seed (None, or the int64 with the seed's bits)."""
+    if _native_kernels(device):
+        return torch.ops.dropreg.rng_state.default(torch.empty(0, device=device), seed)
     if seed is None:
         return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device)
     rng = torch.zeros(2, dtype=torch.int64, device=device)
     rng[0].fill_(seed)
     return rng
+
+
+def _native_kernels(device: torch.device) -> bool:
+    """True if the C++ kernels run tensors of ``device`` (the cpu / cuda backends)."""
+    return (device.type == "cpu" and _ext.HAS_CPU) or (device.type == "cuda" and _ext.HAS_CUDA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +138,48 @@ BACKEND_OPS: dict = {}
 
 def _call(name: str, backend: Optional[str], *args):
     """The registered op ``name`` on the backend that runs it for its first argument, after the
-    op's checks."""
+    op's checks; an op's ``rng`` of None draws a fresh state (its ``_draw`` form)."""
     SPECS[name].check(*args)
-    return BACKEND_OPS[resolve_backend(args[0], backend)][name](*args)
+    ops = BACKEND_OPS[resolve_backend(args[0], backend)]
+    rng_index = DRAWS.get(name)
+    if rng_index is None or args[rng_index] is not None:
+        return ops[name](*args)
+    out = ops[f"{name}_draw"](*args[:rng_index], *args[rng_index + 1:], None)[:-1]
+    return out[0] if len(out) == 1 else out
 
 
 def _empty_like_shape(t: Tensor, dtype=None) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype if dtype is None else dtype, device=t.device)
+
+
+def _composite_autograd(formula: Callable, lse_index: Optional[int], wrt: tuple) -> tuple:
+    """Autograd of a backward op (third-order derivatives), every backend: the VJP of its reference
+    ``formula`` by autograd at the saved inputs, so that every higher order works too. ``formula``
+    takes the op's arguments without the one at ``lse_index`` (a log-sum-exp it recomputes from z,
+    so that its dependence on z is differentiated); ``wrt`` are the positions of the differentiable
+    arguments (an optional one may be None)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_at = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
+
+    def backward(ctx, *cotangents):
+        inputs = list(ctx.others)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            inputs[i] = t
+        leaves = {i: inputs[i].detach().requires_grad_() for i in wrt if inputs[i] is not None}
+        inputs = [leaves.get(i, a) for i, a in enumerate(inputs)]
+        with torch.enable_grad():
+            outs = formula(*(a for i, a in enumerate(inputs) if i != lse_index))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None]
+            got = torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [c for _, c in pairs],
+                                      create_graph=torch.is_grad_enabled(), allow_unused=True)
+        grads = dict(zip(leaves, got))
+        return tuple(grads.get(i) for i in range(len(inputs)))
+
+    return setup_context, backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +194,8 @@ def _sig_dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
 def _check_dropout(x, p, rng) -> None:
     check_float_tensor(x, "x")
     check_prob(p, "p")
-    check_rng(rng, x)
+    if rng is not None:
+        check_rng(rng, x)
 
 
 def _dropout_autograd(ops: dict) -> tuple:
@@ -253,7 +302,8 @@ def _sig_cross_entropy_sample(
 
 def _check_cross_entropy_sample(z, target, rng, ignore_index) -> None:
     _check_logits_rows(z, "target", target, ignore_index=ignore_index)
-    check_rng(rng, z)
+    if rng is not None:
+        check_rng(rng, z)
 
 
 def _cross_entropy_sample_fake(z, target, rng, ignore_index):
@@ -300,7 +350,8 @@ _spec(
 
 
 def cross_entropy_sample(
-    z: Tensor, target: Tensor, rng: Tensor, ignore_index: int = -100, *, backend: Optional[str] = None
+    z: Tensor, target: Tensor, rng: Optional[Tensor] = None, ignore_index: int = -100, *,
+    backend: Optional[str] = None,
 ) -> tuple:
     """Cross-entropy, log-sum-exp and a label sampled from the model's own softmax, in one pass.
 
@@ -308,7 +359,9 @@ def cross_entropy_sample(
         lse_r = log Σ_c exp(z_rc),  loss_r = lse_r - z_r[y_r],
         ŷ_r = argmax_c (z_rc + G_rc) ~ softmax(z_r)   (Gumbel-max; G from the Philox Gumbel stream)
     Rows whose target is ``ignore_index`` get loss 0 and ŷ = ignore_index. ``loss`` and ``lse`` are
-    differentiable in z (d loss_r/d z_r = softmax(z_r) - onehot(y_r)); the draw is not.
+    differentiable in z (d loss_r/d z_r = softmax(z_r) - onehot(y_r)); the draw is not. G is drawn
+    at ``rng`` (``[seed, offset]``, :func:`make_rng`), or at a fresh state of torch's generator when
+    ``rng`` is None (the same as ``make_rng(z.device)``, in the op itself: one launch on a GPU).
 
     Shapes: z (N, C) float64/float32/float16/bfloat16; target (N,) int64; returns loss (N,),
     lse (N,) in float32 (float64 for float64 z) and yhat (N,) int64.
@@ -429,7 +482,7 @@ _spec(
 def cross_entropy_sample_grad(
     z: Tensor,
     target: Tensor,
-    rng: Tensor,
+    rng: Optional[Tensor] = None,
     ignore_index: int = -100,
     *,
     true_scale: Optional[Tensor] = None,
@@ -488,32 +541,18 @@ def _check_cross_entropy_sample_grad_backward(grad_loss, grad_g, grad_g_true, z,
         raise ValueError("argument 'grad_g_true' needs the 'true_scale' G_true was made with")
 
 
-def _cross_entropy_sample_grad_backward_autograd(ops: dict) -> tuple:
-    # Third-order derivatives: composite PyTorch around the reference (softmax recomputed from z).
-    def setup_context(ctx, inputs, output):
-        grad_loss, grad_g, grad_g_true, z, lse, target, true_scale, ignore_index = inputs
-        ctx.ignore_index = ignore_index
-        ctx.save_for_backward(grad_loss, grad_g, grad_g_true, z, target, true_scale)
-
-    def backward(ctx, grad_out):
-        grad_loss, grad_g, grad_g_true, z, target, true_scale = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_loss, grad_g, grad_g_true, z)]
-        with torch.enable_grad():
-            lse_ = torch.logsumexp(leaves[3].to(acc_dtype(z.dtype)), dim=-1)
-            out = reference.cross_entropy_sample_grad_backward(*leaves, lse_, target, true_scale, ctx.ignore_index)
-            wrt = [t for t in leaves if t is not None]
-            got = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=torch.is_grad_enabled(), allow_unused=True))
-        grads = [next(got) if t is not None else None for t in leaves]
-        return (*grads[:3], grads[3], None, None, None, None)
-
-    return setup_context, backward
+def _cross_entropy_sample_grad_backward_reference(grad_loss, grad_g, grad_g_true, z, target, true_scale, ignore_index):
+    lse = torch.logsumexp(z.to(acc_dtype(z.dtype)), dim=-1)  # recomputed, so that it depends on z
+    return reference.cross_entropy_sample_grad_backward(grad_loss, grad_g, grad_g_true, z, lse, target, true_scale,
+                                                        ignore_index)
 
 
 _spec(
     name="cross_entropy_sample_grad_backward",
     signature=_sig_cross_entropy_sample_grad_backward,
     check=_check_cross_entropy_sample_grad_backward,
-    autograd=_cross_entropy_sample_grad_backward_autograd,
+    autograd=lambda ops: _composite_autograd(_cross_entropy_sample_grad_backward_reference, lse_index=4,
+                                             wrt=(0, 1, 2, 3)),
     fake=lambda gl, gg, gt, z, lse, target, ts, ii: _empty_like_shape(z),
 )
 
@@ -530,32 +569,16 @@ def _check_ce_grad_backward(u, z, lse, label, row_scale, ignore_index) -> None:
         raise ValueError(f"argument 'u' must match z ({z.dtype} of shape {tuple(z.shape)} on {z.device})")
 
 
-def _ce_grad_backward_autograd(ops: dict) -> tuple:
-    # Third-order derivatives: composite PyTorch (softmax recomputed from z, so exact).
-    def setup_context(ctx, inputs, output):
-        u, z, lse, label, row_scale, ignore_index = inputs
-        ctx.ignore_index = ignore_index
-        ctx.save_for_backward(u, z, label, row_scale)
-
-    def backward(ctx, grad_gz, grad_gs):
-        u, z, label, row_scale = ctx.saved_tensors
-        with torch.enable_grad():
-            u_, z_, rs_ = (t.detach().requires_grad_() for t in (u, z, row_scale))
-            lse_ = torch.logsumexp(z_.to(acc_dtype(z.dtype)), dim=-1)
-            outs = reference.ce_grad_backward_unchecked(u_, z_, lse_, label, rs_, ctx.ignore_index)
-            gu, gz, gs = torch.autograd.grad(
-                outs, (u_, z_, rs_), (grad_gz, grad_gs), create_graph=torch.is_grad_enabled(), allow_unused=True
-            )
-        return gu, gz, None, None, gs, None
-
-    return setup_context, backward
+def _ce_grad_backward_reference(u, z, label, row_scale, ignore_index):
+    lse = torch.logsumexp(z.to(acc_dtype(z.dtype)), dim=-1)  # recomputed, so that it depends on z
+    return reference.ce_grad_backward_unchecked(u, z, lse, label, row_scale, ignore_index)
 
 
 _spec(
     name="ce_grad_backward",
     signature=_sig_ce_grad_backward,
     check=_check_ce_grad_backward,
-    autograd=_ce_grad_backward_autograd,
+    autograd=lambda ops: _composite_autograd(_ce_grad_backward_reference, lse_index=2, wrt=(0, 1, 4)),
     fake=lambda u, z, lse, label, rs, ii: (_empty_like_shape(z), rs.new_empty(rs.shape)),
     to_schema=lambda out, *args: tuple(out),
 )
@@ -580,7 +603,8 @@ def _check_site(h, g_e, g_i, q, noise, rng) -> None:
         raise ValueError("argument 'q' must be in [0, 1) for a site penalty, got 1.0")
     if noise not in reference.NOISE_KINDS:
         raise ValueError(f"argument 'noise' must be one of {reference.NOISE_KINDS}, got {noise!r}")
-    check_rng(rng, h)
+    if rng is not None:
+        check_rng(rng, h)
 
 
 def _sig_site_penalty(
@@ -613,13 +637,14 @@ _spec(
 
 
 def site_penalty(
-    h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Tensor, *,
+    h: Tensor, g_e: Optional[Tensor], g_i: Optional[Tensor], q: float, noise: str, rng: Optional[Tensor] = None, *,
     backend: Optional[str] = None,
 ) -> Tensor:
     """[Σ (g_e ⊙ h)², Σ g_i ⊙ η ⊙ h] in one pass, with η drawn in-kernel and a deterministic reduction.
 
     η has mean 0 and variance q/(1-q): ``noise="rademacher"`` gives ±sqrt(q/(1-q)), ``"dropout"``
-    gives m/(1-q) - 1 with m ~ Bernoulli(1-q). A missing (None) g_e or g_i contributes 0. The
+    gives m/(1-q) - 1 with m ~ Bernoulli(1-q), drawn at ``rng`` or, when it is None, at a fresh state
+    of torch's generator (drawn in the op, kept for its backward). A missing (None) g_e or g_i contributes 0. The
     backward is elementwise and regenerates η from ``rng``:
     dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h for output gradient [a, b].
 
@@ -650,31 +675,6 @@ def _site_penalty_backward_fake(grad, h, ge, gi, q, noise, rng):
     )
 
 
-def _site_penalty_backward_autograd(ops: dict) -> tuple:
-    # Only needed for third-order derivatives: composite PyTorch around the reference.
-    def setup_context(ctx, inputs, output):
-        grad, h, g_e, g_i, q, noise, rng = inputs
-        ctx.q, ctx.noise = q, noise
-        ctx.save_for_backward(grad, h, g_e, g_i, rng)
-
-    def backward(ctx, ddh, ddge, ddgi):
-        grad, h, g_e, g_i, rng = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad, h, g_e, g_i)]
-        with torch.enable_grad():
-            outs = reference.site_penalty_backward(*leaves, ctx.q, ctx.noise, rng)
-            pairs = [(o, c) for o, c in zip(outs, (ddh, ddge, ddgi)) if o is not None and c is not None]
-            wrt = [t for t in leaves if t is not None]
-            got = torch.autograd.grad(
-                [o for o, _ in pairs], wrt, [c for _, c in pairs],
-                create_graph=torch.is_grad_enabled(), allow_unused=True,
-            )
-        it = iter(got)
-        grads = [next(it) if t is not None else None for t in leaves]
-        return (*grads, None, None, None)
-
-    return setup_context, backward
-
-
 def _site_backward_outputs(out, grad, h, *args):
     dh, dge, dgi = out
     return dh, h.new_empty((0,)) if dge is None else dge, h.new_empty((0,)) if dgi is None else dgi
@@ -685,7 +685,7 @@ _spec(
     signature=_sig_site_penalty_backward,
     fake=_site_penalty_backward_fake,
     check=_check_site_backward,
-    autograd=_site_penalty_backward_autograd,
+    autograd=lambda ops: _composite_autograd(reference.site_penalty_backward, lse_index=None, wrt=(0, 1, 2, 3)),
     to_schema=_site_backward_outputs,
 )
 
@@ -704,8 +704,13 @@ def _python_body(spec: OpSpec, kernel: Callable) -> Callable:
     return body
 
 
-def _register_autograd(ops: dict, qualnames: dict) -> None:
+def _register_autograd(ops: dict, qualnames: dict, native: bool = False) -> None:
+    """The Python autograd of the ops in ``qualnames``; for the C++ ops (``native``) only where C++
+    registered none: the first-order ops' autograd is C++ (csrc/autograd.cpp), the backward ops'
+    (third order) is composite PyTorch from here."""
     for name, qualname in qualnames.items():
+        if native and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+            continue
         if SPECS[name].autograd is not None:
             setup_context, backward = SPECS[name].autograd(ops)
             torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -717,19 +722,56 @@ def _define_python_backend(backend: str, kernels, define) -> dict:
         define(qualnames[name], mutates_args=())(_python_body(spec, getattr(kernels, name))).register_fake(spec.fake)
     ops = {name: getattr(torch.ops.dropreg, f"{name}_{backend}") for name in SPECS}
     _register_autograd(ops, qualnames)
-    return ops
+    return {**ops, **{f"{name}_draw": _python_draw(ops[name], i) for name, i in DRAWS.items()}}
+
+
+# The ops that draw their own state, by their base op and the position of its `rng`: ``<op>_draw`` takes
+# the base op's arguments with `rng` replaced by a trailing `seed` (int or None; every argument
+# passed) and returns the base op's outputs followed by the state ``[seed, offset]`` it used. The C++
+# ones (schemas in csrc/ops.cpp) are one launch on a GPU; a Python backend's is make_rng and the op.
+DRAWS = {"dropout": 2, "cross_entropy_sample": 2, "cross_entropy_sample_grad": 2, "site_penalty": 5}
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _python_draw(op: Callable, rng_index: int) -> Callable:
+    def draw(*args):
+        *base, seed = args
+        rng = _rng_state(base[0].device, seed)
+        return (*_as_tuple(op(*base[:rng_index], rng, *base[rng_index:])), rng)
+
+    return draw
+
+
+def _draw_fake(fake: Callable, rng_index: int, n_args: int) -> Callable:
+    def draw_fake(*args):
+        *base, _ = (*args, *(None,) * (n_args - len(args)))  # the schema's defaults are None; seed unused
+        rng = base[0].new_empty((2,), dtype=torch.int64)
+        return (*_as_tuple(fake(*base[:rng_index], rng, *base[rng_index:])), rng)
+
+    return draw_fake
 
 
 BACKEND_OPS["reference"] = _define_python_backend("reference", reference, torch.library.custom_op)
 
 if _ext.HAS_CPU:
-    _qualnames = {name: f"dropreg::{name}" for name in SPECS}
-    for _name, _qualname in _qualnames.items():
-        torch.library.register_fake(_qualname)(SPECS[_name].fake)
+    for _name, _s in SPECS.items():
+        torch.library.register_fake(f"dropreg::{_name}")(_s.fake)
     torch.library.register_fake("dropreg::dropout_")(lambda x, p, rng: None)
-    BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = {name: getattr(torch.ops.dropreg, name) for name in SPECS}
-    # dropout's autograd is C++ (csrc/autograd.cpp): a Python wrapper would be most of a small call.
-    _register_autograd(BACKEND_OPS["cpu"], {name: q for name, q in _qualnames.items() if name != "dropout"})
+    torch.library.register_fake("dropreg::dropout_draw_")(lambda x, p, seed=None: x.new_empty((2,), dtype=torch.int64))
+    torch.library.register_fake("dropreg::rng_state")(
+        lambda like, seed=None: like.new_empty((2,), dtype=torch.int64)
+    )
+    for _name, _index in DRAWS.items():
+        _n_args = len(getattr(torch.ops.dropreg, f"{_name}_draw").default._schema.arguments)
+        torch.library.register_fake(f"dropreg::{_name}_draw")(_draw_fake(SPECS[_name].fake, _index, _n_args))
+    _native = {name: getattr(torch.ops.dropreg, name) for name in SPECS}
+    BACKEND_OPS["cpu"] = BACKEND_OPS["cuda"] = {
+        **_native, **{f"{name}_draw": getattr(torch.ops.dropreg, f"{name}_draw") for name in DRAWS}
+    }
+    _register_autograd(_native, {name: f"dropreg::{name}" for name in SPECS}, native=True)
 
 if _ext.HAS_TRITON:
     from . import triton_kernels

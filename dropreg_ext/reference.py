@@ -31,14 +31,15 @@ Rademacher η = ±sqrt(q/(1-q)) (+ iff the bit is 1; q itself, no quantization);
 float32 and strictly inside (0, 1), G = -log(-log u).
 
 The per-call state is an int64 tensor ``[seed, offset]`` on the input's device; the streams of one
-call differ in ``stream`` (0, 1, 2), so they never share counters, and a regularizer's site i draws
-its noise at offset + 4·i.
+call differ in ``stream`` (0, 1, 2), so they never share counters; a call drawn from torch's
+generator reserves the offsets offset + 0..3 (docs/design.md §3), and each regularizer site draws
+its own state.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -543,7 +544,7 @@ def regularizer_objective(
     noise_scale: float = 1.0,
     ignore_index: int = -100,
     rng_label: Optional[torch.Tensor] = None,
-    rng_noise: Optional[torch.Tensor] = None,
+    rng_noise: Optional[Callable[[], torch.Tensor]] = None,
 ) -> tuple:
     """(J, Σ_i λ_i R_i, T, ŷ) of ``DropoutRegularizer`` by the formulas, in plain autograd.
 
@@ -558,8 +559,9 @@ def regularizer_objective(
         T   = noise_scale · Σ_i ⟨∂J/∂o_i, η_i ⊙ h_i⟩          (implicit)
 
     ŷ and η follow the random-number contract when ``rng_label`` / ``rng_noise`` are given (ŷ from
-    :func:`cross_entropy_sample`, site i's η from :func:`site_noise` at ``rng_noise + [0, 4i]``, as
-    the fused objective draws them), and torch's own generator otherwise (``torch.multinomial`` and
+    :func:`cross_entropy_sample` at ``rng_label``; each site's η from :func:`site_noise` at the state
+    ``rng_noise()`` returns, called once per site the logits depend on, in site order, as the fused
+    objective draws them), and torch's own generator otherwise (``torch.multinomial`` and
     ``randint`` / ``bernoulli``: the plain-autograd baseline of the benchmarks).
     """
     c = logits.shape[-1]
@@ -594,12 +596,11 @@ def regularizer_objective(
     if implicit:
         with torch.profiler.record_function(VJP_RANGE):
             g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
-        for i, (site, g) in enumerate(zip(sites, g_i)):
-            if g is None:
+        for site, g in zip(sites, g_i):
+            if g is None or site.q == 0:  # (DropoutRegularizer skips such sites: no draw)
                 continue
             if rng_noise is not None:
-                rng = rng_noise + torch.tensor([0, 4 * i], device=rng_noise.device)
-                eta = site_noise(site.h.shape, site.q, noise, rng, site.h.dtype, site.h.device)
+                eta = site_noise(site.h.shape, site.q, noise, rng_noise(), site.h.dtype, site.h.device)
             else:
                 eta = _site_noise_draw(site.h, site.q, noise)
             implicit_term = implicit_term + (g * eta * site.h).sum()

@@ -207,7 +207,7 @@ class DropoutRegularizer:
         t = target.reshape(-1).to(torch.int64)
         sites = [s for s in sites if s.q > 0]
         terms = bool(sites) and torch.is_grad_enabled() and (self.explicit is not None or self.implicit)
-        rng = ops.make_rng(z.device)
+        rng = None  # each op draws its own state: one launch per op on a GPU
         n_eff = (t != ignore_index).sum().clamp_min(1).to(acc_dtype(z.dtype))
         true_cotangent = None
         # With the head, and logits wider than its input (C > d: a product with W costs more than the
@@ -282,16 +282,14 @@ class DropoutRegularizer:
             else:
                 g_i = site_grads(head_vjp(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index)))
 
-        # Site i draws its noise at offset + 4·i: distinct counters for every site and stream
-        # (built on the device: no host-to-device copy).
-        base = ops.make_rng(z.device)
-        offsets = base[1] + 4 * torch.arange(len(sites), device=z.device, dtype=torch.int64)
-        rngs = torch.stack([base[0].expand(len(sites)), offsets], dim=1)
         explicit = implicit = zero
+        site_penalty = ops.BACKEND_OPS[ops.resolve_backend(z)]["site_penalty_draw"]  # arguments checked here
         for i, site in enumerate(sites):
             if g_e[i] is None and g_i[i] is None:
                 continue  # the logits do not depend on this site
-            pen = ops.site_penalty(site.h, g_e[i], g_i[i], site.q, self.noise, rngs[i])
+            # Each site's noise at a state of its own, drawn by the op (kept for its backward); without
+            # the noise term the state is a constant seed, which leaves the generator alone.
+            pen = site_penalty(site.h, g_e[i], g_i[i], site.q, self.noise, None if g_i[i] is not None else 0)[0]
             lam = self.scale * 0.5 * site.q / (1.0 - site.q)
             explicit = explicit + lam * pen[0]
             implicit = implicit + pen[1]

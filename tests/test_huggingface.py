@@ -125,13 +125,13 @@ def test_attention_dropout_is_fused_only_under_the_patch(name, monkeypatch):
     batch = _batch(name)
     backend = dr.ops.resolve_backend(batch["input_ids"].float())
     calls = []
-    fused = dr.ops.BACKEND_OPS[backend]["dropout"]
+    fused = dr.ops.BACKEND_OPS[backend]["dropout_draw"]
 
-    def counting(x, p, rng):
+    def counting(x, p, seed):
         calls.append(tuple(x.shape))
-        return fused(x, p, rng)
+        return fused(x, p, seed)
 
-    monkeypatch.setitem(dr.ops.BACKEND_OPS[backend], "dropout", counting)
+    monkeypatch.setitem(dr.ops.BACKEND_OPS[backend], "dropout_draw", counting)
     model(**batch)
     assert (B, 4, T, T) not in calls
     calls.clear()

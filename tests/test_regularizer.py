@@ -161,14 +161,13 @@ def run_package(model, x, target, seed, ignore_index=IGNORE, head=None, **kwargs
 
 def run_plain(model, x, target, seed, ignore_index=IGNORE, **kwargs):
     """The plain-autograd objective (reference.regularizer_objective) on the sites of one forward,
-    drawing the two RNG states in the package's order (ŷ first, then the site noise)."""
+    drawing the RNG states in the package's order (ŷ first, then each site's noise)."""
     torch.manual_seed(seed)
     with dr.record_sites(model) as sites:
         logits = model(x)
     rng_label = dr.ops.make_rng(logits.device)
-    rng_noise = dr.ops.make_rng(logits.device)
     J, ex, im, yhat = R.regularizer_objective(logits, target, sites, ignore_index=ignore_index, rng_label=rng_label,
-                                              rng_noise=rng_noise, **kwargs)
+                                              rng_noise=lambda: dr.ops.make_rng(logits.device), **kwargs)
     return J, ex, im, yhat, len(sites)
 
 

@@ -1,8 +1,9 @@
 // Fused dropout on CUDA: Philox mask + scale in one pass, no mask tensor.
 // Bytes per element: read x, write y (2·sizeof(T)), the floor of any out-of-place elementwise op.
 // Each thread handles chunks of 8 elements, one Philox call (the 16-bit keep test), with 16-byte
-// vector loads and stores (cuda_utils.cuh), in a grid-stride loop. (seed, offset) are read from
-// device memory, so a launch needs no host sync and is safe to capture in a CUDA graph.
+// vector loads and stores (cuda_utils.cuh), in a grid-stride loop. (seed, offset) come from device
+// memory or from torch's generator's Philox state (rng.cuh), so a launch needs no host sync and is
+// safe to capture in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +19,7 @@
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "dropout_host.h"
+#include "rng.cuh"
 #include "static_switch.h"
 
 namespace dropreg {
@@ -33,10 +35,12 @@ using cuda::store_chunk;
 template <typename scalar_t, typename acc_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
-                   const int64_t* __restrict__ rng) {
+                   const cuda::RngArg rng) {
   constexpr int kElems = kU16PerGroup;
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
+  const cuda::RngState state = cuda::load_rng(rng);
+  cuda::store_rng(rng, state);
+  const uint64_t seed = state.seed;
+  const uint64_t offset = state.offset;
   const int64_t chunks = (n + kElems - 1) / kElems;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < chunks;
@@ -54,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename acc_t>
 void launch(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
-            const int64_t* rng) {
+            const cuda::RngArg& rng) {
   constexpr int kElems = kU16PerGroup;
   constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
   const int64_t chunks = (n + kElems - 1) / kElems;
@@ -68,19 +72,26 @@ void launch(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng) {
-  if (x.numel() == 0) return;
+// y = dropout(x), both contiguous (y may be x). A draw op's launch always runs the kernel, which
+// writes the state it drew (also for an empty x or p = 1).
+void launch_dropout(const at::Tensor& x, at::Tensor& y, double p, const cuda::RngArg& rng) {
+  const bool writes_state = rng.out != nullptr;
+  if (x.numel() == 0 && !writes_state) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const uint32_t threshold = dropout_threshold(p);
-  if (threshold >= 65536u) {  // everything dropped: a memset, no Philox
+  if (threshold >= 65536u && !writes_state) {  // everything dropped: a memset, no Philox
     y.zero_();
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(),
-                            threshold, dropout_scale<acc_t>(p), rng.const_data_ptr<int64_t>());
+                            threshold, dropout_scale<acc_t>(p), rng);
   });
+}
+
+void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor& rng) {
+  launch_dropout(x, y, p, cuda::given_rng(rng));
 }
 
 at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& rng) {
@@ -89,11 +100,28 @@ at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& rng) {
 
 void dropout_cuda_(at::Tensor& x, double p, const at::Tensor& rng) { dropout_in_place(x, p, rng, &dropout_into); }
 
+std::tuple<at::Tensor, at::Tensor> dropout_draw_cuda(const at::Tensor& x, double p, std::optional<int64_t> seed) {
+  check_dropout_draw_args(x, p);
+  auto [rng, state] = cuda::draw_rng(x, seed);
+  at::Tensor y = into_layout_of(x, [&](const at::Tensor& xc, at::Tensor& yc) { launch_dropout(xc, yc, p, rng); });
+  return {y, state};
+}
+
+at::Tensor dropout_draw_cuda_(at::Tensor& x, double p, std::optional<int64_t> seed) {
+  check_dropout_draw_args(x, p);
+  TORCH_CHECK(x.is_contiguous(), "argument 'x' of dropout_draw_ must be contiguous");
+  auto [rng, state] = cuda::draw_rng(x, seed);
+  launch_dropout(x, x, p, rng);
+  return state;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dropreg, CUDA, m) {
   m.impl("dropout", &dropout_cuda);
   m.impl("dropout_", &dropout_cuda_);
+  m.impl("dropout_draw", &dropout_draw_cuda);
+  m.impl("dropout_draw_", &dropout_draw_cuda_);
 }
 
 }  // namespace dropreg

@@ -35,6 +35,7 @@
 #include "dropout.h"
 #include "philox.h"
 #include "regularizer.h"
+#include "rng.cuh"
 #include "site_penalty_host.h"
 #include "static_switch.h"
 
@@ -157,12 +158,14 @@ template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi>
 __global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 && kHasGe && kHasGi ? 2 : 4)
     site_penalty_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g_e,
                                  const scalar_t* __restrict__ g_i, int64_t n, bool vec, SlabPlan plan,
-                                 NoiseParams<acc_t> noise, const int64_t* __restrict__ rng,
+                                 NoiseParams<acc_t> noise, const cuda::RngArg rng,
                                  double* __restrict__ partials) {
   constexpr int kElems = SiteChunk<scalar_t>::kElems;
   __shared__ double sh[2 * kThreads / kWarpSize];
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
+  const cuda::RngState state = cuda::load_rng(rng);
+  cuda::store_rng(rng, state);
+  const uint64_t seed = state.seed;
+  const uint64_t offset = state.offset;
   const int64_t chunks = (n + kElems - 1) / kElems;
   for (int64_t slab = blockIdx.x; slab < plan.slabs; slab += gridDim.x) {
     // Per-element terms are rounded in acc_t, as in the reference; the running sums are double so
@@ -229,12 +232,13 @@ __global__ void __launch_bounds__(kThreads)
                                  const scalar_t* __restrict__ g_e, const scalar_t* __restrict__ g_i,
                                  scalar_t* __restrict__ dh, scalar_t* __restrict__ dg_e,
                                  scalar_t* __restrict__ dg_i, int64_t n, bool vec, NoiseParams<acc_t> noise,
-                                 const int64_t* __restrict__ rng) {
+                                 const cuda::RngArg rng) {
   constexpr int kElems = SiteChunk<scalar_t>::kElems;
   const acc_t a2 = acc_t(2) * grad[0];
   const acc_t b = grad[1];
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
+  const cuda::RngState state = cuda::load_rng(rng);
+  const uint64_t seed = state.seed;
+  const uint64_t offset = state.offset;
   const int64_t chunks = (n + kElems - 1) / kElems;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < chunks; k += stride) {
@@ -284,7 +288,7 @@ NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
 // g_i (at least one of them is given; no kernel is instantiated for neither).
 template <typename scalar_t, typename acc_t>
 void launch_partials(const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i, int64_t n, bool vec,
-                     const SlabPlan& plan, const NoiseParams<acc_t>& noise, const int64_t* rng, double* partials,
+                     const SlabPlan& plan, const NoiseParams<acc_t>& noise, const cuda::RngArg& rng, double* partials,
                      cudaStream_t stream) {
   BOOL_SWITCH(g_e != nullptr, kGe, [&] {
     BOOL_SWITCH(g_i != nullptr, kGi, [&] {
@@ -301,7 +305,7 @@ void launch_partials(const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i
 template <typename scalar_t, typename acc_t>
 void launch_backward(const acc_t* grad, const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i, scalar_t* dh,
                      scalar_t* dg_e, scalar_t* dg_i, int64_t n, bool vec, const NoiseParams<acc_t>& noise,
-                     const int64_t* rng, cudaStream_t stream) {
+                     const cuda::RngArg& rng, cudaStream_t stream) {
   constexpr int kElems = SiteChunk<scalar_t>::kElems;
   const int64_t work = ((n + kElems - 1) / kElems + kThreads - 1) / kThreads;
   BOOL_SWITCH(g_e != nullptr, kGe, [&] {
@@ -316,21 +320,23 @@ void launch_backward(const acc_t* grad, const scalar_t* h, const scalar_t* g_e, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor site_penalty_cuda(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
-                             const std::optional<at::Tensor>& g_i, double q,
-                             c10::string_view noise, const at::Tensor& rng) {
-  const NoiseKind kind = check_site_args(h, g_e, g_i, q, std::string(noise), rng);
+// The forward at the state `rng` (a draw op's launch writes the state it drew, whatever the inputs).
+at::Tensor launch_site_penalty(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                               const std::optional<at::Tensor>& g_i, double q, NoiseKind kind,
+                               const cuda::RngArg& rng) {
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor out = at::empty({2}, h.options().dtype(acc_type(h)));
   const int64_t n = h.numel();
-  if (n == 0 || (!g_e.has_value() && !g_i.has_value())) return out.zero_();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (n == 0 || (!g_e.has_value() && !g_i.has_value())) {
+    if (rng.out != nullptr) cuda::write_rng(rng, stream);
+    return out.zero_();
+  }
   const at::Tensor hc = h.contiguous();
   const at::Tensor ec = contiguous_or_undefined(g_e);
   const at::Tensor ic = contiguous_or_undefined(g_i);
-  const at::Tensor rc = rng.contiguous();
   const SlabPlan plan = slab_plan(n);
   at::Tensor partials = at::empty({2 * plan.slabs}, h.options().dtype(at::kDouble));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -339,15 +345,30 @@ at::Tensor site_penalty_cuda(const at::Tensor& h, const std::optional<at::Tensor
         const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
         const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
         const NoiseParams<acc_t> np = noise_params<acc_t>(q, kind);
-        const int64_t* rp = rc.const_data_ptr<int64_t>();
         double* pp = partials.data_ptr<double>();
         const bool vec = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign);
-        launch_partials<scalar_t, acc_t>(hp, ep, ip, n, vec, plan, np, rp, pp, stream);
+        launch_partials<scalar_t, acc_t>(hp, ep, ip, n, vec, plan, np, rng, pp, stream);
         site_penalty_final_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
             partials.const_data_ptr<double>(), plan.slabs, out.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
+}
+
+at::Tensor site_penalty_cuda(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                             const std::optional<at::Tensor>& g_i, double q,
+                             c10::string_view noise, const at::Tensor& rng) {
+  const NoiseKind kind = check_site_args(h, g_e, g_i, q, std::string(noise), rng);
+  const at::Tensor rc = rng.contiguous();
+  return launch_site_penalty(h, g_e, g_i, q, kind, cuda::given_rng(rc));
+}
+
+std::tuple<at::Tensor, at::Tensor> site_penalty_draw_cuda(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                                                          const std::optional<at::Tensor>& g_i, double q,
+                                                          c10::string_view noise, std::optional<int64_t> seed) {
+  const NoiseKind kind = check_site_draw_args(h, g_e, g_i, q, std::string(noise));
+  auto [rng, state] = cuda::draw_rng(h, seed);
+  return {launch_site_penalty(h, g_e, g_i, q, kind, rng), state};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
@@ -382,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
         const bool vec = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign) &&
                          is_aligned(dhp, kAlign) && is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
         launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, vec, np,
-                                         rc.const_data_ptr<int64_t>(), stream);
+                                         cuda::given_rng(rc), stream);
       });
   return {grad_h, grad_g_e, grad_g_i};
 }
@@ -391,6 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
 
 TORCH_LIBRARY_IMPL(dropreg, CUDA, m) {
   m.impl("site_penalty", &site_penalty_cuda);
+  m.impl("site_penalty_draw", &site_penalty_draw_cuda);
   m.impl("site_penalty_backward", &site_penalty_backward_cuda);
 }
 

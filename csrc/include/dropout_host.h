@@ -14,27 +14,39 @@ using DropoutInto = void (*)(const at::Tensor& x, at::Tensor& y, double p, const
 // x floating, p in [0, 1], rng an int64 [seed, offset] on x's device (checks.cpp).
 void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng);
 
-// y = dropout(x) in x's memory layout, as torch.empty_like(x) lays it out (dense inputs keep their
-// strides; others get a dense tensor in their stride order), with the mask keyed by the logical
-// (row-major) element index whatever the layout. A contiguous x is one pass of `into`; any other is
-// one pass of `into_strided` where the backend has one (it walks memory order), else it is computed
-// in logical order and copied into the layout (two more passes).
-inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into,
-                                       DropoutInto into_strided = nullptr) {
-  check_dropout_args(x, p, rng);
+// The draw ops' arguments: x floating, p in [0, 1] (checks.cpp).
+void check_dropout_draw_args(const at::Tensor& x, double p);
+
+// y = kernel(x) in x's memory layout for a kernel `into(xc, yc)` on contiguous tensors: one pass for
+// a contiguous x, else x made contiguous and the result copied into y's layout (two more passes).
+template <typename Into>
+at::Tensor into_layout_of(const at::Tensor& x, const Into& into) {
   at::Tensor y = at::empty_like(x);
   if (x.is_contiguous()) {
-    into(x, y, p, rng.contiguous());
-    return y;
-  }
-  if (into_strided != nullptr) {
-    into_strided(x, y, p, rng.contiguous());
+    into(x, y);
     return y;
   }
   const at::Tensor xc = x.contiguous();
   at::Tensor yc = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  into(xc, yc, p, rng.contiguous());
+  into(xc, yc);
   return y.copy_(yc);
+}
+
+// y = dropout(x) in x's memory layout, as torch.empty_like(x) lays it out (dense inputs keep their
+// strides; others get a dense tensor in their stride order), with the mask keyed by the logical
+// (row-major) element index whatever the layout. A contiguous x is one pass of `into`; any other is
+// one pass of `into_strided` where the backend has one (it walks memory order), else
+// into_layout_of's two more passes.
+inline at::Tensor dropout_out_of_place(const at::Tensor& x, double p, const at::Tensor& rng, DropoutInto into,
+                                       DropoutInto into_strided = nullptr) {
+  check_dropout_args(x, p, rng);
+  const at::Tensor state = rng.contiguous();
+  if (into_strided != nullptr && !x.is_contiguous()) {
+    at::Tensor y = at::empty_like(x);
+    into_strided(x, y, p, state);
+    return y;
+  }
+  return into_layout_of(x, [&](const at::Tensor& xc, at::Tensor& yc) { into(xc, yc, p, state); });
 }
 
 // The same, written into x: contiguous, or any dense layout where the backend walks memory order.

@@ -15,7 +15,9 @@ namespace dropreg {
 // g: the gradient at the site for h (h's shape, dtype and device), when given.
 void check_site_grad(const std::optional<at::Tensor>& g, const char* name, const at::Tensor& h);
 
-// Checks shared by the forward and the backward; returns the noise kind.
+// Checks shared by the forward and the backward; returns the noise kind. The _draw form: no rng.
+NoiseKind check_site_draw_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                               const std::optional<at::Tensor>& g_i, double q, const std::string& noise);
 NoiseKind check_site_args(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
                           const std::optional<at::Tensor>& g_i, double q, const std::string& noise,
                           const at::Tensor& rng);
