@@ -9,8 +9,9 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f) setup.py
 JOBS ?= $(shell nproc)
+SDIST_CHECK := .sdist-check
 
-.PHONY: all deps build test test-compat compat-src bench repro info lint clean
+.PHONY: all deps build test test-compat compat-src bench repro info lint sdist-check clean
 
 all: test
 
@@ -58,7 +59,7 @@ $(COMPAT_DEPS_STAMP): requirements-compat.txt requirements-dev.txt
 
 compat-src:
 	mkdir -p $(COMPAT)/src
-	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./$(COMPAT) --exclude=./build \
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./$(COMPAT) --exclude=./$(SDIST_CHECK) --exclude=./build \
 	    --exclude='*.so' --exclude='*.egg-info' --exclude=__pycache__ . | tar -xf - -C $(COMPAT)/src
 
 $(COMPAT_BUILD_STAMP): $(COMPAT_DEPS_STAMP) $(CSRC) | compat-src
@@ -69,8 +70,15 @@ $(COMPAT_BUILD_STAMP): $(COMPAT_DEPS_STAMP) $(CSRC) | compat-src
 test-compat: compat-src $(COMPAT_BUILD_STAMP)
 	cd $(COMPAT)/src && ../venv/bin/python -m dropreg_ext.info && ../venv/bin/python -m pytest tests
 
+# ruff over every Python file git does not ignore (config in pyproject.toml).
 lint: deps
-	$(PY) -m ruff check dropreg_ext triton_kernels tests bench
+	$(PY) -m ruff check .
+
+# The source release builds (without torch), installs with --no-build-isolation into a fresh venv
+# that reuses .venv's torch (CPU kernels only), imports with its extension loaded, and a build under
+# pip's default isolation stops with the message to use --no-build-isolation (.ci/sdist_check.py).
+sdist-check: deps
+	MAX_JOBS=$${MAX_JOBS:-$(JOBS)} $(PY) .ci/sdist_check.py $(SDIST_CHECK)
 
 clean:
-	rm -rf build *.egg-info dropreg_ext/_C*.so $(BUILD_STAMP) $(COMPAT)/src $(COMPAT_BUILD_STAMP)
+	rm -rf build *.egg-info dropreg_ext/_C*.so $(BUILD_STAMP) $(COMPAT)/src $(COMPAT_BUILD_STAMP) $(SDIST_CHECK)

@@ -1,5 +1,11 @@
 """Build dropreg_ext._C: CPU kernels always; CUDA kernels whenever torch has CUDA and nvcc exists.
 
+The extension is compiled against the torch this script imports, which must be the torch that
+will import the extension: install torch first, then `pip install --no-build-isolation .`. torch is
+not a build requirement (pyproject.toml), so pip's default isolated build environment has none,
+and building there stops with a message that says so instead of compiling against a torch
+downloaded for the build. Making a source release (sdist) or reading the metadata needs no torch.
+
 No GPU is needed to build the CUDA kernels. Environment:
   DROPREG_CUDA=0|1        force the CUDA kernels off / on (on fails loudly if it cannot build)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0+PTX": A100 and H100/H200 machine code, plus
@@ -12,8 +18,13 @@ import os
 import shutil
 import sys
 
-import torch
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    import torch
+except ImportError:  # pip's isolated build environment, or no torch at all
+    torch = None
 
 
 def _locate_cuda_home() -> None:
@@ -32,15 +43,11 @@ def _locate_cuda_home() -> None:
             return
 
 
-_locate_cuda_home()
-
-# cpp_extension reads CUDA_HOME when imported, so it comes after _locate_cuda_home().
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 # The supported range, tested at both ends (make test: 2.14.1; make test-compat: 2.11.0 + triton 3.6.0).
 MIN_TORCH = (2, 11)
+MIN_TORCH_TEXT = ".".join(map(str, MIN_TORCH))
 
 
 def _version_tuple(version: str) -> tuple:
@@ -48,19 +55,15 @@ def _version_tuple(version: str) -> tuple:
     return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
-if _version_tuple(torch.__version__) < MIN_TORCH:
-    raise SystemExit(f"dropreg_ext needs torch >= {'.'.join(map(str, MIN_TORCH))}, found torch {torch.__version__}")
-
-
 def _log(msg: str) -> None:
     print(f"[dropreg_ext setup] {msg}", file=sys.stderr)
 
 
-def _want_cuda() -> bool:
+def _want_cuda(cuda_home) -> bool:
     forced = os.environ.get("DROPREG_CUDA")
     if forced not in (None, "", "0", "1"):
         raise SystemExit(f"DROPREG_CUDA must be 0 or 1, got {forced!r}")
-    nvcc = CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is a CPU-only build")
@@ -86,8 +89,9 @@ def _nvidia_pip_includes() -> list:
     return [d for d in dirs if os.path.isdir(d)]
 
 
-def _extension():
-    with_cuda = _want_cuda()
+def _extension(cpp_extension):
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = _want_cuda(cuda_home)
     # checks.cpp: every op's argument checks, compiled by the host compiler for CPU and CUDA alike.
     sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp", "draw.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -99,7 +103,7 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         include_dirs += _nvidia_pip_includes()
-        _log(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, archs {archs}, nvcc in {CUDA_HOME})")
+        _log(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, archs {archs}, nvcc in {cuda_home})")
     cuda_version = torch.version.cuda if with_cuda else ""
     define = [
         ("DROPREG_TORCH_VERSION", f'"{torch.__version__}"'),
@@ -112,19 +116,56 @@ def _extension():
     if with_cuda:
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         args = {"cxx": cxx, "nvcc": nvcc}
-        return CUDAExtension("dropreg_ext._C", sources, extra_compile_args=args, **common)
-    return CppExtension("dropreg_ext._C", sources, extra_compile_args={"cxx": cxx}, **common)
+        return cpp_extension.CUDAExtension("dropreg_ext._C", sources, extra_compile_args=args, **common)
+    return cpp_extension.CppExtension("dropreg_ext._C", sources, extra_compile_args={"cxx": cxx}, **common)
+
+
+NO_TORCH = (
+    "dropreg_ext compiles its extension against the torch that will import it, and no torch can be "
+    "imported here. pip builds in an isolated environment by default, one without torch (torch is "
+    "deliberately not a build requirement, so that the build never uses another torch than yours): "
+    f"install torch >= {MIN_TORCH_TEXT} first, then build with --no-build-isolation, "
+    "e.g. `pip install --no-build-isolation dropreg_ext` (or `pip install --no-build-isolation .` in a "
+    "source tree)."
+)
+
+
+class _NoTorchBuildExt(build_ext):
+    """build_ext where torch cannot be imported: stops with NO_TORCH before compiling anything."""
+
+    def run(self) -> None:
+        raise SystemExit(NO_TORCH)
+
+
+def _build() -> tuple:
+    """(ext_modules, cmdclass): dropreg_ext._C against the importable torch, or, without one, a
+    placeholder whose build stops with NO_TORCH (a source release and the metadata need no torch)."""
+    if torch is None:
+        return [Extension("dropreg_ext._C", sources=[])], {"build_ext": _NoTorchBuildExt}
+    if _version_tuple(torch.__version__) < MIN_TORCH:
+        raise SystemExit(f"dropreg_ext needs torch >= {MIN_TORCH_TEXT}, found torch {torch.__version__}")
+    _locate_cuda_home()
+    # cpp_extension reads CUDA_HOME when imported, so it comes after _locate_cuda_home().
+    from torch.utils import cpp_extension
+
+    build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [_extension(cpp_extension)], {"build_ext": build}
+
+
+ext_modules, cmdclass = _build()
 
 
 setup(
     name="dropreg_ext",
     version="0.1.0",
     description="Fused dropout and dropout's explicit/implicit regularizers (Wei, Kakade & Ma 2020)",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["dropreg_ext", "dropreg_ext.*"]) + ["dropreg_ext.triton_kernels"],
     package_dir={"dropreg_ext.triton_kernels": "triton_kernels"},
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    install_requires=[f"torch>={MIN_TORCH_TEXT}"],
     extras_require={"triton": ["triton>=3.6"]},
 )

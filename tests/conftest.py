@@ -168,7 +168,7 @@ def _mismatch_report(actual: torch.Tensor, expected: torch.Tensor, bad: torch.Te
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Same shape, dtype and bits (signed zeros included), under the NaN policy (README): NaN where
+    """Same shape, dtype and bits (signed zeros included), under the NaN policy (docs/numerics.md): NaN where
     the expected value is NaN, with any sign and payload (GPUs return the canonical NaN, CPUs keep
     the input's payload)."""
     prefix = f"{what}: " if what else ""

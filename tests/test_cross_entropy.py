@@ -148,6 +148,20 @@ def test_cross_entropy_sample_matches_reference(be, dtype, shape):
     _check_cross_entropy_sample(be, z, t, rng, f"{be} {dtype} {shape}")
 
 
+FILTER_CASES = sized_cases("cross_entropy_sample", {"cpu": [(8, 3000)], "cuda": [(64, 50257)],
+                                                    "triton-cuda": [(64, 50257)]})
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 3e4), (30.0, -1e4), (1.0, 1e6)],
+                         ids=["offset3e4", "wide-offset-1e4", "offset1e6"])
+@pytest.mark.parametrize("be, shape", FILTER_CASES)
+def test_cross_entropy_sample_filter_at_large_logits(be, shape, scale, offset):
+    """Logits so large that z + G rounds to a coarse grid (ulp 2^-8 at 3e4, 2^-4 at 1e6): the
+    candidate filter's margin (docs/numerics.md) still lets every element that can win through."""
+    z, t, rng = _inputs(shape, torch.float32, be.device, seed=shape[1] + int(offset) % 97, scale=scale)
+    _check_cross_entropy_sample(be, z + offset, t, rng, f"{be} {shape} scale {scale} offset {offset}")
+
+
 def _check_cross_entropy_sample(be, z, t, rng, what):
     """loss, lse (within _lse_bound) and ŷ (exact but for float ties) of ``be`` against the reference."""
     loss, lse, yhat = dr.ops.cross_entropy_sample(z, t, rng, IGNORE, backend=be.name)

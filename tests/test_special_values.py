@@ -1,4 +1,4 @@
-"""NaN and ±inf inputs on every backend: the NaN policy of the README.
+"""NaN and ±inf inputs on every backend: the NaN policy of docs/numerics.md.
 
 - Dropout: a kept NaN or ±inf stays NaN or ±inf (scaled); a dropped element is exactly 0 whatever
   its value (y = m ⊙ x / (1 - p) never forms 0·NaN).
