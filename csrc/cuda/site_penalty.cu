@@ -276,6 +276,23 @@ __global__ void __launch_bounds__(kThreads)
 // Host side: argument checks, allocation, dispatch.
 // ---------------------------------------------------------------------------------------------
 
+// h, g_e and g_i as the kernels take them (contiguous; null for a missing g_e / g_i).
+template <typename scalar_t>
+struct SiteInputs {
+  const scalar_t* h;
+  const scalar_t* g_e;
+  const scalar_t* g_i;
+
+  SiteInputs(const at::Tensor& hc, const at::Tensor& ec, const at::Tensor& ic)
+      : h(hc.const_data_ptr<scalar_t>()), g_e(const_ptr_or_null<scalar_t>(ec)), g_i(const_ptr_or_null<scalar_t>(ic)) {}
+
+  // Whether the chunks of every given input can be 16-byte vectors.
+  bool aligned() const {
+    constexpr uintptr_t kAlign = SiteChunk<scalar_t>::kAlign;
+    return is_aligned(h, kAlign) && is_aligned(g_e, kAlign) && is_aligned(g_i, kAlign);
+  }
+};
+
 // The noise parameters in acc_t.
 template <typename acc_t>
 NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
@@ -287,15 +304,15 @@ NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
 // Stage 1 of the forward and the backward for the given inputs: a template flag each for g_e and
 // g_i (at least one of them is given; no kernel is instantiated for neither).
 template <typename scalar_t, typename acc_t>
-void launch_partials(const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i, int64_t n, bool vec,
-                     const SlabPlan& plan, const NoiseParams<acc_t>& noise, const cuda::RngArg& rng, double* partials,
+void launch_partials(const SiteInputs<scalar_t>& in, int64_t n, bool vec, const SlabPlan& plan,
+                     const NoiseParams<acc_t>& noise, const cuda::RngArg& rng, double* partials,
                      cudaStream_t stream) {
-  BOOL_SWITCH(g_e != nullptr, kGe, [&] {
-    BOOL_SWITCH(g_i != nullptr, kGi, [&] {
+  BOOL_SWITCH(in.g_e != nullptr, kGe, [&] {
+    BOOL_SWITCH(in.g_i != nullptr, kGi, [&] {
       if constexpr (kGe || kGi) {
         const auto kernel = site_penalty_partials_kernel<scalar_t, acc_t, kGe, kGi>;
-        kernel<<<cuda::grid_size(kernel, plan.slabs, kThreads), kThreads, 0, stream>>>(h, g_e, g_i, n, vec, plan,
-                                                                                        noise, rng, partials);
+        kernel<<<cuda::grid_size(kernel, plan.slabs, kThreads), kThreads, 0, stream>>>(
+            in.h, in.g_e, in.g_i, n, vec, plan, noise, rng, partials);
       }
     });
   });
@@ -303,17 +320,17 @@ void launch_partials(const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_backward(const acc_t* grad, const scalar_t* h, const scalar_t* g_e, const scalar_t* g_i, scalar_t* dh,
-                     scalar_t* dg_e, scalar_t* dg_i, int64_t n, bool vec, const NoiseParams<acc_t>& noise,
-                     const cuda::RngArg& rng, cudaStream_t stream) {
+void launch_backward(const acc_t* grad, const SiteInputs<scalar_t>& in, scalar_t* dh, scalar_t* dg_e, scalar_t* dg_i,
+                     int64_t n, bool vec, const NoiseParams<acc_t>& noise, const cuda::RngArg& rng,
+                     cudaStream_t stream) {
   constexpr int kElems = SiteChunk<scalar_t>::kElems;
   const int64_t work = ((n + kElems - 1) / kElems + kThreads - 1) / kThreads;
-  BOOL_SWITCH(g_e != nullptr, kGe, [&] {
-    BOOL_SWITCH(g_i != nullptr, kGi, [&] {
+  BOOL_SWITCH(in.g_e != nullptr, kGe, [&] {
+    BOOL_SWITCH(in.g_i != nullptr, kGi, [&] {
       if constexpr (kGe || kGi) {
         const auto kernel = site_penalty_backward_kernel<scalar_t, acc_t, kGe, kGi>;
-        kernel<<<cuda::grid_size(kernel, work, kThreads), kThreads, 0, stream>>>(grad, h, g_e, g_i, dh, dg_e, dg_i,
-                                                                                  n, vec, noise, rng);
+        kernel<<<cuda::grid_size(kernel, work, kThreads), kThreads, 0, stream>>>(
+            grad, in.h, in.g_e, in.g_i, dh, dg_e, dg_i, n, vec, noise, rng);
       }
     });
   });
@@ -340,14 +357,9 @@ at::Tensor launch_site_penalty(const at::Tensor& h, const std::optional<at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr uintptr_t kAlign = SiteChunk<scalar_t>::kAlign;
-        const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-        const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
-        const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
-        const NoiseParams<acc_t> np = noise_params<acc_t>(q, kind);
-        double* pp = partials.data_ptr<double>();
-        const bool vec = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign);
-        launch_partials<scalar_t, acc_t>(hp, ep, ip, n, vec, plan, np, rng, pp, stream);
+        const SiteInputs<scalar_t> in(hc, ec, ic);
+        launch_partials<scalar_t, acc_t>(in, n, in.aligned(), plan, noise_params<acc_t>(q, kind), rng,
+                                         partials.data_ptr<double>(), stream);
         site_penalty_final_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
             partials.const_data_ptr<double>(), plan.slabs, out.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -393,17 +405,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr uintptr_t kAlign = SiteChunk<scalar_t>::kAlign;
-        const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-        const scalar_t* ep = const_ptr_or_null<scalar_t>(ec);
-        const scalar_t* ip = const_ptr_or_null<scalar_t>(ic);
+        const SiteInputs<scalar_t> in(hc, ec, ic);
         scalar_t* dhp = grad_h.data_ptr<scalar_t>();
         scalar_t* dep = ec.defined() ? grad_g_e.data_ptr<scalar_t>() : nullptr;
         scalar_t* dip = ic.defined() ? grad_g_i.data_ptr<scalar_t>() : nullptr;
-        const NoiseParams<acc_t> np = noise_params<acc_t>(q, kind);
-        const bool vec = is_aligned(hp, kAlign) && is_aligned(ep, kAlign) && is_aligned(ip, kAlign) &&
-                         is_aligned(dhp, kAlign) && is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
-        launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), hp, ep, ip, dhp, dep, dip, n, vec, np,
-                                         cuda::given_rng(rc), stream);
+        const bool vec =
+            in.aligned() && is_aligned(dhp, kAlign) && is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
+        launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), in, dhp, dep, dip, n, vec,
+                                         noise_params<acc_t>(q, kind), cuda::given_rng(rc), stream);
       });
   return {grad_h, grad_g_e, grad_g_i};
 }
