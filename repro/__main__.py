@@ -1,9 +1,9 @@
-"""``python -m bench.repro {ptb,fmnist,all,report} [--quick|--full] [options]``
+"""``python -m repro {ptb,fmnist,all,report} [--quick|--full] [options]``
 
-Trains and evaluates every method of the reproduction (see :mod:`bench.repro`) on one dataset, for
+Trains and evaluates every method of the reproduction (see :mod:`repro`) on one dataset, for
 the same model and seeds, then writes ``results.json`` (every number), ``results.md`` (the table and
 the claim checks) and ``curves.png`` (validation metric vs epoch and vs wall-clock) to
-``bench/results/repro/<dataset>/`` and regenerates ``bench/results/repro/README.md``. ``report``
+``repro/results/<dataset>/`` and regenerates ``repro/results/README.md``. ``report``
 only regenerates the Markdown and plots from the JSON files.
 """
 
@@ -31,7 +31,7 @@ TITLES = {"ptb": "Penn Treebank (word level)", "fmnist": "Fashion-MNIST"}
 
 
 def parse_args(argv: list) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m repro", description=__doc__.split("\n\n")[1])
     parser.add_argument("dataset", choices=["ptb", "fmnist", "all", "report"])
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--preset", choices=["quick", "cpu", "full"],
@@ -52,7 +52,7 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads per process (default: CPU cores / jobs)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     parser.add_argument("--data-dir", help="Fashion-MNIST idx folder (default: $FMNIST_DIR or the Debian path)")
-    parser.add_argument("--out", default=report.RESULTS_ROOT, help="results root (default: bench/results/repro)")
+    parser.add_argument("--out", default=report.RESULTS_ROOT, help="results root (default: repro/results)")
     return parser.parse_args(argv)
 
 
@@ -146,7 +146,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
         return {
             "meta": {
                 "dataset": dataset, "dataset_title": TITLES[dataset], "preset": args.preset,
-                "command": " ".join(["python -m bench.repro", *sys.argv[1:]]),
+                "command": " ".join(["python -m repro", *sys.argv[1:]]),
                 "config": config.to_dict(), "metric": task.metric, "higher_is_better": task.higher_is_better,
                 "seeds": list(config.seeds), "device": _device_name(device), "jobs": jobs, "threads": threads,
                 "backend": dr.get_backend(), "versions": {"torch": torch.__version__, "dropreg_ext": dr.__version__},

@@ -126,7 +126,7 @@ def build_task(dataset: str, config: Config, device: str, data_dir: Optional[str
 
 
 class PTBTask:
-    """Word-level Penn Treebank with an :class:`~bench.repro.models.LSTMLanguageModel`; metric:
+    """Word-level Penn Treebank with an :class:`~repro.models.LSTMLanguageModel`; metric:
     perplexity exp(mean cross-entropy per token), lower is better.
 
     Training is truncated backpropagation through time over ``batch_size`` contiguous streams in

@@ -1,6 +1,6 @@
 """Tables, plots and claim checks of the reproduction, all computed from ``results.json``.
 
-``python -m bench.repro report`` re-renders ``bench/results/repro/README.md`` (the part between the
+``python -m repro report`` re-renders ``repro/results/README.md`` (the part between the
 markers) and each dataset's ``results.md`` and ``curves.png`` from the JSON files, so every number
 in them is one the run recorded. Mean ± std are over seeds (sample std, n−1); a method's runs that
 diverged before their first evaluation are left out of its mean and counted in the table.
@@ -18,12 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESULTS_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "repro")
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DATASETS = ("ptb", "fmnist")
 # The claims are judged on the test metric of each run's best-validation weights: the best of many
 # noisy validation evaluations is biased up, and more so for methods with noisier curves.
 CLAIM_METRIC = "test_metric"
-BEGIN = "<!-- BEGIN GENERATED: `python -m bench.repro report` writes this part; do not edit by hand -->"
+BEGIN = "<!-- BEGIN GENERATED: `python -m repro report` writes this part; do not edit by hand -->"
 END = "<!-- END GENERATED -->"
 
 
