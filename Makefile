@@ -10,7 +10,7 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f) setup.py
 JOBS ?= $(shell nproc)
 
-.PHONY: all deps build test test-compat compat-src bench repro info lint clean
+.PHONY: all deps build test test-compat compat-src bench bench-refresh repro info lint clean
 
 all: test
 
@@ -35,8 +35,14 @@ test: build
 	$(PY) -m dropreg_ext.info
 	$(PY) -m pytest tests
 
+# The main benchmark job, into bench/out/<device-tag>/ (not tracked); bench-refresh replaces the
+# committed results in bench/results/<device-tag>/ and re-renders bench/results/README.md.
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-refresh: build
+	$(PY) -m bench --refresh $(BENCH_ARGS)
+	$(PY) -m bench.report
 
 # The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default; results in
 # repro/results/.
