@@ -22,10 +22,11 @@ import time
 import torch
 
 import dropreg_ext as dr
+from bench.env import device_name, git_state
 
 from . import report, tasks
 from .methods import make_methods
-from .train import train_all
+from .train import calibrate, train_all
 
 TITLES = {"ptb": "Penn Treebank (word level)", "fmnist": "Fashion-MNIST"}
 
@@ -88,18 +89,29 @@ def describe(dataset: str, config: tasks.Config, task) -> tuple:
     return data, model
 
 
+# Fields of a configuration that may differ between the sittings of one resumed run: which seeds and
+# methods a command trains, and the time estimate. Any other difference makes the runs incomparable.
+RESUMABLE_FIELDS = ("seeds", "methods", "expected_time")
+
+
 def load_finished(path: str, config: tasks.Config) -> tuple:
-    """(finished runs by (method, seed), elapsed seconds so far) of an earlier run of ``config`` saved at
-    ``path``; ({}, 0) when there is none. A saved run of another configuration stops the command: its
-    runs are not comparable with the new ones."""
+    """(finished runs by (method, seed), elapsed seconds so far, earlier sittings) of an earlier run of
+    ``config`` saved at ``path``; ({}, 0, []) when there is none. Seeds and methods may have been added
+    since (:data:`RESUMABLE_FIELDS`); a saved run of another configuration stops the command: its runs
+    are not comparable with the new ones."""
     if not os.path.isfile(path):
-        return {}, 0.0
+        return {}, 0.0, []
     with open(path) as f:
         saved = json.load(f)
-    if saved["meta"]["config"] != json.loads(json.dumps(config.to_dict())):
+
+    def comparable(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if k not in RESUMABLE_FIELDS}
+
+    if comparable(saved["meta"]["config"]) != comparable(json.loads(json.dumps(config.to_dict()))):
         raise SystemExit(f"{path} holds runs of another configuration; rerun with --no-resume to replace them, "
                          "or give another --out")
-    return {(r["method"], r["seed"]): r for r in saved["runs"]}, saved["meta"]["elapsed_seconds"]
+    runs = {(r["method"], r["seed"]): r for r in saved["runs"]}
+    return runs, saved["meta"]["elapsed_seconds"], saved["meta"].get("sittings", [])
 
 
 def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
@@ -123,7 +135,8 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
         chosen = [m for m in methods if m.name in wanted]
     folder = os.path.join(args.out, report.folder_name(dataset, args.preset))
     resume = args.resume if args.resume is not None else args.preset == "cpu"
-    finished, elapsed_before = load_finished(os.path.join(folder, "results.json"), config) if resume else ({}, 0.0)
+    finished, elapsed_before, sittings = (load_finished(os.path.join(folder, "results.json"), config) if resume
+                                          else ({}, 0.0, []))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
@@ -140,27 +153,41 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
           f"{config.epochs} epochs of {task.steps_per_epoch} steps; {len(finished)} run(s) already finished, "
           f"{len(todo)} to train in {jobs} process(es) x {threads} thread(s) on {device}; expected: "
           f"{config.expected_time}", flush=True)
+    # This sitting: the code it runs and the CPU time of a dropout step in it, which every run's CPU time
+    # is compared with (runs of other sittings ran under other load).
+    sitting = {"index": len(sittings), "date": _now(), **git_state(), "device": device_name(torch.device(device)),
+               "jobs": jobs, "threads": threads, "command": " ".join(["python -m repro", *sys.argv[1:]])}
+    if todo:
+        sitting["dropout_step_cpu_seconds"] = calibrate(task, by_name(methods, "dropout"), threads)
+        print(f"sitting {sitting['index']}: a dropout step takes {sitting['dropout_step_cpu_seconds']:.3f} CPU s "
+              f"(commit {sitting['commit']}{', uncommitted changes' if sitting['dirty'] else ''})", flush=True)
+    all_sittings = sittings + [sitting] if todo else sittings
 
     def result_of(runs: list) -> dict:
         names = {r["method"] for r in runs}
         return {
             "meta": {
                 "dataset": dataset, "dataset_title": TITLES[dataset], "preset": args.preset,
-                "command": " ".join(["python -m repro", *sys.argv[1:]]),
+                "command": f"python -m repro {dataset} --preset {args.preset}",
                 "config": config.to_dict(), "metric": task.metric, "higher_is_better": task.higher_is_better,
-                "seeds": list(config.seeds), "device": _device_name(device), "jobs": jobs, "threads": threads,
+                "seeds": sorted({r["seed"] for r in runs}), "device": _device_name(device),
                 "backend": dr.get_backend(), "versions": {"torch": torch.__version__, "dropreg_ext": dr.__version__},
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "elapsed_seconds": elapsed_before + time.perf_counter() - started, "data": data, "model": model,
+                "date": _now(), "elapsed_seconds": elapsed_before + time.perf_counter() - started,
+                "data": data, "model": model, **git_state(), "sittings": all_sittings,
             },
             "methods": [{"name": m.name, "label": m.label} for m in methods if m.name in names],
             "runs": runs,
         }
 
     def merged(runs: list) -> list:
-        """These runs and the finished runs of methods outside this command's --methods, in table order."""
+        """These runs (stamped with this sitting) and every finished run of the results file, seed-major in
+        table order (methods and seeds outside this command's selection included)."""
+        for run in runs:
+            if finished.get((run["method"], run["seed"])) is not run:
+                run.setdefault("sitting", sitting["index"])
         by_job = finished | {(r["method"], r["seed"]): r for r in runs}
-        return [by_job[m.name, s] for s in config.seeds for m in methods if (m.name, s) in by_job]
+        order = {m.name: i for i, m in enumerate(methods)}
+        return sorted(by_job.values(), key=lambda r: (r["seed"], order.get(r["method"], len(order))))
 
     def save(runs: list) -> None:  # every finished run is on disk before the next one ends
         report.save(result_of(merged(runs)), folder)
@@ -170,10 +197,19 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict:
     result = result_of(merged(runs))
     report.save(result, folder)
     elapsed = result["meta"]["elapsed_seconds"]
-    print(f"\n{report.results_table(result)}\n\n{report.claims_table(result)}\n")
+    analysis = result["analysis"]
+    print(f"\n{report.results_table(result, analysis)}\n\n{report.claims_table(result, analysis)}\n")
     print(f"{TITLES[dataset]}: elapsed {elapsed:.0f} s ({elapsed / 60:.1f} min) in all sittings; results in "
           f"{folder}", flush=True)
     return result
+
+
+def by_name(methods: list, name: str):
+    return next(m for m in methods if m.name == name)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _device_name(device: str) -> str:

@@ -36,7 +36,7 @@ class Config:
     q: float = 0.4  # drop probability at every site (the paper's q)
     k_values: tuple = (2, 4, 8)  # DROPOUT_k
     k_noise: int = 8  # the k of DROPOUT_k + √(1−1/k)·ξ
-    methods: Optional[tuple] = None  # the methods this preset runs, in table order; None: all of them
+    methods: Optional[tuple] = None  # the methods this preset runs; None: all of them
     expected_time: str = ""  # what a run of every method and seed should take (measured or estimated)
 
     def to_dict(self) -> dict:
@@ -66,6 +66,12 @@ class FMNISTConfig(Config):
     subset_seed: int = 0  # which images form the subsets (the same for every method and seed)
 
 
+# The methods the main claims rest on (five seeds in --preset cpu), and those of the --quick presets (the
+# methods of the committed quick results).
+CORE_METHODS = ("none", "dropout", "dropout_k2", "dropout_k4", "explicit", "explicit_implicit")
+QUICK_METHODS = ("none", "dropout", "dropout_k2", "dropout_k4", "dropout_k8", "explicit", "explicit_true",
+                 "explicit_implicit", "dropout_k4_noise")
+
 # --quick is sized from measured step costs on 2 shared CPU cores (one worker process per core, one
 # thread each): relative to a dropout step, the other methods cost about 0.9 (none), 2, 3.4 and 6.8
 # (DROPOUT_2/4/8), 2 to 2.3 (explicit), 3.3 (explicit + implicit) and 6 (DROPOUT_4 + ξ): about 28
@@ -77,7 +83,7 @@ PRESETS = {
         "quick": PTBConfig(
             epochs=6, seeds=(0, 1), batch_size=10, lr=20.0, clip=0.25, weight_decay=1.2e-6,
             emsize=64, nhid=128, nlayers=2, bptt=20, train_tokens=10_000, valid_tokens=5_000,
-            test_tokens=5_000, k_noise=4,
+            test_tokens=5_000, k_noise=4, methods=QUICK_METHODS,
             expected_time="about 8 min on 2 idle CPU cores, up to 15 min on a busy machine (measured)",
         ),
         # --preset cpu: sized so that regularization matters (without it, the model overfits 50k training
@@ -86,13 +92,16 @@ PRESETS = {
         # thread: none 38, dropout 37, DROPOUT_2 84, DROPOUT_4 145, DROPOUT_4+ξ 217, explicit 84,
         # explicit+implicit 131): about 330 core-s per epoch and seed at 45k tokens, plus ~10 s per
         # evaluation of valid + test.
+        # Five seeds of the six methods the main claims rest on (CORE_METHODS), and at least three of the
+        # others (the --resume runner trains them after); a sitting of one worker process costs about 270 CPU s
+        # (dropout) to 1,400 CPU s (DROPOUT_4 + noise) of training per run plus ~300 s of evaluation (measured).
         "cpu": PTBConfig(
-            epochs=20, seeds=(0, 1), batch_size=20, lr=20.0, clip=0.25, weight_decay=1.2e-6,
+            epochs=20, seeds=(0, 1, 2, 3, 4), batch_size=20, lr=20.0, clip=0.25, weight_decay=1.2e-6,
             emsize=128, nhid=256, nlayers=2, bptt=35, train_tokens=45_000, eval_batch_size=64, k_values=(2, 4),
             k_noise=4,
-            methods=("none", "dropout", "dropout_k2", "dropout_k4", "dropout_k4_noise", "explicit",
-                     "explicit_implicit"),
-            expected_time="about 2.6 h on 2 idle CPU cores (estimated from measured one-epoch costs), resumable",
+            methods=("none", "dropout", "dropout_k2", "dropout_k4", "dropout_k4_noise", "dropout_k4_drop_noise",
+                     "explicit", "explicit_scale2", "explicit_identity", "explicit_implicit"),
+            expected_time="about 11 CPU hours for all methods and seeds (estimated from measured runs), resumable",
         ),
         "full": PTBConfig(
             epochs=50, seeds=(0, 1), batch_size=20, lr=30.0, clip=0.25, weight_decay=1.2e-6,
@@ -103,7 +112,7 @@ PRESETS = {
     "fmnist": {
         "quick": FMNISTConfig(
             epochs=60, seeds=(0, 1, 2, 3, 4), batch_size=50, lr=0.02, momentum=0.9, clip=None, hidden=256, layers=2,
-            train_images=1000, valid_images=2000, k_noise=4,
+            train_images=1000, valid_images=2000, k_noise=4, methods=QUICK_METHODS,
             expected_time="about 7 min on 2 idle CPU cores, up to 15 min on a busy machine (measured)",
         ),
         "full": FMNISTConfig(

@@ -4,14 +4,17 @@ One step is ``loss = objective(model, x, y); loss.backward(); clip; SGD step``. 
 the model is evaluated on the validation and the test split (dropout off); a run's test result is
 the test metric of its best validation epoch (the curves show every epoch's). ``train_seconds``
 counts training steps only (evaluation is the same for every method), and is what the wall-clock
-plot uses; ``train_cpu_seconds`` is the process CPU time of the same steps, which a busy neighbour
-on the machine inflates less than wall-clock.
+plot used; ``train_cpu_seconds`` is the process CPU time of the same steps, which a busy neighbour
+on the machine inflates less than wall-clock, and which the report compares with the CPU time of a
+dropout step measured in the same sitting (:func:`calibrate`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Optional
@@ -97,6 +100,36 @@ def train_run(task, method: Method, seed: int, position: int = 1) -> dict:
         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
         "wall_seconds": time.perf_counter() - started, "diverged": diverged,
     }
+
+
+CALIBRATION_STEPS = 20
+
+
+def calibrate(task, method: Method, threads: int, steps: int = CALIBRATION_STEPS) -> float:
+    """CPU seconds per training step of ``method`` (dropout, the reference every run's CPU time is compared
+    with) in this process with ``threads`` torch threads: the median of ``steps`` steps of a fresh
+    model after two untimed ones. Runs before any run of the sitting, so it sees the same machine."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = task.build_model()
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=task.config.lr)
+        times = []
+        epochs = (task.train_batches(model, epoch, 0) for epoch in itertools.count(1))
+        for step, (x, y) in enumerate(itertools.islice(itertools.chain.from_iterable(epochs), steps + 2)):
+            tick = time.process_time()
+            loss = method.objective(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _synchronize(task.device)
+            if step >= 2:
+                times.append(time.process_time() - tick)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _summary_line(run: dict) -> str:

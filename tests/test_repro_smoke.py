@@ -26,11 +26,11 @@ from repro.methods import make_methods  # noqa: E402
 
 METHODS = [m.name for m in make_methods(k_values=(2, 4, 8), k_noise=4)]
 
-# Tiny models and slices: every method runs 2 epochs, a few steps each.
+# Tiny models and slices: every method (not only the quick presets') runs 2 epochs, a few steps each.
 PTB_TINY = ["epochs=2", "emsize=16", "nhid=16", "nlayers=2", "batch_size=4", "bptt=10", "lr=5.0",
-            "train_tokens=480", "valid_tokens=200", "test_tokens=200", "eval_batch_size=4"]
+            "train_tokens=480", "valid_tokens=200", "test_tokens=200", "eval_batch_size=4", "methods=None"]
 FMNIST_TINY = ["epochs=2", "hidden=32", "train_images=64", "valid_images=64", "test_images=64", "batch_size=16",
-               "lr=0.05", "eval_batch_size=64"]
+               "lr=0.05", "eval_batch_size=64", "methods=None"]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_batchify_and_windows():
     assert torch.equal(windows[0][1], stream[1:4]) and torch.equal(windows[1][1], stream[4:5])
 
 
-def _run_cli(dataset: str, overrides: list, out) -> dict:
-    cli.main([dataset, "--quick", "--seeds", "0", "--jobs", "1", "--threads", "1", "--out", str(out),
+def _run_cli(dataset: str, overrides: list, out, seeds=("0",), extra=()) -> dict:
+    cli.main([dataset, "--quick", "--seeds", *seeds, "--jobs", "1", "--threads", "1", "--out", str(out), *extra,
               "--set", *overrides])
     with open(out / dataset / "results.json") as f:
         return json.load(f)
@@ -86,7 +86,31 @@ def test_ptb_every_method_trains(ptb_corpus, tmp_path):
     assert first[2]["train_objective"] < first[1]["train_objective"] < math.log(10_000)
     assert (tmp_path / "ptb" / "curves.png").stat().st_size > 0
     readme = (tmp_path / "README.md").read_text()
-    assert report.BEGIN in readme and "DROPOUT_k degrades as k grows" in readme
+    assert report.BEGIN in readme and "DROPOUT_k degrades as k grows" in readme and "### Verdicts" in readme
+    # the provenance and the sitting every run belongs to, with its dropout-step calibration
+    meta = result["meta"]
+    assert set(meta) >= {"commit", "dirty", "sittings"} and len(meta["sittings"]) == 1
+    if (pathlib.Path(__file__).resolve().parents[1] / ".git").exists():
+        assert len(meta["commit"]) == 40 and meta["sittings"][0]["commit"] == meta["commit"]
+    assert meta["sittings"][0]["dropout_step_cpu_seconds"] > 0
+    assert all(r["sitting"] == 0 for r in result["runs"])
+    assert {c["claim"] for c in result["analysis"]["claims"]} >= {
+        "R_approx alone beats no regularization but trails DROPOUT_1 (§5, Fig. 3)"}
+
+
+def test_resume_adds_seeds_and_methods(ptb_corpus, tmp_path):
+    """--resume trains only the missing (method, seed) runs, keeps every finished one (also of seeds and
+    methods the new command does not name) and records each sitting; another configuration is refused."""
+    tiny = [*PTB_TINY, "epochs=1"]
+    first = _run_cli("ptb", tiny, tmp_path, extra=("--methods", "none,dropout"))
+    assert [(r["method"], r["seed"]) for r in first["runs"]] == [("none", 0), ("dropout", 0)]
+    second = _run_cli("ptb", tiny, tmp_path, seeds=("0", "1"), extra=("--resume", "--methods", "none,explicit"))
+    jobs = [(r["method"], r["seed"], r["sitting"]) for r in second["runs"]]
+    assert jobs == [("none", 0, 0), ("dropout", 0, 0), ("explicit", 0, 1), ("none", 1, 1), ("explicit", 1, 1)]
+    assert second["runs"][0] == first["runs"][0] and len(second["meta"]["sittings"]) == 2
+    assert second["meta"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="another configuration"):
+        _run_cli("ptb", [*tiny, "lr=4.0"], tmp_path, extra=("--resume",))
 
 
 @pytest.mark.skipif(not data.fmnist_available(), reason="Fashion-MNIST idx files not found "
