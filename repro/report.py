@@ -256,7 +256,7 @@ def _fractions(result: dict, names: set) -> dict:
         return {}
     gain = paired(result, "dropout", "none")
     fractions = {"none": {"ratio": 0.0, "reference": True}, "dropout": {"ratio": 1.0, "reference": True}}
-    for name in names - {"none", "dropout"}:
+    for name in (m["name"] for m in result["methods"] if m["name"] not in ("none", "dropout")):
         own = paired(result, name, "none")
         if own is None or gain is None:
             continue
