@@ -147,8 +147,9 @@ def test_fused_objective_equals_the_reference(shared_masks, explicit, implicit):
     torch.manual_seed(7)
     with dr.record_sites(model) as sites:
         logits = model(x)
-    rng_label, rng_noise = dr.ops.make_rng(logits.device), dr.ops.make_rng(logits.device)
-    J, ex, im, _ = R.regularizer_objective(logits, y, sites, rng_label=rng_label, rng_noise=rng_noise, **kwargs)
+    rng_label = dr.ops.make_rng(logits.device)
+    J, ex, im, _ = R.regularizer_objective(logits, y, sites, rng_label=rng_label,
+                                           rng_noise=lambda: dr.ops.make_rng(logits.device), **kwargs)
     want = torch.autograd.grad(J + ex + im, list(model.parameters()))
     tight = dict(rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(reg.last["explicit"], ex.detach(), **tight)
