@@ -1,7 +1,7 @@
 // Autograd of the C++ ops (the cpu and cuda backends), in C++: no backward runs Python, and a call
 // costs one autograd node. The formulas (docs/design.md §2) are those of dropreg_ext/ops.py, which
 // registers the same ones for the Python backends (triton, reference):
-//   dropout:               y = m ⊙ x / (1 - p), linear in x: backward is the same op on the
+//   dropout(_indexed):     y = m ⊙ x / (1 - p), linear in x: backward is the same op on the
 //                          gradient (mask regenerated from rng), and so is its backward, to any order.
 //   cross_entropy_sample:  d loss/d z = ce_grad(z, lse, y, grad_loss), d lse/d z = grad_lse ⊙ softmax(z).
 //   cross_entropy_sample_grad: the same for loss and lse, and one op for the cotangents of loss, G
@@ -46,6 +46,10 @@ using CeSample = std::tuple<Tensor, Tensor, Tensor>;
 using CeSampleGrad = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 DROPREG_OP(dropout_op, "dropout", Tensor(const Tensor&, double, const Tensor&))
 DROPREG_OP(dropout_draw_op, "dropout_draw", std::tuple<Tensor, Tensor>(const Tensor&, double, std::optional<int64_t>))
+DROPREG_OP(dropout_indexed_op, "dropout_indexed",
+           Tensor(const Tensor&, double, const Tensor&, c10::IntArrayRef, int64_t))
+DROPREG_OP(dropout_indexed_draw_op, "dropout_indexed_draw",
+           std::tuple<Tensor, Tensor>(const Tensor&, double, c10::IntArrayRef, int64_t, std::optional<int64_t>))
 DROPREG_OP(ce_sample_op, "cross_entropy_sample", CeSample(const Tensor&, const Tensor&, const Tensor&, int64_t))
 DROPREG_OP(ce_sample_draw_op, "cross_entropy_sample_draw",
            std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, std::optional<int64_t>))
@@ -123,6 +127,57 @@ class DropoutDrawFunction : public torch::autograd::Function<DropoutDrawFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return {dropout_backward(ctx, grads[0]), Tensor(), Tensor()};
+  }
+};
+
+// dropout_indexed(_draw): the same with the mask at each element's logical index (linear in x too).
+Tensor dropout_indexed_backward(AutogradContext* ctx, const Tensor& grad) {
+  if (!grad.defined()) return Tensor();
+  const Tensor rng = ctx->get_saved_variables()[0];
+  const std::vector<int64_t> strides = ctx->saved_data["index_strides"].toIntVector();
+  const int64_t base = ctx->saved_data["index_base"].toInt();
+  return in_backward([&] { return dropout_indexed_op().call(grad, ctx->saved_data["p"].toDouble(), rng, strides, base); });
+}
+
+void save_indexed(AutogradContext* ctx, double p, c10::IntArrayRef index_strides, int64_t index_base,
+                  const Tensor& rng) {
+  ctx->saved_data["p"] = p;
+  ctx->saved_data["index_strides"] = index_strides.vec();
+  ctx->saved_data["index_base"] = index_base;
+  ctx->save_for_backward({rng});
+}
+
+class DropoutIndexedFunction : public torch::autograd::Function<DropoutIndexedFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, double p, const Tensor& rng,
+                        c10::IntArrayRef index_strides, int64_t index_base) {
+    save_indexed(ctx, p, index_strides, index_base, rng);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return dropout_indexed_op().call(x, p, rng, index_strides, index_base);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {dropout_indexed_backward(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class DropoutIndexedDrawFunction : public torch::autograd::Function<DropoutIndexedDrawFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, double p, c10::IntArrayRef index_strides,
+                               int64_t index_base, std::optional<int64_t> seed) {
+    Tensor y, rng;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, rng) = dropout_indexed_draw_op().call(x, p, index_strides, index_base, seed);
+    }
+    save_indexed(ctx, p, index_strides, index_base, rng);
+    ctx->mark_non_differentiable({rng});
+    ctx->set_materialize_grads(false);  // no zeros for the state's (absent) gradient
+    return {y, rng};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {dropout_indexed_backward(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -362,6 +417,16 @@ std::tuple<Tensor, Tensor> dropout_draw_autograd(const Tensor& x, double p, std:
   return as_tuple<2>(DropoutDrawFunction::apply(x, p, seed));
 }
 
+Tensor dropout_indexed_autograd(const Tensor& x, double p, const Tensor& rng, c10::IntArrayRef index_strides,
+                                int64_t index_base) {
+  return DropoutIndexedFunction::apply(x, p, rng, index_strides, index_base);
+}
+
+std::tuple<Tensor, Tensor> dropout_indexed_draw_autograd(const Tensor& x, double p, c10::IntArrayRef index_strides,
+                                                         int64_t index_base, std::optional<int64_t> seed) {
+  return as_tuple<2>(DropoutIndexedDrawFunction::apply(x, p, index_strides, index_base, seed));
+}
+
 CeSample ce_sample_autograd(const Tensor& z, const Tensor& target, const Tensor& rng, int64_t ignore_index) {
   return as_tuple<3>(CrossEntropySampleFunction::apply(z, target, rng, ignore_index));
 }
@@ -402,6 +467,8 @@ std::tuple<Tensor, Tensor> site_penalty_draw_autograd(const Tensor& h, const Opt
 TORCH_LIBRARY_IMPL(dropreg, Autograd, m) {
   m.impl("dropout", &dropout_autograd);
   m.impl("dropout_draw", &dropout_draw_autograd);
+  m.impl("dropout_indexed", &dropout_indexed_autograd);
+  m.impl("dropout_indexed_draw", &dropout_indexed_draw_autograd);
   m.impl("cross_entropy_sample", &ce_sample_autograd);
   m.impl("cross_entropy_sample_draw", &ce_sample_draw_autograd);
   m.impl("cross_entropy_sample_grad", &ce_sample_grad_autograd);

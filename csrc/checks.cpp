@@ -26,6 +26,25 @@ void check_dropout_draw_args(const at::Tensor& x, double p) {
   DROPREG_CHECK_PROB(p);
 }
 
+void check_dropout_index(const at::Tensor& x, c10::IntArrayRef index_strides, int64_t index_base) {
+  TORCH_CHECK(static_cast<int64_t>(index_strides.size()) == x.dim(), "argument 'index_strides' must have one stride "
+              "per dim of x (", x.dim(), "), got ", index_strides);
+  TORCH_CHECK(index_base >= 0, "argument 'index_base' must be >= 0, got ", index_base);
+  // The largest index, base + Σ (n_k - 1)·stride_k, must stay below 2^63.
+  uint64_t largest = static_cast<uint64_t>(index_base);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    TORCH_CHECK(index_strides[d] >= 0, "argument 'index_strides' must be >= 0, got ", index_strides);
+    if (x.size(d) == 0) return;  // no element, no index
+    const uint64_t span = static_cast<uint64_t>(x.size(d) - 1);
+    const uint64_t stride = static_cast<uint64_t>(index_strides[d]);
+    TORCH_CHECK(stride == 0 || span <= (uint64_t{1} << 63) / stride, "argument 'index_strides' ", index_strides,
+                " gives indices of 2^63 or more for x of shape ", x.sizes());
+    largest += span * stride;
+    TORCH_CHECK(largest < (uint64_t{1} << 63), "arguments 'index_strides' ", index_strides, " and 'index_base' ",
+                index_base, " give indices of 2^63 or more for x of shape ", x.sizes());
+  }
+}
+
 void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng) {
   check_dropout_draw_args(x, p);
   DROPREG_CHECK_RNG(rng, x);

@@ -88,6 +88,7 @@ TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("rng_state", &rng_state_cpu);
   m.impl("dropout_draw", draw_kernel("dropreg::dropout", 2, kCpu));
   m.impl("dropout_draw_", draw_kernel("dropreg::dropout_", 2, kCpu));
+  m.impl("dropout_indexed_draw", draw_kernel("dropreg::dropout_indexed", 2, kCpu));
   m.impl("cross_entropy_sample_draw", draw_kernel("dropreg::cross_entropy_sample", 2, kCpu));
   m.impl("cross_entropy_sample_grad_draw", draw_kernel("dropreg::cross_entropy_sample_grad", 2, kCpu));
   m.impl("site_penalty_draw", draw_kernel("dropreg::site_penalty", 5, kCpu));

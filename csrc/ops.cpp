@@ -42,6 +42,10 @@ TORCH_LIBRARY(dropreg, m) {
   m.def("dropout(Tensor x, float p, Tensor rng) -> Tensor");
   // The same, written into x (contiguous; on the CPU any dense layout).
   m.def("dropout_(Tensor(a!) x, float p, Tensor rng) -> ()");
+  // The same with the mask read at the logical index index_base + Σ_k i_k·index_strides[k] of the element
+  // at position (i_0, .., i_{n-1}), instead of its row-major index: for the box of a larger row-major
+  // tensor (a shard of a DTensor), that tensor's mask. index_strides: one per dim, >= 0; index_base >= 0.
+  m.def("dropout_indexed(Tensor x, float p, Tensor rng, int[] index_strides, int index_base) -> Tensor");
   // Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2), values in [0, 2^32) -> int64 (N, 4).
   m.def("philox(Tensor counter, Tensor key) -> Tensor");
 
@@ -88,6 +92,10 @@ TORCH_LIBRARY(dropreg, m) {
   m.def("rng_state(Tensor like, int? seed=None) -> Tensor", seeded);
   m.def("dropout_draw(Tensor x, float p, int? seed=None) -> (Tensor y, Tensor rng)", seeded);
   m.def("dropout_draw_(Tensor(a!) x, float p, int? seed=None) -> Tensor rng", seeded);
+  m.def(
+      "dropout_indexed_draw(Tensor x, float p, int[] index_strides, int index_base, int? seed=None) -> "
+      "(Tensor y, Tensor rng)",
+      seeded);
   m.def(
       "cross_entropy_sample_draw(Tensor z, Tensor target, int ignore_index, int? seed=None) -> "
       "(Tensor loss, Tensor lse, Tensor yhat, Tensor rng)",

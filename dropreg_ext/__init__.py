@@ -5,8 +5,9 @@
     >>> dr.set_backend("triton")                  # or "auto" | "cuda" | "cpu" | "reference"
 """
 
-from . import _ext, backends, functional, lstm, nn, ops, patching, reference, regularizer
+from . import _ext, backends, checkpointing, functional, lstm, nn, ops, patching, reference, regularizer
 from .backends import get_backend, set_backend, use_backend
+from .checkpointing import checkpoint_context  # noqa: F401  (through *checkpointing.__all__)
 from .lstm import LSTM  # noqa: F401  (exported through *lstm.__all__ below)
 from .nn import (  # noqa: F401  (exported through *nn.__all__ below)
     AlphaDropout,
@@ -30,7 +31,9 @@ __all__ = [
     *lstm.__all__,
     *regularizer.__all__,
     *patching.__all__,
+    *checkpointing.__all__,
     "functional",
+    "checkpointing",
     "ops",
     "backends",
     "nn",

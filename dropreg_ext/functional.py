@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import _dtensor, ops, reference
 from ._checks import FLOAT_DTYPES, check_float_tensor, check_prob, check_seed, is_dense
 from .backends import resolve_backend
 
@@ -43,11 +43,13 @@ TORCH_FUNCTIONS = {
 
 def covered(input) -> bool:
     """True if the fused kernels run ``input``: a plain (or Parameter) strided CPU or CUDA tensor of a
-    dtype in float64/float32/float16/bfloat16. Everything else (other dtypes, sparse, nested, meta
-    or other devices, tensor subclasses with their own ``__torch_function__``) is torch's business."""
+    dtype in float64/float32/float16/bfloat16, or a DTensor whose local shard is one (each rank drops
+    its shard with the whole tensor's mask: ``_dtensor``). Everything else (other dtypes, sparse,
+    nested, meta or other devices, other tensor subclasses) is torch's business."""
+    if type(input) not in _PLAIN_TENSORS:
+        return _dtensor.is_dtensor(input) and covered(input.to_local())
     return (
-        type(input) in _PLAIN_TENSORS
-        and input.dtype in FLOAT_DTYPES
+        input.dtype in FLOAT_DTYPES
         and input.layout == torch.strided
         and not input.is_nested
         and (input.is_cpu or input.is_cuda)
@@ -109,6 +111,8 @@ def dropout(
     p, seed = _checked_p(input, p, training, seed)
     if p is None:
         return input  # as torch: the input itself, no random number drawn
+    if type(input) not in _PLAIN_TENSORS and _dtensor.is_dtensor(input):
+        return _dropout_dtensor(input, p, inplace, seed)
     backend = resolve_backend(input)
     # input and p are checked: the registered op itself, which draws its state (one launch on a GPU)
     draw = ops.BACKEND_OPS[backend]["dropout_draw"]
@@ -124,6 +128,22 @@ def dropout(
         torch.autograd.graph.increment_version(input)
         return input
     return input.copy_(draw(_dense(input), p, seed)[0])
+
+
+def _dropout_dtensor(input, p: float, inplace: bool, seed: Optional[int], mask_shape: Optional[tuple] = None):
+    """Dropout of a DTensor: each rank's shard with the whole tensor's mask (``_dtensor``), or with the
+    whole mask of ``mask_shape`` broadcast over it; differentiable through to_local / from_local."""
+    strides, base = _dtensor.index_map(input, mask_shape)
+    local = input.to_local()
+    backend = resolve_backend(local)
+    draw = ops.BACKEND_OPS[backend]["dropout_indexed_draw"]
+    if mask_shape is None:
+        y = draw(local if local.is_contiguous() else _dense(local), p, strides, base, seed)[0]
+    else:
+        ones = torch.ones(_dtensor.local_mask_shape(input, mask_shape), dtype=local.dtype, device=local.device)
+        y = local * draw(ones, p, strides, base, seed)[0]
+    out = _dtensor.from_local(y, input)
+    return input.copy_(out) if inplace else out
 
 
 def broadcast_dropout(
@@ -156,6 +176,8 @@ def broadcast_dropout(
                          f"{tuple(input.shape)}")
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if type(input) not in _PLAIN_TENSORS and _dtensor.is_dtensor(input):
+        return _dropout_dtensor(input, p, inplace, seed, tuple(mask_shape))
     ones = torch.ones(tuple(mask_shape), dtype=input.dtype, device=input.device)
     mask = ops.BACKEND_OPS[resolve_backend(ones)]["dropout_draw"](ones, p, seed)[0]
     return input.mul_(mask) if inplace else input * mask

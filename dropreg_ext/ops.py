@@ -11,6 +11,7 @@ op                             computes                                        k
 =============================  ==============================================  =======================
 ``dropout``                    m ⊙ x / (1 - p), m from the Philox mask stream  ``dropout.cpp/.cu/.py``
 ``dropout_`` (C++ only)        the same, written into x                        ``dropout.cpp/.cu``
+``dropout_indexed``            the same, mask at an affine index (DTensor)     ``dropout_indexed.*``
 ``philox``                     raw Philox4x32-10 (known-answer tests)          ``philox.cpp/.cu/.py``
 ``cross_entropy_sample``       loss, log-sum-exp, ŷ ~ softmax(z) in one pass   ``cross_entropy.*``
 ``cross_entropy_sample_grad``  the same and G = softmax(z) - onehot(ŷ)         ``cross_entropy.*``
@@ -73,6 +74,7 @@ __all__ = [
     "available_backends",
     "make_rng",
     "fused_dropout",
+    "dropout_indexed",
     "philox",
     "cross_entropy_sample",
     "cross_entropy_sample_grad",
@@ -243,6 +245,73 @@ def fused_dropout(x: Tensor, p: float, rng: Tensor, *, backend: Optional[str] = 
     inputs keep their strides, e.g. channels_last); the mask is keyed by the logical index.
     """
     return _call("dropout", backend, x, check_prob(p, "p"), rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout_indexed: the same with the mask at an affine logical index (a shard's share of a whole mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sig_dropout_indexed(x: Tensor, p: float, rng: Tensor, index_strides: list[int], index_base: int) -> Tensor:
+    """Signature of ``dropreg::dropout_indexed_<backend>``."""
+
+
+def _check_dropout_indexed(x, p, rng, index_strides, index_base) -> None:
+    _check_dropout(x, p, rng)
+    if not isinstance(index_strides, (list, tuple)) or len(index_strides) != x.dim() or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in index_strides
+    ):
+        raise ValueError(
+            f"argument 'index_strides' must be {x.dim()} ints >= 0 (one per dim of x), got {index_strides!r}"
+        )
+    if isinstance(index_base, bool) or not isinstance(index_base, int) or index_base < 0:
+        raise ValueError(f"argument 'index_base' must be an int >= 0, got {index_base!r}")
+    largest = index_base + sum((n - 1) * s for n, s in zip(x.shape, index_strides)) if x.numel() else 0
+    if largest >= 2**63:
+        raise ValueError(f"arguments 'index_strides' {list(index_strides)} and 'index_base' {index_base} give indices "
+                         f"of 2^63 or more for x of shape {tuple(x.shape)}")
+
+
+def _dropout_indexed_autograd(ops: dict) -> tuple:
+    # Linear in x with a mask fixed by rng and the index map, as dropout.
+    def setup_context(ctx, inputs, output):
+        ctx.p, ctx.index_strides, ctx.index_base = inputs[1], inputs[3], inputs[4]
+        ctx.save_for_backward(inputs[2])
+
+    def backward(ctx, grad):
+        (rng,) = ctx.saved_tensors
+        return ops["dropout_indexed"](grad, ctx.p, rng, ctx.index_strides, ctx.index_base), None, None, None, None
+
+    return setup_context, backward
+
+
+_spec(
+    name="dropout_indexed",
+    signature=_sig_dropout_indexed,
+    fake=lambda x, p, rng, index_strides, index_base: torch.empty_like(x),
+    check=_check_dropout_indexed,
+    autograd=_dropout_indexed_autograd,
+)
+
+
+def dropout_indexed(x: Tensor, p: float, rng: Optional[Tensor], index_strides: list, index_base: int, *,
+                    backend: Optional[str] = None) -> Tensor:
+    """:func:`fused_dropout` with the mask read at the logical index ``index_base + Σ_k i_k·index_strides[k]``
+    of the element at position (i_0, .., i_{n-1}) instead of its own row-major index.
+
+    For x the box [offset, offset + x.shape) of a row-major tensor of shape G (a shard of a sharded
+    tensor), ``index_strides`` = G's row-major strides and ``index_base`` = Σ_k offset_k·index_strides[k]
+    give every element the mask the whole tensor gives it; that is how :func:`dropreg_ext.functional.dropout`
+    drops a DTensor. ``rng=None`` draws a fresh state in the op.
+
+    Args:
+        x: tensor of any shape, float64/float32/float16/bfloat16.
+        p: drop probability in [0, 1].
+        rng: int64 ``[seed, offset]`` on x's device, or None.
+        index_strides: one int >= 0 per dim of x.
+        index_base: int >= 0; every index must stay below 2^63.
+    """
+    return _call("dropout_indexed", backend, x, check_prob(p, "p"), rng, list(index_strides), index_base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,7 +808,8 @@ def _define_python_backend(backend: str, kernels, define) -> dict:
 # the base op's arguments with `rng` replaced by a trailing `seed` (int or None; every argument
 # passed) and returns the base op's outputs followed by the state ``[seed, offset]`` it used. The C++
 # ones (schemas in csrc/ops.cpp) are one launch on a GPU; a Python backend's is make_rng and the op.
-DRAWS = {"dropout": 2, "cross_entropy_sample": 2, "cross_entropy_sample_grad": 2, "site_penalty": 5}
+DRAWS = {"dropout": 2, "dropout_indexed": 2, "cross_entropy_sample": 2, "cross_entropy_sample_grad": 2,
+         "site_penalty": 5}
 
 
 def _as_tuple(out) -> tuple:

@@ -197,6 +197,45 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(y)  # x's layout, as torch.empty_like(x) lays it out
 
 
+def logical_index(shape, index_strides, index_base: int, device=None) -> torch.Tensor:
+    """The int64 tensor of ``shape`` whose element at position (i_0, .., i_{n-1}) is
+    ``index_base + Σ_k i_k·index_strides[k]``: the logical index a :func:`dropout_indexed` element
+    reads its mask at. For the box [offset, offset + shape) of a row-major tensor of shape G (a shard
+    of a sharded tensor): strides = G's row-major strides, base = Σ_k offset_k·strides_k."""
+    index = torch.full(tuple(shape), index_base, dtype=torch.int64, device=device)
+    for k, (n, stride) in enumerate(zip(shape, index_strides)):
+        view = [1] * len(shape)
+        view[k] = n
+        index = index + (torch.arange(n, dtype=torch.int64, device=device) * stride).view(view)
+    return index
+
+
+def philox_uint16_at(rng: torch.Tensor, stream: int, index: torch.Tensor) -> torch.Tensor:
+    """u16 at each logical index of ``index`` (int64, >= 0): half index & 1 of word (index >> 1) & 3
+    of group index >> 3, the mask density of :func:`philox_uint16` at arbitrary indices."""
+    rng = rng.to(device=index.device, dtype=torch.int64)
+    s_lo, s_hi = _split64(rng[1] + stream)
+    g_lo, g_hi = _split64(index >> 3)
+    words = torch.stack(philox4x32_10((g_lo, g_hi, s_lo, s_hi), _split64(rng[0])), dim=-1)
+    word = words.gather(-1, ((index >> 1) & 3).unsqueeze(-1)).squeeze(-1)
+    return (word >> ((index & 1) * 16)) & 0xFFFF
+
+
+def dropout_indexed(x: torch.Tensor, p: float, rng: torch.Tensor, index_strides: list, index_base: int) -> torch.Tensor:
+    """:func:`dropout` with the mask read at the logical index :func:`logical_index` gives each element
+    instead of x's own row-major index: y_i = m(index_i) ⊙ x_i / (1 - p'). With x the box of a larger
+    tensor (a shard), the mask is that larger tensor's, element for element. Same arithmetic, dtype
+    and layout rules as :func:`dropout`; ``dropout(x, p, rng)`` is the case strides = x's row-major
+    strides, base 0."""
+    index = logical_index(x.shape, index_strides, index_base, x.device)
+    keep = philox_uint16_at(rng, STREAM_DROPOUT_MASK, index) >= dropout_threshold(p)
+    acc = acc_dtype(x.dtype)
+    scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
+    scaled = (x.to(acc) * scale).to(x.dtype)
+    y = torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.empty_like(x).copy_(y)
+
+
 SELU_ALPHA = 1.7580993408473766  # SELU's λ·α: its negative saturation value, negated
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import nn, ops
+from . import _dtensor, nn, ops
 from .nn import record_sites
 from .reference import SHARED_MASKS, VJP_RANGE, acc_dtype, shared_mask_dims
 
@@ -146,6 +146,7 @@ class DropoutRegularizer:
         self._warned_no_site = False
         self._sites: Optional[list] = None
         self._head_call: Optional[tuple] = None  # (input, weight, output) of the head's last call in the capture
+        self._fsdp_checked = False
 
     @contextlib.contextmanager
     def capture(self) -> Iterator["DropoutRegularizer"]:
@@ -153,6 +154,9 @@ class DropoutRegularizer:
 
         Under ``torch.no_grad()`` (evaluation) nothing is recorded and the model runs as usual.
         """
+        if not self._fsdp_checked:
+            _dtensor.check_no_fsdp(self.model)
+            self._fsdp_checked = True
         self._head_call = None
         hook = self.head.register_forward_hook(self._record_head, with_kwargs=True) if self.head is not None else None
         try:
@@ -222,6 +226,12 @@ class DropoutRegularizer:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
         head_call = self._head_call_of(logits)
+        if _dtensor.is_dtensor(logits):
+            # Sharded logits (a column-parallel head): the whole rows, as on one device. The head's
+            # row-product shortcut is for plain weights; the path through z gives the same terms.
+            logits, head_call = logits.full_tensor(), None
+        elif head_call is not None and any(_dtensor.is_dtensor(t) for t in head_call):
+            head_call = None
         num_classes = logits.shape[-1]
         z = logits.reshape(-1, num_classes)
         t = target.reshape(-1).to(torch.int64)
@@ -312,6 +322,10 @@ class DropoutRegularizer:
                 continue  # the logits do not depend on this site
             shared = shared_mask_dims(site, self.shared_masks)
             h, ge, gi = self._shared_products(site, g_e[i], g_i[i], shared) if shared else (site.h, g_e[i], g_i[i])
+            if _dtensor.is_dtensor(h):
+                # A sharded site: the whole tensors (their backward scatters the gradients back), so
+                # that the sums and the noise are the single device's on every rank.
+                h, ge, gi = (None if t is None else t.full_tensor() for t in (h, ge, gi))
             # Each site's noise at a state of its own, drawn by the op (kept for its backward); without
             # the noise term the state is a constant seed, which leaves the generator alone.
             pen = site_penalty(h, ge, gi, site.q, self.noise, None if gi is not None else 0)[0]

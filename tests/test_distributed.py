@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
-import textwrap
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
+from gloo_world import run_ranks, serve_rank
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 STEPS = 3
 TIMEOUT_S = 120
@@ -144,20 +139,10 @@ def _train_ddp_regularizer(rank: int) -> dict:
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
-    import torch.distributed as dist
-
-    os.environ["RANK"] = str(rank)
     torch.set_num_threads(1)
     result = {"seeding": _masks_by_seeding()}  # first: before anything else touches the generator
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=TIMEOUT_S))
-    try:
-        result["ddp_dropout"] = _train_ddp_dropout(rank)
-        result["ddp_regularizer"] = _train_ddp_regularizer(rank)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, out_file)
+    jobs = {"ddp_dropout": lambda: _train_ddp_dropout(rank), "ddp_regularizer": lambda: _train_ddp_regularizer(rank)}
+    serve_rank(rank, world_size, init_file, out_file, jobs, TIMEOUT_S, result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,29 +153,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list:
     """Both ranks' saved results (runs the 2-process world once for the module)."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    init_file = tmp / "filestore"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    procs = []
-    for rank in range(WORLD_SIZE):
-        code = textwrap.dedent(f"""
-            from test_distributed import _worker
-            _worker({rank}, {WORLD_SIZE}, {str(init_file)!r}, {str(tmp / f"rank{rank}.pt")!r})
-        """)
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=TIMEOUT_S)
-            logs.append(err)
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    for rank, (proc, err) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed (exit {proc.returncode}):\n{err[-4000:]}"
-    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return run_ranks("test_distributed", tmp_path_factory.mktemp("ddp"), WORLD_SIZE, TIMEOUT_S)
 
 
 def _equal_lists(a, b) -> bool:

@@ -15,11 +15,13 @@ from .cross_entropy import (
     cross_entropy_sample_grad_backward,
 )
 from .dropout import dropout
+from .dropout_indexed import dropout_indexed
 from .philox import philox
 from .site_penalty import site_penalty, site_penalty_backward
 
 __all__ = [
     "dropout",
+    "dropout_indexed",
     "philox",
     "cross_entropy_sample",
     "cross_entropy_sample_grad",

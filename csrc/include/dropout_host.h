@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
+#include "dropout_indexed.h"
 
 namespace dropreg {
 
@@ -16,6 +17,31 @@ void check_dropout_args(const at::Tensor& x, double p, const at::Tensor& rng);
 
 // The draw ops' arguments: x floating, p in [0, 1] (checks.cpp).
 void check_dropout_draw_args(const at::Tensor& x, double p);
+
+// dropout_indexed's index: one stride per dim of x, base >= 0, strides >= 0, every index < 2^63.
+void check_dropout_index(const at::Tensor& x, c10::IntArrayRef index_strides, int64_t index_base);
+
+// The IndexMap of a contiguous tensor of x's shape: size-1 dims dropped, neighbours merged where the
+// index runs on (the outer dim's stride is the inner one's times its size).
+inline IndexMap make_index_map(const at::Tensor& x, c10::IntArrayRef index_strides, int64_t index_base) {
+  IndexMap map;
+  map.base = static_cast<uint64_t>(index_base);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    const int64_t size = x.size(d);
+    if (size == 1) continue;
+    if (map.dims > 0 && map.strides[map.dims - 1] == index_strides[d] * size) {
+      map.sizes[map.dims - 1] *= size;
+      map.strides[map.dims - 1] = index_strides[d];
+      continue;
+    }
+    TORCH_CHECK(map.dims < kMaxIndexDims, "argument 'index_strides': dropout_indexed supports at most ",
+                kMaxIndexDims, " dims that do not merge, got ", index_strides);
+    map.sizes[map.dims] = size;
+    map.strides[map.dims] = index_strides[d];
+    ++map.dims;
+  }
+  return map;
+}
 
 // y = kernel(x) in x's memory layout for a kernel `into(xc, yc)` on contiguous tensors: one pass for
 // a contiguous x, else x made contiguous and the result copied into y's layout (two more passes).
