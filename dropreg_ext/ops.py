@@ -23,10 +23,11 @@ op                             computes                                        k
 =============================  ==============================================  =======================
 
 Each op has one section below with everything Python knows about it: the signature of the Python
-backends' ops (``torch.library`` infers their schema from its annotations), the fake kernel, the
-argument checks, the autograd formula (written with the same backend's ops, so a backward runs on
-the backend of its forward) and the public wrapper; one loop at the end registers them for every
-backend. Adding an op: one section here, its kernels, a schema in ``csrc/ops.cpp``.
+backends' ops (``torch.library`` infers their schema from its annotations: they register without the
+C++ extension, so the schema is written twice, and ``tests/test_build.py`` holds the two equal), the
+fake kernel, the argument checks, the autograd formula (written with the same backend's ops, so a
+backward runs on the backend of its forward) and the public wrapper; one loop at the end registers
+them for every backend. Adding an op: one section here, its kernels, a schema in ``csrc/ops.cpp``.
 
 Checks: one function per op, read metadata only (no host sync). Every registered op checks its
 arguments itself: the C++ ops in their own layer (``csrc/checks.cpp``, shared by the CPU and CUDA

@@ -162,3 +162,20 @@ def test_import_falls_back_when_extension_missing():
     assert report["resolved"] == "reference"
     assert "cpu" not in report["available"]
     assert report["matches_reference"] and report["grad_is_mask"] and report["module_ok"]
+
+
+@pytest.mark.skipif(not dr._ext.HAS_CPU, reason="dropreg_ext._C not loaded")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", sorted(dr.ops.SPECS))
+def test_python_backend_schema_is_the_cpp_one(name, backend):
+    """The Python backends' ops are typed by ops.py's signatures (they register without the C++
+    extension); their arguments (names, types, defaults) and outputs must be csrc/ops.cpp's."""
+    if backend not in dr.ops.BACKEND_OPS:
+        pytest.skip(f"the {backend} backend is not registered here")
+
+    def shape(qualname: str) -> tuple:
+        schema = getattr(torch.ops.dropreg, qualname).default._schema
+        return ([(a.name, str(a.type), a.default_value) for a in schema.arguments],
+                [str(r.type) for r in schema.returns])
+
+    assert shape(f"{name}_{backend}") == shape(name)
