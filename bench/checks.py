@@ -39,10 +39,23 @@ from typing import Optional
 CHECK_NUMEL = 2**24
 CHECK_DTYPE = "float32"
 CHECK_CE = (2048, 10_000)  # (N, C)
-REG_FUSED, REG_PLAIN = "reg_fused", "reg_plain"  # bench.train variant names
-REG_SPEEDUP_TARGETS = {"lstm_lm": 2.0, "mlp": 1.0}
+# bench.train's variant and case names, defined here, where no torch is imported.
+EAGER, DROPREG, REG_PLAIN, REG_FUSED = "eager", "dropreg", "reg_plain", "reg_fused"
+REG_FUSED_GENERIC, REG_FUSED_GRAPH = "reg_fused_generic", "reg_fused_graph"
+LSTM_CASE, GPT2_REG_CASE = "lstm_lm", "gpt2_regularized"
+REG_SPEEDUP_TARGETS = {LSTM_CASE: 2.0, "mlp": 1.0}
 CE_FLOOR_CASES = (("float32", 2048, 10_000), ("bfloat16", 2048, 10_000), ("float32", 512, 50_257))
 GPU_CE_COPY_TARGET, GPU_CE_MIN_CLASSES = 80.0, 32_000  # percent of the copy's GB/s, at C >= 32k
+
+
+def size_label(numel: int) -> str:
+    """``65536`` -> ``"2^16"`` (other numbers as they are)."""
+    return f"2^{numel.bit_length() - 1}" if numel > 0 and numel & (numel - 1) == 0 else str(numel)
+
+
+def size_text(row: dict) -> str:
+    """``2^24`` for an elementwise case, ``2048x10000`` (N x C) for a cross-entropy case."""
+    return f"{row['rows']}x{row['classes']}" if "classes" in row else size_label(row["numel"])
 
 
 def native_backend(device_type: str) -> str:

@@ -4,12 +4,14 @@
 the default); ``--check`` is the short GPU run of ``bench/gpu_check.sh`` (a few sizes per section);
 ``--full`` is meant for GPUs: every second power of two from 2^16 to 2^26 for the
 elementwise ops, vocabularies of 1k to 128k classes for the cross-entropy, more repetitions, larger
-models.
+models. On a GPU the training steps run under bfloat16 autocast with TF32 matrix products
+(:attr:`Config.train_autocast`), as GPU users train.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -39,6 +41,11 @@ class Config:
     op_reps: Reps  # per-op dropout and site-penalty cases
     train_reps: Reps
     train_scale: str  # "small" | "large": model sizes of the training cases (bench/train.py)
+    # How the training steps run on the device, as its users train: on a GPU the forward and the loss
+    # under autocast to this dtype, and TF32 for the float32 matrix products that remain; None / False:
+    # float32 throughout (the CPU).
+    train_autocast: Optional[str]
+    train_tf32: bool
     ce_shapes: dict  # dtype name -> tuple of (rows N, classes C) for the cross-entropy cases
     ce_reps: Reps
     site_sizes: dict  # dtype name -> tuple of element counts for the site-penalty cases
@@ -59,11 +66,6 @@ def _ce(*classes: int) -> tuple:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
-
-
-def size_label(numel: int) -> str:
-    """``65536`` -> ``"2^16"`` (other numbers as they are)."""
-    return f"2^{numel.bit_length() - 1}" if numel > 0 and numel & (numel - 1) == 0 else str(numel)
 
 
 def _pow2(*exponents: int) -> tuple:
@@ -123,5 +125,6 @@ def make_config(preset: str, device: torch.device) -> Config:
     else:
         raise ValueError(f"preset must be 'quick', 'check' or 'full', got {preset!r}")
     return Config(
-        preset, device, sizes, P_DROP, op_reps, train_reps, scale, ce_shapes, ce_reps, site_sizes, budget
+        preset, device, sizes, P_DROP, op_reps, train_reps, scale, "bfloat16" if on_gpu else None, on_gpu,
+        ce_shapes, ce_reps, site_sizes, budget,
     )

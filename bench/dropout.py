@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import dropreg_ext as dr
 
-from .config import Config, dtype_name, size_label
+from .checks import size_label
+from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "bwd", "fwd+bwd", "inplace")

@@ -29,7 +29,8 @@ import torch
 
 import dropreg_ext as dr
 
-from .config import Config, dtype_name, size_label
+from .checks import size_label
+from .config import Config, dtype_name
 from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
