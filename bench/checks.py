@@ -61,6 +61,7 @@ CHECK_CE = (2048, 10_000)  # (N, C)
 EAGER, DROPREG, REG_PLAIN, REG_FUSED = "eager", "dropreg", "reg_plain", "reg_fused"
 REG_FUSED_GENERIC, REG_FUSED_GRAPH = "reg_fused_generic", "reg_fused_graph"
 LSTM_CASE, GPT2_REG_CASE = "lstm_lm", "gpt2_regularized"
+WHOLE_CASE = "case"  # the variant of a train_error row whose whole case failed
 REG_SPEEDUP_TARGETS = {LSTM_CASE: 2.0, "mlp": 1.0}
 CE_FLOOR_CASES = (("float32", 2048, 10_000), ("bfloat16", 2048, 10_000), ("float32", 512, 50_257))
 GPU_CE_COPY_TARGET, GPU_CE_MIN_CLASSES = 80.0, 32_000  # percent of the copy's GB/s, at C >= 32k
@@ -359,7 +360,7 @@ def _train_missing(rows: list, case: str, variants: tuple) -> str:
     """Why a training figure is missing: the variants' ``train_error`` rows, or rows measured in
     another precision than the target's, else "not measured"."""
     why = [f"{r['provider']} failed: {r['error']}" for r in rows
-           if r["section"] == "train_error" and r.get("case") == case and r.get("provider") in variants]
+           if r["section"] == "train_error" and r.get("case") == case and r.get("provider") in (*variants, WHOLE_CASE)]
     why += [f"{r['provider']} measured in {r.get('precision', r['dtype'])}" for r in rows
             if case == GPT2_REG_CASE and (r["section"], r.get("case")) == ("train", case) and r["provider"] in variants
             and _gpt2_row([r], r["provider"]) is None]

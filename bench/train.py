@@ -50,7 +50,17 @@ from torch.profiler import record_function
 import dropreg_ext as dr
 from dropreg_ext.reference import VJP_RANGE
 
-from .checks import DROPREG, EAGER, GPT2_REG_CASE, LSTM_CASE, REG_FUSED, REG_FUSED_GENERIC, REG_FUSED_GRAPH, REG_PLAIN
+from .checks import (
+    DROPREG,
+    EAGER,
+    GPT2_REG_CASE,
+    LSTM_CASE,
+    REG_FUSED,
+    REG_FUSED_GENERIC,
+    REG_FUSED_GRAPH,
+    REG_PLAIN,
+    WHOLE_CASE,
+)
 from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, time_fns
 
@@ -573,18 +583,22 @@ def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: in
     }
 
 
+def _error_row(case: TrainCase, what: str, exc: Exception) -> dict:
+    """A ``train_error`` row (case, what failed, the error's first line), also printed on stderr."""
+    message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+    print(f"train {case.name} {what} failed: {message}", file=sys.stderr)
+    return {"section": "train_error", "case": case.name, "provider": what, "error": message}
+
+
 def _attempt(fn: Callable[[], object], cfg: Config, case: TrainCase, what: str, errors: list) -> object:
     """``fn()``; on a GPU, where one failing variant must not cost the rest of the run, a failure
-    instead appends a ``train_error`` row (case, what failed, the error's first line) to ``errors``
-    and returns None. On the CPU it raises."""
+    instead appends its ``train_error`` row to ``errors`` and returns None. On the CPU it raises."""
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - reported as a row, and on stderr
         if cfg.device.type != "cuda":
             raise
-        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
-        print(f"train {case.name} {what} failed: {message}", file=sys.stderr)
-        errors.append({"section": "train_error", "case": case.name, "provider": what, "error": message})
+        errors.append(_error_row(case, what, exc))
         return None
 
 
@@ -633,8 +647,17 @@ def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> I
 def run(cfg: Config, progress: Callable[[str], None]) -> Iterator[dict]:
     """Every case under its variants (timed in interleaved rounds), with TF32 matrix products where
     ``cfg`` asks for them; ``progress(label)`` is called before each case. The rows come case by case
-    (a generator), so that the runner can write each case's rows before the next one starts."""
+    (a generator), so that the runner can write each case's rows before the next one starts. On a GPU
+    a case that fails (its eager step, an out-of-memory error) ends with a ``train_error`` row
+    (variant :data:`bench.checks.WHOLE_CASE`) and the next case runs; on the CPU the error propagates."""
     with tf32_matmuls(cfg.train_tf32):
         for case in CASES:
-            if case.available():
+            if not case.available():
+                continue
+            try:
                 yield from run_case(case, cfg, progress)
+            except Exception as exc:  # noqa: BLE001 - reported as a row, and on stderr
+                if cfg.device.type != "cuda":
+                    raise
+                yield _error_row(case, WHOLE_CASE, exc)
+                torch.cuda.empty_cache()  # what the failed case held, for the next one

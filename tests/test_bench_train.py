@@ -19,6 +19,7 @@ from torch.autograd import DeviceType
 
 import dropreg_ext as dr
 from bench import config, output, train
+from bench.checks import WHOLE_CASE
 from bench.config import Reps
 
 # Tiny sizes of every case (the test fails for a case added without one).
@@ -140,6 +141,27 @@ def test_a_failing_variant_is_a_row_on_a_gpu_and_raises_elsewhere():
     with pytest.raises(RuntimeError, match="stream is capturing"):
         train._attempt(fail, _cfg("cpu"), case, train.REG_FUSED_GRAPH, [])
     assert train._attempt(lambda: 7, on_gpu, case, train.REG_FUSED, errors) == 7 and len(errors) == 1
+
+
+def test_a_failing_case_is_a_row_on_a_gpu_and_raises_elsewhere(monkeypatch):
+    """run: on a GPU a case that fails midway keeps the rows it yielded, adds a train_error row and the
+    next case runs; on the CPU the error propagates."""
+    def run_case(case, cfg, progress):
+        yield {"section": "train", "case": case.name}
+        if case.name == "mlp":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    cases = [_case("mlp"), _case("transformer_block")]
+    monkeypatch.setattr(train, "CASES", cases)
+    monkeypatch.setattr(train, "run_case", run_case)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = list(train.run(SimpleNamespace(device=torch.device("cuda"), train_tf32=False), lambda label: None))
+    assert rows == [{"section": "train", "case": "mlp"},
+                    {"section": "train_error", "case": "mlp", "provider": WHOLE_CASE,
+                     "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"},
+                    {"section": "train", "case": "transformer_block"}]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        list(train.run(_cfg("cpu"), lambda label: None))
 
 
 def test_autocast_and_tf32_as_on_a_gpu():

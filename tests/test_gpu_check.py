@@ -197,6 +197,10 @@ def test_verdict_pass_fail_missing_on_synthetic_rows():
     assert status[f"{gpt2}, reg_fused in eager dropout steps"] == "PASS"  # 2.25 <= 2.5
     assert status[f"{gpt2}, reg_plain / reg_fused"] == "PASS"  # 1.67
     assert status["lstm_lm regularized step, uncaptured / captured in a CUDA graph"] == "PASS"  # 2.5
+    crashed = [{"section": "train_error", "case": checks.GPT2_REG_CASE, "provider": checks.WHOLE_CASE,
+                "error": "OutOfMemoryError: CUDA out of memory"}]
+    steps = next(c for c in checks.gpu_verdict(crashed, []) if c["check"].endswith("in eager dropout steps"))
+    assert steps["status"] == "MISSING" and steps["detail"] == "case failed: OutOfMemoryError: CUDA out of memory"
     float32 = [_train_row(checks.GPT2_REG_CASE, v, 1.0, precision="float32") for v in ("eager", "reg_fused")]
     steps = next(c for c in checks.gpu_verdict(float32, []) if c["check"].endswith("in eager dropout steps"))
     assert steps["status"] == "MISSING" and "eager measured in float32" in steps["detail"]
