@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from . import ce, checks, dropout, dropout_kinds, env, output, overhead, plots, site_penalty, train
-from .config import Config, make_config, size_label
+from .checks import size_label
+from .config import Config, make_config
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_ROOT = os.path.join(BENCH_DIR, "results")  # the committed results
@@ -98,18 +99,31 @@ def build_result(cfg: Config, tags: dict, rows: list, elapsed: dict, load_start:
 
 
 def run_sections(names: list, cfg: Config, tags: dict, out_dir: str) -> dict:
-    """Runs the sections; results.json/csv are rewritten after each one, so a run cut short by a
-    time limit (bench/gpu_check.sh) still leaves the sections it finished."""
+    """Runs the sections; results.json/csv are rewritten after each one, before each unit and on an
+    interrupt (a section's ``run`` may yield its rows one by one, as the training section does), so a
+    run cut short by a time limit (bench/gpu_check.sh sends SIGINT) still leaves what it measured."""
     rows, elapsed, load_start = [], {}, env.load_average()
     progress = Progress(sum(_units(name, cfg) for name in names))
+
+    def write() -> None:
+        output.write_results(build_result(cfg, tags, rows, elapsed, load_start), out_dir)
+
+    def write_then_progress(label: str) -> None:
+        write()
+        progress(label)
+
     try:
         for name in names:
             start = time.perf_counter()
-            rows += SECTIONS[name].run(cfg, progress)
+            for row in SECTIONS[name].run(cfg, write_then_progress):
+                rows.append(row)
             elapsed[name] = time.perf_counter() - start
             planned = f" (planned {cfg.budget_s[name]} s)" if name in cfg.budget_s else ""
             tqdm.write(f"[{name}] {elapsed[name]:.1f} s{planned}; load average {env.load_average()}")
-            output.write_results(build_result(cfg, tags, rows, elapsed, load_start), out_dir)
+            write()
+    except KeyboardInterrupt:  # gpu_check.sh's time limit (timeout -s INT): keep the rows measured so far
+        write()
+        raise
     finally:
         progress.close()
     return build_result(cfg, tags, rows, elapsed, load_start)

@@ -78,9 +78,11 @@ def ours_ce_sample_two_ops(backend: str) -> CeFn:
 TWO_OPS = "-2op"  # suffix of the two-op providers
 
 
-def providers(device: torch.device) -> dict:
+def providers(device: torch.device, with_compile: bool = True) -> dict:
     """Provider name -> a ``make()`` returning ``fn(z, y) -> (loss, ŷ, G)``; compile compiles afresh."""
-    makers = {"eager": lambda: eager_ce_sample, "compile": lambda: fresh_compile(eager_ce_sample)}
+    makers = {"eager": lambda: eager_ce_sample}
+    if with_compile:
+        makers["compile"] = lambda: fresh_compile(eager_ce_sample)
     for b in our_backends(device):
         makers[b] = lambda b=b: ours_ce_sample(b)
         makers[b + TWO_OPS] = lambda b=b: ours_ce_sample_two_ops(b)
@@ -143,7 +145,7 @@ def run_case(case: Case, cfg: Config) -> list:
         FLOOR: lambda: torch.mul(case.z, case.z2),
         FLOOR_WARM: lambda: torch.mul(case.z, case.z2, out=warm),
     }
-    for name, make in providers(cfg.device).items():
+    for name, make in providers(cfg.device, cfg.compile_baseline).items():
         calls[name] = case_call(make(), case)
     timings = time_fns(calls, cfg.device, cfg.ce_reps)
     copy_gbps = 2 * case.z.element_size() * case.numel / (timings["copy"].median_ms / 1e3) / 1e9

@@ -30,6 +30,23 @@ Stated for a 2-core CPU, "ours" being the C++ backend:
 A section that did not run (``--only``) contributes no checks. On other devices the same numbers
 are computed for the device's native backend and reported as ``INFO``: the targets were set for
 the CPU.
+
+The GPU's own targets (issues 25 and 26), judged by :func:`gpu_verdict` over one
+``bench/gpu_check.sh`` run (its sections' rows and ``python -m bench.gpu_kernels``' device times):
+
+- dropout fwd+bwd of the cuda backend, timed as users call it (Python calls, ``python -m bench
+  --check``): at least eager's speed at every size from 2^20 to 2^26 and 0.9x at 2^16, float32 and
+  bfloat16;
+- the GPT-2 small regularized step (bfloat16 autocast, ``head=``) at most 2.5 eager dropout steps and at
+  least 1.2x the plain-autograd one; the LSTM-LM regularized step captured in a CUDA graph at least 2x
+  the same step uncaptured;
+- device time (CUDA-graph replays): dropout at least 90% of the copy's bandwidth at 2^24 and above
+  (float32 and bfloat16, forward and forward+backward), the fused cross-entropy + sample + gradient at
+  least 80% at C >= 32k, the site penalty forward and backward at least 80%, every Triton case at most
+  1.2x the time of the same case on the cuda backend;
+- the host cost per call (``--only overhead``), as check 13 above.
+
+Needs no torch: the summary of a GPU run must work where torch failed.
 """
 
 from __future__ import annotations
@@ -39,20 +56,35 @@ from typing import Optional
 CHECK_NUMEL = 2**24
 CHECK_DTYPE = "float32"
 CHECK_CE = (2048, 10_000)  # (N, C)
-REG_FUSED, REG_PLAIN = "reg_fused", "reg_plain"  # bench.train variant names
-REG_SPEEDUP_TARGETS = {"lstm_lm": 2.0, "mlp": 1.0}
+# bench.train's variant and case names (defined here, where no torch is imported: bench.gpu_summary
+# judges a GPU run without it).
+EAGER, DROPREG, REG_PLAIN, REG_FUSED = "eager", "dropreg", "reg_plain", "reg_fused"
+REG_FUSED_GENERIC, REG_FUSED_GRAPH = "reg_fused_generic", "reg_fused_graph"
+LSTM_CASE, GPT2_REG_CASE = "lstm_lm", "gpt2_regularized"
+WHOLE_CASE = "case"  # the variant of a train_error row whose whole case failed
+REG_SPEEDUP_TARGETS = {LSTM_CASE: 2.0, "mlp": 1.0}
 CE_FLOOR_CASES = (("float32", 2048, 10_000), ("bfloat16", 2048, 10_000), ("float32", 512, 50_257))
 GPU_CE_COPY_TARGET, GPU_CE_MIN_CLASSES = 80.0, 32_000  # percent of the copy's GB/s, at C >= 32k
+
+
+def size_label(numel: int) -> str:
+    """``65536`` -> ``"2^16"`` (other numbers as they are)."""
+    return f"2^{numel.bit_length() - 1}" if numel > 0 and numel & (numel - 1) == 0 else str(numel)
+
+
+def size_text(row: dict) -> str:
+    """``2^24`` for an elementwise case, ``2048x10000`` (N x C) for a cross-entropy case."""
+    return f"{row['rows']}x{row['classes']}" if "classes" in row else size_label(row["numel"])
 
 
 def native_backend(device_type: str) -> str:
     return "cuda" if device_type == "cuda" else "cpu"
 
 
-def _find(rows: list, provider: str, mode: str, dtype: str = CHECK_DTYPE) -> Optional[dict]:
+def _find(rows: list, provider: str, mode: str, dtype: str = CHECK_DTYPE, numel: int = CHECK_NUMEL) -> Optional[dict]:
     for row in rows:
-        key = (row["section"], row["provider"], row["mode"], row["dtype"], row.get("numel"))
-        if key == ("dropout", provider, mode, dtype, CHECK_NUMEL):
+        key = (row["section"], row.get("provider"), row.get("mode"), row.get("dtype"), row.get("numel"))
+        if key == ("dropout", provider, mode, dtype, numel):
             return row
     return None
 
@@ -98,7 +130,8 @@ def _find_ce(rows: list, provider: str, dtype: str = CHECK_DTYPE, shape: tuple =
 
 
 def _find_train(rows: list, case: str, variant: str) -> Optional[dict]:
-    return next((r for r in rows if (r["section"], r["case"], r["provider"]) == ("train", case, variant)), None)
+    return next((r for r in rows if (r["section"], r.get("case"), r.get("provider")) == ("train", case, variant)),
+                None)
 
 
 def _ratio_check(name: str, target: float, base: Optional[dict], ours: Optional[dict]) -> dict:
@@ -178,7 +211,7 @@ OVERHEAD_TARGETS = {  # torch's µs per call / ours
 def _overhead_checks(rows: list) -> list:
     checks = []
     for case, target in OVERHEAD_TARGETS.items():
-        row = next((r for r in rows if (r["section"], r["case"]) == ("overhead", case)), None)
+        row = next((r for r in rows if (r["section"], r.get("case")) == ("overhead", case)), None)
         name = f"host cost of {case}, torch / ours per call (16 elements, 1 thread)"
         if row is None:
             checks.append({"check": name, "measured": None, "target": target, "unit": "x", "detail": "not measured"})
@@ -188,6 +221,20 @@ def _overhead_checks(rows: list) -> list:
         checks.append({"check": name, "measured": row["torch_us"] / row["ours_us"], "target": target, "unit": "x",
                        "detail": detail, "device_independent": True})
     return checks
+
+
+def _judge(check: dict, informational: bool = False) -> dict:
+    """Sets ``status``: MISSING without a figure, INFO where the target was not set for this device,
+    else PASS or FAIL by the check's ``direction`` (``>=``, the default, or ``<=``)."""
+    if check["measured"] is None:
+        check["status"] = "MISSING"
+    elif informational:
+        check["status"] = "INFO"
+    else:
+        below = check.get("direction", ">=") == "<="
+        met = check["measured"] <= check["target"] if below else check["measured"] >= check["target"]
+        check["status"] = "PASS" if met else "FAIL"
+    return check
 
 
 def acceptance(rows: list, device_type: str) -> list:
@@ -209,12 +256,7 @@ def acceptance(rows: list, device_type: str) -> list:
     if "train" in sections:
         checks += _train_checks(rows)
     for check in checks:
-        if check["measured"] is None:
-            check["status"] = "MISSING"
-        elif device_type != "cpu" and not check.pop("device_independent", False):
-            check["status"] = "INFO"
-        else:
-            check["status"] = "PASS" if check["measured"] >= check["target"] else "FAIL"
+        _judge(check, informational=device_type != "cpu" and not check.pop("device_independent", False))
     return checks
 
 
@@ -225,7 +267,155 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def format_check(check: dict) -> str:
-    """One line: status, what, measured value, target and the numbers behind it."""
+    """One line: status, what, measured value, target and the numbers behind it (with the source
+    of those numbers first where the check names one)."""
     measured = "-" if check["measured"] is None else _fmt(check["measured"], check["unit"])
     target = _fmt(check["target"], check["unit"])
-    return f"  {check['status']:<7} {check['check']}: {measured} (target >= {target})  [{check['detail']}]"
+    source = f"{check['source']}: " if "source" in check else ""
+    return (f"  {check['status']:<7} {check['check']}: {measured} (target {check.get('direction', '>=')} {target})"
+            f"  [{source}{check['detail']}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU verdict of one bench/gpu_check.sh run (issues 25 and 26)
+# ---------------------------------------------------------------------------------------------
+
+GPU_DTYPES = ("float32", "bfloat16")
+# dropout fwd+bwd, eager's time / ours (Python calls), by size
+GPU_DROPOUT_TARGETS = {2**16: 0.9, **{2**e: 1.0 for e in range(20, 27)}}
+GPT2_REG_MAX_EAGER_STEPS, GPT2_REG_MIN_VS_PLAIN, GPT2_REG_PRECISION = 2.5, 1.2, "bfloat16 autocast"
+LSTM_GRAPH_MIN_SPEEDUP = 2.0
+# bench.gpu_kernels' grid (each op's device time from CUDA-graph replays), and issue 26's targets on it
+KERNEL_DROPOUT_SIZES = (2**24, 2**26)
+KERNEL_DROPOUT_MODES = ("fwd", "fwd+bwd")
+KERNEL_CE_SHAPES = (("float32", 2048, 10_000), ("float32", 512, 50_257), ("bfloat16", 2048, 32_000))
+KERNEL_SITE_SIZE = 2**24
+KERNEL_DROPOUT_PCT, KERNEL_CE_PCT, KERNEL_SITE_PCT = 90.0, GPU_CE_COPY_TARGET, 80.0
+TRITON_MAX_VS_CUDA = 1.2
+
+
+def kernel_case(op: str, backend: str, dtype: str, size: str) -> str:
+    """A case name of bench.gpu_kernels: ``"dropout fwd cuda float32 2^24"``, ``"ce backward triton
+    bfloat16 2048x32000"`` (op, backend, dtype, size); ``"copy float32 2^24"`` for the copy (backend "")."""
+    return " ".join(part for part in (op, backend, dtype, size) if part)
+
+
+def kernel_cases(backends: tuple) -> list:
+    """(op, backend, dtype, size label, numel or (N, C)) of every case of the grid for ``backends``,
+    the copies and eager dropout included (backends "" and "eager")."""
+    cases = []
+    for dtype in GPU_DTYPES:
+        for numel in KERNEL_DROPOUT_SIZES:
+            cases.append(("copy", "", dtype, size_label(numel), numel))
+            for backend in ("eager", *backends):
+                cases += [(f"dropout {mode}", backend, dtype, size_label(numel), numel)
+                          for mode in KERNEL_DROPOUT_MODES]
+    for dtype, n, c in KERNEL_CE_SHAPES:
+        for backend in backends:
+            cases += [(f"ce {op}", backend, dtype, f"{n}x{c}", (n, c)) for op in ("sample+grad", "backward")]
+    for dtype in GPU_DTYPES:
+        for backend in backends:
+            cases += [(f"site {mode}", backend, dtype, size_label(KERNEL_SITE_SIZE), KERNEL_SITE_SIZE)
+                      for mode in ("fwd", "bwd")]
+    return cases
+
+
+def _kernel_check(name: str, target: float, row: Optional[dict]) -> dict:
+    check = {"check": name, "measured": None, "target": target, "unit": "%", "source": "kernels"}
+    if row is None or "pct_copy" not in row:
+        return {**check, "detail": (row or {}).get("error", "not measured")}
+    return {**check, "measured": row["pct_copy"],
+            "detail": f"{row['case']} {row['us_per_call']:.1f} us, {row['gbps']:.0f} GB/s"}
+
+
+def _triton_check(name: str, cuda: Optional[dict], triton: Optional[dict]) -> dict:
+    check = {"check": name, "measured": None, "target": TRITON_MAX_VS_CUDA, "unit": "x", "direction": "<=",
+             "source": "kernels"}
+    if cuda is None or triton is None or "us_per_call" not in cuda or "us_per_call" not in triton:
+        errors = [r["error"] for r in (cuda, triton) if r is not None and "error" in r]
+        return {**check, "detail": "; ".join(errors) or "not measured"}
+    return {**check, "measured": triton["us_per_call"] / cuda["us_per_call"],
+            "detail": f"triton {triton['us_per_call']:.1f} us / cuda {cuda['us_per_call']:.1f} us"}
+
+
+def _kernel_verdict(kernel_rows: list) -> list:
+    """The cuda cases against the copy, then every Triton case against its cuda case."""
+    by_case = {r["case"]: r for r in kernel_rows}
+    of_copy, triton = [], []
+    for op, backend, dtype, size, shape in kernel_cases(("cuda", "triton")):
+        name = kernel_case(op, backend, dtype, size)
+        if backend == "cuda" and op.startswith("dropout"):
+            of_copy.append(_kernel_check(f"{name}, % of copy", KERNEL_DROPOUT_PCT, by_case.get(name)))
+        elif backend == "cuda" and op == "ce sample+grad" and shape[1] >= GPU_CE_MIN_CLASSES:
+            of_copy.append(_kernel_check(f"{name}, % of copy", KERNEL_CE_PCT, by_case.get(name)))
+        elif backend == "cuda" and op.startswith("site"):
+            of_copy.append(_kernel_check(f"{name}, % of copy", KERNEL_SITE_PCT, by_case.get(name)))
+        elif backend == "triton":
+            cuda = by_case.get(kernel_case(op, "cuda", dtype, size))
+            triton.append(_triton_check(f"{name}, time / cuda's", cuda, by_case.get(name)))
+    return of_copy + triton
+
+
+def _train_missing(rows: list, case: str, variants: tuple) -> str:
+    """Why a training figure is missing: the variants' ``train_error`` rows, or rows measured in
+    another precision than the target's, else "not measured"."""
+    why = [f"{r['provider']} failed: {r['error']}" for r in rows
+           if r["section"] == "train_error" and r.get("case") == case and r.get("provider") in (*variants, WHOLE_CASE)]
+    why += [f"{r['provider']} measured in {r.get('precision', r['dtype'])}" for r in rows
+            if case == GPT2_REG_CASE and (r["section"], r.get("case")) == ("train", case) and r["provider"] in variants
+            and _gpt2_row([r], r["provider"]) is None]
+    return "; ".join(why) or "not measured"
+
+
+def _gpt2_row(rows: list, variant: str) -> Optional[dict]:
+    """The GPT-2 regularized case's row of ``variant`` if it was measured as the target says, under
+    bfloat16 autocast."""
+    row = _find_train(rows, GPT2_REG_CASE, variant)
+    return row if row is not None and row.get("precision", "").startswith(GPT2_REG_PRECISION) else None
+
+
+def _train_verdict(rows: list) -> list:
+    eager, plain, fused = (_gpt2_row(rows, v) for v in (EAGER, REG_PLAIN, REG_FUSED))
+    gpt2 = f"GPT-2 small regularized step ({GPT2_REG_CASE}, {GPT2_REG_PRECISION})"
+    steps = {"check": f"{gpt2}, reg_fused in eager dropout steps", "measured": None,
+             "target": GPT2_REG_MAX_EAGER_STEPS, "unit": "x", "direction": "<=", "source": "bench-train"}
+    if eager is not None and fused is not None:
+        steps.update(measured=fused["median_ms"] / eager["median_ms"],
+                     detail=f"reg_fused {fused['median_ms']:.2f} ms / eager {eager['median_ms']:.2f} ms")
+    vs_plain = _ratio_check(f"{gpt2}, reg_plain / reg_fused", GPT2_REG_MIN_VS_PLAIN, plain, fused)
+    uncaptured, captured = _find_train(rows, LSTM_CASE, REG_FUSED), _find_train(rows, LSTM_CASE, REG_FUSED_GRAPH)
+    graph = _ratio_check(f"{LSTM_CASE} regularized step, uncaptured / captured in a CUDA graph", LSTM_GRAPH_MIN_SPEEDUP,
+                         uncaptured, captured)
+    for check, case, variants in ((steps, GPT2_REG_CASE, (EAGER, REG_FUSED)),
+                                  (vs_plain, GPT2_REG_CASE, (REG_PLAIN, REG_FUSED)),
+                                  (graph, LSTM_CASE, (REG_FUSED, REG_FUSED_GRAPH))):
+        if check["measured"] is None:
+            check["detail"] = _train_missing(rows, case, variants)
+    return [steps, {**vs_plain, "source": "bench-train"}, {**graph, "source": "bench-train"}]
+
+
+def _dropout_verdict(rows: list) -> list:
+    checks = []
+    for dtype in GPU_DTYPES:
+        for numel, target in GPU_DROPOUT_TARGETS.items():
+            name = f"dropout fwd+bwd (Python calls) at {size_label(numel)} {dtype}, eager time / cuda time"
+            check = {"check": name, "measured": None, "target": target, "unit": "x", "source": "bench-dropout",
+                     "detail": "not measured"}
+            eager, ours = _find(rows, "eager", "fwd+bwd", dtype, numel), _find(rows, "cuda", "fwd+bwd", dtype, numel)
+            if eager is not None and ours is not None:
+                check.update(measured=eager["median_ms"] / ours["median_ms"],
+                             detail=f"eager {1e3 * eager['median_ms']:.1f} us / cuda {1e3 * ours['median_ms']:.1f} us")
+            checks.append(check)
+    return checks
+
+
+def gpu_verdict(rows: list, kernel_rows: list) -> list:
+    """The GPU targets (module docstring) over the rows of one bench/gpu_check.sh run (``rows``: its
+    benchmark sections' rows; ``kernel_rows``: bench.gpu_kernels'), every target judged PASS, FAIL or
+    MISSING (no figure: the section did not run, the case failed, or its row is absent), in a fixed
+    order and number whatever ran."""
+    overhead = [{**check, "source": "bench-overhead"} for check in _overhead_checks(rows)]
+    for check in overhead:
+        check.pop("device_independent", None)
+    checks = _dropout_verdict(rows) + _train_verdict(rows) + _kernel_verdict(kernel_rows) + overhead
+    return [_judge(check) for check in checks]

@@ -1,15 +1,17 @@
 """Run presets: which sizes, dtypes and how many repetitions each ``--quick`` / ``--full`` run uses.
 
 ``--quick`` is sized to finish in under 5 minutes on 2 CPU cores, all four sections together (it is
-the default); ``--check`` is the short GPU run of ``bench/gpu_check.sh`` (a few sizes per section);
-``--full`` is meant for GPUs: every second power of two from 2^16 to 2^26 for the
-elementwise ops, vocabularies of 1k to 128k classes for the cross-entropy, more repetitions, larger
-models.
+the default); ``--check`` is the short GPU run of ``bench/gpu_check.sh`` (the sizes its verdict is
+stated for, without the torch.compile baselines); ``--full`` is meant for GPUs: every second power of
+two from 2^16 to 2^26 for the elementwise ops, vocabularies of 1k to 128k classes for the
+cross-entropy, more repetitions, larger models. On a GPU the training steps run under bfloat16
+autocast with TF32 matrix products (:attr:`Config.train_autocast`), as GPU users train.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -39,10 +41,16 @@ class Config:
     op_reps: Reps  # per-op dropout and site-penalty cases
     train_reps: Reps
     train_scale: str  # "small" | "large": model sizes of the training cases (bench/train.py)
+    # How the training steps run on the device, as its users train: on a GPU the forward and the loss
+    # under autocast to this dtype, and TF32 for the float32 matrix products that remain; None / False:
+    # float32 throughout (the CPU).
+    train_autocast: Optional[str]
+    train_tf32: bool
     ce_shapes: dict  # dtype name -> tuple of (rows N, classes C) for the cross-entropy cases
     ce_reps: Reps
     site_sizes: dict  # dtype name -> tuple of element counts for the site-penalty cases
     budget_s: dict  # section -> seconds it is planned to take (quick on CPU only; printed with the elapsed time)
+    compile_baseline: bool  # time torch.compile of the eager code beside eager in the per-op sections
 
     @property
     def dtypes(self) -> list:
@@ -59,11 +67,6 @@ def _ce(*classes: int) -> tuple:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
-
-
-def size_label(numel: int) -> str:
-    """``65536`` -> ``"2^16"`` (other numbers as they are)."""
-    return f"2^{numel.bit_length() - 1}" if numel > 0 and numel & (numel - 1) == 0 else str(numel)
 
 
 def _pow2(*exponents: int) -> tuple:
@@ -100,10 +103,11 @@ def make_config(preset: str, device: torch.device) -> Config:
         budget = {}
         scale = "small"
     elif preset == "check":
-        # bench/gpu_check.sh: each section in under ~30 s of a GPU including its torch.compile
-        # builds; the sizes of the acceptance checks (2^24 float32, N = 2048 at C = 10k) plus the
-        # HBM-sized points (2^26 elements, GPT-2's and a 128k vocabulary).
-        sizes = {"float32": _pow2(24, 26), "bfloat16": _pow2(26)}
+        # bench/gpu_check.sh: the dropout sizes of its verdict (fwd+bwd against eager at 2^16 and at
+        # every power of two from 2^20 to 2^26, float32 and bfloat16), without torch.compile (a build
+        # of several seconds per size, and no verdict needs it); the cross-entropy and site sizes of
+        # the acceptance checks (2^24 float32, N = 2048 at C = 10k) plus the HBM-sized points.
+        sizes = {name: _pow2(16, *range(20, 27)) for name in ("float32", "bfloat16")}
         op_reps = Reps(warmup=3, min_reps=10, max_reps=200, budget_s=0.03)
         ce_shapes = {"float32": ((2048, 10_000), (512, 50_257)), "bfloat16": ((2048, 32_000),)}
         ce_reps = Reps(warmup=3, min_reps=10, max_reps=200, budget_s=0.03)
@@ -123,5 +127,6 @@ def make_config(preset: str, device: torch.device) -> Config:
     else:
         raise ValueError(f"preset must be 'quick', 'check' or 'full', got {preset!r}")
     return Config(
-        preset, device, sizes, P_DROP, op_reps, train_reps, scale, ce_shapes, ce_reps, site_sizes, budget
+        preset, device, sizes, P_DROP, op_reps, train_reps, scale, "bfloat16" if on_gpu else None, on_gpu,
+        ce_shapes, ce_reps, site_sizes, budget, compile_baseline=preset != "check",
     )

@@ -1,7 +1,8 @@
 """Per-op dropout benchmark: forward, backward and forward+backward of one tensor of n elements.
 
 Providers (:func:`providers`): ``eager`` (``torch.nn.functional.dropout``), ``compile``
-(``torch.compile`` of the same call, static shapes, recompiled for each case) and each backend of
+(``torch.compile`` of the same call, static shapes, recompiled for each case; not in the ``--check``
+preset, :attr:`bench.config.Config.compile_baseline`) and each backend of
 ours that runs natively on the device (``dr.ops.available_backends`` minus ``reference``, and
 minus ``triton`` on CPU, where it would only run under the interpreter).
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 import dropreg_ext as dr
 
-from .config import Config, dtype_name, size_label
+from .checks import size_label
+from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "bwd", "fwd+bwd", "inplace")
@@ -77,10 +79,9 @@ def our_backends(device: torch.device) -> list:
     return names
 
 
-def providers(device: torch.device) -> list:
-    return [Provider("eager", _eager), Provider("compile", _compiled)] + [
-        Provider(b, _ours(b)) for b in our_backends(device)
-    ]
+def providers(device: torch.device, with_compile: bool = True) -> list:
+    baselines = [Provider("eager", _eager)] + ([Provider("compile", _compiled)] if with_compile else [])
+    return baselines + [Provider(b, _ours(b)) for b in our_backends(device)]
 
 
 def own_bytes_per_elem(provider: str, mode: str, itemsize: int, device: torch.device) -> int:
@@ -193,7 +194,7 @@ def run_case(case: Case, cfg: Config) -> list:
     out = torch.empty_like(case.x)
     calls = {("copy", "copy"): lambda: out.copy_(case.x)}
     calls.update({(FLOOR, mode): fn for mode, fn in floor_fns(case.x, case.g, case.x_inplace).items()})
-    for provider in providers(cfg.device):
+    for provider in providers(cfg.device, cfg.compile_baseline):
         fn = provider.make(cfg.p)
         # torch.compile of an in-place call recompiles for the mutated input: compile is timed out of place.
         modes = [m for m in MODES if not (provider.name == "compile" and m == "inplace")]

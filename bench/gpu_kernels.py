@@ -9,11 +9,13 @@ the GPU busy, against a device-to-device copy measured the same way; beside it, 
 back to back from Python (what ``python -m bench`` measures), whose excess is host cost. A case
 whose capture fails is reported with its error, not dropped. Without CUDA it says so and exits 3.
 
-Cases: dropout (ours on each backend, eager ``F.dropout``), the fused cross-entropy op
+Cases (:func:`bench.checks.kernel_cases`, the grid of the GPU verdict): dropout forward and
+forward+backward (ours on each backend, eager ``F.dropout``), the fused cross-entropy op
 (``cross_entropy_sample_grad``) and its backward, the site penalty forward and backward. Bytes are
-the least any implementation moves: dropout reads x and writes y; the cross-entropy op reads z and
-writes G; its backward reads z and G's cotangent and writes z's gradient; the site penalty reads h,
-g_e, g_i (forward) and also writes their gradients (backward). Writes ``DIR/kernels.json``.
+the least any implementation moves: dropout reads x and writes y (and the backward reads the
+gradient and writes x's); the cross-entropy op reads z and writes G; its backward reads z and G's
+cotangent and writes z's gradient; the site penalty reads h, g_e, g_i (forward) and also writes
+their gradients (backward). Writes ``DIR/kernels.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import env
+from . import checks, env
 
 CALLS_PER_GRAPH = 10
 REPLAYS = 10
@@ -68,56 +70,84 @@ def launch_time_s(fn: Callable[[], object], calls: int = CALLS_PER_GRAPH * REPLA
     return start.elapsed_time(end) / 1e3 / calls
 
 
-def cases(device: torch.device) -> list:
-    """(name, bytes moved, function) per case."""
+def _dropout_case(op: str, backend: str, x: torch.Tensor, rng: torch.Tensor, ops: dict) -> Callable[[], object]:
+    """A call of ``op`` ("copy", "dropout fwd" or "dropout fwd+bwd") on ``x`` by ``backend`` ("" for the
+    copy, "eager" for ``F.dropout``, else ours). fwd+bwd is the forward and ``torch.autograd.grad`` in
+    one capture (a backward runs on its forward's stream, so it is captured with it)."""
     import torch.nn.functional as F
 
+    if op == "copy":
+        y = torch.empty_like(x)
+        return lambda: y.copy_(x)
+    dropout = (lambda t: F.dropout(t, 0.5)) if backend == "eager" else (lambda t: ops[backend]["dropout"](t, 0.5, rng))
+    if op == "dropout fwd":
+        return lambda: dropout(x)
+    xg, g = x.clone().requires_grad_(), torch.randn_like(x)
+    return lambda: torch.autograd.grad(dropout(xg), xg, g)
+
+
+def our_backends(device: torch.device) -> tuple:
+    """The backends timed: ours that run compiled on ``device`` (cuda, triton)."""
+    import dropreg_ext as dr
+
+    return tuple(b for b in ("cuda", "triton") if b in dr.ops.available_backends(device))
+
+
+def cases(device: torch.device, backends: tuple) -> list:
+    """(name, bytes moved, function) of every case of :func:`bench.checks.kernel_cases` (the grid the
+    GPU verdict judges) for ``backends`` on ``device``."""
     import dropreg_ext as dr
 
     ops = dr.ops.BACKEND_OPS
-    backends = [b for b in ("cuda", "triton") if b in dr.ops.available_backends("cuda")]
     rng = dr.ops.make_rng(device, 0)
+    inputs: dict = {}  # (dtype, shape, count) -> the tensors the cases of one point share
+
+    def shared(dtype: torch.dtype, shape: tuple, count: int) -> list:
+        key = (dtype, shape, count)
+        if key not in inputs:
+            inputs[key] = [torch.randn(shape, device=device, dtype=dtype) for _ in range(count)]
+        return inputs[key]
+
     out = []
-    for dtype, n in ((torch.float32, 2**24), (torch.float32, 2**26), (torch.bfloat16, 2**26)):
-        x = torch.randn(n, device=device, dtype=dtype)
-        y = torch.empty_like(x)
-        size, tag = 2 * x.numel() * x.element_size(), f"{str(dtype)[6:]} 2^{n.bit_length() - 1}"
-        out.append((f"copy {tag}", size, lambda x=x, y=y: y.copy_(x)))
-        out.append((f"dropout eager {tag}", size, lambda x=x: F.dropout(x, 0.5)))
-        for b in backends:
-            out.append((f"dropout {b} {tag}", size, lambda x=x, op=ops[b]["dropout"]: op(x, 0.5, rng)))
-    for dtype, (rows, cols) in ((torch.float32, (2048, 10000)), (torch.float32, (512, 50257)),
-                                (torch.bfloat16, (2048, 32000))):
-        z = torch.randn(rows, cols, device=device, dtype=dtype)
-        t = torch.randint(0, cols, (rows,), device=device)
-        u = torch.randn_like(z)
-        lse = torch.logsumexp(z.float(), -1)
-        nbytes, tag = z.numel() * z.element_size(), f"{str(dtype)[6:]} {rows}x{cols}"
-        for b in backends:
-            fused, back = ops[b]["cross_entropy_sample_grad"], ops[b]["cross_entropy_sample_grad_backward"]
-            out.append((f"ce sample+grad {b} {tag}", 2 * nbytes, lambda z=z, t=t, op=fused: op(z, t, rng, -100, None)))
-            out.append((f"ce backward {b} {tag}", 3 * nbytes,
-                        lambda z=z, t=t, u=u, lse=lse, op=back: op(None, u, None, z, lse, t, None, -100)))
-    h = torch.randn(2**24, device=device)
-    g_e, g_i = torch.randn_like(h), torch.randn_like(h)
-    grad = torch.ones(2, device=device)
-    for b in backends:
-        fwd, bwd = ops[b]["site_penalty"], ops[b]["site_penalty_backward"]
-        out.append((f"site fwd {b} float32 2^24", 3 * h.numel() * 4,
-                    lambda op=fwd: op(h, g_e, g_i, 0.5, "rademacher", rng)))
-        out.append((f"site bwd {b} float32 2^24", 6 * h.numel() * 4,
-                    lambda op=bwd: op(grad, h, g_e, g_i, 0.5, "rademacher", rng)))
+    for op, backend, dtype_name, size, shape in checks.kernel_cases(backends):
+        dtype, name = getattr(torch, dtype_name), checks.kernel_case(op, backend, dtype_name, size)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if op == "copy" or op.startswith("dropout"):
+            (x,) = shared(dtype, (shape,), 1)
+            passes = 2 if op == "dropout fwd+bwd" else 1
+            out.append((name, passes * 2 * shape * itemsize, _dropout_case(op, backend, x, rng, ops)))
+        elif op.startswith("ce"):
+            z, u = shared(dtype, shape, 2)
+            t = torch.randint(0, shape[1], (shape[0],), device=device)
+            nbytes = z.numel() * itemsize
+            if op == "ce sample+grad":
+                fused = ops[backend]["cross_entropy_sample_grad"]
+                out.append((name, 2 * nbytes, lambda z=z, t=t, op=fused: op(z, t, rng, -100, None)))
+            else:
+                back, lse = ops[backend]["cross_entropy_sample_grad_backward"], torch.logsumexp(z.float(), -1)
+                out.append((name, 3 * nbytes, lambda z=z, t=t, u=u, lse=lse, op=back: op(None, u, None, z, lse, t, None,
+                                                                                          -100)))
+        else:
+            h, g_e, g_i = shared(dtype, (shape,), 3)
+            if op == "site fwd":
+                fwd = ops[backend]["site_penalty"]
+                out.append((name, 3 * shape * itemsize, lambda h=h, g_e=g_e, g_i=g_i, op=fwd: op(
+                    h, g_e, g_i, 0.5, "rademacher", rng)))
+            else:
+                bwd, grad = ops[backend]["site_penalty_backward"], torch.ones(2, device=device)
+                out.append((name, 6 * shape * itemsize, lambda h=h, g_e=g_e, g_i=g_i, grad=grad, op=bwd: op(
+                    grad, h, g_e, g_i, 0.5, "rademacher", rng)))
     return out
 
 
 def run(device: torch.device) -> list:
     rows, copy_gbps = [], {}
-    for name, nbytes, fn in cases(device):
+    for name, nbytes, fn in cases(device, our_backends(device)):
         row = {"case": name, "bytes": nbytes}
         try:
             seconds = graph_time_s(fn)
         except Exception as exc:  # noqa: BLE001 - a case that cannot be captured is itself a finding
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
             torch.cuda.synchronize(device)
         else:
             row.update(us_per_call=seconds * 1e6, gbps=nbytes / seconds / 1e9,

@@ -1,12 +1,15 @@
 """``python -m bench.gpu_summary DIR``: the one-screen summary of a ``bench/gpu_check.sh`` run.
 
 Reads what the script left in DIR: ``machine.txt`` (its first lines), ``stages.tsv`` (one row per
-stage: name, limit, seconds, exit status), ``junit/*.xml`` (one per test stage) and
-``bench-*/results.json`` (one benchmark section each). Prints the stage table, the test counts with
-the first failures, and for each benchmark section our backends' share of the copy bandwidth and
-their speedups over eager PyTorch and torch.compile; writes the same text to ``DIR/summary.txt``,
-and the sections as one ``DIR/results.json`` with their plots (the layout ``bench.report``
-renders). Needs no torch: it must also summarize a run on a machine where torch failed.
+stage: name, limit, seconds, exit status), ``junit/*.xml`` (one per test stage),
+``bench-*/results.json`` (one benchmark section each) and ``kernels/kernels.json`` (device times).
+Prints the stage table, the test counts with the first failures, for each benchmark section our
+backends' share of the copy bandwidth and their speedups over eager PyTorch and torch.compile (the
+training steps and where their time goes), the device times, and last the verdict: one PASS, FAIL
+or MISSING line per GPU target (:func:`bench.checks.gpu_verdict`). Writes the same text to
+``DIR/summary.txt``, and the sections as one ``DIR/results.json`` with their plots (the layout
+``bench.report`` renders) and the verdict. Needs no torch: it must also summarize a run on a machine
+where torch failed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import shutil
 import sys
 import xml.etree.ElementTree as ElementTree
+
+from .checks import format_check, gpu_verdict, size_text
 
 OURS = ("cuda", "triton", "cpu")
 MAX_FAILURES = 12
@@ -69,11 +74,22 @@ def test_lines(folder: str) -> list:
     return lines
 
 
-def _size(row: dict) -> str:
-    if row["section"] == "ce":
-        return f"{row['rows']}x{row['classes']}"
-    n = row["numel"]
-    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+def train_lines(rows: list) -> list:
+    """The training steps (ms per step, ratios), where the regularized steps' time goes, and the
+    variants that failed."""
+    lines = []
+    for r in rows:
+        if r["section"] == "train":
+            ratios = "".join(f"  x {key.removeprefix('speedup_vs_')} {r[key]:.2f}" for key in
+                             ("speedup_vs_eager", "speedup_vs_reg_plain", "speedup_vs_reg_fused") if key in r)
+            lines.append(f"bench-train: {r['case']:<20} {r['provider']:<17} {r.get('precision', r['dtype']):<26} "
+                         f"{r['median_ms']:8.2f} ms/step{ratios}")
+        elif r["section"] == "train_phases":
+            phases = "  ".join(f"{key} {value:.1f}" for key, value in r.items() if isinstance(value, float))
+            lines.append(f"bench-train phases ({r.get('clock', 'host')} ms): {r['case']} {r['provider']}: {phases}")
+        elif r["section"] == "train_error":
+            lines.append(f"bench-train: {r['case']} {r['provider']} FAILED: {r['error']}")
+    return lines
 
 
 def bench_lines(folder: str) -> list:
@@ -83,15 +99,12 @@ def bench_lines(folder: str) -> list:
             rows = json.load(f)["rows"]
         section = os.path.basename(os.path.dirname(path))
         if section == "bench-train":
-            for r in rows:
-                vs_plain = f"  x reg_plain {r['speedup_vs_reg_plain']:.2f}" if "speedup_vs_reg_plain" in r else ""
-                lines.append(f"{section}: {r['case']:<12} {r['provider']:<10} {r['median_ms']:8.2f} ms/step  "
-                             f"x eager {r['speedup_vs_eager']:.2f}{vs_plain}")
+            lines += train_lines(rows)
             continue
         groups: dict = {}
         for r in rows:
-            if r["provider"] in OURS:
-                groups.setdefault((r["dtype"], _size(r), r["provider"]), []).append(r)
+            if r.get("provider") in OURS and "pct_copy" in r:
+                groups.setdefault((r["dtype"], size_text(r), r["provider"]), []).append(r)
         for (dtype, size, provider), group in groups.items():
             modes = "  ".join(f"{r['mode']} {r['pct_copy']:.0f}%" for r in group)
             nan = float("nan")
@@ -126,18 +139,45 @@ def merge_bench(folder: str) -> list:
             shutil.copyfile(plot, os.path.join(folder, os.path.basename(plot)))
     sections = [os.path.basename(os.path.dirname(path)) for path in paths]
     merged["meta"]["command"] = f"bash bench/gpu_check.sh ({', '.join(sections)})"
+    merged["verdict"] = verdict(folder)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(merged, f, indent=1)
     return sections
 
 
-def kernel_lines(folder: str) -> list:
-    """The device times of ``python -m bench.gpu_kernels`` (``kernels/kernels.json``), if it ran."""
+def _kernel_rows(folder: str) -> list:
     path = os.path.join(folder, "kernels", "kernels.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = json.load(f)["rows"]
+        return json.load(f)["rows"]
+
+
+def _bench_rows(folder: str) -> list:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "bench-*", "results.json"))):
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    return rows
+
+
+def verdict(folder: str) -> list:
+    """The GPU targets judged on what the run in ``folder`` measured (check dicts)."""
+    return gpu_verdict(_bench_rows(folder), _kernel_rows(folder))
+
+
+def verdict_lines(checks: list) -> list:
+    counts = {status: sum(c["status"] == status for c in checks) for status in ("PASS", "FAIL", "MISSING")}
+    head = (f"verdict (GPU targets of issues 25 and 26): {counts['PASS']} PASS, {counts['FAIL']} FAIL, "
+            f"{counts['MISSING']} MISSING")
+    return [head] + [format_check(c) for c in checks]
+
+
+def kernel_lines(folder: str) -> list:
+    """The device times of ``python -m bench.gpu_kernels`` (``kernels/kernels.json``), if it ran."""
+    rows = _kernel_rows(folder)
+    if not rows:
+        return []
     out = ["device time per call (CUDA graph replay; in brackets: back-to-back Python calls):"]
     for r in rows:
         if "error" in r:
@@ -157,6 +197,10 @@ def summary(folder: str) -> str:
     parts += [""] + stage_lines(folder) + [""] + test_lines(folder) + [""] + bench_lines(folder)
     kernels = kernel_lines(folder)
     parts += [""] + kernels if kernels else []
+    tags = sorted({r["device_tag"] for r in _bench_rows(folder) if "device_tag" in r})
+    parts += [""] + [f"to commit this run: rm -rf bench/results/{tag} && mkdir bench/results/{tag} && tar -xzf "
+                     f"gpu_check.tgz -C bench/results/{tag} --exclude=./logs --exclude=./junit" for tag in tags]
+    parts += [""] + verdict_lines(verdict(folder))
     return "\n".join(parts) + "\n"
 
 

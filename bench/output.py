@@ -12,8 +12,8 @@ import json
 import os
 from typing import Optional
 
-from .checks import format_check
-from .config import size_label
+from .checks import REG_FUSED_GRAPH, format_check, size_text
+from .train import cuda_only_variants
 
 MIB = 2**20
 
@@ -32,11 +32,6 @@ def format_table(headers: list, rows: list, text_cols: int) -> str:
 
 def _num(value: Optional[float], fmt: str) -> str:
     return "" if value is None else format(value, fmt)
-
-
-def size_text(row: dict) -> str:
-    """``2^24`` for an elementwise case, ``2048x10000`` (N x C) for a cross-entropy case."""
-    return f"{row['rows']}x{row['classes']}" if "classes" in row else size_label(row["numel"])
 
 
 def op_table(rows: list, section: str) -> str:
@@ -89,14 +84,14 @@ ops: tensor ops dispatched below autograd, forward + backward (each one launch a
 
 def train_table(rows: list) -> str:
     headers = [
-        "case", "variant", "dtype", "unit", "median ms", "p20-p80 ms", "reps",
+        "case", "variant", "precision", "unit", "median ms", "p20-p80 ms", "reps",
         "units/s", "peak MiB", "x eager", "x reg_plain",
     ]  # fmt: skip
     body = [
         [
             r["case"],
             r["provider"],
-            r["dtype"],
+            r.get("precision", r["dtype"]),  # rows from before autocast: the parameters' dtype throughout
             r["unit"],
             f"{r['median_ms']:.2f}",
             f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
@@ -117,17 +112,18 @@ PHASE_COLUMNS = ("forward", "objective", "first-order VJPs", "backward", "optimi
 
 def phase_table_rows(rows: list) -> tuple:
     """(headers, body) of the regularized steps' phases (bench.train.phase_rows), ms per step."""
-    headers = ["case", "variant", *PHASE_COLUMNS]
-    body = [[r["case"], r["provider"], *(f"{r[c]:.1f}" for c in PHASE_COLUMNS)]
+    headers = ["case", "variant", "clock", *PHASE_COLUMNS]
+    body = [[r["case"], r["provider"], r.get("clock", "host"), *(f"{r[c]:.1f}" for c in PHASE_COLUMNS)]
             for r in rows if r["section"] == "train_phases"]
     return headers, body
 
 
 PHASE_NOTES = """\
-ms per step under torch.profiler (its overhead included): the model's forward; the objective (loss and
-terms, of which the first-order VJPs: the autograd.grad calls giving the gradients at the sites); the
-backward (a double backward); the SGD update. our kernels: the dropreg:: ops' own time in all phases;
-matmuls: aten::mm/addmm/bmm in all phases."""
+ms per step under torch.profiler: the model's forward; the objective (loss and terms, of which the
+first-order VJPs: the autograd.grad calls giving the gradients at the sites); the backward (a double
+backward); the SGD update. our kernels: the dropreg:: ops in all phases; matmuls: aten::mm/addmm/bmm/matmul
+in all phases. clock host (CPU): wall time of each range and the ops' own time, the profiler's overhead
+included; clock device (GPU): the device time of the kernels launched in each range or by those ops."""
 
 
 def regularizer_headlines(rows: list) -> list:
@@ -140,10 +136,25 @@ def regularizer_headlines(rows: list) -> list:
             generic = steps.get((r["case"], "reg_fused_generic"), {})
             without_head = (f" ({generic['speedup_vs_reg_plain']:.2f}x without head=)"
                             if "speedup_vs_reg_plain" in generic else "")
+            captured = steps.get((r["case"], REG_FUSED_GRAPH), {})
+            in_graph = (f"; captured in a CUDA graph, {captured['speedup_vs_reg_fused']:.2f}x as fast as reg_fused"
+                        if "speedup_vs_reg_fused" in captured else "")
             lines.append(
                 f"{r['case']}: reg_fused is {r['speedup_vs_reg_plain']:.2f}x as fast as reg_plain{without_head}; "
-                f"one reg_fused step costs {1 / r['speedup_vs_eager']:.2f} eager dropout steps"
+                f"one reg_fused step costs {1 / r['speedup_vs_eager']:.2f} eager dropout steps{in_graph}"
             )
+    return lines
+
+
+def train_notes(rows: list, meta: dict) -> list:
+    """What the training table leaves out and why: the variants that run on CUDA only (on another
+    device) and the variants that failed on the GPU (``train_error`` rows)."""
+    lines = []
+    ran = {r["case"] for r in rows if r["section"] == "train"}
+    for case, variant in cuda_only_variants():
+        if case in ran and meta["device_type"] != "cuda":
+            lines.append(f"{case}: {variant} runs on CUDA only: not run on {meta['device_type']}")
+    lines += [f"{r['case']}: {r['provider']} failed: {r['error']}" for r in rows if r["section"] == "train_error"]
     return lines
 
 
@@ -218,8 +229,11 @@ def print_report(result: dict) -> None:
         print("reg_plain / reg_fused: dropout's explicit (sampled ŷ) + implicit regularizer instead of dropout,")
         print("plain autograd (dropreg_ext.reference.regularizer_objective) / dr.DropoutRegularizer(head=the output")
         print("layer); reg_fused_generic: dr.DropoutRegularizer without head=.")
+        print("reg_fused_graph: the reg_fused step (forward, loss, backward, SGD update) captured in one CUDA graph")
+        print("and replayed (CUDA only). precision: float32 throughout, or on a GPU the forward and loss under")
+        print("autocast, TF32 for the float32 matrix products left.")
         print("x eager: vs the eager nn.Dropout step of the same model; x reg_plain: vs the plain regularized step.")
-        for line in regularizer_headlines(rows) + dropout_memory_headlines(rows):
+        for line in regularizer_headlines(rows) + dropout_memory_headlines(rows) + train_notes(rows, result["meta"]):
             print("  " + line)
     if "train_phases" in sections:
         print("\n== where a regularized step's time goes ==")

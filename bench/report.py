@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from .checks import format_check
-from .output import PHASE_NOTES, dropout_memory_headlines, phase_table_rows, regularizer_headlines, size_text
+from .checks import format_check, size_text
+from .output import PHASE_NOTES, dropout_memory_headlines, phase_table_rows, regularizer_headlines
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(RESULTS_ROOT, "README.md")

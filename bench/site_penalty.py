@@ -29,7 +29,8 @@ import torch
 
 import dropreg_ext as dr
 
-from .config import Config, dtype_name, size_label
+from .checks import size_label
+from .config import Config, dtype_name
 from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
 from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
 
@@ -56,9 +57,11 @@ def ours_site_penalty(backend: str, q: float) -> SiteFn:
     return fn
 
 
-def providers(device: torch.device, q: float) -> dict:
+def providers(device: torch.device, q: float, with_compile: bool = True) -> dict:
     """Provider name -> a ``make()`` returning ``fn(h, g_e, g_i)``; compile compiles afresh."""
-    makers = {"eager": lambda: eager_site_penalty(q), "compile": lambda: fresh_compile(eager_site_penalty(q))}
+    makers = {"eager": lambda: eager_site_penalty(q)}
+    if with_compile:
+        makers["compile"] = lambda: fresh_compile(eager_site_penalty(q))
     makers.update({b: (lambda b=b: ours_site_penalty(b, q)) for b in our_backends(device)})
     return makers
 
@@ -121,7 +124,7 @@ def run_case(case: Case, cfg: Config) -> list:
     out = torch.empty_like(x)
     calls = {("copy", "copy"): lambda: out.copy_(x)}
     calls.update({(FLOOR, mode): fn for mode, fn in floor_fns(*case.inputs).items()})
-    for name, make in providers(cfg.device, cfg.p).items():
+    for name, make in providers(cfg.device, cfg.p, cfg.compile_baseline).items():
         fn = make()
         calls.update({(name, mode): mode_fn(fn, mode, case) for mode in MODES})
     timings = time_fns(calls, cfg.device, cfg.op_reps)

@@ -14,31 +14,53 @@ Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same
 ``regularizer_objective``, tested against the fused one), ``reg_fused`` (the same objective by
 :class:`dropreg_ext.DropoutRegularizer` told the model's output layer, ``head=``) and
 ``reg_fused_generic`` (the same without ``head=``: every cotangent goes through autograd from the
-logits). Every model must therefore have a double backward: the LSTM is :class:`dropreg_ext.LSTM`
-(plain tensor ops).
+logits) and, on CUDA only, ``reg_fused_graph`` (the ``reg_fused`` step captured whole in a CUDA graph
+and replayed: :func:`capture_step`). The regularized forwards run under
+:func:`dropreg_ext.patch_functional`, so that dropout called as a function (Hugging Face's eager
+attention) is a site too. Every model must have a double backward: the LSTM is
+:class:`dropreg_ext.LSTM` (plain tensor ops).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
-with plain SGD; on the CPU a few more steps of each regularized variant run under torch.profiler to
-show where the time goes (:func:`phase_rows`). Throughput is ``units_per_step / median step time``
-(samples for the MLP, tokens for the language models). Peak memory is the peak of one step above the model and optimizer
-state (gradients are freed at the end of each step, so they count inside it).
+with plain SGD. On a GPU it runs as its users train (:attr:`bench.config.Config.train_autocast`): the
+forward and the loss under ``torch.autocast`` to bfloat16, the backward and the update outside it,
+and TF32 for the float32 matrix products that remain. A few more steps of each regularized variant
+run under torch.profiler to show where the time goes (:func:`phase_rows`: host time of each phase on
+the CPU, device time of the kernels each phase launches on a GPU). Throughput is
+``units_per_step / median step time`` (samples for the MLP, tokens for the language models). Peak
+memory is the peak of one step above the model and optimizer state (gradients are freed at the end of
+each step, so they count inside it; a captured step's is that of its capture, whose memory the graph
+keeps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from typing import Callable
+import sys
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 import dropreg_ext as dr
 from dropreg_ext.reference import VJP_RANGE
 
+from .checks import (
+    DROPREG,
+    EAGER,
+    GPT2_REG_CASE,
+    LSTM_CASE,
+    REG_FUSED,
+    REG_FUSED_GENERIC,
+    REG_FUSED_GRAPH,
+    REG_PLAIN,
+    WHOLE_CASE,
+)
 from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, time_fns
 
@@ -143,7 +165,7 @@ class TrainCase:
     unit: str  # what throughput counts: "samples" or "tokens"
     sizes: dict  # scale ("small" | "large") -> keyword arguments of build
     build: Callable[..., Workload]
-    variants: tuple = ()  # the variants to run (names); empty: all of VARIANTS
+    variants: tuple = ()  # the variants to run (names); empty: every variant of VARIANTS that is not captured
     available: Callable[[], bool] = lambda: True  # False: the case is left out (a missing optional package)
 
 
@@ -171,7 +193,7 @@ def _transformer_workload(
 class GPT2LM(nn.Module):
     """Hugging Face's GPT-2 (random weights, ``attn_implementation="eager"``: the attention probabilities,
     B·H·T² elements per layer, go through ``nn.functional.dropout``, where torch's dropout keeps a mask)
-    returning logits."""
+    returning logits; :attr:`head` is its output layer, ``lm_head`` (tied to the token embedding)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int, p: float = 0.1) -> None:
         super().__init__()
@@ -180,6 +202,10 @@ class GPT2LM(nn.Module):
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=dim, n_layer=layers, n_head=heads,
                                          resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, attn_implementation="eager")
         self.model = transformers.GPT2LMHeadModel(config)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.lm_head
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens).logits
@@ -199,20 +225,37 @@ def _has_transformers() -> bool:
 
 
 CASES = [
+    # The cases the GPU verdict judges (bench/checks.py, gpu_verdict) come first, so that a run cut short
+    # by bench/gpu_check.sh's time limit has measured them.
+    # Launch-bound on a GPU (thousands of small ops per step): also as one captured CUDA graph.
     TrainCase(
-        "mlp",
-        "samples",
-        {"small": dict(batch=256, hidden=2048), "large": dict(batch=4096, hidden=4096)},
-        _mlp_workload,
-    ),
-    TrainCase(
-        "lstm_lm",
+        LSTM_CASE,
         "tokens",
         {
             "small": dict(vocab=10_000, dim=200, layers=1, batch=20, seq=35),
             "large": dict(vocab=10_000, dim=1024, layers=2, batch=64, seq=70),
         },
         _lstm_workload,
+        variants=(EAGER, DROPREG, REG_PLAIN, REG_FUSED, REG_FUSED_GENERIC, REG_FUSED_GRAPH),
+    ),
+    # GPT-2 small (at "large") regularized: every dropout a site, the attention probabilities' through
+    # patch_functional, head= its lm_head. "small" is a few-layer GPT-2 that fits the CPU budget.
+    TrainCase(
+        GPT2_REG_CASE,
+        "tokens",
+        {
+            "small": dict(vocab=4096, dim=128, layers=2, heads=4, batch=4, seq=128),
+            "large": dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512),
+        },
+        _gpt2_workload,
+        variants=(EAGER, REG_PLAIN, REG_FUSED),
+        available=_has_transformers,
+    ),
+    TrainCase(
+        "mlp",
+        "samples",
+        {"small": dict(batch=256, hidden=2048), "large": dict(batch=4096, hidden=4096)},
+        _mlp_workload,
     ),
     TrainCase(
         "transformer_block",
@@ -233,7 +276,7 @@ CASES = [
             "large": dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512),
         },
         _gpt2_workload,
-        variants=("eager", "dropreg"),
+        variants=(EAGER, DROPREG),
         available=_has_transformers,
     ),
 ]
@@ -247,10 +290,15 @@ CASES = [
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """``setup(model)`` receives a private copy of the case's model, may modify it in place, and
-    returns the step's loss function ``loss_fn(inputs, target)``."""
+    returns the step's loss function ``loss_fn(inputs, target)``. ``captured``: the whole step is
+    captured in a CUDA graph and replayed (:func:`capture_step`; CUDA only)."""
 
     name: str
     setup: Callable[[nn.Module], LossFn]
+    captured: bool = False
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" or not self.captured
 
 
 def _cross_entropy(model: nn.Module) -> LossFn:
@@ -285,14 +333,15 @@ def _output_layer(model: nn.Module) -> nn.Linear:
 
 def _regularized(model: nn.Module, head: bool) -> LossFn:
     """Ours: :class:`dropreg_ext.DropoutRegularizer` (explicit="sampled", implicit=True) on the
-    model's dropout sites, which stop dropping under ``capture()``; with ``head``, told the model's
-    output layer (``head=``), so that the implicit term's cotangent needs no product with its weight."""
+    model's dropout sites, which stop dropping under ``capture()`` (the functional ones too, under
+    ``patch_functional``); with ``head``, told the model's output layer (``head=``), so that the
+    implicit term's cotangent needs no product with its weight."""
     if dr.replace_dropout(model) == 0:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
     reg = dr.DropoutRegularizer(model, explicit="sampled", implicit=True, head=_output_layer(model) if head else None)
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with record_function(FORWARD), reg.capture():
+        with record_function(FORWARD), dr.patch_functional(), reg.capture():
             logits = model(inputs)
         with record_function(OBJECTIVE):
             return reg.loss(logits, target)
@@ -317,7 +366,7 @@ def _regularized_plain(model: nn.Module) -> LossFn:
         raise RuntimeError("the model has no torch.nn.Dropout to replace")
 
     def loss_fn(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with record_function(FORWARD), dr.record_sites(model) as sites:
+        with record_function(FORWARD), dr.patch_functional(), dr.record_sites(model) as sites:
             logits = model(inputs)
         with record_function(OBJECTIVE):
             J, explicit, implicit, _ = dr.reference.regularizer_objective(logits, target, sites)
@@ -326,17 +375,25 @@ def _regularized_plain(model: nn.Module) -> LossFn:
     return loss_fn
 
 
-EAGER = "eager"
-REG_FUSED = "reg_fused"
-REG_FUSED_GENERIC = "reg_fused_generic"
-REG_PLAIN = "reg_plain"
 VARIANTS = [
     Variant(EAGER, _cross_entropy),
-    Variant("dropreg", _with_our_dropout),
+    Variant(DROPREG, _with_our_dropout),
     Variant(REG_PLAIN, _regularized_plain),
     Variant(REG_FUSED, _regularized_fused),
     Variant(REG_FUSED_GENERIC, _regularized_fused_generic),
+    Variant(REG_FUSED_GRAPH, _regularized_fused, captured=True),
 ]
+REGULARIZED = (REG_PLAIN, REG_FUSED, REG_FUSED_GENERIC, REG_FUSED_GRAPH)
+
+
+def case_variants(case: TrainCase) -> list:
+    """The variants ``case`` runs, in the order of VARIANTS."""
+    return [v for v in VARIANTS if v.name in case.variants or (not case.variants and not v.captured)]
+
+
+def cuda_only_variants() -> list:
+    """(case, variant name) of every variant that runs on CUDA only."""
+    return [(case.name, v.name) for case in CASES for v in case_variants(case) if not v.runs_on(torch.device("cpu"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,19 +401,85 @@ VARIANTS = [
 # ---------------------------------------------------------------------------------------------
 
 
-def make_step(variant: Variant, work: Workload) -> Callable[[], None]:
-    """One SGD training step of ``variant`` on a fresh copy of the workload's model."""
+def precision(cfg: Config) -> str:
+    """How the steps' arithmetic runs, as a row field: ``float32``, or ``bfloat16 autocast + tf32``."""
+    parts = [f"{cfg.train_autocast} autocast"] if cfg.train_autocast else []
+    parts += ["tf32"] if cfg.train_tf32 else []
+    return " + ".join(parts) or "float32"
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """TF32 for float32 matrix products inside the block (``torch.set_float32_matmul_precision("high")``,
+    the flag in a form every supported torch takes), the previous setting restored after it."""
+    previous = torch.get_float32_matmul_precision()
+    if enabled:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def capture_step(update: Callable[[], None], opt: torch.optim.Optimizer, warmup: int = 3) -> "CapturedStep":
+    """``update`` (forward, loss, backward, optimizer step) captured in one CUDA graph, as torch's CUDA
+    semantics notes capture a whole network: warm-up iterations on a side stream, the gradients set
+    to None before the capture (so that the captured backward allocates them from the graph's private
+    pool and each replay overwrites them), the capture, then replays. The inputs and parameters are
+    static tensors, as the graph needs; each replay draws fresh masks and noise (the ops reserve
+    their generator offsets graph-safely)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            update()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.cuda.graph(graph):
+        update()
+    torch.cuda.synchronize()
+    return CapturedStep(graph, torch.cuda.max_memory_allocated() - base)
+
+
+@dataclasses.dataclass(eq=False)  # hashable by identity: the timer keys its batch sizes by the function
+class CapturedStep:
+    """A captured step: calling it replays the graph. ``peak_bytes``: the peak of its capture above
+    what was live before it (a replay allocates nothing: the graph keeps its memory)."""
+
+    graph: "torch.cuda.CUDAGraph"
+    peak_bytes: int
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def make_step(variant: Variant, work: Workload, cfg: Config) -> Callable[[], None]:
+    """One SGD training step of ``variant`` on a fresh copy of the workload's model: the forward and
+    the loss under autocast where ``cfg`` asks for it, the backward and the update outside it."""
     model = copy.deepcopy(work.model).train()
     loss_fn = variant.setup(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    dtype = getattr(torch, cfg.train_autocast) if cfg.train_autocast else None
 
-    def step() -> None:
-        loss = loss_fn(work.inputs, work.target)
+    def update() -> None:
+        with torch.autocast(cfg.device.type, dtype, enabled=dtype is not None):
+            loss = loss_fn(work.inputs, work.target)
         with record_function(BACKWARD):
             loss.backward()
         with record_function(OPTIMIZER):
             opt.step()
-            opt.zero_grad(set_to_none=True)
+
+    if variant.captured:
+        return capture_step(update, opt)
+
+    def step() -> None:
+        update()
+        opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -373,43 +496,85 @@ FORWARD, OBJECTIVE, BACKWARD, OPTIMIZER = "step.forward", "step.objective", "ste
 PHASES = {"forward": FORWARD, "objective": OBJECTIVE, "first-order VJPs": VJP_RANGE, "backward": BACKWARD,
           "optimizer": OPTIMIZER}
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
-PROFILED_STEPS = 3
+PROFILED_STEPS = {"cpu": 3, "cuda": 1}  # on a GPU, device times vary little and the traces are long
 
 
-def phase_rows(case: TrainCase, steps: dict) -> list:
-    """Per regularized variant of ``steps``: the milliseconds per step of each phase (wall time of its
-    range on the main thread), of our kernels (self time of the ``dropreg::`` ops, all phases) and of
-    the matrix products (all phases), from ``PROFILED_STEPS`` steps under torch.profiler (CPU: the
-    profiler's own overhead is included, so the phases add up to more than the timed step)."""
+def host_phase_ms(events: list) -> dict:
+    """Milliseconds of each phase (wall time of its range on the main thread), of our kernels (self
+    time of the ``dropreg::`` ops) and of the matrix products, summed over ``events`` (the profiler's
+    ``key_averages()``): the CPU, where the ops run where they are called."""
+    by_key = {e.key: e for e in events}
+    row = {phase: by_key[label].cpu_time_total / 1e3 if label in by_key else 0.0 for phase, label in PHASES.items()}
+    row["our kernels"] = sum(e.self_cpu_time_total for e in events if e.key.startswith("dropreg::")) / 1e3
+    row["matmuls"] = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3
+    return row
+
+
+def _names_up(event) -> Iterator[str]:
+    """The names of ``event`` and of the ops it was called from (on its thread)."""
+    while event is not None:
+        yield event.name
+        event = event.cpu_parent
+
+
+def device_phase_ms(events: list) -> dict:
+    """Milliseconds of device time of the kernels launched in each phase, by our ops and by the
+    matrix products, from the profiler's ``events()`` (CPU and CUDA activity). A kernel belongs to the
+    op that launched it (the profiler links them) and to every phase whose range, on the host clock,
+    holds that op's start: the backward's ops run on the autograd engine's thread, not inside the
+    main thread's range, but while it waits in it. Nested phases (the VJPs in the objective) both
+    count it, as on the CPU. Our kernels: launched by a ``dropreg::`` op or an op it called; matmuls:
+    launched by a matrix product op itself (not, say, a copy that ``aten::matmul`` makes)."""
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    spans = {phase: [e.time_range for e in host if e.name == label] for phase, label in PHASES.items()}
+    us = dict.fromkeys([*PHASES, "our kernels", "matmuls"], 0.0)
+    for event in host:
+        if not event.kernels:
+            continue
+        kernel_us = sum(k.duration for k in event.kernels)
+        start = event.time_range.start
+        for phase, ranges in spans.items():
+            if any(r.start <= start <= r.end for r in ranges):
+                us[phase] += kernel_us
+        us["our kernels"] += kernel_us if any(n.startswith("dropreg::") for n in _names_up(event)) else 0.0
+        us["matmuls"] += kernel_us if event.name in MATMULS else 0.0
+    return {key: value / 1e3 for key, value in us.items()}
+
+
+def phase_rows(case: TrainCase, steps: dict, device: torch.device) -> list:
+    """Per eager regularized variant of ``steps``: milliseconds per step of each phase, of our kernels
+    (the ``dropreg::`` ops, all phases) and of the matrix products (all phases), from a few steps under
+    torch.profiler. ``clock``: ``host`` on the CPU (wall time of the ranges and self time of the ops;
+    the profiler's own overhead is included, so the phases add up to more than the timed step),
+    ``device`` on a GPU (the kernels' time, :func:`device_phase_ms`)."""
     rows = []
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    count = PROFILED_STEPS[device.type]
     for name in (REG_PLAIN, REG_FUSED, REG_FUSED_GENERIC):
         if name not in steps:
             continue
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(PROFILED_STEPS):
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(count):
                 steps[name]()
-        events = prof.key_averages()
-        by_key = {e.key: e for e in events}
-
-        def per_step(us: float) -> float:
-            return us / 1e3 / PROFILED_STEPS
-
-        row = {"section": "train_phases", "case": case.name, "provider": name}
-        for phase, label in PHASES.items():
-            row[phase] = per_step(by_key[label].cpu_time_total) if label in by_key else 0.0
-        row["our kernels"] = per_step(sum(e.self_cpu_time_total for e in events if e.key.startswith("dropreg::")))
-        row["matmuls"] = per_step(sum(e.self_cpu_time_total for e in events if e.key in MATMULS))
-        rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        ms = device_phase_ms(prof.events()) if device.type == "cuda" else host_phase_ms(prof.key_averages())
+        rows.append({"section": "train_phases", "case": case.name, "provider": name,
+                     "clock": "device" if device.type == "cuda" else "host",
+                     **{key: value / count for key, value in ms.items()}})
     return rows
 
 
-def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: int) -> dict:
+def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: int, cfg: Config) -> dict:
     return {
         "section": "train",
         "case": case.name,
         "provider": variant,
         "mode": "step",
         "dtype": dtype_name(next(work.model.parameters()).dtype),
+        "precision": precision(cfg),
         **dataclasses.asdict(timing),
         "unit": case.unit,
         "units_per_step": work.units_per_step,
@@ -418,28 +583,81 @@ def _row(case: TrainCase, variant: str, work: Workload, timing: Timing, peak: in
     }
 
 
-def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> list:
+def _error_row(case: TrainCase, what: str, exc: Exception) -> dict:
+    """A ``train_error`` row (case, what failed, the error's first line), also printed on stderr."""
+    message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+    print(f"train {case.name} {what} failed: {message}", file=sys.stderr)
+    return {"section": "train_error", "case": case.name, "provider": what, "error": message}
+
+
+def _attempt(fn: Callable[[], object], cfg: Config, case: TrainCase, what: str, errors: list) -> object:
+    """``fn()``; on a GPU, where one failing variant must not cost the rest of the run, a failure
+    instead appends its ``train_error`` row to ``errors`` and returns None. On the CPU it raises."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported as a row, and on stderr
+        if cfg.device.type != "cuda":
+            raise
+        errors.append(_error_row(case, what, exc))
+        return None
+
+
+def _ready_step(variant: Variant, work: Workload, cfg: Config) -> Callable[[], None]:
+    """make_step, and on a GPU one step taken at once, so that a variant that fails there fails
+    here, before the timing of the others."""
+    step = make_step(variant, work, cfg)
+    if cfg.device.type == "cuda":
+        step()
+    return step
+
+
+def run_case(case: TrainCase, cfg: Config, progress: Callable[[str], None]) -> Iterator[dict]:
+    """The rows of ``case``: one per variant's step and the failures (``train_error``), then the phase
+    rows, which take longest to measure on a GPU (a generator: a run cut short there keeps the steps)."""
     torch.manual_seed(0)
     work = case.build(cfg.device, **case.sizes[cfg.train_scale])
     work.model.to(cfg.device)
     progress(f"train {case.name}")
-    steps = {variant.name: make_step(variant, work) for variant in VARIANTS
-             if not case.variants or variant.name in case.variants}
+    steps, errors = {}, []
+    for variant in case_variants(case):
+        if variant.runs_on(cfg.device):
+            step = _attempt(lambda v=variant: _ready_step(v, work, cfg), cfg, case, variant.name, errors)
+            if step is not None:
+                steps[variant.name] = step
+    if EAGER not in steps:
+        raise RuntimeError(f"train {case.name}: the eager step, every ratio's reference, failed: {errors}")
     timings = time_fns(steps, cfg.device, cfg.train_reps)
     rows = []
     for name, step in steps.items():
-        rows.append(_row(case, name, work, timings[name], peak_bytes(step, cfg.device)))
+        peak = step.peak_bytes if isinstance(step, CapturedStep) else peak_bytes(step, cfg.device)
+        rows.append(_row(case, name, work, timings[name], peak, cfg))
     by_name = {r["provider"]: r for r in rows}
     for row in rows:
         row["speedup_vs_eager"] = by_name[EAGER]["median_ms"] / row["median_ms"]
-        if row["provider"] in (REG_FUSED, REG_FUSED_GENERIC, REG_PLAIN) and REG_PLAIN in by_name:
+        if row["provider"] in REGULARIZED and REG_PLAIN in by_name:
             row["speedup_vs_reg_plain"] = by_name[REG_PLAIN]["median_ms"] / row["median_ms"]
-    if cfg.device.type == "cpu":  # on a GPU the ranges' CPU times are launch times
-        rows += phase_rows(case, steps)
-    return rows
+        if row["provider"] == REG_FUSED_GRAPH and REG_FUSED in by_name:
+            row["speedup_vs_reg_fused"] = by_name[REG_FUSED]["median_ms"] / row["median_ms"]
+    yield from rows + errors
+    phase_errors: list = []
+    yield from _attempt(lambda: phase_rows(case, steps, cfg.device), cfg, case, "phases", phase_errors) or []
+    yield from phase_errors
 
 
-def run(cfg: Config, progress: Callable[[str], None]) -> list:
-    """Every case under every variant (variants timed in interleaved rounds); ``progress(label)``
-    is called before each case."""
-    return [row for case in CASES if case.available() for row in run_case(case, cfg, progress)]
+def run(cfg: Config, progress: Callable[[str], None]) -> Iterator[dict]:
+    """Every case under its variants (timed in interleaved rounds), with TF32 matrix products where
+    ``cfg`` asks for them; ``progress(label)`` is called before each case. The rows come case by case
+    (a generator), so that the runner can write each case's rows before the next one starts. On a GPU
+    a case that fails (its eager step, an out-of-memory error) ends with a ``train_error`` row
+    (variant :data:`bench.checks.WHOLE_CASE`) and the next case runs; on the CPU the error propagates."""
+    with tf32_matmuls(cfg.train_tf32):
+        for case in CASES:
+            if not case.available():
+                continue
+            try:
+                yield from run_case(case, cfg, progress)
+            except Exception as exc:  # noqa: BLE001 - reported as a row, and on stderr
+                if cfg.device.type != "cuda":
+                    raise
+                yield _error_row(case, WHOLE_CASE, exc)
+                torch.cuda.empty_cache()  # what the failed case held, for the next one
