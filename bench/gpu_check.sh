@@ -81,10 +81,10 @@ TEST_FILES="tests/test_philox.py tests/test_dropout.py tests/test_cross_entropy.
 plan() {  # the stages and their limits, as run below
   cat <<EOF
 gpu_check plan (limit per stage, all within ${GPU_CHECK_BUDGET_S:-420} s; test stages: one pytest run, 8 xdist workers where xdist is there):
-  machine        10 s
+  machine        15 s
   build          80 s   (CPU-only fallback build 40 s, only if the CUDA build fails)
   cuda-tests     70 s   $(echo $TEST_FILES) -m cuda -k "not triton"
-  crash-probe    15 s   only if a test crashed its process
+  crash-probe    10 s   only if a test crashed its process
   bench-train    80 s   python -m bench --check --only train
   bench-dropout  45 s   python -m bench --check --only dropout
   kernels        35 s   python -m bench.gpu_kernels
@@ -217,10 +217,10 @@ crash_probe() {  # the first test that crashed its xdist worker, again alone und
   [ -z "$crashed" ] && return 0
   gdb=$(command -v cuda-gdb || echo "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb")
   if [ -x "$gdb" ]; then
-    run crash-probe 15 "$gdb" -batch -ex run -ex bt --args "$PY" -X faulthandler -m pytest "$crashed" \
+    run crash-probe 10 "$gdb" -batch -ex run -ex bt --args "$PY" -X faulthandler -m pytest "$crashed" \
       -p no:xdist -p no:cacheprovider -q
   else
-    run crash-probe 15 "$PY" -X faulthandler -m pytest "$crashed" -p no:xdist -p no:cacheprovider -q
+    run crash-probe 10 "$PY" -X faulthandler -m pytest "$crashed" -p no:xdist -p no:cacheprovider -q
   fi
 }
 
@@ -234,7 +234,7 @@ export -f machine build
 plan
 unset TRITON_INTERPRET  # Triton must run compiled on the GPU, not interpreted
 
-run machine 10 bash -c machine
+run machine 15 bash -c machine
 cp "$WORK/logs/machine.log" "$WORK/machine.txt"
 [ "$FIRST_FAILURE" -ne 0 ] && { echo "gpu_check: no usable GPU here (see above); nothing else was run"; finish; }
 
