@@ -19,8 +19,8 @@
 // reference's bit for bit whatever the filter lets through. NaN and ±inf need no flag on this
 // path: their e is NaN (a candidate, scored exactly) or 0.
 //
-// (seed, offset) are read from device memory; invalid targets trip a device assert, as in
-// PyTorch's nll_loss: no host sync anywhere.
+// (seed, offset) come from a cuda::RngArg (rng.cuh: device memory, or torch's generator's Philox
+// state); invalid targets trip a device assert, as in PyTorch's nll_loss: no host sync anywhere.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -33,6 +33,7 @@
 #include "cuda_utils.cuh"
 #include "philox.h"
 #include "regularizer.h"
+#include "rng.cuh"
 
 namespace dropreg {
 namespace ce {
@@ -189,7 +190,7 @@ template <typename scalar_t, typename acc_t>
 struct SampleArgs {
   const scalar_t* z;               // (rows, cols) contiguous
   const int64_t* target;           // (rows,)
-  const int64_t* rng;              // [seed, offset]
+  cuda::RngArg rng;                // [seed, offset]; a draw writes the state it used (block 0)
   acc_t* loss;                     // (rows,)
   acc_t* lse;                      // (rows,)
   int64_t* yhat;                   // (rows,)
@@ -272,7 +273,9 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2
   Vec* const stash = reinterpret_cast<Vec*>(smem) + threadIdx.x;  // this thread's chunks (fused gradient)
   const bool fused = a.grad != nullptr;
   const RowLanes<kBlockMode> lanes(a.plan);
-  const GumbelPhilox philox(static_cast<uint64_t>(a.rng[0]), static_cast<uint64_t>(a.rng[1]));
+  const cuda::RngState state = cuda::load_rng(a.rng);
+  cuda::store_rng(a.rng, state);  // a draw's state, for the backward; the merge kernel reads none
+  const GumbelPhilox philox(state.seed, state.offset);
   const int64_t items = a.rows * a.plan.splits;
   if constexpr (kBlockMode) {
     if (threadIdx.x == 0) sh.bound = bound_key(-INFINITY);

@@ -346,7 +346,7 @@ at::Tensor launch_site_penalty(const at::Tensor& h, const std::optional<at::Tens
   const int64_t n = h.numel();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (n == 0 || (!g_e.has_value() && !g_i.has_value())) {
-    if (rng.out != nullptr) cuda::write_rng(rng, stream);
+    cuda::write_rng(rng, stream);
     return out.zero_();
   }
   const at::Tensor hc = h.contiguous();
