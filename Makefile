@@ -11,7 +11,7 @@ CSRC := $(shell find csrc -type f) setup.py
 JOBS ?= $(shell nproc)
 SDIST_CHECK := .sdist-check
 
-.PHONY: all deps build test test-compat compat-src bench repro info lint sdist-check clean
+.PHONY: all deps build test test-compat compat-src bench bench-refresh repro info lint sdist-check clean
 
 all: test
 
@@ -36,12 +36,19 @@ test: build
 	$(PY) -m dropreg_ext.info
 	$(PY) -m pytest tests
 
+# The main benchmark job, into bench/out/<device-tag>/ (not tracked); bench-refresh replaces the
+# committed results in bench/results/<device-tag>/ and re-renders bench/results/README.md.
 bench: build
 	$(PY) -m bench $(BENCH_ARGS)
 
-# The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default.
+bench-refresh: build
+	$(PY) -m bench --refresh $(BENCH_ARGS)
+	$(PY) -m bench.report
+
+# The paper reproduction (PTB language model and Fashion-MNIST MLP), --quick by default; results in
+# repro/results/.
 repro: build
-	$(PY) -m bench.repro all $(or $(REPRO_ARGS),--quick)
+	$(PY) -m repro all $(or $(REPRO_ARGS),--quick)
 
 # The oldest supported versions. The extension .so has the same file name for both torches, so
 # this builds and tests a copy of the tree (.compat/src, refreshed on every run) with its own venv;

@@ -148,8 +148,19 @@ def _build() -> tuple:
     # cpp_extension reads CUDA_HOME when imported, so it comes after _locate_cuda_home().
     from torch.utils import cpp_extension
 
-    build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    return [_extension(cpp_extension)], {"build_ext": build}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExt(base):
+        """An editable build (``pip install -e``, ``make build``) keeps its objects in build/temp of the
+        source tree, where ninja finds them next time: setuptools gives it a new temporary folder
+        each time, which made every rebuild compile every file (minutes of nvcc for one changed line)."""
+
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            if getattr(self, "editable_mode", False) or self.inplace:
+                self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    return [_extension(cpp_extension)], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _build()

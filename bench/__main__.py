@@ -1,11 +1,12 @@
-"""``python -m bench [--quick|--check|--full] [--only SECTION] [--device cpu|cuda] [--out DIR]``
+"""``python -m bench [--quick|--check|--full] [--only SECTION] [--device cpu|cuda] [--out DIR | --refresh]``
 
 Runs the per-op benchmarks (dropout, dropout kinds and layouts, cross-entropy with a sampled label,
 site penalty), the host cost of each public call against torch's (overhead) and the
 training-step benchmark (dropout and the dropout regularizer), prints the tables and the
 acceptance checks, and writes ``results.json``, ``results.csv`` and PNG plots to
-``bench/results/<device-tag>/`` (or ``--out``). ``--quick`` (default) fits in 5 minutes on 2 CPU
-cores; ``--check`` is the short GPU run of bench/gpu_check.sh; ``--full`` is for GPUs.
+``bench/out/<device-tag>/`` (not tracked by git), to the committed ``bench/results/<device-tag>/``
+with ``--refresh``, or to ``--out``. ``--quick`` (default) fits in 5 minutes on 2 CPU cores;
+``--check`` is the short GPU run of bench/gpu_check.sh; ``--full`` is for GPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from tqdm import tqdm
 from . import ce, checks, dropout, dropout_kinds, env, output, overhead, plots, site_penalty, train
 from .config import Config, make_config, size_label
 
-RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_ROOT = os.path.join(BENCH_DIR, "results")  # the committed results
+OUT_ROOT = os.path.join(BENCH_DIR, "out")  # default: a run leaves the tree clean (.gitignore)
 SECTIONS = {
     "dropout": dropout, "kinds": dropout_kinds, "ce": ce, "site": site_penalty, "overhead": overhead, "train": train,
 }
@@ -39,7 +42,10 @@ def parse_args(argv: list) -> argparse.Namespace:
     parser.set_defaults(preset="quick")
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one section")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--out", help="output folder (default bench/results/<device-tag>)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--out", help="output folder (default bench/out/<device-tag>, not tracked by git)")
+    target.add_argument("--refresh", action="store_true",
+                        help="write the committed results, bench/results/<device-tag> (then python -m bench.report)")
     return parser.parse_args(argv)
 
 
@@ -130,6 +136,7 @@ def describe(cfg: Config, tags: dict) -> dict:
         # The CPU kernels' vector loops, and the cap that chose them where one was set.
         "cpu_path": env.cpu_path(),
         "cpu_capability_cap": os.environ.get("DROPREG_CPU_CAPABILITY", "-"),
+        **env.git_state(),
     }
 
 
@@ -145,7 +152,7 @@ def main(argv: list | None = None) -> int:
     device = resolve_device(args.device)
     cfg = make_config(args.preset, device)
     tags = env.row_tags(device)
-    out_dir = args.out or os.path.join(RESULTS_ROOT, tags["device_tag"])
+    out_dir = args.out or os.path.join(RESULTS_ROOT if args.refresh else OUT_ROOT, tags["device_tag"])
     names = [args.only] if args.only else list(SECTIONS)
     print(f"bench --{cfg.preset} on {tags['device']} [{tags['device_tag']}]")
     print(f"{env.versions_line(tags)}, {tags['date']}")

@@ -1,7 +1,9 @@
-"""Where and with what a run happens: device name and tag, library versions, date.
+"""Where and with what a run happens: device name and tag, library versions, date, and the git commit
+of the code that ran.
 
 Every result row carries these fields (:func:`row_tags`), so a CSV row read alone still says what
-produced it.
+produced it; every ``results.json`` (the benchmarks' and the reproduction's) has :func:`git_state` in
+its meta.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import datetime
 import os
 import platform
 import re
+import subprocess
 
 import torch
 
@@ -102,3 +105,20 @@ def omp_wait_policy() -> str:
 
 def versions_line(tags: dict) -> str:
     return f"torch {tags['torch']}, triton {tags['triton']}, dropreg_ext {tags['dropreg_ext']}"
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_state() -> dict:
+    """``{"commit": full hash of HEAD, "dirty": True if tracked files differ from it}`` for the
+    repository this code runs from; ``{"commit": None, "dirty": None}`` outside a git work tree
+    (e.g. an unpacked copy without .git) or without git. Untracked files do not count as dirty."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}

@@ -4,11 +4,13 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # or: OUT=/some/dir bash bench/gpu_check.sh
 #
-# OUT_DIR: the first argument, else $OUT, else bench/results/cuda-h200. The run writes its whole
-# tree to $GPU_CHECK_WORK (default /tmp/dropreg_gpu_check) and, after every stage, packs it into
-# OUT_DIR/gpu_check.tgz and copies the summary to OUT_DIR/summary.txt: two files, so the device
-# tool's limit on files coming back (8) never cuts the logs. Unpack the results to commit them:
-#   tar -xzf gpu_check.tgz -C bench/results/cuda-h200
+# OUT_DIR: the first argument, else $OUT, else bench/out/cuda-h200 (not tracked by git). The run
+# writes its whole tree to $GPU_CHECK_WORK (default /tmp/dropreg_gpu_check) and, after every stage,
+# packs it into OUT_DIR/gpu_check.tgz and copies the summary to OUT_DIR/summary.txt: two files, so
+# the device tool's limit on files coming back (8) never cuts the logs. The raw logs stay in the
+# tarball; to commit a run's results, unpack everything but them:
+#   tar -xzf gpu_check.tgz -C bench/results/cuda-h200 --exclude=./logs --exclude=./junit
+# (.gitignore keeps logs/, junit/ and *.log out of bench/results/ should they be unpacked anyway).
 # The tree: machine.txt (nvidia-smi, versions, pip list), stages.tsv, logs/<stage>.log,
 # junit/<stage>-<file>.xml, bench-<section>/ (results.json, results.csv, PNGs), summary.txt.
 #
@@ -44,7 +46,7 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
-OUT_DIR="${1:-${OUT:-bench/results/cuda-h200}}"
+OUT_DIR="${1:-${OUT:-bench/out/cuda-h200}}"
 WORK="${GPU_CHECK_WORK:-/tmp/dropreg_gpu_check}"
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -108,7 +110,8 @@ run() {  # name limit command...: under timeout -s INT, logged; returns the comm
 finish() {
   run summary 5 "${PY:-python3}" -m bench.gpu_summary "$WORK" > /dev/null
   cat "$WORK/summary.txt" 2> /dev/null
-  echo "total $((SECONDS - T0)) s; results in $OUT_DIR/gpu_check.tgz (tar -xzf it into bench/results/cuda-h200)"
+  echo "total $((SECONDS - T0)) s; results in $OUT_DIR/gpu_check.tgz (to commit them: tar -xzf it into" \
+    "bench/results/cuda-h200 --exclude=./logs --exclude=./junit)"
   pack
   exit "$FIRST_FAILURE"
 }

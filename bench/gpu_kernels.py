@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from . import env
+
 CALLS_PER_GRAPH = 10
 REPLAYS = 10
 
@@ -156,8 +158,8 @@ def main(argv: list | None = None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+            json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, **env.git_state(),
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -6,12 +6,15 @@ does not depend on the device, so it is measured on whatever device runs the ben
 elements per tensor, one thread. Pairs (``torch`` vs ``ours``):
 
 * ``dropout fwd``: ``F.dropout(x, p)`` vs ``dr.functional.dropout(x, p)``;
-* ``dropout fwd+bwd``: the same and ``y.backward(g)``;
-* ``module fwd+bwd``: ``nn.Dropout(p)(x)`` vs ``dr.Dropout(p)(x)``, and the backward;
+* ``dropout fwd+bwd``: the same and the gradient in x (``torch.autograd.grad(y, x, g)``);
+* ``module fwd+bwd``: ``nn.Dropout(p)(x)`` vs ``dr.Dropout(p)(x)``, and the gradient;
 * ``cross-entropy fwd+bwd``: ``F.cross_entropy(z, t)`` vs ``dr.ops.cross_entropy_sample_grad(z, t)``
-  (loss, lse, ŷ and the sampled gradient in one op; ``loss.backward(g)``), z (4, 4);
+  (loss, lse, ŷ and the sampled gradient in one op), and the gradient in z; z (4, 4);
 * ``site fwd+bwd``: ``F.dropout`` fwd+bwd vs ``dr.ops.site_penalty(h, g_e, g_i, q, noise)`` and its
-  backward (one elementwise op each way, the nearest torch counterpart).
+  gradients in h, g_e, g_i (one elementwise op each way, the nearest torch counterpart).
+
+Gradients are taken with ``torch.autograd.grad``, as they pass through such ops inside a model, not
+accumulated into leaves' ``.grad`` (which adds an ``add_`` per leaf per call).
 
 Timing: the two calls alternate in rounds (interleaved, so a drift of the machine hits both); a
 round times ``CALLS`` back-to-back calls of one side and the figure is the median over rounds of
@@ -94,23 +97,26 @@ def pairs(device: torch.device) -> dict:
     g_site = torch.ones(2, device=device)
     torch_module, our_module = torch.nn.Dropout(P), dr.Dropout(P)
 
-    def backward(grad: torch.Tensor) -> Callable:
-        return lambda out: out.backward(grad)
+    def backward(inputs: tuple, grad: torch.Tensor) -> Callable:
+        return lambda out: torch.autograd.grad(out, inputs, grad)
 
     return {
         "dropout fwd": (Call(lambda: F.dropout(x, P)), Call(lambda: dr.functional.dropout(x, P))),
         "dropout fwd+bwd": (
-            Call(lambda: F.dropout(xg, P), backward(g)),
-            Call(lambda: dr.functional.dropout(xg, P), backward(g)),
+            Call(lambda: F.dropout(xg, P), backward((xg,), g)),
+            Call(lambda: dr.functional.dropout(xg, P), backward((xg,), g)),
         ),
-        "module fwd+bwd": (Call(lambda: torch_module(xg), backward(g)), Call(lambda: our_module(xg), backward(g))),
+        "module fwd+bwd": (
+            Call(lambda: torch_module(xg), backward((xg,), g)),
+            Call(lambda: our_module(xg), backward((xg,), g)),
+        ),
         "cross-entropy fwd+bwd": (
-            Call(lambda: F.cross_entropy(z, t), lambda loss: loss.backward()),
-            Call(lambda: dr.ops.cross_entropy_sample_grad(z, t)[0], backward(g_rows)),
+            Call(lambda: F.cross_entropy(z, t), backward((z,), torch.ones((), device=device))),
+            Call(lambda: dr.ops.cross_entropy_sample_grad(z, t)[0], backward((z,), g_rows)),
         ),
         "site fwd+bwd": (
-            Call(lambda: F.dropout(xg, P), backward(g)),
-            Call(lambda: dr.ops.site_penalty(h, g_e, g_i, P, "rademacher"), backward(g_site)),
+            Call(lambda: F.dropout(xg, P), backward((xg,), g)),
+            Call(lambda: dr.ops.site_penalty(h, g_e, g_i, P, "rademacher"), backward((h, g_e, g_i), g_site)),
         ),
     }
 

@@ -88,6 +88,14 @@ def train_headline(rows: list) -> str:
     return markdown_table(headers, body)
 
 
+def commit_text(meta: dict) -> str:
+    """"commit abc1234" (", uncommitted changes" when the tree was dirty) from a results meta; results
+    written before the meta recorded it say so."""
+    if meta.get("commit") is None:
+        return "commit not recorded"
+    return f"commit {meta['commit'][:7]}" + (" with uncommitted changes" if meta.get("dirty") else "")
+
+
 def render_section(result: dict, folder: str, link: str) -> str:
     """The README section of the results folder ``folder``; images are linked as ``link/<png>``."""
     meta, rows = result["meta"], result["rows"]
@@ -95,7 +103,8 @@ def render_section(result: dict, folder: str, link: str) -> str:
         f"### {os.path.basename(os.path.normpath(folder))}",
         "",
         f"- device: {meta['device']}",
-        f"- versions: torch {meta['torch']}, triton {meta['triton']}, dropreg_ext {meta['dropreg_ext']}",
+        f"- versions: torch {meta['torch']}, triton {meta['triton']}, dropreg_ext {meta['dropreg_ext']}; "
+        f"{commit_text(meta)}",
         f"- date: {meta['date']}; command: `{meta['command']}`; p = {meta['p']}"
         + (f"; CPU loops: {meta['cpu_path']} (DROPREG_CPU_CAPABILITY={meta['cpu_capability_cap']})"
            if meta.get("device_type", "cpu") == "cpu" and "cpu_path" in meta else ""),

@@ -14,8 +14,8 @@ Variants: ``eager`` (``nn.Dropout``, ``F.cross_entropy``), ``dropreg`` (the same
 ``regularizer_objective``, tested against the fused one), ``reg_fused`` (the same objective by
 :class:`dropreg_ext.DropoutRegularizer` told the model's output layer, ``head=``) and
 ``reg_fused_generic`` (the same without ``head=``: every cotangent goes through autograd from the
-logits). Every model must therefore have a double backward: the LSTM is the reproduction's layer
-in plain ops (``bench/repro/models.py::LSTMLayer``).
+logits). Every model must therefore have a double backward: the LSTM is :class:`dropreg_ext.LSTM`
+(plain tensor ops).
 
 One timed step is ``loss_fn(inputs, target).backward(); opt.step(); opt.zero_grad(set_to_none=True)``
 with plain SGD; on the CPU a few more steps of each regularized variant run under torch.profiler to
@@ -41,7 +41,6 @@ from dropreg_ext.reference import VJP_RANGE
 
 from .config import Config, dtype_name
 from .measure import Timing, peak_bytes, time_fns
-from .repro.models import LSTMLayer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,16 +65,17 @@ def mlp(in_features: int, hidden: int, classes: int) -> nn.Module:
 
 
 class LSTMLanguageModel(nn.Module):
-    """embedding -> dropout -> (:class:`~bench.repro.models.LSTMLayer` -> dropout) x layers -> Linear
+    """embedding -> dropout -> (one-layer :class:`dropreg_ext.LSTM` -> dropout) x layers -> Linear
     over the vocabulary: dropout on every non-recurrent connection (Zaremba et al.), batch-first
-    tokens. The LSTM is the reproduction's layer in plain ops, which has a double backward (cuDNN's
-    fused ``nn.LSTM`` on CUDA has none, and the regularized variants differentiate twice)."""
+    tokens, each dropout an ``nn.Dropout`` (what the variants replace). The LSTM is in plain ops, which
+    have a double backward (cuDNN's fused ``nn.LSTM`` on CUDA has none, and the regularized variants
+    differentiate twice)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, p: float = 0.5) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.drop_in = nn.Dropout(p)
-        self.layers = nn.ModuleList(LSTMLayer(dim, dim) for _ in range(layers))
+        self.layers = nn.ModuleList(dr.LSTM(dim, dim) for _ in range(layers))
         self.drops = nn.ModuleList(nn.Dropout(p) for _ in range(layers))
         self.head = nn.Linear(dim, vocab)
 

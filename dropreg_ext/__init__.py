@@ -5,8 +5,9 @@
     >>> dr.set_backend("triton")                  # or "auto" | "cuda" | "cpu" | "reference"
 """
 
-from . import _ext, backends, functional, nn, ops, patching, reference, regularizer
+from . import _ext, backends, functional, lstm, nn, ops, patching, reference, regularizer
 from .backends import get_backend, set_backend, use_backend
+from .lstm import LSTM  # noqa: F401  (exported through *lstm.__all__ below)
 from .nn import (  # noqa: F401  (exported through *nn.__all__ below)
     AlphaDropout,
     Dropout,
@@ -26,12 +27,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     *nn.__all__,
+    *lstm.__all__,
     *regularizer.__all__,
     *patching.__all__,
     "functional",
     "ops",
     "backends",
     "nn",
+    "lstm",
     "patching",
     "regularizer",
     "reference",

@@ -171,11 +171,36 @@ def _feature_dropout(input, p, training, inplace, seed, batched: bool) -> torch.
         return input
     if p == 1.0:
         return input.mul_(0) if inplace else input * 0
-    channel_dims = 2 if batched else 1
     if input.dim() + (0 if batched else 1) < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    mask_shape = tuple(input.shape[:channel_dims]) + (1,) * (input.dim() - channel_dims)
-    return broadcast_dropout(input, p, mask_shape, training, inplace, seed=seed)
+    return broadcast_dropout(input, p, channel_mask_shape(input, batched), training, inplace, seed=seed)
+
+
+def channel_mask_shape(input: torch.Tensor, batched: bool) -> tuple:
+    """The mask of channel dropout: (N, C, 1, ...) over dims (N, C) of a batched input, (C, 1, ...) over
+    dim C of an unbatched one."""
+    channel_dims = 2 if batched else 1
+    return tuple(input.shape[:channel_dims]) + (1,) * (input.dim() - channel_dims)
+
+
+# Which inputs each channel dropout reads as batched (channels over dims (N, C)), by rank, as torch does.
+CHANNEL_BATCHED = {
+    "dropout1d": lambda rank: rank == 3,
+    "dropout2d": lambda rank: True,  # a 3-D input is (N, C, L), torch's historical reading
+    "dropout3d": lambda rank: rank == 5,
+}
+
+
+def mask_shape(name: str, input: torch.Tensor, batch_first: bool = False) -> tuple:
+    """The shape of the mask the dropout function ``name`` draws for ``input`` (one draw per mask element,
+    broadcast over the input): the input's own shape for ``"dropout"``, :func:`channel_mask_shape` for
+    ``"dropout1d"``/``"2d"``/``"3d"``, :func:`locked_mask_shape` for ``"locked_dropout"``. The regularizers
+    need it: a mask element shared by several positions is one noise variable for all of them."""
+    if name == "dropout":
+        return tuple(input.shape)
+    if name == "locked_dropout":
+        return locked_mask_shape(input, batch_first)
+    return channel_mask_shape(input, CHANNEL_BATCHED[name](input.dim()))
 
 
 def _rank(input) -> int:
@@ -194,7 +219,7 @@ def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "provide channel-wise dropout on inputs with 1 spatial dimension, a channel dimension, and an optional "
             "batch dimension (i.e. 2D or 3D inputs)."
         )
-    return _feature_dropout(input, p, training, inplace, seed, batched=rank == 3)
+    return _feature_dropout(input, p, training, inplace, seed, batched=CHANNEL_BATCHED["dropout1d"](rank))
 
 
 def _warn_deprecated_rank(spatial: int, rank: int) -> None:
@@ -225,7 +250,7 @@ def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
             "(C, H, W). To maintain the 1D channel-wise dropout behavior, please switch to using dropout1d instead.",
             stacklevel=2,
         )
-    return _feature_dropout(input, p, training, inplace, seed, batched=True)
+    return _feature_dropout(input, p, training, inplace, seed, batched=CHANNEL_BATCHED["dropout2d"](rank))
 
 
 def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
@@ -235,7 +260,7 @@ def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplac
     rank = _rank(input)
     if rank not in (4, 5):
         _warn_deprecated_rank(3, rank)
-    return _feature_dropout(input, p, training, inplace, seed, batched=rank == 5)
+    return _feature_dropout(input, p, training, inplace, seed, batched=CHANNEL_BATCHED["dropout3d"](rank))
 
 
 def _alpha_dropout(input, p, training, inplace, seed, feature: bool) -> torch.Tensor:
@@ -291,6 +316,10 @@ def locked_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, b
     """
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
         raise ValueError("locked_dropout: argument 'input' must have at least 2 dimensions (time and batch)")
+    return broadcast_dropout(input, p, locked_mask_shape(input, batch_first), training, seed=seed)
+
+
+def locked_mask_shape(input: torch.Tensor, batch_first: bool) -> tuple:
+    """The mask of locked dropout: (1, B, *) for a (T, B, *) input, (B, 1, *) with ``batch_first``."""
     time_dim = 1 if batch_first else 0
-    mask_shape = tuple(1 if d == time_dim else n for d, n in enumerate(input.shape))
-    return broadcast_dropout(input, p, mask_shape, training, seed=seed)
+    return tuple(1 if d == time_dim else n for d, n in enumerate(input.shape))

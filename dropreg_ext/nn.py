@@ -42,7 +42,7 @@ class _FusedDropout:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         recording = _recording
         if recording is not None and recording.is_site(self):
-            return recording.record(input, self.p)
+            return recording.record(input, self.p, self._mask_shape(input))
         if self._torch_name is not None and not functional.covered(input):
             return functional.TORCH_FUNCTIONS[self._torch_name](input, self.p, self.training, self.inplace)
         return self._drop(input)
@@ -78,6 +78,9 @@ class Dropout(_FusedDropout, torch.nn.Dropout):
     def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return functional.dropout(input, self.p, self.training, self.inplace)
 
+    def _mask_shape(self, input: torch.Tensor) -> tuple:
+        return functional.mask_shape("dropout", input)
+
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}, backend={backends.get_backend()}"
 
@@ -92,6 +95,9 @@ class _ChannelDropout(_FusedDropout):
 
     def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return type(self)._functional(input, self.p, self.training, self.inplace)
+
+    def _mask_shape(self, input: torch.Tensor) -> tuple:
+        return functional.mask_shape(self._torch_name, input)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}, backend={backends.get_backend()}"
@@ -146,6 +152,9 @@ class LockedDropout(_FusedDropout, torch.nn.Module):
 
     def _drop(self, input: torch.Tensor) -> torch.Tensor:
         return functional.locked_dropout(input, self.p, self.training, self.batch_first)
+
+    def _mask_shape(self, input: torch.Tensor) -> tuple:
+        return functional.mask_shape("locked_dropout", input, self.batch_first)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, batch_first={self.batch_first}, backend={backends.get_backend()}"
@@ -241,6 +250,10 @@ _REPLACEMENTS = {
 }
 
 
+# torch's multiplicative dropout modules: replace_dropout makes them sites; left as torch's, they drop in a capture.
+TORCH_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+
+
 class Site(NamedTuple):
     """One call of a fused dropout module under :func:`record_sites`."""
 
@@ -248,6 +261,9 @@ class Site(NamedTuple):
     o: torch.Tensor  # h through a fresh identity node, which the model continued from
     q: float  # drop probability
     version: int  # h._version when recorded: an in-place change afterwards would alter the terms
+    # The shape of the mask the dropout would draw, broadcast over h: h's shape for element-wise dropout,
+    # smaller where one mask element is shared (channel and locked dropout); None: element-wise.
+    mask_shape: Optional[tuple] = None
 
 
 class _Recording:
@@ -266,7 +282,7 @@ class _Recording:
 
     # Under torch.compile the site bookkeeping runs eagerly (a graph break), not silently lost.
     @torch.compiler.disable
-    def record(self, h: torch.Tensor, q: float) -> torch.Tensor:
+    def record(self, h: torch.Tensor, q: float, mask_shape: tuple) -> torch.Tensor:
         if q >= 1.0:
             raise ValueError(
                 "a Dropout with p = 1 cannot be a regularizer site: its coefficient q/(1-q) is infinite"
@@ -274,7 +290,7 @@ class _Recording:
         # view_as gives a fresh autograd node, so d(.)/d o is the gradient at the site only (not
         # through skip paths). An input that needs no gradient gets a leaf of its own.
         o = h.view_as(h) if h.requires_grad else h.detach().requires_grad_()
-        self.sites.append(Site(h=h, o=o, q=q, version=h._version))
+        self.sites.append(Site(h=h, o=o, q=q, version=h._version, mask_shape=mask_shape))
         return o
 
 
@@ -289,8 +305,9 @@ def record_sites(model: torch.nn.Module) -> Iterator[list]:
 
     Every fused dropout module of ``model`` that is in training mode, has ``p > 0`` and runs with
     gradients enabled is a *site*: it does not drop, but returns its input h through a fresh
-    identity node o (``h.view_as(h)``, or a leaf when h needs no gradient) and records (h, o, q). A
-    module called T times (a recurrent loop) gives T sites. Gradients with respect to o are the
+    identity node o (``h.view_as(h)``, or a leaf when h needs no gradient) and records (h, o, q) and the
+    shape of the mask it would have drawn (shared along time for locked dropout, along the spatial dims for
+    channel dropout). A module called T times (a recurrent loop) gives T sites. Gradients with respect to o are the
     gradients *at the site*, not the total gradient of h (which would include skip paths).
     Under :func:`dropreg_ext.patch_functional`, every call of torch's ``dropout``/``dropout1d/2d/3d``
     inside the block that would drop is a site too (with its own p), whichever module made it; an

