@@ -85,9 +85,13 @@ void check_cotangent(const at::Tensor& u, const at::Tensor& z, const char* name)
               "), got ", u.scalar_type(), " of shape ", u.sizes(), " on ", u.device());
 }
 
-void check_cross_entropy_sample_args(const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng) {
+void check_cross_entropy_sample_draw_args(const at::Tensor& z, const at::Tensor& target) {
   check_logits(z);
   check_labels(target, "target", z);
+}
+
+void check_cross_entropy_sample_args(const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng) {
+  check_cross_entropy_sample_draw_args(z, target);
   DROPREG_CHECK_RNG(rng, z);
 }
 

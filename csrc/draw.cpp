@@ -1,12 +1,10 @@
-// The ops that draw their own state (<op>_draw, schemas in ops.cpp) where the backend has no kernel
-// of its own for them: one definition for all. A draw op's arguments are its base op's with `rng`
-// replaced by a trailing `seed`, and its outputs the base op's followed by the state; so this kernel
-// takes the state from rng_state on the same device, puts it where the base op takes `rng`, calls
-// the base op's kernel for that device on the same stack and appends the state. On the CPU that is
-// the whole story (rng_state draws two words of the CPU generator on the host, under its lock, as
-// torch's own CPU samplers take them: no tensor op is dispatched); on a GPU rng_state is one more
-// launch, which the CUDA kernels that read the generator's state themselves avoid (cuda/rng.cuh).
-// Also the CPU kernel of rng_state.
+// The ops that draw their own state (<op>_draw, schemas in ops.cpp) on the CPU: one definition for
+// all. A draw op's arguments are its base op's with `rng` replaced by a trailing `seed`, and its
+// outputs the base op's followed by the state; so this kernel draws the state as rng_state does (two
+// words of the CPU generator on the host, under its lock, as torch's own CPU samplers take them: no
+// tensor op is dispatched), puts it where the base op takes `rng`, calls the base op's CPU kernel on
+// the same stack and appends the state. (The CUDA ops have draw kernels of their own, which read
+// the generator's state in the op's kernel: cuda/rng.cuh.) Also the CPU kernel of rng_state.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,29 +37,21 @@ at::Tensor draw_state(const std::optional<int64_t>& seed) {
 
 class DrawKernel final : public c10::OperatorKernel {
  public:
-  // base: the op whose `rng` argument (at position rng_index) the draw op replaces; backend: the
-  // dispatch key this kernel is registered for (that of the base op's kernel it calls).
-  DrawKernel(std::string base, size_t rng_index, c10::DispatchKey backend)
-      : base_name_(std::move(base)), rng_index_(rng_index), backend_(backend) {}
+  // base: the op whose `rng` argument (at position rng_index) the draw op replaces.
+  DrawKernel(std::string base, size_t rng_index) : base_name_(std::move(base)), rng_index_(rng_index) {}
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
     const size_t num_args = op.schema().arguments().size();  // the base op's, with seed for rng
     const std::optional<int64_t> seed = torch::jit::pop(*stack).toOptional<int64_t>();
-    const at::Tensor& like = (*stack)[stack->size() - (num_args - 1)].toTensor();
-    at::Tensor rng = rng_state().redispatch(c10::DispatchKeySet(backend_), like, seed);
+    at::Tensor rng = draw_state(seed);
     stack->insert(stack->end() - static_cast<std::ptrdiff_t>(num_args - 1 - rng_index_), rng);
-    // Straight to the base op's kernel: every key above the backend was handled for this op.
-    base().redispatchBoxed(c10::DispatchKeySet(backend_), stack);
+    // Straight to the base op's CPU kernel: every key above the backend was handled for this op.
+    base().redispatchBoxed(kCpu, stack);
     stack->emplace_back(std::move(rng));
   }
 
  private:
-  static c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, std::optional<int64_t>)> rng_state() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("dropreg::rng_state", "")
-                               .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
-    return op;
-  }
+  static constexpr c10::DispatchKeySet kCpu{c10::DispatchKey::CPU};
 
   const c10::OperatorHandle& base() {
     std::call_once(found_, [&] { base_ = c10::Dispatcher::singleton().findSchemaOrThrow(base_name_.c_str(), ""); });
@@ -70,13 +60,12 @@ class DrawKernel final : public c10::OperatorKernel {
 
   std::string base_name_;
   size_t rng_index_;
-  c10::DispatchKey backend_;
   std::once_flag found_;
   std::optional<c10::OperatorHandle> base_;
 };
 
-torch::CppFunction draw_kernel(const char* base, size_t rng_index, c10::DispatchKey backend) {
-  return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<DrawKernel>(base, rng_index, backend));
+torch::CppFunction draw_kernel(const char* base, size_t rng_index) {
+  return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<DrawKernel>(base, rng_index));
 }
 
 at::Tensor rng_state_cpu(const at::Tensor&, std::optional<int64_t> seed) { return draw_state(seed); }
@@ -84,21 +73,13 @@ at::Tensor rng_state_cpu(const at::Tensor&, std::optional<int64_t> seed) { retur
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
-  constexpr auto kCpu = c10::DispatchKey::CPU;
   m.impl("rng_state", &rng_state_cpu);
-  m.impl("dropout_draw", draw_kernel("dropreg::dropout", 2, kCpu));
-  m.impl("dropout_draw_", draw_kernel("dropreg::dropout_", 2, kCpu));
-  m.impl("dropout_indexed_draw", draw_kernel("dropreg::dropout_indexed", 2, kCpu));
-  m.impl("cross_entropy_sample_draw", draw_kernel("dropreg::cross_entropy_sample", 2, kCpu));
-  m.impl("cross_entropy_sample_grad_draw", draw_kernel("dropreg::cross_entropy_sample_grad", 2, kCpu));
-  m.impl("site_penalty_draw", draw_kernel("dropreg::site_penalty", 5, kCpu));
-}
-
-// The CUDA cross-entropy kernels read their state from memory only (yet): rng_state's launch, then theirs.
-TORCH_LIBRARY_IMPL(dropreg, CUDA, m) {
-  constexpr auto kCuda = c10::DispatchKey::CUDA;
-  m.impl("cross_entropy_sample_draw", draw_kernel("dropreg::cross_entropy_sample", 2, kCuda));
-  m.impl("cross_entropy_sample_grad_draw", draw_kernel("dropreg::cross_entropy_sample_grad", 2, kCuda));
+  m.impl("dropout_draw", draw_kernel("dropreg::dropout", 2));
+  m.impl("dropout_draw_", draw_kernel("dropreg::dropout_", 2));
+  m.impl("dropout_indexed_draw", draw_kernel("dropreg::dropout_indexed", 2));
+  m.impl("cross_entropy_sample_draw", draw_kernel("dropreg::cross_entropy_sample", 2));
+  m.impl("cross_entropy_sample_grad_draw", draw_kernel("dropreg::cross_entropy_sample_grad", 2));
+  m.impl("site_penalty_draw", draw_kernel("dropreg::site_penalty", 5));
 }
 
 }  // namespace dropreg

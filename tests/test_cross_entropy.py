@@ -444,6 +444,32 @@ def test_cross_entropy_sample_grad_empty(be):
         assert loss.shape == lse.shape == yhat.shape == (0,) and g.shape == shape
 
 
+# The draw ops (the state drawn by the op itself, returned last) against the base op at that state:
+# the same bits on every path of a backend's kernels (CUDA: group and block mode, rows split over
+# blocks, the sample then ce_grad where a row does not fit on chip, and an empty z, where no sample
+# kernel runs but the state is still written).
+DRAW_CASES = sized_cases("cross_entropy_sample_draw", {
+    "cpu": [(6, 3), (0, 4)],
+    "triton-interp": [(6, 3), (0, 4)],
+    "cuda": [(6, 3), (0, 4), (5, 4096), (4, 50257), (48, 32768)],
+    "triton-cuda": [(6, 3), (0, 4), (4, 50257)],
+})
+
+
+@pytest.mark.parametrize("seed", [None, 2**62 + 11], ids=["generator", "seed"])
+@pytest.mark.parametrize("op", ["cross_entropy_sample", "cross_entropy_sample_grad"])
+@pytest.mark.parametrize("be, shape", DRAW_CASES)
+def test_draw_is_the_op_at_the_state_it_returns(be, shape, op, seed):
+    z, t, _ = _inputs(shape, torch.float32, be.device, seed=shape[1])
+    true_scale = (None,) if op == "cross_entropy_sample_grad" else ()
+    *out, rng = _ops(be)[f"{op}_draw"](z, t, IGNORE, *true_scale, seed)
+    assert rng.dtype == torch.int64 and rng.shape == (2,) and rng.device == z.device
+    if seed is not None:
+        assert rng.tolist() == [seed, 0]
+    want = _ops(be)[op](z, t, rng, IGNORE, *true_scale)
+    for name, got, expected in zip(("loss", "lse", "yhat", "grad", "grad_true"), out, want):
+        assert_bitwise_equal(got, expected, f"{be} {op}_draw {shape} {name}")
+
 # ------------------------------------------------------------------------------------------------
 # Sizes GPU users run: CUDA's block mode (C > 1024, one 512-thread block a row), Triton past one
 # chunk (C > 2048), vocabularies of GPT-2 (50257) and of 128k-token models, and for ce_grad a

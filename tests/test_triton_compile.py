@@ -45,18 +45,21 @@ T = {"f64": "fp64", "f32": "fp32", "bf16": "bf16"}
 
 
 def _cases():
+    dropout = importlib.import_module("dropreg_ext.triton_kernels.dropout")
     for dt, t in T.items():
         acc = "fp64" if t == "fp64" else "fp32"
+        bits = "i64" if acc == "fp64" else "i32"  # a float argument's bits (_launch.float_bits)
+        block = dropout.BYTES_PER_PROGRAM // {"f64": 8, "f32": 4, "bf16": 2}[dt]
         yield f"dropout-{dt}", "dropreg_ext.triton_kernels.dropout._dropout_kernel", {
             "x_ptr": "*" + t, "y_ptr": "*" + t, "rng_ptr": "*i64", "n": "i64", "threshold": "i32",
-            "scale_bits": "i64" if acc == "fp64" else "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4
+            "scale_bits": bits, "BLOCK": "constexpr"}, {"BLOCK": block}, 4
         yield f"site_penalty-{dt}", "dropreg_ext.triton_kernels.site_penalty._site_penalty_kernel", {
-            "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_ptr": "*" + acc, "rng_ptr": "*i64",
+            "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_bits": bits, "rng_ptr": "*i64",
             "partial_ptr": "*" + acc, "n": "i32", "threshold": "i64", "HAS_GE": "constexpr",
             "HAS_GI": "constexpr", "RADEMACHER": "constexpr", "BLOCK": "constexpr", "ROW": "constexpr"}, {
             "HAS_GE": True, "HAS_GI": True, "RADEMACHER": True, "BLOCK": 4096, "ROW": 128}, 16
         yield f"site_penalty_backward-{dt}", "dropreg_ext.triton_kernels.site_penalty._site_penalty_backward_kernel", {
-            "grad_ptr": "*" + acc, "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_ptr": "*" + acc,
+            "grad_ptr": "*" + acc, "h_ptr": "*" + t, "ge_ptr": "*" + t, "gi_ptr": "*" + t, "up_bits": bits,
             "rng_ptr": "*i64", "dh_ptr": "*" + t, "dge_ptr": "*" + t, "dgi_ptr": "*" + t, "n": "i32",
             "threshold": "i64", "HAS_GE": "constexpr", "HAS_GI": "constexpr", "RADEMACHER": "constexpr",
             "BLOCK": "constexpr", "ROW": "constexpr"}, {"HAS_GE": True, "HAS_GI": True, "RADEMACHER": False,

@@ -7,8 +7,11 @@ torch 2.14 hands such a kernel back unwrapped, torch 2.11 raises ("wrap_triton o
 functions annotated with triton.jit"), so it is never passed to ``wrap_triton`` here.
 """
 
+import struct
+
 import torch
 import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from triton.runtime.jit import JITFunction
 
@@ -16,7 +19,28 @@ _wrap = getattr(torch.library, "wrap_triton", None)
 
 
 def kernel_launcher(kernel):
+    """The launcher of a kernel (``launcher[grid](...)``), built once per kernel where it is defined."""
     return _wrap(kernel) if _wrap is not None and isinstance(kernel, JITFunction) else kernel
+
+
+def float_bits(value: float, dtype: torch.dtype) -> int:
+    """The bits of ``value`` rounded to ``dtype`` (float64, else float32: round to nearest even), as a
+    Python int: a float argument of a kernel passed as a scalar, with no tensor made per call and
+    exact for float64 (:func:`float_from_bits` reads it back). ``value`` lies in float32's range."""
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+@triton.jit
+def float_from_bits(bits, FLOAT64: tl.constexpr):
+    """The float64 (else float32) whose bits :func:`float_bits` passed. tl.cast, not .to:
+    torch.compile lowers a kernel with its scalar arguments as Python constants, which have no
+    methods and take the narrowest integer type that holds them."""
+    if FLOAT64:
+        return tl.cast(tl.cast(bits, tl.int64), tl.float64, bitcast=True)
+    else:
+        return tl.cast(tl.cast(bits, tl.uint32), tl.float32, bitcast=True)
 
 
 def reduction_input(t: torch.Tensor) -> torch.Tensor:

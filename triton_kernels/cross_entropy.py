@@ -518,6 +518,14 @@ class SamplePlan(NamedTuple):
     num_warps: int
 
 
+# Each kernel's launcher, built once (``_launch.kernel_launcher``).
+_launch_sample = kernel_launcher(_cross_entropy_sample_kernel)
+_launch_sample_split = kernel_launcher(_cross_entropy_sample_split_kernel)
+_launch_merge_splits = kernel_launcher(_merge_splits_kernel)
+_launch_ce_grad = kernel_launcher(_ce_grad_kernel)
+_launch_ce_grad_backward = kernel_launcher(_ce_grad_backward_kernel)
+
+
 def _num_warps(elements: int) -> int:
     """8 elements a thread: the sample kernel then needs 40-80 registers on sm_90 (ptxas), so 3-4
     programs of 8 warps fit an SM."""
@@ -565,7 +573,7 @@ def _sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_ind
     target, rng = target.contiguous(), rng.contiguous()
     plan = _sample_plan(n, c)
     if plan.splits == 1:
-        kernel_launcher(_cross_entropy_sample_kernel)[(triton.cdiv(n, plan.rows),)](
+        _launch_sample[(triton.cdiv(n, plan.rows),)](
             z,
             target,
             rng,
@@ -586,7 +594,7 @@ def _sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_ind
         return loss, lse, yhat, g
     part = torch.empty((n, plan.splits, 3), dtype=acc, device=z.device)
     part_col = torch.empty((n, plan.splits), dtype=torch.int32, device=z.device)
-    kernel_launcher(_cross_entropy_sample_split_kernel)[(n, plan.splits)](
+    _launch_sample_split[(n, plan.splits)](
         z,
         target,
         rng,
@@ -600,7 +608,7 @@ def _sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_ind
         num_warps=plan.num_warps,
     )
     block_r = 128
-    kernel_launcher(_merge_splits_kernel)[(triton.cdiv(n, block_r),)](
+    _launch_merge_splits[(triton.cdiv(n, block_r),)](
         z, target, part, part_col, loss, lse, yhat, n, c, plan.splits, ignore_index, BLOCK_R=block_r, num_warps=4
     )
     if grad:
@@ -688,7 +696,7 @@ def ce_grad(
     z = _rows(z)
     block = _block(c)
     rows = max(1, ROW_TILE // block)
-    kernel_launcher(_ce_grad_kernel)[(triton.cdiv(n, rows), triton.cdiv(c, block))](
+    _launch_ce_grad[(triton.cdiv(n, rows), triton.cdiv(c, block))](
         z,
         lse.contiguous(),
         label.contiguous(),
@@ -731,7 +739,7 @@ def ce_grad_backward(
     block = _block(c)
     one_chunk = c <= block
     rows = max(1, ROW_TILE // block) if one_chunk else 1
-    kernel_launcher(_ce_grad_backward_kernel)[(triton.cdiv(n, rows),)](
+    _launch_ce_grad_backward[(triton.cdiv(n, rows),)](
         u,
         z,
         lse.contiguous(),

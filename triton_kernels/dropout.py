@@ -4,7 +4,8 @@
 
 (contract v2, ``reference.py``) computed in float32 (float64 for float64 inputs) and rounded once.
 Bytes per element: read x, write y. Each program handles BLOCK elements as a (BLOCK/8, 8) tile so
-one Philox call serves the eight elements of a row of the tile.
+one Philox call serves the eight elements of a row of the tile; BLOCK gives each thread 64 bytes of
+x (four 16-byte vectors in flight: 1024 float64, 2048 float32, 4096 2-byte elements a program).
 """
 
 import torch
@@ -12,11 +13,12 @@ import triton
 import triton.language as tl
 
 from ..reference import acc_dtype, dropout_scale, dropout_threshold
-from ._launch import kernel_launcher
+from ._launch import float_bits, float_from_bits, kernel_launcher
 from .philox import philox_tile16, program_tile
 from .rounding import round_to
 
 STREAM_DROPOUT_MASK = tl.constexpr(0)
+BYTES_PER_PROGRAM = 8192  # 64 bytes of x a thread at 4 warps
 
 
 @triton.jit
@@ -25,23 +27,12 @@ def _dropout_kernel(x_ptr, y_ptr, rng_ptr, n, threshold, scale_bits, BLOCK: tl.c
     x = tl.load(x_ptr + offs, mask=mask, other=0)  # first: the load's latency hides behind Philox
     u = philox_tile16(rng_ptr, STREAM_DROPOUT_MASK, group)
     keep = u >= threshold
-    # The scale arrives as the bits of the accumulation dtype: a scalar argument, so no tensor (and
-    # no fill kernel) per call, and exact for float64 too. tl.cast, not .to: torch.compile lowers
-    # the kernel with scalar arguments as Python constants, which have no methods and take the
-    # narrowest integer type that holds them.
-    if x_ptr.dtype.element_ty == tl.float64:
-        scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
-    else:
-        scale = tl.cast(tl.cast(scale_bits, tl.uint32), tl.float32, bitcast=True)
+    scale = float_from_bits(scale_bits, x_ptr.dtype.element_ty == tl.float64)  # the accumulation dtype's bits
     y = tl.where(keep, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
     tl.store(y_ptr + offs, y, mask=mask)
 
 
-def _scale_bits(p: float, dtype: torch.dtype) -> int:
-    """The bits of 1/(1-p') in the accumulation dtype of ``dtype``, as a Python int."""
-    acc = acc_dtype(dtype)
-    as_int = torch.int64 if acc == torch.float64 else torch.int32
-    return int(torch.tensor(dropout_scale(p), dtype=acc).view(as_int))  # positive: no sign bit
+_launch_dropout = kernel_launcher(_dropout_kernel)
 
 
 def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
@@ -57,8 +48,8 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
         return y.zero_()
     xc = x.contiguous()
     yc = y if x.is_contiguous() else torch.empty_like(xc)
-    block = 1024
-    kernel_launcher(_dropout_kernel)[(triton.cdiv(n, block),)](
-        xc, yc, rng.contiguous(), n, threshold, _scale_bits(p, x.dtype), BLOCK=block
+    block = BYTES_PER_PROGRAM // x.element_size()
+    _launch_dropout[(triton.cdiv(n, block),)](
+        xc, yc, rng.contiguous(), n, threshold, float_bits(dropout_scale(p), acc_dtype(x.dtype)), BLOCK=block
     )
     return y if yc is y else y.copy_(yc)

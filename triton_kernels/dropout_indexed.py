@@ -9,14 +9,12 @@ computes the Philox call of its group: one call per element, where the contiguou
 among 8. The op serves the shards of distributed tensors; ``dropout.py`` is the fast path.
 """
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import acc_dtype, dropout_scale, dropout_threshold
-from ._launch import kernel_launcher
+from ._launch import float_bits, float_from_bits, kernel_launcher
 from .philox import philox_groups
 from .rounding import round_to
 
@@ -43,22 +41,12 @@ def _dropout_indexed_kernel(x_ptr, y_ptr, rng_ptr, n, base, size1, size2, size3,
     w = (index >> 1) & 3
     word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     u = (word >> ((index & 1) * 16).to(tl.uint32)) & 0xFFFF
-    if x_ptr.dtype.element_ty == tl.float64:
-        scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
-    else:
-        scale = tl.cast(tl.cast(scale_bits, tl.uint32), tl.float32, bitcast=True)
+    scale = float_from_bits(scale_bits, x_ptr.dtype.element_ty == tl.float64)  # the accumulation dtype's bits
     y = tl.where(u >= threshold, round_to(x.to(scale.dtype) * scale, x.dtype), tl.zeros_like(x))
     tl.store(y_ptr + p, y, mask=mask)
 
 
 _launch = kernel_launcher(_dropout_indexed_kernel)
-
-
-def _scale_bits(p: float, dtype: torch.dtype) -> int:
-    """The bits of 1/(1-p') in the accumulation dtype of ``dtype`` (a scalar argument: no tensor)."""
-    if acc_dtype(dtype) == torch.float64:
-        return struct.unpack("<q", struct.pack("<d", dropout_scale(p)))[0]
-    return struct.unpack("<i", struct.pack("<f", dropout_scale(p)))[0]
 
 
 def _merged_dims(shape, strides) -> list:
@@ -92,6 +80,6 @@ def dropout_indexed(x: torch.Tensor, p: float, rng: torch.Tensor, index_strides:
     (_, s0), (z1, s1), (z2, s2), (z3, s3) = dims
     _launch[(triton.cdiv(n, BLOCK),)](
         xc, yc, rng.contiguous(), n, index_base, z1, z2, z3, s0, s1, s2, s3, dropout_threshold(p),
-        _scale_bits(p, x.dtype), BLOCK=BLOCK,
+        float_bits(dropout_scale(p), acc_dtype(x.dtype)), BLOCK=BLOCK,
     )
     return y if yc is y else y.copy_(yc)

@@ -76,13 +76,16 @@ def _philox_raw_kernel(counter_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + rows * 4 + 3, r3.to(tl.int64), mask=mask)
 
 
+_launch_philox_raw = kernel_launcher(_philox_raw_kernel)
+
+
 def philox(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10: counter int64 (N, 4), key int64 (N, 2), values in [0, 2^32) → (N, 4)."""
     n = counter.shape[0]
     out = torch.empty((n, 4), dtype=torch.int64, device=counter.device)
     if n:
         block = 128
-        kernel_launcher(_philox_raw_kernel)[(triton.cdiv(n, block),)](
+        _launch_philox_raw[(triton.cdiv(n, block),)](
             counter.contiguous(), key.contiguous(), out, n, BLOCK=block
         )
     return out

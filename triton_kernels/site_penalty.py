@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..reference import STREAM_SITE_NOISE as _STREAM_SITE_NOISE
 from ..reference import acc_dtype, dropout_threshold, site_noise_amplitude
-from ._launch import kernel_launcher, reduction_input
+from ._launch import float_bits, float_from_bits, kernel_launcher, reduction_input
 from .philox import philox_bits_tile, philox_tile16, program_tile
 from .rounding import add_rn, round_to
 
@@ -32,11 +32,11 @@ BLOCK_BACKWARD = 1024
 
 
 @triton.jit
-def _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER: tl.constexpr):
+def _site_eta(rng_ptr, group, up_bits, threshold, RADEMACHER: tl.constexpr, FLOAT64: tl.constexpr):
     """η of the elements of ``group``'s Philox calls, as a (len(group), ROW) tile (ROW = 128 for
     rademacher, 8 for dropout noise): up or -up by the element's bit (rademacher), up if
-    u16 >= threshold else -1 (dropout). ``up`` is a scalar of the accumulation dtype."""
-    up = tl.load(up_ptr)
+    u16 >= threshold else -1 (dropout). ``up``: the accumulation dtype's bits (float_bits)."""
+    up = float_from_bits(up_bits, FLOAT64)
     if RADEMACHER:
         bits = philox_bits_tile(rng_ptr, STREAM_SITE_NOISE, group)
         # up·(-1), not -up: Triton 3.6 lowers negation to 0 - up, which turns up = +0 (q = 0) into +0
@@ -52,7 +52,7 @@ def _site_penalty_kernel(
     h_ptr,
     ge_ptr,
     gi_ptr,
-    up_ptr,
+    up_bits,
     rng_ptr,
     partial_ptr,
     n,
@@ -79,7 +79,7 @@ def _site_penalty_kernel(
         explicit = tl.sum(t * t)
     if HAS_GI:
         g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_ty)
-        eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
+        eta = _site_eta(rng_ptr, group, up_bits, threshold, RADEMACHER, acc_ty == tl.float64)
         implicit = tl.sum(g_i * eta * h)
     pid = tl.program_id(0)
     tl.store(partial_ptr + 2 * pid, explicit)
@@ -105,7 +105,7 @@ def _site_penalty_backward_kernel(
     h_ptr,
     ge_ptr,
     gi_ptr,
-    up_ptr,
+    up_bits,
     rng_ptr,
     dh_ptr,
     dge_ptr,
@@ -122,7 +122,7 @@ def _site_penalty_backward_kernel(
     (no host sync). Bytes per element with both terms: read h, g_e, g_i, write dh, dg_e, dg_i (12 for
     bf16)."""
     group, offs, mask = program_tile(n, BLOCK, ROW)
-    acc_ty: tl.constexpr = up_ptr.dtype.element_ty
+    acc_ty: tl.constexpr = grad_ptr.dtype.element_ty
     h = tl.load(h_ptr + offs, mask=mask, other=0).to(acc_ty)
     dh = tl.zeros((BLOCK // ROW, ROW), acc_ty)
     if HAS_GE:
@@ -133,7 +133,7 @@ def _site_penalty_backward_kernel(
     if HAS_GI:
         b = tl.load(grad_ptr + 1).to(acc_ty)
         g_i = tl.load(gi_ptr + offs, mask=mask, other=0).to(acc_ty)
-        eta = _site_eta(rng_ptr, group, up_ptr, threshold, RADEMACHER)
+        eta = _site_eta(rng_ptr, group, up_bits, threshold, RADEMACHER, acc_ty == tl.float64)
         dh = add_rn(dh, b * g_i * eta)  # not an FMA: the product is rounded first, as in the reference
         tl.store(dgi_ptr + offs, round_to(b * eta * h, dgi_ptr.dtype.element_ty), mask=mask)
     tl.store(dh_ptr + offs, round_to(dh, dh_ptr.dtype.element_ty), mask=mask)
@@ -145,17 +145,22 @@ def _site_penalty_backward_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+_launch_site_penalty = kernel_launcher(_site_penalty_kernel)
+_launch_sum_partials = kernel_launcher(_sum_partials_kernel)
+_launch_site_penalty_backward = kernel_launcher(_site_penalty_backward_kernel)
+
+
 def _contiguous(*tensors) -> tuple:
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def _noise_params(q: float, noise: str, acc: torch.dtype, device) -> tuple:
-    """(up, threshold, rademacher, row): η = up if kept (bit 1, or u16 >= threshold) else (-up or -1),
-    ``row`` the elements per Philox call of the noise kind. ``up`` is computed in double on the host,
-    exactly as the reference does, and rounded once to the accumulation dtype."""
+def _noise_params(q: float, noise: str, acc: torch.dtype) -> tuple:
+    """(up_bits, threshold, rademacher, row): η = up if kept (bit 1, or u16 >= threshold) else (-up
+    or -1), ``row`` the elements per Philox call of the noise kind. ``up`` is computed in double on
+    the host, exactly as the reference does, and rounded once to the accumulation dtype, whose bits
+    the kernels take (float_bits: no tensor and no fill kernel per call)."""
     rademacher = noise == "rademacher"
-    up = torch.full((), site_noise_amplitude(q, noise), dtype=acc, device=device)
-    return up, dropout_threshold(q), rademacher, 128 if rademacher else 8
+    return float_bits(site_noise_amplitude(q, noise), acc), dropout_threshold(q), rademacher, 128 if rademacher else 8
 
 
 def site_penalty(
@@ -180,14 +185,14 @@ def site_penalty(
     n = h.numel()
     if n == 0 or (g_e is None and g_i is None):
         return torch.zeros(2, dtype=acc, device=h.device)
-    up, threshold, rademacher, row = _noise_params(q, noise, acc, h.device)
+    up_bits, threshold, rademacher, row = _noise_params(q, noise, acc)
     n_programs = triton.cdiv(n, BLOCK_FORWARD)
     partials = torch.empty((n_programs, 2), dtype=acc, device=h.device)
-    kernel_launcher(_site_penalty_kernel)[(n_programs,)](
+    _launch_site_penalty[(n_programs,)](
         h,
         h if g_e is None else g_e,
         h if g_i is None else g_i,
-        up,
+        up_bits,
         rng.contiguous(),
         partials,
         n,
@@ -201,7 +206,7 @@ def site_penalty(
     )
     out = torch.empty(2, dtype=acc, device=h.device)
     block = min(BLOCK_PARTIALS, max(16, triton.next_power_of_2(n_programs)))
-    kernel_launcher(_sum_partials_kernel)[(1,)](partials, out, n_programs, BLOCK=block)
+    _launch_sum_partials[(1,)](partials, out, n_programs, BLOCK=block)
     return out
 
 
@@ -227,13 +232,13 @@ def site_penalty_backward(
     n = h.numel()
     if n == 0:
         return dh, dg_e, dg_i
-    up, threshold, rademacher, row = _noise_params(q, noise, acc_dtype(h.dtype), h.device)
-    kernel_launcher(_site_penalty_backward_kernel)[(triton.cdiv(n, BLOCK_BACKWARD),)](
+    up_bits, threshold, rademacher, row = _noise_params(q, noise, acc_dtype(h.dtype))
+    _launch_site_penalty_backward[(triton.cdiv(n, BLOCK_BACKWARD),)](
         grad.contiguous(),
         h,
         h if g_e is None else g_e,
         h if g_i is None else g_i,
-        up,
+        up_bits,
         rng.contiguous(),
         dh,
         dh if dg_e is None else dg_e,

@@ -56,7 +56,7 @@ struct BackwardArgs {
 // Pass 1 reads z and u (keeping them in shared memory when on_chip) for ⟨p, u⟩; pass 2 writes
 // grad_z from shared memory or a second read. The two passes do the same arithmetic either way.
 template <typename scalar_t, typename acc_t, bool kBlockMode>
-__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads)
+__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min_blocks<acc_t, kBlockMode>())
     ce_grad_backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
   using C = BackwardChunk<scalar_t>;
   using Vec = typename C::Vec;

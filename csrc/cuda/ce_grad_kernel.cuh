@@ -28,7 +28,7 @@ struct GradArgs {
 // Rows (or splits of rows) as the sample visits them, each chunk written from its own read: the
 // row's lse, label and scale are read once, the one-hot is one compare per element.
 template <typename scalar_t, typename acc_t, bool kBlockMode>
-__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads)
+__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min_blocks<acc_t, kBlockMode>())
     ce_grad_kernel(const GradArgs<scalar_t, acc_t> a) {
   using C = SampleChunk<scalar_t>;
   using Vec = typename C::Vec;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads)
             x[e] = base + e >= rc.begin && base + e < rc.end ? static_cast<acc_t>(a.z[base + e]) : acc_t(0);
           }
         }
-        const int64_t label_at = rc.begin + p.label - base;  // the label's place in the chunk, if there
+        const int label_at = place_in_chunk<kElems>(rc.begin + p.label - base);
 #pragma unroll
         for (int e = 0; e < kElems; ++e) y[e] = ce_grad_element<acc_t>(x[e], p.lse, e == label_at, p.scale);
       } else {

@@ -22,7 +22,9 @@
 // sample, its fused gradient and the merge of split rows), ce_grad_kernel.cuh,
 // ce_grad_backward_kernel.cuh; what they share (chunks, the row layout, a work item's chunks) is
 // in cross_entropy_common.cuh. This file holds the host side: argument checks, allocation, the
-// row plan and the launches.
+// row plan and the launches. The sample kernel reads its state from a cuda::RngArg (rng.cuh): the
+// `rng` tensor, or, for the _draw ops, torch's generator's Philox state, which its first launch
+// writes to the draw's rng output (one launch per call where the op is one kernel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,6 +34,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "ce_grad_backward_kernel.cuh"
@@ -41,6 +44,7 @@
 #include "cross_entropy_sample_kernel.cuh"
 #include "cuda_utils.cuh"
 #include "regularizer.h"
+#include "rng.cuh"
 #include "static_switch.h"
 
 namespace dropreg {
@@ -80,7 +84,7 @@ struct RowInputs {
 
 // loss, lse, ŷ into the given tensors, and the fused gradient into `grad` when it is defined
 // and the row fits on chip. Returns whether it wrote `grad`.
-bool sample_into(const at::Tensor& zc, const at::Tensor& tc, const at::Tensor& rc, int64_t ignore_index,
+bool sample_into(const at::Tensor& zc, const at::Tensor& tc, const cuda::RngArg& rng, int64_t ignore_index,
                  at::Tensor& loss, at::Tensor& lse, at::Tensor& yhat, at::Tensor* grad) {
   const int64_t rows = zc.size(0);
   const int64_t cols = zc.size(1);
@@ -103,7 +107,7 @@ bool sample_into(const at::Tensor& zc, const at::Tensor& tc, const at::Tensor& r
     scalar_t* gp = fused ? grad->data_ptr<scalar_t>() : nullptr;
     const uintptr_t align = ChunkShape<scalar_t>::kAlign;
     const SampleArgs<scalar_t, acc_t> args{
-        zp, tc.const_data_ptr<int64_t>(), rc.const_data_ptr<int64_t>(), loss.data_ptr<acc_t>(),
+        zp, tc.const_data_ptr<int64_t>(), rng, loss.data_ptr<acc_t>(),
         lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(),
         plan.splits > 1 ? reinterpret_cast<SamplePartial<acc_t>*>(partials.data_ptr()) : nullptr, gp, rows, cols,
         ignore_index, plan, is_aligned(zp, align) && is_aligned(gp, align)};
@@ -126,16 +130,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_outputs(const at::Tensor& 
           at::empty({rows}, z.options().dtype(at::kLong))};
 }
 
+// loss, lse and ŷ at the state `rng` (a draw's launch writes the state it drew, also for N = 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_sample(const at::Tensor& z, const at::Tensor& target,
+                                                             const cuda::RngArg& rng, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  auto [loss, lse, yhat] = sample_outputs(z);
+  if (z.size(0) == 0) {
+    cuda::write_rng(rng, at::cuda::getCurrentCUDAStream());
+    return {loss, lse, yhat};
+  }
+  sample_into(z.contiguous(), target.contiguous(), rng, ignore_index, loss, lse, yhat, nullptr);
+  return {loss, lse, yhat};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_cuda(const at::Tensor& z,
                                                                          const at::Tensor& target,
                                                                          const at::Tensor& rng,
                                                                          int64_t ignore_index) {
   check_cross_entropy_sample_args(z, target, rng);
-  const c10::cuda::CUDAGuard guard(z.device());
-  auto [loss, lse, yhat] = sample_outputs(z);
-  if (z.size(0) == 0) return {loss, lse, yhat};
-  sample_into(z.contiguous(), target.contiguous(), rng.contiguous(), ignore_index, loss, lse, yhat, nullptr);
-  return {loss, lse, yhat};
+  const at::Tensor rc = rng.contiguous();
+  return launch_sample(z, target, cuda::given_rng(rc), ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_draw_cuda(
+    const at::Tensor& z, const at::Tensor& target, int64_t ignore_index, std::optional<int64_t> seed) {
+  check_cross_entropy_sample_draw_args(z, target);
+  auto [rng, state] = cuda::draw_rng(z, seed);
+  auto [loss, lse, yhat] = launch_sample(z, target, rng, ignore_index);
+  return {loss, lse, yhat, state};
 }
 
 at::Tensor ce_grad_cuda(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& label,
@@ -205,24 +227,45 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cuda(const at::Tensor& u, co
 
 // The sample and G = exp(z - lse) - onehot(ŷ) (0 on ignored rows) in one kernel when the row fits
 // on chip; otherwise the sample, then ce_grad(z, lse, ŷ, 1) on the valid rows (z read twice). With
-// true_scale, G_true = ce_grad(z, lse, target, true_scale) by one more ce_grad pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cuda(
-    const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng, int64_t ignore_index,
+// true_scale, G_true = ce_grad(z, lse, target, true_scale) by one more ce_grad pass. At the state
+// `rng`, as launch_sample.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_sample_grad(
+    const at::Tensor& z, const at::Tensor& target, const cuda::RngArg& rng, int64_t ignore_index,
     const std::optional<at::Tensor>& true_scale) {
-  check_cross_entropy_sample_args(z, target, rng);
-  check_true_scale(true_scale, z);
   const c10::cuda::CUDAGuard guard(z.device());
   auto [loss, lse, yhat] = sample_outputs(z);
   at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   at::Tensor grad_true = true_scale ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
-  if (z.size(0) == 0) return {loss, lse, yhat, grad, grad_true};
+  if (z.size(0) == 0) {
+    cuda::write_rng(rng, at::cuda::getCurrentCUDAStream());
+    return {loss, lse, yhat, grad, grad_true};
+  }
   const at::Tensor zc = z.contiguous();
-  if (!sample_into(zc, target.contiguous(), rng.contiguous(), ignore_index, loss, lse, yhat, &grad)) {
+  if (!sample_into(zc, target.contiguous(), rng, ignore_index, loss, lse, yhat, &grad)) {
     const at::Tensor label = yhat.masked_fill(target == ignore_index, kSampledLabelIgnore);
     grad = ce_grad_cuda(zc, lse, label, at::ones_like(lse), kSampledLabelIgnore);
   }
   if (true_scale) grad_true = ce_grad_cuda(zc, lse, target, *true_scale, ignore_index);
   return {loss, lse, yhat, grad, grad_true};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_cuda(
+    const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng, int64_t ignore_index,
+    const std::optional<at::Tensor>& true_scale) {
+  check_cross_entropy_sample_args(z, target, rng);
+  check_true_scale(true_scale, z);
+  const at::Tensor rc = rng.contiguous();
+  return launch_sample_grad(z, target, cuda::given_rng(rc), ignore_index, true_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_sample_grad_draw_cuda(
+    const at::Tensor& z, const at::Tensor& target, int64_t ignore_index, const std::optional<at::Tensor>& true_scale,
+    std::optional<int64_t> seed) {
+  check_cross_entropy_sample_draw_args(z, target);
+  check_true_scale(true_scale, z);
+  auto [rng, state] = cuda::draw_rng(z, seed);
+  auto [loss, lse, yhat, grad, grad_true] = launch_sample_grad(z, target, rng, ignore_index, true_scale);
+  return {loss, lse, yhat, grad, grad_true, state};
 }
 
 // The fused op's backward from the other kernels: ce_grad_backward of w = grad_g + true_scale·grad_g_true
@@ -253,6 +296,8 @@ at::Tensor cross_entropy_sample_grad_backward_cuda(const std::optional<at::Tenso
 TORCH_LIBRARY_IMPL(dropreg, CUDA, m) {
   m.impl("cross_entropy_sample", &cross_entropy_sample_cuda);
   m.impl("cross_entropy_sample_grad", &cross_entropy_sample_grad_cuda);
+  m.impl("cross_entropy_sample_draw", &cross_entropy_sample_draw_cuda);
+  m.impl("cross_entropy_sample_grad_draw", &cross_entropy_sample_grad_draw_cuda);
   m.impl("cross_entropy_sample_grad_backward", &cross_entropy_sample_grad_backward_cuda);
   m.impl("ce_grad", &ce_grad_cuda);
   m.impl("ce_grad_backward", &ce_grad_backward_cuda);

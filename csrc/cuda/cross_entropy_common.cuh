@@ -40,6 +40,14 @@ constexpr int kRowWarps = kRowThreads / kWarpSize;
 
 constexpr int block_threads(bool block_mode) { return block_mode ? kRowThreads : kGroupThreads; }
 
+// The blocks a row kernel's registers are planned for (__launch_bounds__'s minimum per SM): two
+// 512-thread blocks (their stashes share an SM: kOnChipBytes) or three of 256, and half as many
+// for double, whose values take register pairs: each fits without spilling to local memory.
+template <typename acc_t, bool kBlockMode>
+constexpr int row_kernel_min_blocks() {
+  return (kBlockMode ? 2 : 3) / (sizeof(acc_t) == 8 ? 2 : 1);
+}
+
 // Bytes of its row's chunks a thread takes at most in group mode.
 constexpr int64_t kGroupThreadBytes = 256;
 // Shared memory a block-mode row may keep on chip (the fused gradient's z, the backward's z and
@@ -202,6 +210,13 @@ struct RowChunks {
 template <typename C, int kThreads>
 __device__ __forceinline__ typename C::Vec* stash_slot(typename C::Vec* mine, int it, int w) {
   return mine + (it * C::kVecs + w) * kThreads;
+}
+
+// d as the place of an element in a chunk of kElems (d: its flat index less the chunk's base), -1
+// when it lies outside: the per-element one-hot test is then a 32-bit compare.
+template <int kElems>
+__device__ __forceinline__ int place_in_chunk(int64_t d) {
+  return d >= 0 && d < kElems ? static_cast<int>(d) : -1;
 }
 
 // x[e] from a chunk's vectors.

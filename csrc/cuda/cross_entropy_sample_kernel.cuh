@@ -19,8 +19,8 @@
 // reference's bit for bit whatever the filter lets through. NaN and ±inf need no flag on this
 // path: their e is NaN (a candidate, scored exactly) or 0.
 //
-// (seed, offset) are read from device memory; invalid targets trip a device assert, as in
-// PyTorch's nll_loss: no host sync anywhere.
+// (seed, offset) come from a cuda::RngArg (rng.cuh: device memory, or torch's generator's Philox
+// state); invalid targets trip a device assert, as in PyTorch's nll_loss: no host sync anywhere.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -33,6 +33,7 @@
 #include "cuda_utils.cuh"
 #include "philox.h"
 #include "regularizer.h"
+#include "rng.cuh"
 
 namespace dropreg {
 namespace ce {
@@ -132,20 +133,13 @@ __device__ __forceinline__ void butterfly_ce(LseState<acc_t>& l, ArgmaxState<acc
 // cross_entropy_sample (and the fused gradient)
 // ---------------------------------------------------------------------------------------------
 
-// Philox4x32-10 of the Gumbel stream (philox.h's philox_group, the same words) for the kCalls
-// consecutive groups of a chunk, computed side by side: the round keys depend on the seed only
-// (uniform registers) and each round's key serves every call.
+// Philox4x32-10 of the Gumbel stream (philox.h's PhiloxStream, the same words) for the kCalls
+// consecutive groups of a chunk, computed side by side; the round keys are computed once per
+// thread.
 struct GumbelPhilox {
-  uint32_t key0;
-  uint32_t key1;
-  uint32_t c2;  // counter words 2-3: offset + stream
-  uint32_t c3;
+  PhiloxStream stream;
 
-  __device__ __forceinline__ GumbelPhilox(uint64_t seed, uint64_t offset)
-      : key0(static_cast<uint32_t>(seed)),
-        key1(static_cast<uint32_t>(seed >> 32)),
-        c2(static_cast<uint32_t>(offset + kStreamGumbel)),
-        c3(static_cast<uint32_t>((offset + kStreamGumbel) >> 32)) {}
+  __device__ __forceinline__ GumbelPhilox(uint64_t seed, uint64_t offset) : stream(seed, offset, kStreamGumbel) {}
 
   template <int kCalls>
   __device__ __forceinline__ void operator()(uint64_t group, Philox4 (&r)[kCalls]) const {
@@ -153,16 +147,15 @@ struct GumbelPhilox {
     for (int c = 0; c < kCalls; ++c) {
       r[c].x[0] = static_cast<uint32_t>(group + c);
       r[c].x[1] = static_cast<uint32_t>((group + c) >> 32);
-      r[c].x[2] = c2;
-      r[c].x[3] = c3;
+      r[c].x[2] = stream.c2;
+      r[c].x[3] = stream.c3;
     }
-    uint32_t k0 = key0, k1 = key1;
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
 #pragma unroll
-      for (int c = 0; c < kCalls; ++c) philox_round(r[c].x[0], r[c].x[1], r[c].x[2], r[c].x[3], k0, k1);
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
+      for (int c = 0; c < kCalls; ++c) {
+        philox_round(r[c].x[0], r[c].x[1], r[c].x[2], r[c].x[3], stream.key.k0[round], stream.key.k1[round]);
+      }
     }
   }
 };
@@ -189,7 +182,7 @@ template <typename scalar_t, typename acc_t>
 struct SampleArgs {
   const scalar_t* z;               // (rows, cols) contiguous
   const int64_t* target;           // (rows,)
-  const int64_t* rng;              // [seed, offset]
+  cuda::RngArg rng;                // [seed, offset]; a draw writes the state it used (block 0)
   acc_t* loss;                     // (rows,)
   acc_t* lse;                      // (rows,)
   int64_t* yhat;                   // (rows,)
@@ -224,43 +217,40 @@ __device__ __forceinline__ void write_row(const SampleArgs<scalar_t, acc_t>& a, 
 // The Gumbel-max step of the chunk at flat index base (t = e·bound + 2^23 of its elements, e =
 // their exp(z - m), bound = exp(m - S + δ)·2^23): the candidates' exact scores merged into
 // `best`; a candidate's logit is read again (a cache hit; the hot path keeps no logits in
-// registers). kFull: every element of the chunk is in the row (the hot path, no masks).
-template <bool kFull, typename scalar_t, typename acc_t, int kElems>
-__device__ __forceinline__ void sample_candidates(const acc_t (&t)[kElems], const bool (&in_row)[kElems],
-                                                  const scalar_t* __restrict__ z, int64_t base, int64_t begin,
+// registers). An edge chunk's elements outside the row [begin, end) (read as -inf, so their t is
+// 2^23, or NaN while the bound is infinite) are skipped among the candidates, where the rare
+// draws are: the per-element tests need no masks.
+template <typename scalar_t, typename acc_t, int kElems>
+__device__ __forceinline__ void sample_candidates(const acc_t (&t)[kElems], const scalar_t* __restrict__ z,
+                                                  int64_t base, int64_t begin, int64_t end,
                                                   const GumbelPhilox& philox, ArgmaxState<acc_t>& best) {
   // 2^23 + v < t whenever 1 - u = (v + 1/2)·2^-23 < e·bound (v is an integer and t is rounded
   // once), so the test only ever adds candidates. t <= 2^23 everywhere: no u can pass, no draw.
   bool need = false;
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) need = need || ((kFull || in_row[e]) && !(t[e] <= acc_t(kTwo23)));  // NaN: needed
+  for (int e = 0; e < kElems; ++e) need = need || !(t[e] <= acc_t(kTwo23));  // NaN: needed
   if (!need) return;
   Philox4 r[kElems / 4];
   philox(static_cast<uint64_t>(base) / 4, r);
-  bool pass[kElems];
-  bool any = false;
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) {
-    pass[e] = (kFull || in_row[e]) && !(static_cast<acc_t>(one_minus_u_bits(r[e / 4].x[e % 4])) >= t[e]);
-    any = any || pass[e];
-  }
-  if (!any) return;
   unsigned cand = 0;
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) cand |= pass[e] ? 1u << e : 0u;
-  do {
+  for (int e = 0; e < kElems; ++e) {
+    cand |= !(static_cast<acc_t>(one_minus_u_bits(r[e / 4].x[e % 4])) >= t[e]) ? 1u << e : 0u;
+  }
+  while (cand != 0) {
     const int e = __ffs(cand) - 1;
     cand &= cand - 1;
+    if (base + e < begin || base + e >= end) continue;
     uint32_t w = r[0].x[0];
 #pragma unroll
     for (int i = 1; i < kElems; ++i) w = e == i ? r[i / 4].x[i % 4] : w;
     const acc_t score = static_cast<acc_t>(z[base + e]) + static_cast<acc_t>(gumbel_from_uint32(w));
     best = argmax_merge<acc_t>(best, ArgmaxState<acc_t>{score, base + e - begin});
-  } while (cand != 0);
+  }
 }
 
 template <typename scalar_t, typename acc_t, bool kBlockMode>
-__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2 : 4)
+__global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min_blocks<acc_t, kBlockMode>())
     cross_entropy_sample_kernel(const SampleArgs<scalar_t, acc_t> a) {
   using C = SampleChunk<scalar_t>;
   using Vec = typename C::Vec;
@@ -272,7 +262,9 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2
   Vec* const stash = reinterpret_cast<Vec*>(smem) + threadIdx.x;  // this thread's chunks (fused gradient)
   const bool fused = a.grad != nullptr;
   const RowLanes<kBlockMode> lanes(a.plan);
-  const GumbelPhilox philox(static_cast<uint64_t>(a.rng[0]), static_cast<uint64_t>(a.rng[1]));
+  const cuda::RngState state = cuda::load_rng(a.rng);
+  cuda::store_rng(a.rng, state);  // a draw's state, for the backward; the merge kernel reads none
+  const GumbelPhilox philox(state.seed, state.offset);
   const int64_t items = a.rows * a.plan.splits;
   if constexpr (kBlockMode) {
     if (threadIdx.x == 0) sh.bound = bound_key(-INFINITY);
@@ -295,31 +287,28 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2
     float shared_bound = -INFINITY;
     int j = lanes.t;
     int64_t base = rc.base(j);
-    for (int it = 0; it < a.plan.iters; ++it, j += lanes.count, base += static_cast<int64_t>(lanes.count) * kElems) {
+    Vec* slot = stash;  // this thread's stash slots of chunk `it` (fused gradient)
+    for (int it = 0; it < a.plan.iters;
+         ++it, j += lanes.count, base += static_cast<int64_t>(lanes.count) * kElems, slot += C::kVecs * kThreads) {
       const bool active = j < rc.n;
-      const bool full = rc.full(j);
       acc_t x[kElems];
-      bool in_row[kElems];
       if (active) {
-        if (full) {
-          Vec v[C::kVecs];
+        Vec v[C::kVecs];
+        if (rc.full(j)) {
 #pragma unroll
           for (int w = 0; w < C::kVecs; ++w) v[w] = reinterpret_cast<const Vec*>(a.z + base)[w];
-          if (fused) {
-#pragma unroll
-            for (int w = 0; w < C::kVecs; ++w) *stash_slot<C, kThreads>(stash, it, w) = v[w];
-          }
-          unpack<C, acc_t>(v, x);
         } else {
           // An edge chunk's elements outside the row read as -inf: they add 0 and never win.
 #pragma unroll
           for (int e = 0; e < kElems; ++e) {
-            in_row[e] = base + e >= rc.begin && base + e < rc.end;
-            const scalar_t raw = in_row[e] ? a.z[base + e] : kNegInf;
-            if (fused) stash_slot<C, kThreads>(stash, it, e / C::kV)->v[e % C::kV] = raw;
-            x[e] = static_cast<acc_t>(raw);
+            v[e / C::kV].v[e % C::kV] = base + e >= rc.begin && base + e < rc.end ? a.z[base + e] : kNegInf;
           }
         }
+        if (fused) {
+#pragma unroll
+          for (int w = 0; w < C::kVecs; ++w) slot[w * kThreads] = v[w];
+        }
+        unpack<C, acc_t>(v, x);
         // The chunk's max raises m once (the sum so far rescaled once).
         acc_t cm = x[0];
 #pragma unroll
@@ -385,13 +374,7 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2
         l.s = l.s + sum[0];
       }
 
-      if (active && valid) {
-        if (full) {
-          sample_candidates<true, scalar_t, acc_t, kElems>(tq, in_row, a.z, base, rc.begin, philox, best);
-        } else {
-          sample_candidates<false, scalar_t, acc_t, kElems>(tq, in_row, a.z, base, rc.begin, philox, best);
-        }
-      }
+      if (active && valid) sample_candidates<scalar_t, acc_t, kElems>(tq, a.z, base, rc.begin, rc.end, philox, best);
     }
 
     // The row's state: group mode's butterfly leaves it in every lane; block mode reduces the
@@ -436,14 +419,16 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, kBlockMode ? 2
     // ce_grad's formula (row_scale 1), 0 on ignored rows. The next row's first barrier or
     // shared-memory write comes after every thread has read sh.lse / sh.yhat.
     if (fused) {
-      for (int it = 0, jj = lanes.t; it < a.plan.iters && jj < rc.n; ++it, jj += lanes.count) {
-        const int64_t base = rc.base(jj);
+      const Vec* slot = stash;
+      int64_t base = rc.base(lanes.t);
+      for (int it = 0, jj = lanes.t; it < a.plan.iters && jj < rc.n;
+           ++it, jj += lanes.count, base += static_cast<int64_t>(lanes.count) * kElems, slot += C::kVecs * kThreads) {
         Vec v[C::kVecs];
 #pragma unroll
-        for (int w = 0; w < C::kVecs; ++w) v[w] = *stash_slot<C, kThreads>(stash, it, w);
+        for (int w = 0; w < C::kVecs; ++w) v[w] = slot[w * kThreads];
         acc_t x[kElems];
         unpack<C, acc_t>(v, x);
-        const int64_t yhat_at = rc.begin + row_yhat - base;  // ŷ's place in the chunk, if there
+        const int yhat_at = place_in_chunk<kElems>(rc.begin + row_yhat - base);
         acc_t y[kElems];
 #pragma unroll
         for (int e = 0; e < kElems; ++e) {

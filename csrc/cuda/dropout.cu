@@ -1,9 +1,10 @@
 // Fused dropout on CUDA: Philox mask + scale in one pass, no mask tensor.
 // Bytes per element: read x, write y (2·sizeof(T)), the floor of any out-of-place elementwise op.
-// Each thread handles chunks of 8 elements, one Philox call (the 16-bit keep test), with 16-byte
-// vector loads and stores (cuda_utils.cuh), in a grid-stride loop. (seed, offset) come from device
-// memory or from torch's generator's Philox state (rng.cuh), so a launch needs no host sync and is
-// safe to capture in a CUDA graph.
+// Warps take the tensor in tiles of 512 elements (warp_tile.cuh): warp-contiguous 16-byte loads and
+// stores, two Philox calls (16 elements) a thread, every load of a tile issued before its Philox
+// rounds, in a grid-stride loop over the tiles. (seed, offset) come from device memory or from
+// torch's generator's Philox state (rng.cuh), so a launch needs no host sync and is safe to capture
+// in a CUDA graph; the round keys are computed once per thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,52 +22,76 @@
 #include "dropout_host.h"
 #include "rng.cuh"
 #include "static_switch.h"
+#include "warp_tile.cuh"
 
 namespace dropreg {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / cuda::kWarpSize;
 
-using cuda::ChunkShape;
-using cuda::load_chunk;
-using cuda::store_chunk;
+template <typename scalar_t>
+using DropoutTile = cuda::WarpTile<scalar_t, kDropoutTileCalls>;
 
-// One Philox call (8 elements at the u16 density) per chunk; kAligned: x and y are 16-byte aligned.
+// The tile at index t: y = m ⊙ x · scale over its elements below n (kFull: all of them, aligned).
+template <bool kFull, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void dropout_tile(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold,
+                                             acc_t scale, const PhiloxStream& philox,
+                                             cuda::WarpWords<DropoutTile<scalar_t>::kCalls>& table, int lane,
+                                             int64_t t) {
+  using Tile = DropoutTile<scalar_t>;
+  const int64_t base = t * Tile::kElems;
+  acc_t v[Tile::kVecs][Tile::kV];
+  // The loads first: their latency hides behind the Philox rounds that do not depend on them.
+  cuda::load_tile<kFull, Tile>(x, base, n, lane, v);
+  Philox4 r[Tile::kCalls];
+#pragma unroll
+  for (int c = 0; c < Tile::kCalls; ++c) {
+    r[c] = philox(Tile::group(t, c, lane));
+  }
+  uint32_t w[Tile::kVecs][Tile::kVecWords];
+  cuda::tile_u16_words<Tile>(r, table, lane, w);
+  cuda::for_each_elem<Tile>(
+      [&](int q, int e) { v[q][e] = keep(vec_u16(w[q], e), threshold) ? v[q][e] * scale : acc_t(0); });
+  cuda::store_tile<kFull, Tile>(y, base, n, lane, v);
+}
+
+// kAligned: x and y are 16-byte aligned. Warp w of the grid takes the full tiles w, w + warps, ...,
+// then the rest (the last tile, or every tile when unaligned) in the same way.
 template <typename scalar_t, typename acc_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
                    const cuda::RngArg rng) {
-  constexpr int kElems = kU16PerGroup;
+  using Tile = DropoutTile<scalar_t>;
+  __shared__ cuda::WarpWords<Tile::kCalls> words[Tile::kOwnCalls ? 1 : kWarps];
   const cuda::RngState state = cuda::load_rng(rng);
   cuda::store_rng(rng, state);
-  const uint64_t seed = state.seed;
-  const uint64_t offset = state.offset;
-  const int64_t chunks = (n + kElems - 1) / kElems;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < chunks;
-       c += stride) {
-    const int64_t base = c * kElems;
-    acc_t v[kElems];
-    // The load first: its latency hides behind the ten Philox rounds that do not depend on it.
-    load_chunk<scalar_t, acc_t, kElems, kAligned>(x, base, n, v);
-    const Philox4 r = philox_group(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(c));
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) v[k] = keep(group_u16(r, k), threshold) ? v[k] * scale : acc_t(0);
-    store_chunk<scalar_t, acc_t, kElems, kAligned>(y, base, n, v);
+  const PhiloxStream philox(state.seed, state.offset, kStreamDropoutMask);
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  cuda::WarpWords<Tile::kCalls>& table = words[Tile::kOwnCalls ? 0 : threadIdx.x / cuda::kWarpSize];
+  const int64_t tiles = Tile::tiles(n);
+  const int64_t full_tiles = kAligned ? Tile::full_tiles(n) : 0;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / cuda::kWarpSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  // The loop bounds are uniform over each warp: its lanes reach the table's syncs together.
+  for (int64_t t = first; t < full_tiles; t += stride) {
+    dropout_tile<true>(x, y, n, threshold, scale, philox, table, lane, t);
+  }
+  for (int64_t t = full_tiles + first; t < tiles; t += stride) {
+    dropout_tile<false>(x, y, n, threshold, scale, philox, table, lane, t);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void launch(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
             const cuda::RngArg& rng) {
-  constexpr int kElems = kU16PerGroup;
-  constexpr uintptr_t kAlign = ChunkShape<scalar_t, kU16PerGroup>::kAlign;
-  const int64_t chunks = (n + kElems - 1) / kElems;
-  const bool aligned = cuda::is_aligned(x, kAlign) && cuda::is_aligned(y, kAlign);
+  using Tile = DropoutTile<scalar_t>;
+  const int64_t tiles = Tile::tiles(n);
+  const bool aligned = cuda::is_aligned(x, Tile::kAlign) && cuda::is_aligned(y, Tile::kAlign);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BOOL_SWITCH(aligned, kAligned, [&] {
     const auto kernel = dropout_kernel<scalar_t, acc_t, kAligned>;
-    const int blocks = cuda::grid_size(kernel, (chunks + kThreads - 1) / kThreads, kThreads);
+    const int blocks = cuda::grid_size(kernel, (tiles + kWarps - 1) / kWarps, kThreads);
     kernel<<<blocks, kThreads, 0, stream>>>(x, y, n, threshold, scale, rng);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

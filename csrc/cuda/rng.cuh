@@ -57,13 +57,15 @@ __device__ __forceinline__ void store_rng(const RngArg& rng, const RngState& sta
   }
 }
 
-// Writes a draw op's state where its op launches no kernel that would (an empty input): one thread.
+// Writes a draw op's state where its op launches no kernel that would (an empty input): one thread;
+// nothing for a given state.
 template <int = 0>
 __global__ void write_rng_kernel(const RngArg rng) {
   store_rng(rng, load_rng(rng));
 }
 
 inline void write_rng(const RngArg& rng, cudaStream_t stream) {
+  if (rng.out == nullptr) return;
   write_rng_kernel<<<1, 1, 0, stream>>>(rng);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

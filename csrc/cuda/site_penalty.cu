@@ -6,18 +6,23 @@
 //                          dh = 2a·g_e²·h + b·g_i·η,  dg_e = 2a·g_e·h²,  dg_i = b·η·h
 //                          bytes/elem: read h, g_e, g_i, write dh, dg_e, dg_i (6·sizeof(T)).
 // Missing g_e / g_i drop their terms and their loads: which ones are given is a template flag, so
-// the loop holds no null checks and a chunk's loads are all issued before its arithmetic. η is the
-// site-noise stream of the logical contiguous index of h (regularizer.h): forward and backward see
-// the same η, never stored. Elements are taken in chunks of 8 (one Philox call of the u16
-// density), with 16-byte vector accesses when every tensor is aligned.
+// the loop holds no null checks and a step's loads are all issued before its arithmetic; so is the
+// noise kind. η is the site-noise stream of the logical contiguous index of h (regularizer.h):
+// forward and backward see the same η, never stored.
 //
-// The forward reduction is deterministic and independent of the device: the chunks are cut into
-// S slabs of P·256 chunks, S and P functions of n only (S <= kMaxSlabs); thread j of a slab sums
-// the slab's chunks j, 256 + j, ... in order (in double), the 256 threads are reduced in a fixed
-// tree and the slab writes one partial per term; a second kernel, one block, sums the S partials
-// in a fixed tree and rounds once to acc_t. Stage 1's grid is one resident wave (from the
-// occupancy calculator) looping over the slabs, so the device only decides which block computes
-// which slab, never what it sums. No atomics.
+// Layout (warp_tile_map.h's SiteRunMap, warp_tile.cuh's accesses): a warp takes the elements in
+// runs of 8 steps of 256 (one u16-density Philox call a lane a step), with warp-contiguous 16-byte
+// accesses. The dropout kind's words reach the lanes through the warp's table each step; Rademacher
+// noise (128 bits a call) takes one call per 128 elements: at the start of a run 16 lanes compute
+// its 16 calls into the table, from which each lane reads the word that holds its vector's bits.
+//
+// The forward reduction is deterministic and independent of the device: the runs are cut into S
+// slabs of P runs a warp (8 warps a slab, so >= 8 chunks of 8 elements a thread), S and P functions
+// of n only (SlabPlan::of, S <= kMaxSlabs); each thread sums its elements in order (in double), the
+// 256 threads are reduced in a fixed tree and the slab writes one partial per term; a second
+// kernel, one block, sums the S partials in a fixed tree and rounds once to acc_t. Stage 1's grid
+// is one resident wave (from the occupancy calculator) looping over the slabs, so the device only
+// decides which block computes which slab, never what it sums. No atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,10 +31,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "dropout.h"
@@ -38,81 +43,97 @@
 #include "rng.cuh"
 #include "site_penalty_host.h"
 #include "static_switch.h"
+#include "warp_tile.cuh"
 
 namespace dropreg {
 namespace {
 
-constexpr int kThreads = 256;        // stage 1 and backward
-constexpr int kFinalThreads = 256;   // stage 2
-constexpr int64_t kMaxSlabs = 8192;  // stage-1 partials: 8 slabs a block on a 1024-block wave,
-                                     // so the last round of slabs leaves few SMs idle
+constexpr int kWarps = SlabPlan::kSlabWarps;          // a block of stage 1 and of the backward
+constexpr int kThreads = kWarps * cuda::kWarpSize;
+constexpr int kFinalThreads = 256;  // stage 2
 
-using cuda::ChunkShape;
 using cuda::is_aligned;
 using cuda::kFullMask;
 using cuda::kWarpSize;
 
+// A step: one u16-density call a lane, 256 elements a warp (SiteRunMap).
+template <typename scalar_t>
+using SiteTile = cuda::WarpTile<scalar_t, 1>;
+constexpr int kRunSteps = SiteRunMap::kRunSteps;
+constexpr int64_t kRunElems = SiteRunMap::kRunElems;
+static_assert(SiteTile<float>::kElems == SiteRunMap::kStepElems, "a step is a tile of one call a lane");
+
 // What every site-noise kernel needs to regenerate η.
 template <typename acc_t>
 struct NoiseParams {
-  int kind;            // NoiseKind
   acc_t amplitude;     // sqrt(q/(1-q)) (rademacher) or q'/(1-q') (dropout, q' quantized)
   uint32_t threshold;  // round(q·2^16), dropout noise only
 };
 
-// Chunks of 8 elements at multiples of 8, which divides both noise densities' calls (8 u16s, 128
-// bits): a chunk lies in one Philox call.
-template <typename scalar_t>
-using SiteChunk = ChunkShape<scalar_t, kU16PerGroup>;
+// η of the lane's elements (kRad: Rademacher noise, else the dropout kind), a run at a time:
+// begin(run) at the start of each run (Rademacher: the run's calls into the table), step() for each
+// of its steps in order, end() after the last; every lane of the warp calls each of them.
+template <bool kRad, typename scalar_t, typename acc_t>
+struct SiteNoise {
+  using Tile = SiteTile<scalar_t>;
+  const PhiloxStream& philox;
+  NoiseParams<acc_t> params;
+  cuda::WarpWords<1>& table;
+  int lane;
 
-// The chunk at flat index base of h and the given g_e / g_i, in acc_t (elements at n and beyond
-// read as 0, never used): one branch for the three, all loads issued before any arithmetic, vector
-// loads when every tensor is aligned (`vec`) and the chunk is whole.
-template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi, int kElems>
-__device__ __forceinline__ void load_site_chunks(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g_e,
-                                                 const scalar_t* __restrict__ g_i, int64_t base, int64_t n, bool vec,
-                                                 acc_t (&hx)[kElems], acc_t (&ex)[kElems], acc_t (&ix)[kElems]) {
-  if (vec && base + kElems <= n) {
-    cuda::load_chunk<scalar_t, acc_t, kElems, true>(h, base, n, hx);
-    if constexpr (kHasGe) cuda::load_chunk<scalar_t, acc_t, kElems, true>(g_e, base, n, ex);
-    if constexpr (kHasGi) cuda::load_chunk<scalar_t, acc_t, kElems, true>(g_i, base, n, ix);
-  } else {
-    cuda::load_chunk<scalar_t, acc_t, kElems, false>(h, base, n, hx);
-    if constexpr (kHasGe) cuda::load_chunk<scalar_t, acc_t, kElems, false>(g_e, base, n, ex);
-    if constexpr (kHasGi) cuda::load_chunk<scalar_t, acc_t, kElems, false>(g_i, base, n, ix);
+  __device__ __forceinline__ void begin(int64_t run_base) {
+    if constexpr (kRad) {
+      if (lane < SiteRunMap::kBitCalls) table.put(lane, philox(SiteRunMap::bit_group(run_base / kRunElems, lane)));
+      table.sync();
+    }
   }
-}
 
-// Stores y at flat index base (elements below n), with vector stores as load_site_chunks.
-template <typename scalar_t, typename acc_t, int kElems>
-__device__ __forceinline__ void store_site_chunk(scalar_t* __restrict__ dst, int64_t base, int64_t n, bool vec,
-                                                 const acc_t (&y)[kElems]) {
-  if (vec && base + kElems <= n) {
-    cuda::store_chunk<scalar_t, acc_t, kElems, true>(dst, base, n, y);
-  } else {
-    cuda::store_chunk<scalar_t, acc_t, kElems, false>(dst, base, n, y);
-  }
-}
-
-// eta[e] = η of flat element base + e (base a multiple of 8: the chunk lies in one Philox call).
-template <typename acc_t, int kElems>
-__device__ __forceinline__ void site_noise_chunk(uint64_t seed, uint64_t offset, int64_t base,
-                                                 const NoiseParams<acc_t>& noise, acc_t (&eta)[kElems]) {
-  static_assert(kU16PerGroup % kElems == 0, "a chunk must lie in one Philox call");
-  const Philox4 r = philox_group(seed, offset, kStreamSiteNoise,
-                                 site_noise_group(static_cast<uint64_t>(base), noise.kind));
+  // η of step s of the run at run_base.
+  __device__ __forceinline__ void step(int64_t run_base, int s, acc_t (&eta)[Tile::kVecs][Tile::kV]) {
+    if constexpr (kRad) {
 #pragma unroll
-  for (int e = 0; e < kElems; ++e) {
-    const uint32_t draw = site_noise_draw(r, static_cast<uint64_t>(base + e), noise.kind);
-    eta[e] = site_noise_value<acc_t>(draw, noise.kind, noise.amplitude, noise.threshold);
+      for (int q = 0; q < Tile::kVecs; ++q) {
+        const int at = SiteRunMap::run_elem(s, Tile::vec_elem(q, lane));
+        const uint32_t bits = table.word(SiteRunMap::bit_word(at)) >> SiteRunMap::bit_shift(at);
+#pragma unroll
+        for (int e = 0; e < Tile::kV; ++e) {
+          eta[q][e] = site_noise_value<acc_t>((bits >> e) & 1u, kRademacher, params.amplitude, 0u);
+        }
+      }
+    } else {
+      const int64_t step = (run_base + SiteRunMap::run_elem(s, 0)) / Tile::kElems;  // its tile index
+      const Philox4 r[1] = {philox(Tile::group(step, 0, lane))};
+      uint32_t w[Tile::kVecs][Tile::kVecWords];
+      cuda::tile_u16_words<Tile>(r, table, lane, w);
+      cuda::for_each_elem<Tile>([&](int q, int e) {
+        eta[q][e] = site_noise_value<acc_t>(vec_u16(w[q], e), kDropoutNoise, params.amplitude, params.threshold);
+      });
+    }
   }
+
+  __device__ __forceinline__ void end() {
+    if constexpr (kRad) table.sync();  // the next run's calls overwrite the table
+  }
+};
+
+// The lane's vectors of h and of the given g_e / g_i at the step at flat index base (all loads
+// issued before any arithmetic).
+template <bool kFull, bool kHasGe, bool kHasGi, typename Tile, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_site_step(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g_e,
+                                               const scalar_t* __restrict__ g_i, int64_t base, int64_t n, int lane,
+                                               acc_t (&hx)[Tile::kVecs][Tile::kV],
+                                               acc_t (&ex)[Tile::kVecs][Tile::kV],
+                                               acc_t (&ix)[Tile::kVecs][Tile::kV]) {
+  cuda::load_tile<kFull, Tile>(h, base, n, lane, hx);
+  if constexpr (kHasGe) cuda::load_tile<kFull, Tile>(g_e, base, n, lane, ex);
+  if constexpr (kHasGi) cuda::load_tile<kFull, Tile>(g_i, base, n, lane, ix);
 }
 
 // (a, b) summed over the block in a fixed tree (warp shuffles, then the warps in index order);
 // the result is valid in thread 0. Every thread of the block must call it.
 template <int kBlockThreads>
 __device__ __forceinline__ void block_sum2(double& a, double& b, double* sh /* [2 · kBlockThreads / 32] */) {
-  constexpr int kWarps = kBlockThreads / kWarpSize;
+  constexpr int kBlockWarps = kBlockThreads / kWarpSize;
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     a += __shfl_down_sync(kFullMask, a, off);
@@ -120,16 +141,16 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* sh /* [
   }
   if (threadIdx.x % kWarpSize == 0) {
     sh[threadIdx.x / kWarpSize] = a;
-    sh[kWarps + threadIdx.x / kWarpSize] = b;
+    sh[kBlockWarps + threadIdx.x / kWarpSize] = b;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     a = 0.0;
     b = 0.0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kBlockWarps; ++w) {
       a += sh[w];
-      b += sh[kWarps + w];
+      b += sh[kBlockWarps + w];
     }
   }
   __syncthreads();  // sh is reused by the next slab
@@ -139,60 +160,65 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* sh /* [
 // site_penalty: stage 1 (per-slab partials) and stage 2 (one block).
 // ---------------------------------------------------------------------------------------------
 
-// The slab layout of the forward reduction: a function of n only.
-struct SlabPlan {
-  int64_t per_thread;  // chunks a thread sums in a slab
-  int64_t slabs;
-};
-
-SlabPlan slab_plan(int64_t n) {
-  const int64_t chunks = (n + kU16PerGroup - 1) / kU16PerGroup;
-  const int64_t per_thread = std::max<int64_t>(1, (chunks + kThreads * kMaxSlabs - 1) / (kThreads * kMaxSlabs));
-  return {per_thread, (chunks + kThreads * per_thread - 1) / (kThreads * per_thread)};
+// The terms of one step added to the lane's sums, element by element in order (an element past n
+// adds +0, which leaves a sum that starts at +0 unchanged).
+template <bool kFull, bool kHasGe, bool kHasGi, bool kRad, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void sum_site_step(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g_e,
+                                              const scalar_t* __restrict__ g_i, int64_t n, int64_t run_base, int s,
+                                              SiteNoise<kRad, scalar_t, acc_t>& noise, double& sum_e,
+                                              double& sum_i) {
+  using Tile = SiteTile<scalar_t>;
+  acc_t hx[Tile::kVecs][Tile::kV], ex[Tile::kVecs][Tile::kV], ix[Tile::kVecs][Tile::kV];
+  load_site_step<kFull, kHasGe, kHasGi, Tile>(h, g_e, g_i, run_base + SiteRunMap::run_elem(s, 0), n, noise.lane, hx,
+                                                ex, ix);
+  if constexpr (kHasGi) {
+    acc_t eta[Tile::kVecs][Tile::kV];
+    noise.step(run_base, s, eta);
+    cuda::for_each_elem<Tile>([&](int q, int e) {
+      sum_i += static_cast<double>(site_implicit_term<acc_t>(ix[q][e], eta[q][e], hx[q][e]));
+    });
+  }
+  if constexpr (kHasGe) {
+    cuda::for_each_elem<Tile>(
+        [&](int q, int e) { sum_e += static_cast<double>(site_explicit_term<acc_t>(ex[q][e], hx[q][e])); });
+  }
 }
 
-// h, g_e, g_i: (n,) flat contiguous (g_e / g_i only read when kHasGe / kHasGi).
-// partials: (2, slabs) double: row 0 explicit, row 1 implicit.
-// Min 4 blocks per SM (<= 64 registers; double with both terms needs more, 2 blocks).
-template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi>
-__global__ void __launch_bounds__(kThreads, sizeof(scalar_t) == 8 && kHasGe && kHasGi ? 2 : 4)
+// h, g_e, g_i: (n,) flat contiguous (g_e / g_i only read when kHasGe / kHasGi); vec: all three
+// 16-byte aligned. partials: (2, slabs) double: row 0 explicit, row 1 implicit.
+template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi, bool kRad>
+__global__ void __launch_bounds__(kThreads)
     site_penalty_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g_e,
                                  const scalar_t* __restrict__ g_i, int64_t n, bool vec, SlabPlan plan,
-                                 NoiseParams<acc_t> noise, const cuda::RngArg rng,
+                                 NoiseParams<acc_t> params, const cuda::RngArg rng,
                                  double* __restrict__ partials) {
-  constexpr int kElems = SiteChunk<scalar_t>::kElems;
-  __shared__ double sh[2 * kThreads / kWarpSize];
+  using Tile = SiteTile<scalar_t>;
+  __shared__ double sh[2 * kWarps];
+  __shared__ cuda::WarpWords<1> words[kWarps];
   const cuda::RngState state = cuda::load_rng(rng);
   cuda::store_rng(rng, state);
-  const uint64_t seed = state.seed;
-  const uint64_t offset = state.offset;
-  const int64_t chunks = (n + kElems - 1) / kElems;
+  const PhiloxStream philox(state.seed, state.offset, kStreamSiteNoise);
+  const int warp = threadIdx.x / kWarpSize;
+  SiteNoise<kRad, scalar_t, acc_t> noise{philox, params, words[warp], static_cast<int>(threadIdx.x % kWarpSize)};
+  // The loop bounds are uniform over each warp (over the block for the slabs): the table's syncs
+  // and block_sum2's barriers are reached by every thread they wait for.
   for (int64_t slab = blockIdx.x; slab < plan.slabs; slab += gridDim.x) {
     // Per-element terms are rounded in acc_t, as in the reference; the running sums are double so
     // that a thread's sequential additions lose nothing a float32 tree sum would keep.
     double sum_e = 0.0;
     double sum_i = 0.0;
-    const int64_t first = slab * plan.per_thread * kThreads + threadIdx.x;
-    for (int64_t i = 0; i < plan.per_thread; ++i) {
-      const int64_t k = first + i * kThreads;
-      if (k >= chunks) break;
-      const int64_t base = k * kElems;
-      acc_t hx[kElems], ex[kElems], ix[kElems];
-      load_site_chunks<scalar_t, acc_t, kHasGe, kHasGi, kElems>(h, g_e, g_i, base, n, vec, hx, ex, ix);
-      if constexpr (kHasGi) {
-        acc_t eta[kElems];
-        site_noise_chunk<acc_t, kElems>(seed, offset, base, noise, eta);
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) {
-          if (base + e < n) sum_i += static_cast<double>(site_implicit_term<acc_t>(ix[e], eta[e], hx[e]));
+    const int64_t first_run = plan.first_run(slab, warp);
+    for (int64_t r = first_run; r < first_run + plan.runs && r * kRunElems < n; ++r) {
+      const int64_t run_base = r * kRunElems;
+      noise.begin(run_base);
+      for (int s = 0; s < kRunSteps; ++s) {
+        if (vec && run_base + SiteRunMap::run_elem(s + 1, 0) <= n) {
+          sum_site_step<true, kHasGe, kHasGi>(h, g_e, g_i, n, run_base, s, noise, sum_e, sum_i);
+        } else {
+          sum_site_step<false, kHasGe, kHasGi>(h, g_e, g_i, n, run_base, s, noise, sum_e, sum_i);
         }
       }
-      if constexpr (kHasGe) {
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) {
-          if (base + e < n) sum_e += static_cast<double>(site_explicit_term<acc_t>(ex[e], hx[e]));
-        }
-      }
+      noise.end();
     }
     block_sum2<kThreads>(sum_e, sum_i, sh);
     if (threadIdx.x == 0) {
@@ -225,50 +251,70 @@ __global__ void __launch_bounds__(kFinalThreads)
 // site_penalty_backward: elementwise.
 // ---------------------------------------------------------------------------------------------
 
-// grad: (2,) acc_t [a, b] on the device; h, dh: (n,); g_e, dg_e (kHasGe) and g_i, dg_i (kHasGi): (n,).
-template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi>
+// One step of the backward: dh, dg_e, dg_i of the lane's elements (those below n).
+template <bool kFull, bool kHasGe, bool kHasGi, bool kRad, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void site_backward_step(acc_t a2, acc_t b, const scalar_t* __restrict__ h,
+                                                   const scalar_t* __restrict__ g_e, const scalar_t* __restrict__ g_i,
+                                                   scalar_t* __restrict__ dh, scalar_t* __restrict__ dg_e,
+                                                   scalar_t* __restrict__ dg_i, int64_t n, int64_t run_base, int s,
+                                                   SiteNoise<kRad, scalar_t, acc_t>& noise) {
+  using Tile = SiteTile<scalar_t>;
+  const int64_t base = run_base + SiteRunMap::run_elem(s, 0);
+  acc_t hx[Tile::kVecs][Tile::kV], ex[Tile::kVecs][Tile::kV], ix[Tile::kVecs][Tile::kV];
+  acc_t dhx[Tile::kVecs][Tile::kV], dgx[Tile::kVecs][Tile::kV];
+  load_site_step<kFull, kHasGe, kHasGi, Tile>(h, g_e, g_i, base, n, noise.lane, hx, ex, ix);
+  cuda::for_each_elem<Tile>([&](int q, int e) { dhx[q][e] = acc_t(0); });
+  if constexpr (kHasGe) {
+    cuda::for_each_elem<Tile>([&](int q, int e) {
+      // 0 + term, as the reference's zeros + ...: a -0 term gives +0 there too.
+      dhx[q][e] = add_rn(dhx[q][e], site_dh_explicit<acc_t>(a2, ex[q][e], hx[q][e]));
+      dgx[q][e] = site_dg_explicit<acc_t>(a2, ex[q][e], hx[q][e]);
+    });
+    cuda::store_tile<kFull, Tile>(dg_e, base, n, noise.lane, dgx);
+  }
+  if constexpr (kHasGi) {
+    acc_t eta[Tile::kVecs][Tile::kV];
+    noise.step(run_base, s, eta);
+    cuda::for_each_elem<Tile>([&](int q, int e) {
+      dhx[q][e] = add_rn(dhx[q][e], site_dh_implicit<acc_t>(b, ix[q][e], eta[q][e]));
+      dgx[q][e] = site_dg_implicit<acc_t>(b, eta[q][e], hx[q][e]);
+    });
+    cuda::store_tile<kFull, Tile>(dg_i, base, n, noise.lane, dgx);
+  }
+  cuda::store_tile<kFull, Tile>(dh, base, n, noise.lane, dhx);
+}
+
+// grad: (2,) acc_t [a, b] on the device; h, dh: (n,); g_e, dg_e (kHasGe) and g_i, dg_i (kHasGi):
+// (n,); vec: all of them 16-byte aligned. Warp w of the grid takes the runs w, w + warps, ...
+template <typename scalar_t, typename acc_t, bool kHasGe, bool kHasGi, bool kRad>
 __global__ void __launch_bounds__(kThreads)
     site_penalty_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ h,
                                  const scalar_t* __restrict__ g_e, const scalar_t* __restrict__ g_i,
                                  scalar_t* __restrict__ dh, scalar_t* __restrict__ dg_e,
-                                 scalar_t* __restrict__ dg_i, int64_t n, bool vec, NoiseParams<acc_t> noise,
+                                 scalar_t* __restrict__ dg_i, int64_t n, bool vec, NoiseParams<acc_t> params,
                                  const cuda::RngArg rng) {
-  constexpr int kElems = SiteChunk<scalar_t>::kElems;
+  using Tile = SiteTile<scalar_t>;
+  __shared__ cuda::WarpWords<1> words[kWarps];
   const acc_t a2 = acc_t(2) * grad[0];
   const acc_t b = grad[1];
   const cuda::RngState state = cuda::load_rng(rng);
-  const uint64_t seed = state.seed;
-  const uint64_t offset = state.offset;
-  const int64_t chunks = (n + kElems - 1) / kElems;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; k < chunks; k += stride) {
-    const int64_t base = k * kElems;
-    acc_t hx[kElems], ex[kElems], ix[kElems], dhx[kElems];
-    load_site_chunks<scalar_t, acc_t, kHasGe, kHasGi, kElems>(h, g_e, g_i, base, n, vec, hx, ex, ix);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) dhx[e] = acc_t(0);
-    if constexpr (kHasGe) {
-      acc_t dgx[kElems];
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        // 0 + term, as the reference's zeros + ...: a -0 term gives +0 there too.
-        dhx[e] = add_rn(dhx[e], site_dh_explicit<acc_t>(a2, ex[e], hx[e]));
-        dgx[e] = site_dg_explicit<acc_t>(a2, ex[e], hx[e]);
+  const PhiloxStream philox(state.seed, state.offset, kStreamSiteNoise);
+  const int warp = threadIdx.x / kWarpSize;
+  SiteNoise<kRad, scalar_t, acc_t> noise{philox, params, words[warp], static_cast<int>(threadIdx.x % kWarpSize)};
+  const int64_t runs = SiteRunMap::runs(n);
+  // Uniform over each warp: the table's syncs are reached by all its lanes.
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp; r < runs;
+       r += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t run_base = r * kRunElems;
+    noise.begin(run_base);
+    for (int s = 0; s < kRunSteps; ++s) {
+      if (vec && run_base + SiteRunMap::run_elem(s + 1, 0) <= n) {
+        site_backward_step<true, kHasGe, kHasGi>(a2, b, h, g_e, g_i, dh, dg_e, dg_i, n, run_base, s, noise);
+      } else {
+        site_backward_step<false, kHasGe, kHasGi>(a2, b, h, g_e, g_i, dh, dg_e, dg_i, n, run_base, s, noise);
       }
-      store_site_chunk<scalar_t, acc_t, kElems>(dg_e, base, n, vec, dgx);
     }
-    if constexpr (kHasGi) {
-      acc_t eta[kElems];
-      acc_t dgx[kElems];
-      site_noise_chunk<acc_t, kElems>(seed, offset, base, noise, eta);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        dhx[e] = add_rn(dhx[e], site_dh_implicit<acc_t>(b, ix[e], eta[e]));
-        dgx[e] = site_dg_implicit<acc_t>(b, eta[e], hx[e]);
-      }
-      store_site_chunk<scalar_t, acc_t, kElems>(dg_i, base, n, vec, dgx);
-    }
-    store_site_chunk<scalar_t, acc_t, kElems>(dh, base, n, vec, dhx);
+    noise.end();
   }
 }
 
@@ -288,7 +334,7 @@ struct SiteInputs {
 
   // Whether the chunks of every given input can be 16-byte vectors.
   bool aligned() const {
-    constexpr uintptr_t kAlign = SiteChunk<scalar_t>::kAlign;
+    constexpr uintptr_t kAlign = SiteTile<scalar_t>::kAlign;
     return is_aligned(h, kAlign) && is_aligned(g_e, kAlign) && is_aligned(g_i, kAlign);
   }
 };
@@ -296,45 +342,50 @@ struct SiteInputs {
 // The noise parameters in acc_t.
 template <typename acc_t>
 NoiseParams<acc_t> noise_params(double q, NoiseKind kind) {
-  return NoiseParams<acc_t>{static_cast<int>(kind),
-                            static_cast<acc_t>(site_noise_amplitude(q, kind)),
-                            dropout_threshold(q)};
+  return NoiseParams<acc_t>{static_cast<acc_t>(site_noise_amplitude(q, kind)), dropout_threshold(q)};
 }
 
-// Stage 1 of the forward and the backward for the given inputs: a template flag each for g_e and
-// g_i (at least one of them is given; no kernel is instantiated for neither).
-template <typename scalar_t, typename acc_t>
-void launch_partials(const SiteInputs<scalar_t>& in, int64_t n, bool vec, const SlabPlan& plan,
-                     const NoiseParams<acc_t>& noise, const cuda::RngArg& rng, double* partials,
-                     cudaStream_t stream) {
-  BOOL_SWITCH(in.g_e != nullptr, kGe, [&] {
-    BOOL_SWITCH(in.g_i != nullptr, kGi, [&] {
-      if constexpr (kGe || kGi) {
-        const auto kernel = site_penalty_partials_kernel<scalar_t, acc_t, kGe, kGi>;
-        kernel<<<cuda::grid_size(kernel, plan.slabs, kThreads), kThreads, 0, stream>>>(
-            in.h, in.g_e, in.g_i, n, vec, plan, noise, rng, partials);
+// Calls launch(kGe, kGi, kRad) with the template flags of the given inputs and noise kind:
+// a flag each for g_e and g_i (at least one is given: nothing is instantiated for neither) and the
+// kind (only with g_i, the one term with noise).
+template <typename Launch>
+void site_switch(bool has_ge, bool has_gi, NoiseKind kind, const Launch& launch) {
+  BOOL_SWITCH(has_ge, kGe, [&] {
+    BOOL_SWITCH(has_gi, kGi, [&] {
+      if constexpr (kGi) {
+        BOOL_SWITCH(kind == kRademacher, kRad, [&] {
+          launch(std::bool_constant<kGe>{}, std::true_type{}, std::bool_constant<kRad>{});
+        });
+      } else if constexpr (kGe) {
+        launch(std::true_type{}, std::false_type{}, std::false_type{});
       }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Stage 1 of the forward for the given inputs.
+template <typename scalar_t, typename acc_t>
+void launch_partials(const SiteInputs<scalar_t>& in, int64_t n, bool vec, const SlabPlan& plan, NoiseKind kind,
+                     const NoiseParams<acc_t>& noise, const cuda::RngArg& rng, double* partials,
+                     cudaStream_t stream) {
+  site_switch(in.g_e != nullptr, in.g_i != nullptr, kind, [&](auto ge, auto gi, auto rad) {
+    const auto kernel = site_penalty_partials_kernel<scalar_t, acc_t, ge.value, gi.value, rad.value>;
+    kernel<<<cuda::grid_size(kernel, plan.slabs, kThreads), kThreads, 0, stream>>>(
+        in.h, in.g_e, in.g_i, n, vec, plan, noise, rng, partials);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_backward(const acc_t* grad, const SiteInputs<scalar_t>& in, scalar_t* dh, scalar_t* dg_e, scalar_t* dg_i,
-                     int64_t n, bool vec, const NoiseParams<acc_t>& noise, const cuda::RngArg& rng,
+                     int64_t n, bool vec, NoiseKind kind, const NoiseParams<acc_t>& noise, const cuda::RngArg& rng,
                      cudaStream_t stream) {
-  constexpr int kElems = SiteChunk<scalar_t>::kElems;
-  const int64_t work = ((n + kElems - 1) / kElems + kThreads - 1) / kThreads;
-  BOOL_SWITCH(in.g_e != nullptr, kGe, [&] {
-    BOOL_SWITCH(in.g_i != nullptr, kGi, [&] {
-      if constexpr (kGe || kGi) {
-        const auto kernel = site_penalty_backward_kernel<scalar_t, acc_t, kGe, kGi>;
-        kernel<<<cuda::grid_size(kernel, work, kThreads), kThreads, 0, stream>>>(
-            grad, in.h, in.g_e, in.g_i, dh, dg_e, dg_i, n, vec, noise, rng);
-      }
-    });
+  const int64_t runs = SiteRunMap::runs(n);
+  site_switch(in.g_e != nullptr, in.g_i != nullptr, kind, [&](auto ge, auto gi, auto rad) {
+    const auto kernel = site_penalty_backward_kernel<scalar_t, acc_t, ge.value, gi.value, rad.value>;
+    kernel<<<cuda::grid_size(kernel, (runs + kWarps - 1) / kWarps, kThreads), kThreads, 0, stream>>>(
+        grad, in.h, in.g_e, in.g_i, dh, dg_e, dg_i, n, vec, noise, rng);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The forward at the state `rng` (a draw op's launch writes the state it drew, whatever the inputs).
@@ -346,19 +397,19 @@ at::Tensor launch_site_penalty(const at::Tensor& h, const std::optional<at::Tens
   const int64_t n = h.numel();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (n == 0 || (!g_e.has_value() && !g_i.has_value())) {
-    if (rng.out != nullptr) cuda::write_rng(rng, stream);
+    cuda::write_rng(rng, stream);
     return out.zero_();
   }
   const at::Tensor hc = h.contiguous();
   const at::Tensor ec = contiguous_or_undefined(g_e);
   const at::Tensor ic = contiguous_or_undefined(g_i);
-  const SlabPlan plan = slab_plan(n);
+  const SlabPlan plan = SlabPlan::of(n);
   at::Tensor partials = at::empty({2 * plan.slabs}, h.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const SiteInputs<scalar_t> in(hc, ec, ic);
-        launch_partials<scalar_t, acc_t>(in, n, in.aligned(), plan, noise_params<acc_t>(q, kind), rng,
+        launch_partials<scalar_t, acc_t>(in, n, in.aligned(), plan, kind, noise_params<acc_t>(q, kind), rng,
                                          partials.data_ptr<double>(), stream);
         site_penalty_final_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
             partials.const_data_ptr<double>(), plan.slabs, out.data_ptr<acc_t>());
@@ -404,14 +455,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr uintptr_t kAlign = SiteChunk<scalar_t>::kAlign;
+        constexpr uintptr_t kAlign = SiteTile<scalar_t>::kAlign;
         const SiteInputs<scalar_t> in(hc, ec, ic);
         scalar_t* dhp = grad_h.data_ptr<scalar_t>();
         scalar_t* dep = ec.defined() ? grad_g_e.data_ptr<scalar_t>() : nullptr;
         scalar_t* dip = ic.defined() ? grad_g_i.data_ptr<scalar_t>() : nullptr;
         const bool vec =
             in.aligned() && is_aligned(dhp, kAlign) && is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
-        launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), in, dhp, dep, dip, n, vec,
+        launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), in, dhp, dep, dip, n, vec, kind,
                                          noise_params<acc_t>(q, kind), cuda::given_rng(rc), stream);
       });
   return {grad_h, grad_g_e, grad_g_i};

@@ -30,6 +30,8 @@ void check_row_values(const at::Tensor& v, const char* name, const at::Tensor& z
 void check_cotangent(const at::Tensor& u, const at::Tensor& z, const char* name = "u");
 
 void check_cross_entropy_sample_args(const at::Tensor& z, const at::Tensor& target, const at::Tensor& rng);
+// The _draw forms: no rng.
+void check_cross_entropy_sample_draw_args(const at::Tensor& z, const at::Tensor& target);
 
 // true_scale: optional per-row scale of G_true.
 void check_true_scale(const std::optional<at::Tensor>& true_scale, const at::Tensor& z);

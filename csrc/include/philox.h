@@ -62,25 +62,59 @@ DROPREG_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, 
   c3 = lo0;
 }
 
-// Round r (0-based) uses key (k0 + r·W0, k1 + r·W1).
-DROPREG_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                          uint32_t k0, uint32_t k1) {
+// The round keys of key (k0, k1): round r (0-based) uses (k0 + r·W0, k1 + r·W1). They depend on
+// the seed only, so a kernel computes them once per thread and every call under that seed reuses
+// them (ten rounds and no key additions a call).
+struct PhiloxKey {
+  uint32_t k0[10];
+  uint32_t k1[10];
+};
+
+DROPREG_HOST_DEVICE PhiloxKey philox_key(uint32_t k0, uint32_t k1) {
+  PhiloxKey key;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    philox_round(c0, c1, c2, c3, k0, k1);
+    key.k0[round] = k0;
+    key.k1[round] = k1;
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+  return key;
+}
+
+DROPREG_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                          const PhiloxKey& key) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) philox_round(c0, c1, c2, c3, key.k0[round], key.k1[round]);
   return Philox4{{c0, c1, c2, c3}};
 }
+
+DROPREG_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                          uint32_t k0, uint32_t k1) {
+  return philox4x32_10(c0, c1, c2, c3, philox_key(k0, k1));
+}
+
+// The calls of stream `stream` under (seed, offset): the round keys and counter words 2-3 are
+// computed once, a call (group g: elements 4g .. 4g+3 at the u32 density) then costs its rounds.
+struct PhiloxStream {
+  PhiloxKey key;
+  uint32_t c2;
+  uint32_t c3;
+
+  DROPREG_HOST_DEVICE PhiloxStream(uint64_t seed, uint64_t offset, uint64_t stream)
+      : key(philox_key(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))),
+        c2(static_cast<uint32_t>(offset + stream)),
+        c3(static_cast<uint32_t>((offset + stream) >> 32)) {}
+
+  DROPREG_HOST_DEVICE Philox4 operator()(uint64_t group) const {
+    return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), c2, c3, key);
+  }
+};
 
 // The four 32-bit draws for elements 4g .. 4g+3 of stream `stream` under (seed, offset).
 DROPREG_HOST_DEVICE Philox4 philox_group(uint64_t seed, uint64_t offset, uint64_t stream,
                                          uint64_t group) {
-  const uint64_t s = offset + stream;
-  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
-                       static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
-                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return PhiloxStream(seed, offset, stream)(group);
 }
 
 // Elements per call of each density, and the draws of element e of a group's words.
