@@ -22,11 +22,11 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cross_entropy.h"
 #include "cross_entropy_avx2.h"
 #include "cross_entropy_avx512.h"
 #include "cross_entropy_host.h"
 #include "fresh_output.h"
-#include "regularizer.h"
 
 namespace dropreg {
 namespace {

@@ -6,7 +6,7 @@
 #include <limits>
 
 #include "cpu_kernels.h"
-#include "regularizer.h"
+#include "cross_entropy.h"
 
 namespace dropreg {
 namespace cpu {

@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "regularizer.h"
 #include "site_penalty_avx2.h"
 #include "site_penalty_avx512.h"
 #include "site_penalty_host.h"

@@ -5,7 +5,7 @@
 // the sums are the AVX-512 path's and the portable loop's bit for bit. Compiled without FMA
 // (DROPREG_AVX2_NO_FMA of dropout_avx2.h): GCC contracts a vector a·b + c into an FMA
 // where it may, and the backward's products and sums must be rounded one by one, in the order of
-// regularizer.h's formulas, to be the reference's bits.
+// site_penalty.h's formulas, to be the reference's bits.
 #pragma once
 
 #include "dropout_avx2.h"

@@ -3,7 +3,7 @@
 // element for Rademacher noise, a 16-bit compare for the dropout kind). The forward keeps 16
 // partial sums per chunk (element k adds to lane k % 16, the lanes summed in order), as the
 // portable loop does; the backward's products and sums are rounded one by one in the order of
-// regularizer.h's formulas (the _round intrinsics are never contracted into FMAs), so dh, dg_e and
+// site_penalty.h's formulas (the _round intrinsics are never contracted into FMAs), so dh, dg_e and
 // dg_i are the reference's bit for bit.
 #pragma once
 

@@ -70,10 +70,10 @@
 #include <limits>
 #include <tuple>
 
+#include "cross_entropy.h"
 #include "cross_entropy_host.h"
 #include "cuda_utils.cuh"
 #include "philox.h"
-#include "regularizer.h"
 
 namespace dropreg {
 namespace {

@@ -7,7 +7,7 @@
 //                          bytes/elem: read h, g_e, g_i, write dh, dg_e, dg_i (6·sizeof(T)).
 // Missing g_e / g_i drop their terms and their loads: which ones are given is a template flag, so
 // the loop holds no null checks and a chunk's loads are all issued before its arithmetic. η is the
-// site-noise stream of the logical contiguous index of h (regularizer.h): forward and backward see
+// site-noise stream of the logical contiguous index of h (site_penalty.h): forward and backward see
 // the same η, never stored. Elements are taken in chunks of 8 (one Philox call of the u16
 // density), with 16-byte vector accesses when every tensor is aligned.
 //
@@ -34,7 +34,7 @@
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "philox.h"
-#include "regularizer.h"
+#include "site_penalty.h"
 #include "site_penalty_host.h"
 #include "static_switch.h"
 
