@@ -223,13 +223,14 @@ void penalty_backward_kernel(acc_t a, acc_t b, const scalar_t* h, const scalar_t
         const acc_t hv = static_cast<acc_t>(h[blk + k]);
         acc_t d = 0;
         if (ge != nullptr) {
-          const acc_t gev = static_cast<acc_t>(ge[blk + k]);
-          d = add_rn(d, site_dh_explicit<acc_t>(a2, gev, hv));  // 0 + term: +0 for a -0 term, as the reference
-          dge[blk + k] = static_cast<scalar_t>(site_dg_explicit<acc_t>(a2, gev, hv));
+          const SitePartGrad<acc_t> part = site_explicit_grad<acc_t>(a2, static_cast<acc_t>(ge[blk + k]), hv);
+          d = add_rn(d, part.dh);  // 0 + term: +0 for a -0 term, as the reference
+          dge[blk + k] = static_cast<scalar_t>(part.dg);
         }
         if (gi != nullptr) {
-          d = add_rn(d, site_dh_implicit<acc_t>(b, static_cast<acc_t>(gi[blk + k]), eta[k]));
-          dgi[blk + k] = static_cast<scalar_t>(site_dg_implicit<acc_t>(b, eta[k], hv));
+          const SitePartGrad<acc_t> part = site_implicit_grad<acc_t>(b, static_cast<acc_t>(gi[blk + k]), eta[k], hv);
+          d = add_rn(d, part.dh);
+          dgi[blk + k] = static_cast<scalar_t>(part.dg);
         }
         dh[blk + k] = static_cast<scalar_t>(d);
       }

@@ -10,42 +10,18 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "philox.h"
 
 namespace dropreg {
 
-// ---------------------------------------------------------------------------------------------
-// exp / log in acc_t. Accurate libm versions on both sides (never __expf/__logf): the Gumbel
-// argmax and the loss are compared against the reference, so the fast intrinsics' error matters.
-// ---------------------------------------------------------------------------------------------
-
-template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t acc_exp(acc_t x) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return expf(x);
-  } else {
-    return exp(x);
-  }
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t acc_log(acc_t x) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return logf(x);
-  } else {
-    return log(x);
-  }
-#else
-  return std::log(x);
-#endif
-}
+// exp / log in acc_t by their libm names on the host and the device alike (never the fast
+// __expf / __logf: the Gumbel argmax and the loss are compared against the reference, so the fast
+// intrinsics' error matters).
+DROPREG_HOST_DEVICE float acc_exp(float x) { return expf(x); }
+DROPREG_HOST_DEVICE double acc_exp(double x) { return exp(x); }
+DROPREG_HOST_DEVICE float acc_log(float x) { return logf(x); }
+DROPREG_HOST_DEVICE double acc_log(double x) { return log(x); }
 
 // ---------------------------------------------------------------------------------------------
 // Gumbel noise (reference.gumbel_noise), always float32 whatever the logits' dtype.

@@ -69,28 +69,22 @@ DROPREG_HOST_DEVICE acc_t site_implicit_term(acc_t g_i, acc_t eta, acc_t h) {
   return g_i * eta * h;
 }
 
-// Backward of a·Σ(g_e h)² + b·Σ g_i η h for one element (a2 = 2a, precomputed once):
-//   dh   = 2a·g_e²·h + b·g_i·η   (either part omitted when its input is missing)
-//   dg_e = 2a·g_e·h²
-//   dg_i = b·η·h
+// Backward of a·Σ(g_e h)² + b·Σ g_i η h for one element, one part at a time (a2 = 2a, precomputed
+// once): dh = 2a·g_e²·h + b·g_i·η (a missing input's part omitted), dg_e = 2a·g_e·h², dg_i = b·η·h.
 template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t site_dh_explicit(acc_t a2, acc_t g_e, acc_t h) {
-  return a2 * g_e * g_e * h;
+struct SitePartGrad {
+  acc_t dh;  // the part's term of dh
+  acc_t dg;  // the gradient of the part's g (dg_e or dg_i)
+};
+
+template <typename acc_t>
+DROPREG_HOST_DEVICE SitePartGrad<acc_t> site_explicit_grad(acc_t a2, acc_t g_e, acc_t h) {
+  return {a2 * g_e * g_e * h, a2 * g_e * h * h};
 }
 
 template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t site_dh_implicit(acc_t b, acc_t g_i, acc_t eta) {
-  return b * g_i * eta;
-}
-
-template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t site_dg_explicit(acc_t a2, acc_t g_e, acc_t h) {
-  return a2 * g_e * h * h;
-}
-
-template <typename acc_t>
-DROPREG_HOST_DEVICE acc_t site_dg_implicit(acc_t b, acc_t eta, acc_t h) {
-  return b * eta * h;
+DROPREG_HOST_DEVICE SitePartGrad<acc_t> site_implicit_grad(acc_t b, acc_t g_i, acc_t eta, acc_t h) {
+  return {b * g_i * eta, b * eta * h};
 }
 
 }  // namespace dropreg
