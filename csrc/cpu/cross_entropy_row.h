@@ -5,7 +5,7 @@
 #include <cmath>
 #include <limits>
 
-#include "cpu_kernels.h"
+#include "blocks.h"
 #include "cross_entropy.h"
 
 namespace dropreg {
