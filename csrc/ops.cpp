@@ -1,4 +1,5 @@
-// Operator schemas of the dropreg namespace and the Python module that carries the build facts.
+// Operator schemas of the dropreg namespace and the Python module that carries the build facts and
+// what the CPU backend did (which dispatch-table rows ran, how many bytes it mapped ahead).
 // Kernels: cpu/*.cpp (CPU) and cuda/*.cu (CUDA). Fakes and autograd: dropreg_ext/ops.py, but dropout's
 // autograd: autograd.cpp.
 #include <Python.h>
@@ -6,6 +7,7 @@
 
 #include <string>
 
+#include "cpu/fresh_output.h"
 #include "cpu/isa.h"
 
 namespace {
@@ -43,6 +45,19 @@ PyObject* cpu_entries_used(PyObject*, PyObject*) {
   return used;
 }
 
+PyObject* cpu_prefault(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(cpu::prefault_enabled());
+  } catch (const c10::Error& e) {  // DROPREG_CPU_PREFAULT holds something else than 0 or 1
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* cpu_prefaulted_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(cpu::g_prefaulted_bytes.load(std::memory_order_relaxed));
+}
+
 PyObject* reset_cpu_entries_used(PyObject*, PyObject*) {
   for (auto& bits : cpu::g_entries_used) bits.store(0, std::memory_order_relaxed);
   Py_RETURN_NONE;
@@ -58,6 +73,11 @@ PyMethodDef kMethods[] = {
      "{op: [the rows of its CPU dispatch table ('avx512', 'avx2', 'default') that ran since the last "
      "reset_cpu_entries_used()]}; 'exp_log' is the float exp/log arrays (SLEEF, or libm for 'default')."},
     {"reset_cpu_entries_used", reset_cpu_entries_used, METH_NOARGS, "Clears what cpu_entries_used() reports."},
+    {"cpu_prefault", cpu_prefault, METH_NOARGS,
+     "Whether the CPU kernels map a fresh output's pages ahead of its writers (DROPREG_CPU_PREFAULT=1, the "
+     "default, or 0)."},
+    {"cpu_prefaulted_bytes", cpu_prefaulted_bytes, METH_NOARGS,
+     "The bytes of fresh outputs the CPU kernels have mapped ahead of their writers in this process."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
