@@ -1,8 +1,8 @@
 // Loads and stores of f32 / f16 / bf16 (and masks of lanes) as float registers, for the AVX-512 and
 // AVX2 loops of every op. x86-64 with GCC only (isa.h: DROPREG_X86_SIMD).
 //
-// To float: exact (f16 by F16C, bf16 by a shift). From float: f16 by F16C, bf16 on the bits; both
-// round to nearest even, and a NaN stored as bf16 is 0x7FC0, as c10's conversions give.
+// To float: exact (f16 by F16C, bf16 by a shift). From float: f16 by F16C, bf16 on the bits, each as
+// c10's conversions round (docs/numerics.md).
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -17,8 +17,8 @@
 
 namespace dropreg {
 
-// a + b rounded on its own: nvcc contracts x·y + c into one FMA by default, which would round
-// dh = 2a·g_e²·h + b·g_i·η differently from the reference's separate multiply and add.
+// a + b rounded on its own, never fused with the product before it (nvcc contracts by default; the
+// rounding rules: docs/numerics.md).
 template <typename acc_t>
 DROPREG_HOST_DEVICE acc_t add_rn(acc_t a, acc_t b) {
 #if defined(__CUDA_ARCH__)
