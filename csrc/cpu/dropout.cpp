@@ -48,8 +48,8 @@ void dropout_blocks(const scalar_t* x, scalar_t* y, int64_t n, int64_t first, ui
   for (int64_t begin = 0; begin < n; begin += kMaskBlockElems) {
     cpu::philox_block<isa>(seed, offset, kStreamDropoutMask, static_cast<uint64_t>((first + begin) / kU16PerGroup), u);
     const int64_t count = std::min(kMaskBlockElems, n - begin);
-    cpu::compiled_for<isa, &apply_block_body<scalar_t, acc_t>>(x + begin, y + begin, static_cast<const uint32_t*>(u), count,
-                                                                 threshold, scale);
+    cpu::compiled_for<isa, &apply_block_body<scalar_t, acc_t>>(x + begin, y + begin, static_cast<const uint32_t*>(u),
+                                                                 count, threshold, scale);
   }
 }
 

@@ -26,8 +26,10 @@
 // Without FMA, for loops whose products and sums are each rounded (docs/numerics.md) and for
 // helpers that any AVX2 loop may inline.
 #define DROPREG_AVX2_NO_FMA __attribute__((target("avx2,f16c")))
+#define DROPREG_COMPILED_FOR __attribute__((noipa, visibility("hidden")))  // see CompiledFor
 #else
 #define DROPREG_X86_SIMD 0
+#define DROPREG_COMPILED_FOR
 #endif
 
 // A function whose body is inlined into every caller: the loops compiled_for compiles per ISA.
@@ -89,9 +91,8 @@ decltype(auto) with_cpu_isa(F&& f) {
 // instruction set. This is how a table's AVX2 and AVX-512 rows run the portable loops they have no
 // hand-written loop for (the target_clones("avx512f", "avx2", "default") of before, picked by the
 // table rather than by the CPU alone, so that the cap holds for them too). Opaque to its callers
-// (noipa: not inlined into them nor specialized for their constant arguments), as those clones
-// were, and called directly (hidden: not through the shared library's PLT).
-#define DROPREG_COMPILED_FOR __attribute__((noipa, visibility("hidden")))
+// (DROPREG_COMPILED_FOR: not inlined into them nor specialized for their constant arguments), as
+// those clones were, and called directly (not through the shared library's PLT).
 
 template <Isa isa>
 struct CompiledFor {  // kPortable: the build's baseline
