@@ -40,7 +40,6 @@
 #include "cross_entropy_host.h"
 #include "cross_entropy_sample_kernel.cuh"
 #include "cuda_utils.cuh"
-#include "regularizer.h"
 #include "static_switch.h"
 
 namespace dropreg {

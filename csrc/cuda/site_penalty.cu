@@ -7,7 +7,7 @@
 //                          bytes/elem: read h, g_e, g_i, write dh, dg_e, dg_i (6·sizeof(T)).
 // Missing g_e / g_i drop their terms and their loads: which ones are given is a template flag, so
 // the loop holds no null checks and a chunk's loads are all issued before its arithmetic. η is the
-// site-noise stream of the logical contiguous index of h (regularizer.h): forward and backward see
+// site-noise stream of the logical contiguous index of h (site_penalty.h): forward and backward see
 // the same η, never stored. Elements are taken in chunks of 8 (one Philox call of the u16
 // density), with 16-byte vector accesses when every tensor is aligned.
 //
@@ -34,8 +34,8 @@
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "philox.h"
-#include "regularizer.h"
 #include "rng.cuh"
+#include "site_penalty.h"
 #include "site_penalty_host.h"
 #include "static_switch.h"
 
@@ -252,8 +252,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
         // 0 + term, as the reference's zeros + ...: a -0 term gives +0 there too.
-        dhx[e] = add_rn(dhx[e], site_dh_explicit<acc_t>(a2, ex[e], hx[e]));
-        dgx[e] = site_dg_explicit<acc_t>(a2, ex[e], hx[e]);
+        const SitePartGrad<acc_t> part = site_explicit_grad<acc_t>(a2, ex[e], hx[e]);
+        dhx[e] = add_rn(dhx[e], part.dh);
+        dgx[e] = part.dg;
       }
       store_site_chunk<scalar_t, acc_t, kElems>(dg_e, base, n, vec, dgx);
     }
@@ -263,8 +264,9 @@ __global__ void __launch_bounds__(kThreads)
       site_noise_chunk<acc_t, kElems>(seed, offset, base, noise, eta);
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
-        dhx[e] = add_rn(dhx[e], site_dh_implicit<acc_t>(b, ix[e], eta[e]));
-        dgx[e] = site_dg_implicit<acc_t>(b, eta[e], hx[e]);
+        const SitePartGrad<acc_t> part = site_implicit_grad<acc_t>(b, ix[e], eta[e], hx[e]);
+        dhx[e] = add_rn(dhx[e], part.dh);
+        dgx[e] = part.dg;
       }
       store_site_chunk<scalar_t, acc_t, kElems>(dg_i, base, n, vec, dgx);
     }
