@@ -96,7 +96,9 @@ def _extension(cpp_extension):
     sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp", "draw.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    # -ffp-contract=off: no multiply-add fused by the compiler where the kernels round each product and
+    # sum on its own (docs/numerics.md); FMAs only where the intrinsics ask for them.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"]  # torch >= 2.10 headers need C++20
     archs = ""
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS

@@ -1,5 +1,5 @@
 // The argument checks of every op, for the CPU and CUDA launchers alike (declared in the *_host.h
-// headers, regularizer.h and checks.h), defined once and compiled by the host compiler: the .cu
+// headers and checks.h), defined once and compiled by the host compiler: the .cu
 // files keep only launches and kernels (flash-attention's layout, its api .cpp beside its kernels).
 #include <ATen/ATen.h>
 
@@ -12,7 +12,6 @@
 #include "checks.h"
 #include "cross_entropy_host.h"
 #include "dropout_host.h"
-#include "regularizer.h"
 #include "site_penalty_host.h"
 
 namespace dropreg {

@@ -1,4 +1,5 @@
-// Operator schemas of the dropreg namespace and the Python module that carries the build facts.
+// Operator schemas of the dropreg namespace and the Python module that carries the build facts and
+// what the CPU backend did (which dispatch-table rows ran, how many bytes it mapped ahead).
 // Kernels: cpu/*.cpp (CPU) and cuda/*.cu (CUDA). Fakes and autograd: dropreg_ext/ops.py, but dropout's
 // autograd: autograd.cpp.
 #include <Python.h>
@@ -6,11 +7,12 @@
 
 #include <string>
 
-namespace dropreg {
-const char* dropout_cpu_capability();  // cpu/dropout.cpp: "avx512", "avx2" or "default"
-}  // namespace dropreg
+#include "cpu/fresh_output.h"
+#include "cpu/isa.h"
 
 namespace {
+
+namespace cpu = dropreg::cpu;
 
 const char* const kBuildInfo =
     "{\"torch\": \"" DROPREG_TORCH_VERSION "\", \"cuda\": \"" DROPREG_CUDA_VERSION
@@ -19,14 +21,63 @@ const char* const kBuildInfo =
 
 PyObject* build_info(PyObject*, PyObject*) { return PyUnicode_FromString(kBuildInfo); }
 
-PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(dropreg::dropout_cpu_capability()); }
+PyObject* cpu_capability(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::isa_name(cpu::cpu_isa())); }
+
+PyObject* cpu_entries_used(PyObject*, PyObject*) {
+  PyObject* used = PyDict_New();
+  if (used == nullptr) return nullptr;
+  for (int op = 0; op < static_cast<int>(cpu::CpuOp::kCount); ++op) {
+    PyObject* rows = PyList_New(0);
+    const unsigned bits = cpu::g_entries_used[op].load(std::memory_order_relaxed);
+    for (int isa = 0; rows != nullptr && isa < cpu::kIsaCount; ++isa) {
+      if ((bits >> isa & 1u) == 0) continue;
+      PyObject* name = PyUnicode_FromString(cpu::isa_name(static_cast<cpu::Isa>(isa)));
+      if (name == nullptr || PyList_Append(rows, name) != 0) Py_CLEAR(rows);
+      Py_XDECREF(name);
+    }
+    if (rows == nullptr || PyDict_SetItemString(used, cpu::kCpuOpNames[op], rows) != 0) {
+      Py_XDECREF(rows);
+      Py_DECREF(used);
+      return nullptr;
+    }
+    Py_DECREF(rows);
+  }
+  return used;
+}
+
+PyObject* cpu_prefault(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(cpu::prefault_enabled());
+  } catch (const c10::Error& e) {  // DROPREG_CPU_PREFAULT holds something else than 0 or 1
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* cpu_prefaulted_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(cpu::g_prefaulted_bytes.load(std::memory_order_relaxed));
+}
+
+PyObject* reset_cpu_entries_used(PyObject*, PyObject*) {
+  for (auto& bits : cpu::g_entries_used) bits.store(0, std::memory_order_relaxed);
+  Py_RETURN_NONE;
+}
 
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "JSON string: torch and CUDA versions the extension was built against, archs, backends."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
-     "The CPU dropout path of this process: 'avx512', 'avx2', or 'default' (portable loops); "
+     "The CPU loops of this process, for every op: 'avx512', 'avx2', or 'default' (portable loops); "
      "DROPREG_CPU_CAPABILITY=avx2 or =default caps it."},
+    {"cpu_entries_used", cpu_entries_used, METH_NOARGS,
+     "{op: [the rows of its CPU dispatch table ('avx512', 'avx2', 'default') that ran since the last "
+     "reset_cpu_entries_used()]}; 'exp_log' is the float exp/log arrays (SLEEF, or libm for 'default')."},
+    {"reset_cpu_entries_used", reset_cpu_entries_used, METH_NOARGS, "Clears what cpu_entries_used() reports."},
+    {"cpu_prefault", cpu_prefault, METH_NOARGS,
+     "Whether the CPU kernels map a fresh output's pages ahead of its writers (DROPREG_CPU_PREFAULT=1, the "
+     "default, or 0)."},
+    {"cpu_prefaulted_bytes", cpu_prefaulted_bytes, METH_NOARGS,
+     "The bytes of fresh outputs the CPU kernels have mapped ahead of their writers in this process."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};

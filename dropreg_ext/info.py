@@ -13,7 +13,9 @@ def main() -> None:
         print(f"extension dropreg_ext._C: built against torch {built['torch']}, "
               f"CUDA {built['cuda'] or '-'}, archs {built['cuda_archs'] or '-'}")
         print(f"compiled backends: {', '.join(built['backends'])}")
-        print(f"CPU dropout path: {info['cpu_dropout_path']} (DROPREG_CPU_CAPABILITY=avx2 or =default caps it)")
+        print(f"CPU loops of every op: {info['cpu_dropout_path']} (DROPREG_CPU_CAPABILITY=avx2 or =default caps it)")
+        mapping = "on" if dr._ext.C.cpu_prefault() else "off"
+        print(f"CPU fresh-output page mapping: {mapping} (DROPREG_CPU_PREFAULT=0 turns it off)")
     else:
         print("extension dropreg_ext._C: NOT loaded (reference fallback in use)")
     print(f"triton: {'available' if info['triton'] else 'not installed'}")

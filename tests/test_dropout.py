@@ -746,9 +746,10 @@ def test_tolerance_table_covers_every_dtype():
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_lower_cpu_paths_pass_the_cpu_kernel_tests(capability):
     """The tests run the widest vector loops this CPU has (AVX-512 or AVX2); this reruns the CPU cases
-    of dropout, cross-entropy, the site penalty and the special values with
+    of dropout, cross-entropy, the site penalty, the special values and the fuzz tests with
     DROPREG_CPU_CAPABILITY capped lower: the AVX2 loops (dropout, the cross-entropy sample and
-    gradient, the site penalty) and the portable loops every other CPU takes."""
+    gradient, the site penalty) and the portable loops every other CPU takes (test_cpu_backend.py
+    checks that every op then runs only the capped row of its table)."""
     order = ["default", "avx2", "avx512"]
     if order.index(dr._ext.C.cpu_capability()) <= order.index(capability):
         pytest.skip(f"this CPU takes the {dr._ext.C.cpu_capability()!r} path: the tests above ran it")
@@ -756,7 +757,8 @@ def test_lower_cpu_paths_pass_the_cpu_kernel_tests(capability):
     child = [sys.executable, "-c", "import dropreg_ext as dr; print(dr._ext.C.cpu_capability())"]
     assert subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout.strip() == capability
     here = pathlib.Path(__file__).parent
-    names = ("test_dropout.py", "test_cross_entropy.py", "test_site_penalty.py", "test_special_values.py")
+    names = ("test_dropout.py", "test_cross_entropy.py", "test_site_penalty.py", "test_special_values.py",
+             "test_fuzz.py")
     files = [str(here / name) for name in names]
     run_tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                  "-k", "cpu and not cuda and not lower_cpu_paths"]

@@ -35,7 +35,7 @@ def add_rn(a, b):
 
     Triton's compiler contracts ``x * y + c`` into one FMA (``enable_fp_fusion`` is on by default),
     which skips the rounding of the product that the reference and the C++/CUDA kernels
-    (``regularizer.h`` add_rn) do. libdevice's add_rn is never contracted; the interpreter has no
+    (``site_penalty.h`` add_rn) do. libdevice's add_rn is never contracted; the interpreter has no
     libdevice, but it computes with NumPy, which rounds every operation anyway.
     """
     if INTERPRETED:

@@ -1,9 +1,10 @@
 // Cross-entropy with a sampled label on the CPU (reference.cross_entropy_sample,
 // cross_entropy_sample_grad, ce_grad, ce_grad_backward). Rows run in parallel; each row is read
 // from memory once, in 128-element blocks of flat indices: per block the max (online, earlier
-// sums rescaled), Σ exp(z - max) and the Gumbel-max argmax, with exp/log by SLEEF (cpu_kernels.h).
-// For float accumulation on AVX-512 CPUs the block runs from the registers
-// (cross_entropy_avx512.h), the same arithmetic in the same order. The fused op keeps the row's
+// sums rescaled), Σ exp(z - max) and the Gumbel-max argmax, with exp/log by SLEEF (exp_log.h).
+// For float accumulation the ISA's row of the cross-entropy table (loops.h) runs the blocks and
+// rows from the registers (cross_entropy_avx512.h, cross_entropy_avx2.h), the same arithmetic in
+// the same order as the portable loops below, which run elsewhere. The fused op keeps the row's
 // exp(z - max) in a per-thread buffer (a row of 50k floats fits in L2) and writes G from it, so z
 // is read once and G written once. The Gumbel draws use the global element index r·C + c, so ŷ
 // does not depend on threading.
@@ -21,16 +22,19 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernels.h"
-#include "cross_entropy_avx2.h"
-#include "cross_entropy_avx512.h"
+#include "blocks.h"
+#include "cross_entropy.h"
 #include "cross_entropy_host.h"
+#include "cross_entropy_row.h"
+#include "exp_log.h"
 #include "fresh_output.h"
-#include "regularizer.h"
+#include "isa.h"
+#include "loops.h"
 
 namespace dropreg {
 namespace {
 
+using cpu::Isa;
 using cpu::kBlockElems;
 using cpu::kSumLanes;  // Σ exp(z - m): partials in double, summed in lane order at the row's end
 
@@ -40,63 +44,37 @@ int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int6
 // Exact Gumbel scores z + G for the elements k[0..n) of a block (G as in reference.gumbel_noise:
 // the same SLEEF log, so the same bits), merged into `best` in index order. zb and ub are indexed
 // by the same offsets k; the column of offset k is first_col + k.
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k, int64_t n,
                         int64_t first_col, float* scratch, ArgmaxState<acc_t>& best) {
   for (int64_t j = 0; j < n; ++j) scratch[j] = uniform_open01(ub[k[j]]);
-  cpu::vlog_inplace(scratch, n);
+  cpu::vlog<isa>(scratch, n);
   for (int64_t j = 0; j < n; ++j) scratch[j] = -scratch[j];
-  cpu::vlog_inplace(scratch, n);
+  cpu::vlog<isa>(scratch, n);
   for (int64_t j = 0; j < n; ++j) {
     const acc_t score = static_cast<acc_t>(zb[k[j]]) + static_cast<acc_t>(-scratch[j]);
     best = argmax_merge<acc_t>(best, {score, first_col + k[j]});
   }
 }
 
-// Whether the AVX-512 loops (cross_entropy_avx512.h) run: float accumulation on a CPU that has them.
-template <typename acc_t>
-bool use_avx512() {
-#if DROPREG_HAVE_AVX512_CE
-  static const bool avx512 = cpu::cpu_has_avx512();
-  return std::is_same_v<acc_t, float> && avx512;
-#else
-  return false;
-#endif
-}
+// ---------------------------------------------------------------------------------------------
+// The portable loops, each with the contract of its table entry (loops.h: CrossEntropyLoops):
+// every row's loops for f64 logits, the portable row's for all, and the AVX2 row's rows.
+// ---------------------------------------------------------------------------------------------
 
-// Whether the AVX2 sample loop (cross_entropy_avx2.h) runs: float accumulation, AVX2 but no AVX-512.
-template <typename acc_t>
-bool use_avx2() {
-#if DROPREG_HAVE_AVX2_CE
-  static const bool avx2 = cpu::cpu_path() == cpu::CpuPath::kAvx2;
-  return std::is_same_v<acc_t, float> && avx2;
-#else
-  return false;
-#endif
-}
-
-// The offsets 0, 1, ..., kBlockElems - 1: the candidates of a block on the exact path.
-struct AllOffsets {
-  alignas(64) int32_t k[kBlockElems];
-  AllOffsets() {
-    for (int32_t j = 0; j < kBlockElems; ++j) k[j] = j;
-  }
-};
-const AllOffsets kAllOffsets;
-
-// The portable sample_block (cross_entropy_avx512.h has the AVX-512 one, which does the same
-// arithmetic in the same order; only its exp differs, within 2 ulp): the offsets [lo, hi) of the
-// 128-element block at flat index blk (z points there) update the row state `st`; e[k] =
-// exp(z[k] - m) at offsets [lo, hi) (e is the fused gradient's row buffer, or a block's), their
-// sum into partial k % kSumLanes (the block's 8 elements of a lane summed in acc_t first, in
-// order); u[0..128) the Gumbel u32 of the block; the candidates of the filter (see
-// cross_entropy_sample_rows) into cand, or the offsets [lo, hi) on the exact path. Returns their
-// number and points *cand_out at them.
-template <typename scalar_t, typename acc_t>
-int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<acc_t>& st, uint64_t seed,
-                     uint64_t offset, uint64_t first_call, acc_t* e, uint32_t* u, int32_t* cand,
-                     const int32_t** cand_out) {
+// The offsets [lo, hi) of the 128-element block at flat index blk (z points there) update the row
+// state `st`; e[k] = exp(z[k] - m) at offsets [lo, hi) (stored at e_out when not null: the fused
+// gradient's row buffer), their sum into partial k % kSumLanes (the block's 8 elements of a lane
+// summed in acc_t first, in order); u[0..128) the Gumbel u32 of the block (stream: offset +
+// kStreamGumbel); the candidates of the filter (see sample_row) into cand, all of [lo, hi) on the
+// exact path. Returns their number. The AVX-512 loop does the same arithmetic in the same order;
+// only its exp differs, within 2 ulp.
+template <Isa isa, typename scalar_t, typename acc_t>
+int64_t sample_block_portable(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<acc_t>& st, uint64_t seed,
+                     uint64_t stream, uint64_t first_call, acc_t* e_out, uint32_t* u, int32_t* cand) {
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t e_block[kBlockElems];
+  acc_t* e = e_out != nullptr ? e_out : e_block;
   acc_t block_max = -kInf;
   for (int64_t k = lo; k < hi; ++k) {
     const acc_t x = static_cast<acc_t>(z[k]);
@@ -107,7 +85,7 @@ int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<ac
   }
   if (block_max > st.m) st.raise_max(block_max);
   for (int64_t k = lo; k < hi; ++k) e[k] -= st.m;
-  cpu::vexp_inplace(e + lo, hi - lo);
+  cpu::vexp<isa>(e + lo, hi - lo);
   if (st.m > -kInf) {  // while m = -inf every value so far is -inf and adds 0 (e would be NaN)
     for (int lane = 0; lane < kSumLanes; ++lane) {
       acc_t lane_sum = 0;
@@ -115,38 +93,83 @@ int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<ac
       st.partial[lane] += static_cast<double>(lane_sum);
     }
   }
-  cpu::philox_block(seed, offset, kStreamGumbel, first_call, u);
-  if (st.nonfinite || !(st.bound < kInf)) {
-    *cand_out = kAllOffsets.k + lo;
-    return hi - lo;
-  }
+  cpu::philox_block<isa>(seed, 0, stream, first_call, u);
+  const bool exact = st.nonfinite || !(st.bound < kInf);
   int64_t count = 0;
   for (int64_t k = lo; k < hi; ++k) {
     const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(u[k]));
     cand[count] = static_cast<int32_t>(k);
-    count += one_minus_u < e[k] * st.bound;
+    count += exact || one_minus_u < e[k] * st.bound;
   }
-  *cand_out = cand;
   return count;
 }
 
-// G's row: g[c] = (exp(z[c] - l) - [c == y]) · s.
+// g[k] = (e[k]·f - [k == y])·s for the offsets k in [lo, hi) of a block.
 template <typename scalar_t, typename acc_t>
-void grad_row(const scalar_t* zr, int64_t C, acc_t l, int64_t y, acc_t s, acc_t* p, scalar_t* gr) {
-#if DROPREG_HAVE_AVX512_CE
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx512<acc_t>()) return cpu::grad_row<scalar_t>(zr, C, l, y, s, gr);
-  }
-#endif
-  for (int64_t c0 = 0; c0 < C; c0 += kBlockElems) {
-    const int64_t n = std::min(kBlockElems, C - c0);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(zr[c0 + k]) - l;
-    cpu::vexp_inplace(p, n);
-    for (int64_t k = 0; k < n; ++k) {
-      gr[c0 + k] = static_cast<scalar_t>((p[k] - (c0 + k == y ? acc_t(1) : acc_t(0))) * s);
+void scale_block_portable(const acc_t* e, int64_t lo, int64_t hi, acc_t f, int64_t y, acc_t s, scalar_t* g) {
+  for (int64_t k = lo; k < hi; ++k) g[k] = static_cast<scalar_t>((e[k] * f - (k == y ? acc_t(1) : acc_t(0))) * s);
+}
+
+// G's row: g[c] = (exp(z[c] - l) - [c == y]) · s.
+template <Isa isa, typename scalar_t, typename acc_t>
+void grad_row_portable(const scalar_t* z, int64_t n, acc_t l, int64_t y, acc_t s, scalar_t* g) {
+  alignas(64) acc_t p[kBlockElems];
+  for (int64_t c0 = 0; c0 < n; c0 += kBlockElems) {
+    const int64_t m = std::min(kBlockElems, n - c0);
+    for (int64_t k = 0; k < m; ++k) p[k] = static_cast<acc_t>(z[c0 + k]) - l;
+    cpu::vexp<isa>(p, m);
+    for (int64_t k = 0; k < m; ++k) {
+      g[c0 + k] = static_cast<scalar_t>((p[k] - (c0 + k == y ? acc_t(1) : acc_t(0))) * s);
     }
   }
 }
+
+// p[k] = exp(z[k] - l) and w[k] = u_g[k] + s·u_t[k] (a null cotangent: 0) into the row buffers p and
+// w, and partial[k % kSumLanes] += p[k]·w[k] in double.
+template <Isa isa, typename scalar_t, typename acc_t>
+void softmax_dot2_row_portable(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, acc_t s, int64_t n, acc_t l,
+                      acc_t* p, acc_t* w, double* partial) {
+  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<acc_t>(z[k]) - l;
+  cpu::vexp<isa>(p, n);
+  for (int64_t k = 0; k < n; ++k) {
+    w[k] = (u_g != nullptr ? static_cast<acc_t>(u_g[k]) : acc_t(0)) +
+           (u_t != nullptr ? s * static_cast<acc_t>(u_t[k]) : acc_t(0));
+    partial[k % kSumLanes] += p[k] * w[k];
+  }
+}
+
+// g[k] = s·p[k]·(u[k] - pu) (ce_grad_backward_element).
+template <typename scalar_t, typename acc_t>
+void softmax_vjp_row_portable(const acc_t* p, const acc_t* u, int64_t n, acc_t pu, acc_t s, scalar_t* g) {
+  for (int64_t k = 0; k < n; ++k) g[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], u[k], pu, s));
+}
+
+// g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]).
+template <typename scalar_t, typename acc_t>
+void softmax_vjp2_row_portable(const acc_t* p, const acc_t* w, int64_t n, acc_t pw, acc_t gl, int64_t y, scalar_t* g) {
+  for (int64_t k = 0; k < n; ++k) {
+    g[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? acc_t(1) : acc_t(0))));
+  }
+}
+
+// The loops of isa's row: its table entries where it has them, else the portable loops above.
+template <Isa isa, typename scalar_t, typename acc_t>
+struct RowLoops {
+  static constexpr cpu::CrossEntropyLoops<scalar_t, acc_t> kRow = cpu::kCrossEntropyLoops<isa, scalar_t, acc_t>;
+  static constexpr auto sample_block = cpu::entry_or(kRow.sample_block, &sample_block_portable<isa, scalar_t, acc_t>);
+  static constexpr auto scale_block = cpu::entry_or(kRow.scale_block, &scale_block_portable<scalar_t, acc_t>);
+  static constexpr auto grad_row = cpu::entry_or(kRow.grad_row, &grad_row_portable<isa, scalar_t, acc_t>);
+  static constexpr auto softmax_dot2_row =
+      cpu::entry_or(kRow.softmax_dot2_row, &softmax_dot2_row_portable<isa, scalar_t, acc_t>);
+  static constexpr auto softmax_vjp_row =
+      cpu::entry_or(kRow.softmax_vjp_row, &softmax_vjp_row_portable<scalar_t, acc_t>);
+  static constexpr auto softmax_vjp2_row =
+      cpu::entry_or(kRow.softmax_vjp2_row, &softmax_vjp2_row_portable<scalar_t, acc_t>);
+};
+
+// ---------------------------------------------------------------------------------------------
+// The rows.
+// ---------------------------------------------------------------------------------------------
 
 // Per parallel task: the fused gradient's row buffer (e = exp(z - m_b) of every column, after a
 // block of padding, since a row's first block starts up to 127 columns before it) and the running
@@ -170,11 +193,10 @@ struct GradRowBuffer {
 // they get the reference's exact score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is
 // seen, the rest of the row takes the exact path. With `grad`, the e of every column and the m of
 // every block stay in its buffer for the gradient.
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uint64_t seed, uint64_t offset,
                                 GradRowBuffer<acc_t>* grad) {
   alignas(64) uint32_t u[kBlockElems];
-  alignas(64) acc_t e_block[kBlockElems];
   alignas(64) float scratch[kBlockElems];
   alignas(64) int32_t cand[kBlockElems];
   cpu::RowState<acc_t> st;
@@ -183,31 +205,11 @@ cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uin
   for (int64_t blk = begin - begin % kBlockElems; blk < end; blk += kBlockElems, ++b) {
     const int64_t lo = std::max(begin, blk) - blk;
     const int64_t hi = std::min(end, blk + kBlockElems) - blk;
-    acc_t* e = grad != nullptr ? grad->col(blk - begin) : e_block;
-    const uint64_t first_call = static_cast<uint64_t>(blk) / 4;
-    const int32_t* candidates = cand;
-    int64_t count = -1;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      float* e_out = grad != nullptr ? e : nullptr;
-      const uint64_t stream = offset + kStreamGumbel;
-#if DROPREG_HAVE_AVX512_CE
-      if (use_avx512<acc_t>()) {
-        count = cpu::sample_block<scalar_t>(z + blk, lo, hi, st, seed, stream, first_call, e_out, u, cand);
-      }
-#endif
-#if DROPREG_HAVE_AVX2_CE
-      if (use_avx2<acc_t>()) {
-        count = cpu::sample_block_avx2<scalar_t>(z + blk, lo, hi, st, seed, stream, first_call, e_out, u, cand);
-      }
-#endif
-      (void)e_out;
-      (void)stream;
-    }
-    if (count < 0) {
-      count = sample_block<scalar_t, acc_t>(z + blk, lo, hi, st, seed, offset, first_call, e, u, cand, &candidates);
-    }
+    acc_t* e_out = grad != nullptr ? grad->col(blk - begin) : nullptr;
+    const int64_t count = RowLoops<isa, scalar_t, acc_t>::sample_block(
+        z + blk, lo, hi, st, seed, offset + kStreamGumbel, static_cast<uint64_t>(blk) / 4, e_out, u, cand);
     if (count > 0) {  // most blocks have none once a best score exists
-      merge_exact_scores<scalar_t, acc_t>(z + blk, u, candidates, count, blk - begin, scratch, st.best);
+      merge_exact_scores<isa, scalar_t, acc_t>(z + blk, u, cand, count, blk - begin, scratch, st.best);
       st.update_bound();
     }
     if (grad != nullptr) grad->block_max[b] = st.m;
@@ -219,10 +221,11 @@ cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uin
 // exp(z_c - m_b), m_b the running max after c's block b), rounded once to scalar_t: no second exp
 // and no second read of z. A row with a non-finite logit takes ce_grad's formula instead, which
 // gives the reference's values for ±inf and NaN.
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, int64_t y, acc_t s, bool finite,
                       GradRowBuffer<acc_t>& buf, scalar_t* g) {
-  if (!finite) return grad_row<scalar_t, acc_t>(z + begin, C, lse, y, s, buf.e.data(), g + begin);
+  using Loops = RowLoops<isa, scalar_t, acc_t>;
+  if (!finite) return Loops::grad_row(z + begin, C, lse, y, s, g + begin);
   const int64_t end = begin + C;
   int64_t b = 0;
   // f changes only where the running max does (a few times a row), so it is computed only there.
@@ -235,27 +238,8 @@ void grad_from_sample(const scalar_t* z, int64_t begin, int64_t C, acc_t lse, in
       f_max = buf.block_max[b];
       f = static_cast<acc_t>(std::exp(static_cast<double>(f_max) - static_cast<double>(lse)));
     }
-    const acc_t* e = buf.col(blk - begin);
     const int64_t y_off = begin + y - blk;  // the label's offset in this block (outside [lo, hi): not here)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const int64_t y_in = y_off >= lo && y_off < hi ? y_off : -1;
-#if DROPREG_HAVE_AVX512_CE
-      if (use_avx512<acc_t>()) {
-        cpu::scale_block<scalar_t>(e, lo, hi, f, y_in, s, g + blk);
-        continue;
-      }
-#endif
-#if DROPREG_HAVE_AVX2_CE
-      if (use_avx2<acc_t>()) {
-        cpu::scale_block_avx2<scalar_t>(e, lo, hi, f, y_in, s, g + blk);
-        continue;
-      }
-#endif
-      (void)y_in;
-    }
-    for (int64_t k = lo; k < hi; ++k) {
-      g[blk + k] = static_cast<scalar_t>((e[k] * f - (k == y_off ? acc_t(1) : acc_t(0))) * s);
-    }
+    Loops::scale_block(buf.col(blk - begin), lo, hi, f, y_off >= lo && y_off < hi ? y_off : -1, s, g + blk);
   }
 }
 
@@ -283,9 +267,32 @@ void parallel_rows(int64_t N, int64_t C, std::initializer_list<scalar_t*> outs, 
   }
 }
 
+// The rows of an op whose labels are label[0..N) and whose fresh N x C output is `out`, in
+// parallel: row(r, y, gr, p, w) for each row r whose label y is a class (gr: its output row; p, w:
+// the thread's row buffers of C values where `buffers`, else null); a row of ignore_index gets
+// zeros and ignored(r).
+template <typename scalar_t, typename acc_t, typename Row, typename Ignored>
+void labelled_rows(int64_t N, int64_t C, const int64_t* label, int64_t ignore_index, const char* name, bool buffers,
+                   scalar_t* out, const Row& row, const Ignored& ignored) {
+  parallel_rows(N, C, {out}, [&] {
+    const size_t row_buffer = buffers ? static_cast<size_t>(C) : 0;
+    return [&, p = std::vector<acc_t>(row_buffer), w = std::vector<acc_t>(row_buffer)](int64_t r0, int64_t r1) mutable {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* gr = out + r * C;
+        if (labelled_row(label[r], r, C, ignore_index, name)) {
+          row(r, label[r], gr, p.data(), w.data());
+        } else {
+          std::fill(gr, gr + C, scalar_t(0));
+          ignored(r);
+        }
+      }
+    };
+  });
+}
+
 // The sample of every row; `grad` (nullable) receives the sampled label's gradient G and
 // `grad_true` (nullable, with true_scale) the true label's G_true.
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t N, int64_t C,
                                int64_t ignore_index, uint64_t seed, uint64_t offset, acc_t* loss,
                                acc_t* lse_out, int64_t* yhat, scalar_t* grad, const acc_t* true_scale,
@@ -299,7 +306,7 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
         const int64_t t = target[r];
         const bool valid = labelled_row(t, r, C, ignore_index, "target");
         const cpu::RowState<acc_t> st =
-            sample_row<scalar_t, acc_t>(z, r * C, C, seed, offset, buf ? &*buf : nullptr);
+            sample_row<isa, scalar_t, acc_t>(z, r * C, C, seed, offset, buf ? &*buf : nullptr);
         const acc_t lse = st.lse();
         lse_out[r] = lse;
         loss[r] = valid ? lse - static_cast<acc_t>(zr[t]) : acc_t(0);
@@ -308,7 +315,7 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
                                std::tuple{grad_true, t, true_scale ? true_scale[r] : acc_t(0)}}) {
           if (g == nullptr) continue;
           if (valid) {
-            grad_from_sample<scalar_t, acc_t>(z, r * C, C, lse, y, s, !st.nonfinite, *buf, g);
+            grad_from_sample<isa, scalar_t, acc_t>(z, r * C, C, lse, y, s, !st.nonfinite, *buf, g);
           } else {
             std::fill(g + r * C, g + (r + 1) * C, scalar_t(0));
           }
@@ -318,90 +325,45 @@ void cross_entropy_sample_rows(const scalar_t* z, const int64_t* target, int64_t
   });
 }
 
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void ce_grad_rows(const scalar_t* z, const acc_t* lse, const int64_t* label, const acc_t* row_scale,
                   int64_t N, int64_t C, int64_t ignore_index, scalar_t* out) {
-  parallel_rows(N, C, {out}, [&] {
-    return [&, p = std::vector<acc_t>(kBlockElems)](int64_t r0, int64_t r1) mutable {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* zr = z + r * C;
-        scalar_t* gr = out + r * C;
-        const int64_t y = label[r];
-        if (!labelled_row(y, r, C, ignore_index, "label")) {
-          std::fill(gr, gr + C, scalar_t(0));
-          continue;
-        }
-        grad_row<scalar_t, acc_t>(zr, C, lse[r], y, row_scale[r], p.data(), gr);
-      }
-    };
-  });
+  labelled_rows<scalar_t, acc_t>(
+      N, C, label, ignore_index, "label", false, out,
+      [&](int64_t r, int64_t y, scalar_t* gr, acc_t*, acc_t*) {
+        RowLoops<isa, scalar_t, acc_t>::grad_row(z + r * C, C, lse[r], y, row_scale[r], gr);
+      },
+      [](int64_t) {});
 }
 
 // ⟨p, w⟩ of one row with p = exp(z - l) and w = u_g + s·u_t (null cotangents: 0) kept in the row
-// buffers p and w: partial[k % kSumLanes] += p_k·w_k in double, summed in lane order (as the
-// AVX-512 loop).
-template <typename scalar_t, typename acc_t>
-acc_t softmax_dot2_row(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, acc_t s, int64_t C, acc_t l,
-                       acc_t* p, acc_t* w) {
+// buffers p and w: partial[k % kSumLanes] += p_k·w_k in double, summed in lane order.
+template <Isa isa, typename scalar_t, typename acc_t>
+acc_t softmax_dot2(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, acc_t s, int64_t C, acc_t l, acc_t* p,
+                   acc_t* w) {
   alignas(64) double partial[kSumLanes] = {};
-  bool done = false;
-#if DROPREG_HAVE_AVX512_CE
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx512<acc_t>()) {
-      cpu::softmax_dot2_row<scalar_t>(z, u_g, u_t, s, C, l, p, w, partial);
-      done = true;
-    }
-  }
-#endif
-  if (!done) {
-    for (int64_t k = 0; k < C; ++k) p[k] = static_cast<acc_t>(z[k]) - l;
-    cpu::vexp_inplace(p, C);
-    for (int64_t k = 0; k < C; ++k) {
-      w[k] = (u_g != nullptr ? static_cast<acc_t>(u_g[k]) : acc_t(0)) +
-             (u_t != nullptr ? s * static_cast<acc_t>(u_t[k]) : acc_t(0));
-      partial[k % kSumLanes] += p[k] * w[k];
-    }
-  }
+  RowLoops<isa, scalar_t, acc_t>::softmax_dot2_row(z, u_g, u_t, s, C, l, p, w, partial);
   double sum = 0;
   for (const double part : partial) sum += part;
   return static_cast<acc_t>(sum);
 }
 
 // VJP of ce_grad per row: ⟨p, u⟩ in a first pass that keeps p = exp(z - lse) and u in per-thread
-// row buffers (softmax_dot2_row, below), then grad_z = s·p ⊙ (u - ⟨p, u⟩) from the buffers: z and u
-// are read from memory once, one exp per element.
-template <typename scalar_t, typename acc_t>
+// row buffers (softmax_dot2), then grad_z = s·p ⊙ (u - ⟨p, u⟩) from the buffers: z and u are read
+// from memory once, one exp per element.
+template <Isa isa, typename scalar_t, typename acc_t>
 void ce_grad_backward_rows(const scalar_t* u, const scalar_t* z, const acc_t* lse, const int64_t* label,
                            const acc_t* row_scale, int64_t N, int64_t C, int64_t ignore_index,
                            scalar_t* grad_z, acc_t* grad_scale) {
-  parallel_rows(N, C, {grad_z}, [&] {
-    return [&, p = std::vector<acc_t>(static_cast<size_t>(C)), w = std::vector<acc_t>(static_cast<size_t>(C))](
-               int64_t r0, int64_t r1) mutable {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* zr = z + r * C;
+  labelled_rows<scalar_t, acc_t>(
+      N, C, label, ignore_index, "label", true, grad_z,
+      [&](int64_t r, int64_t y, scalar_t* gr, acc_t* p, acc_t* w) {
         const scalar_t* ur = u + r * C;
-        scalar_t* gr = grad_z + r * C;
-        const int64_t y = label[r];
-        if (!labelled_row(y, r, C, ignore_index, "label")) {
-          std::fill(gr, gr + C, scalar_t(0));
-          grad_scale[r] = 0;
-          continue;
-        }
-        const acc_t s = row_scale[r];
-        const acc_t pu = softmax_dot2_row<scalar_t, acc_t>(zr, ur, nullptr, acc_t(0), C, lse[r], p.data(), w.data());
+        const acc_t pu = softmax_dot2<isa, scalar_t, acc_t>(z + r * C, ur, nullptr, acc_t(0), C, lse[r], p, w);
         grad_scale[r] = pu - static_cast<acc_t>(ur[y]);
-#if DROPREG_HAVE_AVX512_CE
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (use_avx512<acc_t>()) {
-            cpu::softmax_vjp_row<scalar_t>(p.data(), w.data(), C, pu, s, gr);
-            continue;
-          }
-        }
-#endif
-        for (int64_t k = 0; k < C; ++k) gr[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], w[k], pu, s));
-      }
-    };
-  });
+        RowLoops<isa, scalar_t, acc_t>::softmax_vjp_row(p, w, C, pu, row_scale[r], gr);
+      },
+      [&](int64_t r) { grad_scale[r] = 0; });
 }
 
 // loss, lse, ŷ and, with `with_grad`, the fused gradient G (an undefined tensor otherwise), and
@@ -426,11 +388,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cp
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cross_entropy_sample_rows<scalar_t, acc_t>(
-        z.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
-        static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]), loss.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
-        with_true ? scale.const_data_ptr<acc_t>() : nullptr, with_true ? grad_true.data_ptr<scalar_t>() : nullptr);
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(with_grad ? cpu::CpuOp::kCrossEntropySampleGrad : cpu::CpuOp::kCrossEntropySample, isa);
+      cross_entropy_sample_rows<isa, scalar_t, acc_t>(
+          z.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), N, C, ignore_index,
+          static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]), loss.data_ptr<acc_t>(),
+          lse.data_ptr<acc_t>(), yhat.data_ptr<int64_t>(), with_grad ? grad.data_ptr<scalar_t>() : nullptr,
+          with_true ? scale.const_data_ptr<acc_t>() : nullptr, with_true ? grad_true.data_ptr<scalar_t>() : nullptr);
+    });
   });
   return {loss, lse, yhat, grad, grad_true};
 }
@@ -451,39 +416,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
 // grad_z = p ⊙ (w - ⟨p, w⟩) + gl·(p - onehot(y)), w = u_g + s·u_t, in two passes of which the
 // second reads the row buffers p and w (in cache): z and the cotangents are read from memory once,
 // one exp per element, one fresh N x C output.
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void sample_grad_backward_rows(const acc_t* grad_loss, const scalar_t* u_g, const scalar_t* u_t, const scalar_t* z,
                                const acc_t* lse, const int64_t* target, const acc_t* true_scale, int64_t N, int64_t C,
                                int64_t ignore_index, scalar_t* grad_z) {
-  parallel_rows(N, C, {grad_z}, [&] {
-    return [&, p = std::vector<acc_t>(static_cast<size_t>(C)), w = std::vector<acc_t>(static_cast<size_t>(C))](
-               int64_t r0, int64_t r1) mutable {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* gr = grad_z + r * C;
-        const int64_t y = target[r];
-        if (!labelled_row(y, r, C, ignore_index, "target")) {
-          std::fill(gr, gr + C, scalar_t(0));
-          continue;
-        }
+  labelled_rows<scalar_t, acc_t>(
+      N, C, target, ignore_index, "target", true, grad_z,
+      [&](int64_t r, int64_t y, scalar_t* gr, acc_t* p, acc_t* w) {
         const acc_t s = true_scale != nullptr ? true_scale[r] : acc_t(0);
         const acc_t gl = grad_loss != nullptr ? grad_loss[r] : acc_t(0);
-        const acc_t pw = softmax_dot2_row<scalar_t, acc_t>(z + r * C, u_g ? u_g + r * C : nullptr,
-                                                           u_t ? u_t + r * C : nullptr, s, C, lse[r], p.data(),
-                                                           w.data());
-#if DROPREG_HAVE_AVX512_CE
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (use_avx512<acc_t>()) {
-            cpu::softmax_vjp2_row<scalar_t>(p.data(), w.data(), C, pw, gl, y, gr);
-            continue;
-          }
-        }
-#endif
-        for (int64_t k = 0; k < C; ++k) {
-          gr[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? acc_t(1) : acc_t(0))));
-        }
-      }
-    };
-  });
+        const acc_t pw = softmax_dot2<isa, scalar_t, acc_t>(z + r * C, u_g ? u_g + r * C : nullptr,
+                                                            u_t ? u_t + r * C : nullptr, s, C, lse[r], p, w);
+        RowLoops<isa, scalar_t, acc_t>::softmax_vjp2_row(p, w, C, pw, gl, y, gr);
+      },
+      [](int64_t) {});
 }
 
 at::Tensor cross_entropy_sample_grad_backward_cpu(const std::optional<at::Tensor>& grad_loss,
@@ -500,12 +446,15 @@ at::Tensor cross_entropy_sample_grad_backward_cpu(const std::optional<at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_sample_grad_backward_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    sample_grad_backward_rows<scalar_t, acc_t>(
-        gl.defined() ? gl.const_data_ptr<acc_t>() : nullptr, ug.defined() ? ug.const_data_ptr<scalar_t>() : nullptr,
-        ut.defined() ? ut.const_data_ptr<scalar_t>() : nullptr, z.const_data_ptr<scalar_t>(),
-        lse.contiguous().const_data_ptr<acc_t>(), target.contiguous().const_data_ptr<int64_t>(),
-        ts.defined() ? ts.const_data_ptr<acc_t>() : nullptr, z.size(0), z.size(1), ignore_index,
-        grad_z.data_ptr<scalar_t>());
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(cpu::CpuOp::kCrossEntropySampleGradBackward, isa);
+      sample_grad_backward_rows<isa, scalar_t, acc_t>(
+          gl.defined() ? gl.const_data_ptr<acc_t>() : nullptr, ug.defined() ? ug.const_data_ptr<scalar_t>() : nullptr,
+          ut.defined() ? ut.const_data_ptr<scalar_t>() : nullptr, z.const_data_ptr<scalar_t>(),
+          lse.contiguous().const_data_ptr<acc_t>(), target.contiguous().const_data_ptr<int64_t>(),
+          ts.defined() ? ts.const_data_ptr<acc_t>() : nullptr, z.size(0), z.size(1), ignore_index,
+          grad_z.data_ptr<scalar_t>());
+    });
   });
   return grad_z;
 }
@@ -517,10 +466,13 @@ at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::
   at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ce_grad_rows<scalar_t, acc_t>(z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
-                                  label.contiguous().const_data_ptr<int64_t>(),
-                                  row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0), z.size(1),
-                                  ignore_index, out.data_ptr<scalar_t>());
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(cpu::CpuOp::kCeGrad, isa);
+      ce_grad_rows<isa, scalar_t, acc_t>(z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
+                                         label.contiguous().const_data_ptr<int64_t>(),
+                                         row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0), z.size(1),
+                                         ignore_index, out.data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -536,10 +488,13 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, 
   at::Tensor grad_scale = at::empty_like(row_scale, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ce_grad_backward_rows<scalar_t, acc_t>(
-        u.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
-        label.contiguous().const_data_ptr<int64_t>(), row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0),
-        z.size(1), ignore_index, grad_z.data_ptr<scalar_t>(), grad_scale.data_ptr<acc_t>());
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(cpu::CpuOp::kCeGradBackward, isa);
+      ce_grad_backward_rows<isa, scalar_t, acc_t>(
+          u.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<acc_t>(),
+          label.contiguous().const_data_ptr<int64_t>(), row_scale.contiguous().const_data_ptr<acc_t>(), z.size(0),
+          z.size(1), ignore_index, grad_z.data_ptr<scalar_t>(), grad_scale.data_ptr<acc_t>());
+    });
   });
   return {grad_z, grad_scale};
 }

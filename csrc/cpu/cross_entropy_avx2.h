@@ -1,28 +1,28 @@
 // AVX2 inner loops of the CPU cross-entropy sample pass (cross_entropy.cpp), for float
-// accumulation on CPUs with AVX2 + FMA + F16C and no AVX-512: the AVX-512 sample_block
+// accumulation on CPUs with AVX2 + FMA + F16C and no AVX-512: sample_block_avx512
 // (cross_entropy_avx512.h) at 8 logits a register, the same arithmetic in the same order (the
 // 16 partial sums: elements 8j..8j+7 of the block go to partials 0..7 for even j, 8..15 for odd),
-// with the Philox draws of dropout_avx2.h. Its exp is the AVX-512 one's polynomial; below -87.3
-// (where exp is subnormal) it gives 0: those elements add nothing the lse can see and cannot win
-// the Gumbel-max (that needs z > S - 16.6).
+// with the Philox draws of philox16 (philox_simd.h). Its exp is the AVX-512 one's polynomial; below
+// -87.3 (where exp is subnormal) it gives 0: those elements add nothing the lse can see and cannot
+// win the Gumbel-max (that needs z > S - 16.6).
 #pragma once
 
-#include "cpu_kernels.h"
-#include "cross_entropy_row.h"
-#include "dropout_avx2.h"
-
-#if DROPREG_HAVE_AVX2_DROPOUT && DROPREG_X86_SLEEF
+#include <immintrin.h>
 
 #include <limits>
 #include <type_traits>
 
-#define DROPREG_HAVE_AVX2_CE 1
+#include "blocks.h"
+#include "cross_entropy_row.h"
+#include "isa.h"
+#include "load_store_simd.h"
+#include "philox_simd.h"
 
 namespace dropreg {
 namespace cpu {
 
-// exp(x) for x <= 0 (see the header): x = n·ln2 + r, e^r by its degree-7 Taylor polynomial, 2^n
-// built in the exponent bits; x < -87.3, -inf and NaN give 0.
+// exp(x) for x <= 0: exp_nonpositive_avx512 at half the width (its ISA twin): x = n·ln2 + r, e^r by
+// its degree-7 Taylor polynomial, 2^n built in the exponent bits; x < -87.3, -inf and NaN give 0.
 DROPREG_AVX2 inline __m256 exp_nonpositive_avx2(__m256 x) {
   const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);  // false for NaN
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
@@ -49,7 +49,7 @@ inline int in_row_lanes(int64_t lo, int64_t hi, int j) {
   return bits;
 }
 
-// One 128-element block of the sample pass: the AVX-512 sample_block's contract (z points at flat
+// One 128-element block of the sample pass: sample_block_avx512's contract (z points at flat
 // index blk, [lo, hi) the offsets that belong to the row, e_out nullable, u[0..128) the draws,
 // candidates into cand), 8 logits a register.
 template <typename scalar_t>
@@ -137,7 +137,7 @@ DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi
   return count;
 }
 
-// The AVX-512 scale_block's contract (g[k] = (e[k]·f - [k == y])·s for the offsets [lo, hi), the
+// scale_block_avx512's contract (g[k] = (e[k]·f - [k == y])·s for the offsets [lo, hi), the
 // values of a finite row), 8 a register; a row's first and last blocks element by element.
 template <typename scalar_t>
 DROPREG_AVX2 void scale_block_avx2(const float* e, int64_t lo, int64_t hi, float f, int64_t y, float s, scalar_t* g) {
@@ -165,7 +165,3 @@ DROPREG_AVX2 void scale_block_avx2(const float* e, int64_t lo, int64_t hi, float
 
 }  // namespace cpu
 }  // namespace dropreg
-
-#else
-#define DROPREG_HAVE_AVX2_CE 0
-#endif

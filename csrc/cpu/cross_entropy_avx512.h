@@ -1,23 +1,22 @@
 // AVX-512 inner loops of the CPU cross-entropy kernels (cross_entropy.cpp), for float accumulation
 // (f32, f16, bf16 logits), 16 logits a register, in the order of the portable loops beside their
 // callers (the 16 partial sums included). G and the exact Gumbel scores use SLEEF's u10 exp/log,
-// the functions torch.exp/log use (cpu_kernels.h), so G and ŷ are the reference's bit for bit; the
-// log-sum-exp's sum uses an inline exp within 2 ulp of it (exp_nonpositive), so lse agrees with the
-// portable path to rounding, as it does with torch.logsumexp.
+// the functions torch.exp/log use (exp_log.h), so G and ŷ are the reference's bit for bit; the
+// log-sum-exp's sum uses an inline exp within 2 ulp of it (exp_nonpositive_avx512), so lse agrees
+// with the portable path to rounding, as it does with torch.logsumexp.
 #pragma once
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <limits>
 
-#include "cpu_kernels.h"
+#include "blocks.h"
 #include "cross_entropy_row.h"
-#include "dropout_avx512.h"
-
-#if DROPREG_HAVE_AVX512_DROPOUT && DROPREG_X86_SLEEF
-
-#include <limits>
-
-#define DROPREG_HAVE_AVX512_CE 1
+#include "exp_log.h"
+#include "isa.h"
+#include "load_store_simd.h"
+#include "philox_simd.h"
 
 namespace dropreg {
 namespace cpu {
@@ -27,7 +26,7 @@ namespace cpu {
 // scalef. x < -104 (where exp is below the least subnormal), -inf and NaN give 0. For the
 // log-sum-exp's sum and the candidate filter only: the sum is within rounding of SLEEF's (the lse
 // is a rounded value anyway), the filter has a 1e-3 margin; G and the exact Gumbel scores keep SLEEF.
-DROPREG_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+DROPREG_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // NaN -> -104 (vmaxps returns its second operand)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -42,13 +41,6 @@ DROPREG_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-
-// Lanes [lo, hi) of a 16-lane register, lo and hi clamped to [0, 16].
-DROPREG_AVX512 inline __mmask16 lanes_between(int64_t lo, int64_t hi) {
-  const int64_t a = lo < 0 ? 0 : (lo > 16 ? 16 : lo);
-  const int64_t b = hi < 0 ? 0 : (hi > 16 ? 16 : hi);
-  return b <= a ? static_cast<__mmask16>(0) : static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
 // philox32's registers t[0..3] (128-bit lane L of t[r]: call 4L + r's four words) in element
@@ -69,14 +61,15 @@ DROPREG_AVX512 inline void calls_to_elements(const __m512i* t, __m512i* u) {
 // which [lo, hi) (offsets from blk) belong to the row. `z` points at flat index blk. In the order
 // of the portable loops of cross_entropy.cpp: the block max (NaN never wins) and the non-finite
 // flags; the running max and the earlier partial sums rescaled when it grows; e = exp(z - m)
-// (exp_nonpositive) and their sum, added over the 8 registers in order, into the 16 double partials;
+// (exp_nonpositive_avx512) and their sum, added over the 8 registers in order, into the 16 double partials;
 // e stored at e_out[0..128) when e_out is not null (the fused gradient's row buffer); the u32
 // draws stored at u[0..128); the offsets of the elements that may beat the best score so far
 // (the filter of cross_entropy.cpp: 1 - u < e·bound; every element of the row when `exact`)
 // into cand in increasing order. Returns their number.
 template <typename scalar_t>
-DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
-                                    uint64_t stream, uint64_t first_call, float* e_out, uint32_t* u, int32_t* cand) {
+DROPREG_AVX512 int64_t sample_block_avx512(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st,
+                                           uint64_t seed, uint64_t stream, uint64_t first_call, float* e_out,
+                                           uint32_t* u, int32_t* cand) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: QNaN, +inf, -inf, SNaN
   const bool full = lo == 0 && hi == kBlockElems;   // every block but a row's first and last
@@ -121,7 +114,7 @@ DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, R
   __m512 sum = _mm512_setzero_ps();
   int64_t count = 0;
   for (int j = 0; j < 8; ++j) {
-    __m512 e = exp_nonpositive(_mm512_sub_ps(x[j], mv));
+    __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(x[j], mv));
     if (!full) e = _mm512_maskz_mov_ps(in[j], e);
     sum = _mm512_add_ps(sum, e);
     if (e_out != nullptr) _mm512_mask_storeu_ps(e_out + 16 * j, in[j], e);
@@ -154,7 +147,8 @@ DROPREG_AVX512 int64_t sample_block(const scalar_t* z, int64_t lo, int64_t hi, R
 // block: a gradient's softmax from the sample pass's e = exp(z - m_b) and f = exp(m_b - lse) (y:
 // the label's offset in the block, or -1; s: the row's scale), in the order of ce_grad's formula.
 template <typename scalar_t>
-DROPREG_AVX512 void scale_block(const float* e, int64_t lo, int64_t hi, float f, int64_t y, float s, scalar_t* g) {
+DROPREG_AVX512 void scale_block_avx512(const float* e, int64_t lo, int64_t hi, float f, int64_t y, float s,
+                                       scalar_t* g) {
   const __m512 fv = _mm512_set1_ps(f), sv = _mm512_set1_ps(s), one = _mm512_set1_ps(1.0f);
   for (int j = 0; j < 8; ++j) {
     const __mmask16 in = lanes_between(lo - 16 * j, hi - 16 * j);
@@ -168,7 +162,7 @@ DROPREG_AVX512 void scale_block(const float* e, int64_t lo, int64_t hi, float f,
 // g[k] = (exp(float(z[k]) - l) - [k == y]) · s for k < n, rounded to scalar_t: the row of ce_grad
 // (y < 0 or ≥ n: no one-hot in this row).
 template <typename scalar_t>
-DROPREG_AVX512 void grad_row(const scalar_t* z, int64_t n, float l, int64_t y, float s, scalar_t* g) {
+DROPREG_AVX512 void grad_row_avx512(const scalar_t* z, int64_t n, float l, int64_t y, float s, scalar_t* g) {
   const __m512 lv = _mm512_set1_ps(l), sv = _mm512_set1_ps(s), one = _mm512_set1_ps(1.0f);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
@@ -182,7 +176,7 @@ DROPREG_AVX512 void grad_row(const scalar_t* z, int64_t n, float l, int64_t y, f
 // ce_grad_backward's second pass: g[k] = s·p[k]·(u[k] - pu) for k < n (ce_grad_backward_element),
 // from the row buffers p and u (the cotangent as softmax_dot2_row left it), rounded to scalar_t.
 template <typename scalar_t>
-DROPREG_AVX512 void softmax_vjp_row(const float* p, const float* u, int64_t n, float pu, float s, scalar_t* g) {
+DROPREG_AVX512 void softmax_vjp_row_avx512(const float* p, const float* u, int64_t n, float pu, float s, scalar_t* g) {
   const __m512 puv = _mm512_set1_ps(pu), sv = _mm512_set1_ps(s);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
@@ -196,8 +190,8 @@ DROPREG_AVX512 void softmax_vjp_row(const float* p, const float* u, int64_t n, f
 // row buffers p and w, and ⟨p, w⟩'s partial sums partial[k % 16] += p[k]·w[k] (the product in
 // float, the sum in double).
 template <typename scalar_t>
-DROPREG_AVX512 void softmax_dot2_row(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, float s, int64_t n,
-                                     float l, float* p, float* w, double* partial) {
+DROPREG_AVX512 void softmax_dot2_row_avx512(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, float s,
+                                            int64_t n, float l, float* p, float* w, double* partial) {
   const __m512 lv = _mm512_set1_ps(l), sv = _mm512_set1_ps(s);
   __m512d lo = _mm512_load_pd(partial), hi = _mm512_load_pd(partial + 8);
   for (int64_t k = 0; k < n; k += 16) {
@@ -218,8 +212,8 @@ DROPREG_AVX512 void softmax_dot2_row(const scalar_t* z, const scalar_t* u_g, con
 
 // Its second pass: g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]) for k < n, rounded to scalar_t.
 template <typename scalar_t>
-DROPREG_AVX512 void softmax_vjp2_row(const float* p, const float* w, int64_t n, float pw, float gl, int64_t y,
-                                     scalar_t* g) {
+DROPREG_AVX512 void softmax_vjp2_row_avx512(const float* p, const float* w, int64_t n, float pw, float gl, int64_t y,
+                                            scalar_t* g) {
   const __m512 pwv = _mm512_set1_ps(pw), glv = _mm512_set1_ps(gl), one = _mm512_set1_ps(1.0f);
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 in = lanes(n - k);
@@ -233,7 +227,3 @@ DROPREG_AVX512 void softmax_vjp2_row(const float* p, const float* w, int64_t n, 
 
 }  // namespace cpu
 }  // namespace dropreg
-
-#else
-#define DROPREG_HAVE_AVX512_CE 0
-#endif

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <limits>
 
-#include "cpu_kernels.h"
-#include "regularizer.h"
+#include "blocks.h"
+#include "cross_entropy.h"
 
 namespace dropreg {
 namespace cpu {
@@ -14,7 +14,8 @@ namespace cpu {
 // The row's max m so far, Σ exp(z - m) as kSumLanes partial sums in
 // double (a float running sum over a 50k-class row would lose ~√C·u to rounding), the non-finite
 // flags, the best Gumbel score S so far and the candidate bound exp(m - S)·kMargin (+inf until S
-// exists, or once a non-finite logit sends the rest of the row down the exact path).
+// exists, or once a non-finite logit sends the rest of the row down the exact path). The margin,
+// and why the CUDA kernels' differs: docs/numerics.md.
 template <typename acc_t>
 struct RowState {
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();

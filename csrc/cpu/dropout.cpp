@@ -1,7 +1,8 @@
 // Fused dropout on the CPU: Philox mask + scale in one pass, no mask tensor, 8 elements per Philox
-// call (16-bit keep test, contract v2). Bytes per element: read x, write y (2·sizeof(T)). On CPUs
-// with AVX-512 (dropout_avx512.h) or AVX2 (dropout_avx2.h) the Philox rounds and the masked multiply
-// run from the registers; elsewhere a Philox block (vectorized across calls) and a plain apply loop.
+// call (16-bit keep test, contract v2). Bytes per element: read x, write y (2·sizeof(T)). The ISA's
+// row of the dropout table (loops.h) runs the Philox rounds and the masked multiply from the
+// registers (AVX-512, AVX2); the portable loops are a Philox block (vectorized across calls by the
+// compiler) and a plain apply loop, below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,35 +12,44 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>  // the draws' 8 x 8 transposes (x86-64 baseline)
-#endif
-
+#include "blocks.h"
 #include "checks.h"
-#include "cpu_capability.h"
-#include "cpu_kernels.h"
 #include "dropout.h"
-#include "dropout_avx2.h"
-#include "dropout_avx512.h"
 #include "dropout_host.h"
 #include "fresh_output.h"
+#include "isa.h"
+#include "loops.h"
+#include "transpose.h"
 
 namespace dropreg {
 namespace {
 
-using cpu::kBlockGroups;
-using cpu::philox_block;
+using cpu::Isa;
 
-constexpr int64_t kMaskBlockElems = kU16PerGroup * kBlockGroups;  // elements per Philox block (256)
+constexpr int64_t kMaskBlockElems = kU16PerGroup * cpu::kBlockGroups;  // elements per Philox block (256)
 
-// u[w] is word w of the block (group w / 4, word w % 4): element e reads half e & 1 of u[e / 2].
+// y[e] = dropout of x[e] with the draw of element e in the Philox block's words u (half e & 1 of
+// u[e / 2]), e < count.
 template <typename scalar_t, typename acc_t>
-DROPREG_CPU_CLONES void apply_block(const scalar_t* __restrict__ x, scalar_t* y,
-                                    const uint32_t* __restrict__ u, int64_t count,
-                                    uint32_t threshold, acc_t scale) {
+DROPREG_INLINE_BODY void apply_block_body(const scalar_t* __restrict__ x, scalar_t* y, const uint32_t* __restrict__ u,
+                                          int64_t count, uint32_t threshold, acc_t scale) {
   for (int64_t e = 0; e < count; ++e) {
     const uint32_t u16 = (u[e >> 1] >> ((e & 1) * 16)) & 0xFFFFu;
     y[e] = dropout_element<scalar_t, acc_t>(x[e], u16, threshold, scale);
+  }
+}
+
+// The portable loops of the contiguous dropout, compiled for isa: y[0..n) = dropout of x[0..n) for
+// the elements from `first` (a multiple of kMaskBlockElems), a Philox block and its apply at a time.
+template <Isa isa, typename scalar_t, typename acc_t>
+void dropout_blocks(const scalar_t* x, scalar_t* y, int64_t n, int64_t first, uint32_t threshold, acc_t scale,
+                    uint64_t seed, uint64_t offset) {
+  alignas(64) uint32_t u[cpu::kBlockWords];
+  for (int64_t begin = 0; begin < n; begin += kMaskBlockElems) {
+    cpu::philox_block<isa>(seed, offset, kStreamDropoutMask, static_cast<uint64_t>((first + begin) / kU16PerGroup), u);
+    const int64_t count = std::min(kMaskBlockElems, n - begin);
+    cpu::compiled_for<isa, &apply_block_body<scalar_t, acc_t>>(x + begin, y + begin, static_cast<const uint32_t*>(u),
+                                                                 count, threshold, scale);
   }
 }
 
@@ -61,48 +71,22 @@ void parallel_steps(const scalar_t* x, scalar_t* y, int64_t n, int64_t step_elem
   cpu::parallel_tasks_fresh(steps, grain, {reinterpret_cast<char*>(y)}, offset, make_worker);
 }
 
-template <typename scalar_t, typename acc_t>
-void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale,
-                    uint64_t seed, uint64_t offset) {
-#if DROPREG_HAVE_AVX512_DROPOUT
-  // threshold = 2^16 (drop everything) does not fit the 16-bit compare: the plain loop below.
-  static const bool avx512 = cpu::cpu_has_avx512();
-  if (avx512 && threshold < 65536u) {
-    constexpr int64_t kStep = cpu::kAvx512StepElems;
-    parallel_steps(x, y, n, kStep, [&] {
-      return [&](int64_t s0, int64_t s1) {
-        const int64_t begin = s0 * kStep;
-        const int64_t end = std::min(n, s1 * kStep);
-        cpu::dropout_avx512<scalar_t>(x + begin, y + begin, end - begin, begin, threshold,
-                                      static_cast<double>(scale), seed, offset);
-      };
-    });
-    return;
+template <Isa isa, typename scalar_t, typename acc_t>
+void dropout_kernel(const scalar_t* x, scalar_t* y, int64_t n, uint32_t threshold, acc_t scale, uint64_t seed,
+                    uint64_t offset) {
+  constexpr cpu::DropoutLoops<scalar_t, acc_t> loops = cpu::kDropoutLoops<isa, scalar_t, acc_t>;
+  auto run = &dropout_blocks<isa, scalar_t, acc_t>;
+  int64_t step = kMaskBlockElems;
+  if constexpr (loops.run != nullptr) {
+    if (threshold < 65536u) {
+      run = loops.run;
+      step = loops.step;
+    }
   }
-#endif
-#if DROPREG_HAVE_AVX2_DROPOUT
-  static const bool avx2 = cpu::cpu_has_avx2();
-  if (avx2 && threshold < 65536u) {
-    constexpr int64_t kStep = cpu::kAvx2StepElems;
-    parallel_steps(x, y, n, kStep, [&] {
-      return [&](int64_t s0, int64_t s1) {
-        const int64_t begin = s0 * kStep;
-        const int64_t end = std::min(n, s1 * kStep);
-        cpu::dropout_avx2<scalar_t, acc_t>(x + begin, y + begin, end - begin, begin, threshold, scale, seed, offset);
-      };
-    });
-    return;
-  }
-#endif
-  parallel_steps(x, y, n, kMaskBlockElems, [&] {
-    return [&](int64_t b0, int64_t b1) {
-      alignas(64) uint32_t u[cpu::kBlockWords];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * kMaskBlockElems;
-        philox_block(seed, offset, kStreamDropoutMask, static_cast<uint64_t>(b * kBlockGroups), u);
-        apply_block<scalar_t, acc_t>(x + begin, y + begin, u, std::min(kMaskBlockElems, n - begin),
-                                     threshold, scale);
-      }
+  parallel_steps(x, y, n, step, [&] {
+    return [&](int64_t s0, int64_t s1) {
+      const int64_t begin = s0 * step;
+      run(x + begin, y + begin, std::min(n, s1 * step) - begin, begin, threshold, scale, seed, offset);
     };
   });
 }
@@ -149,32 +133,24 @@ Walk coalesce(const at::Tensor& x, const at::Tensor& y) {
   return w;
 }
 
-// The words of calls ids[0..count) (4 per call, call-major).
+// The words of calls ids[0..count) of the mask stream (4 per call, call-major).
+template <Isa isa, typename scalar_t, typename acc_t>
 void philox_words(uint64_t seed, uint64_t offset, const uint64_t* ids, int64_t count, uint32_t* words) {
-#if DROPREG_HAVE_AVX512_DROPOUT
-  static const bool avx512 = cpu::cpu_has_avx512();
-  if (avx512) {
-    cpu::philox_list(seed, offset + kStreamDropoutMask, ids, count, words);
-    return;
-  }
-#endif
-#if DROPREG_HAVE_AVX2_DROPOUT
-  static const bool avx2 = cpu::cpu_has_avx2();
-  if (avx2) {
-    cpu::philox_list_avx2(seed, offset + kStreamDropoutMask, ids, count, words);
-    return;
-  }
-#endif
-  for (int64_t k = 0; k < count; ++k) {
-    const Philox4 r = philox_group(seed, offset, kStreamDropoutMask, ids[k]);
-    for (int q = 0; q < 4; ++q) words[4 * k + q] = r.x[q];
+  constexpr cpu::PhiloxListFn simd = cpu::kDropoutLoops<isa, scalar_t, acc_t>.words;
+  if constexpr (simd != nullptr) {
+    simd(seed, offset + kStreamDropoutMask, ids, count, words);
+  } else {
+    for (int64_t k = 0; k < count; ++k) {
+      const Philox4 r = philox_group(seed, offset, kStreamDropoutMask, ids[k]);
+      for (int q = 0; q < 4; ++q) words[4 * k + q] = r.x[q];
+    }
   }
 }
 
 // y[i * y_step] = dropout(x[i * x_step]) for i < n, with draws u16[0..n): the portable loops.
 template <typename scalar_t, typename acc_t>
-DROPREG_CPU_CLONES void apply_u16_loop(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, int64_t x_step,
-                                       int64_t y_step, uint32_t threshold, acc_t scale) {
+DROPREG_INLINE_BODY void apply_u16_body(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n,
+                                        int64_t x_step, int64_t y_step, uint32_t threshold, acc_t scale) {
   if (x_step == 1 && y_step == 1) {  // the loop vectorizes
     for (int64_t i = 0; i < n; ++i) y[i] = dropout_element<scalar_t, acc_t>(x[i], u16[i], threshold, scale);
   } else {
@@ -184,66 +160,20 @@ DROPREG_CPU_CLONES void apply_u16_loop(const scalar_t* x, scalar_t* y, const uin
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void apply_u16(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n, int64_t x_step, int64_t y_step,
                uint32_t threshold, acc_t scale) {
-#if DROPREG_HAVE_AVX512_DROPOUT
-  static const bool avx512 = cpu::cpu_has_avx512();
-  if (avx512 && x_step == 1 && y_step == 1 && threshold < 65536u) {
-    cpu::apply_u16_avx512<scalar_t>(x, y, u16, n, threshold, static_cast<double>(scale));
-    return;
+  constexpr auto simd = cpu::kDropoutLoops<isa, scalar_t, acc_t>.apply_u16;
+  if constexpr (simd != nullptr) {
+    if (x_step == 1 && y_step == 1 && threshold < 65536u) return simd(x, y, u16, n, threshold, scale);
   }
-#endif
-#if DROPREG_HAVE_AVX2_DROPOUT
-  static const bool avx2 = cpu::cpu_has_avx2();
-  if (avx2 && x_step == 1 && y_step == 1 && threshold < 65536u) {
-    cpu::apply_u16_avx2<scalar_t, acc_t>(x, y, u16, n, threshold, scale);
-    return;
-  }
-#endif
-  apply_u16_loop<scalar_t, acc_t>(x, y, u16, n, x_step, y_step, threshold, scale);
+  cpu::compiled_for<isa, &apply_u16_body<scalar_t, acc_t>>(x, y, u16, n, x_step, y_step, threshold, scale);
 }
 
-// out[l·nm + m] = runs[m][l] for m < nm, l < nl: the draws of nm runs along L, in memory order.
-// 8 x 8 blocks by three rounds of SSE2 unpacks (24 shuffles for 64 draws), the edges one by one.
-void transpose_u16(const uint16_t* const* runs, int64_t nm, int64_t nl, uint16_t* out) {
-  int64_t m0 = 0;
-#if defined(__SSE2__)
-  for (; m0 + 8 <= nm; m0 += 8) {
-    const uint16_t* const* r = runs + m0;
-    int64_t l0 = 0;
-    for (; l0 + 8 <= nl; l0 += 8) {
-      __m128i v[8], t[8];
-      for (int i = 0; i < 8; ++i) v[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + l0));
-      for (int i = 0; i < 4; ++i) {  // pairs of rows, interleaved by 16 bits
-        t[i] = _mm_unpacklo_epi16(v[2 * i], v[2 * i + 1]);
-        t[i + 4] = _mm_unpackhi_epi16(v[2 * i], v[2 * i + 1]);
-      }
-      // t[0..3]: columns 0-3 of row pairs (0,1) .. (6,7); t[4..7]: columns 4-7
-      for (int h = 0; h < 2; ++h) {
-        const __m128i* q = t + 4 * h;
-        const __m128i a0 = _mm_unpacklo_epi32(q[0], q[1]), a1 = _mm_unpackhi_epi32(q[0], q[1]);
-        const __m128i b0 = _mm_unpacklo_epi32(q[2], q[3]), b1 = _mm_unpackhi_epi32(q[2], q[3]);
-        uint16_t* o = out + (l0 + 4 * h) * nm + m0;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi64(a0, b0));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + nm), _mm_unpackhi_epi64(a0, b0));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * nm), _mm_unpacklo_epi64(a1, b1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * nm), _mm_unpackhi_epi64(a1, b1));
-      }
-    }
-    for (int64_t m = m0; m < m0 + 8; ++m) {
-      for (int64_t l = l0; l < nl; ++l) out[l * nm + m] = runs[m][l];
-    }
-  }
-#endif
-  for (int64_t m = m0; m < nm; ++m) {
-    for (int64_t l = 0; l < nl; ++l) out[l * nm + m] = runs[m][l];
-  }
-}
-
-template <typename scalar_t, typename acc_t>
+template <Isa isa, typename scalar_t, typename acc_t>
 void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t threshold, acc_t scale, uint64_t seed,
                             uint64_t offset) {
+  constexpr auto rows = cpu::kDropoutLoops<isa, scalar_t, acc_t>.rows;
   const Walk w = coalesce(x_t, y_t);
   const int64_t dims = static_cast<int64_t>(w.sizes.size());
   if (dims == 0) return;  // numel <= 1 is contiguous: not routed here
@@ -260,15 +190,12 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
   const int64_t size_m = M == L ? 1 : w.sizes[M];
   const int64_t lm = M == L ? 0 : w.logical[M];  // logical stride along M
   const int64_t x_l = w.xs[L], y_l = w.ys[L], x_m = M == L ? 0 : w.xs[M], y_m = M == L ? 0 : 1;
-  bool register_rows = false;
-#if DROPREG_HAVE_AVX512_DROPOUT
-  // The register path: L's runs are whole calls (its size a multiple of 8, so every outer and M
-  // offset is too), x is dense along M like y, the threshold fits the 16-bit compare, and M fills
-  // the 32-call blocks to 3/4 at least. Its tiles span all of M, so rows are written whole.
-  static const bool avx512 = cpu::cpu_has_avx512();
-  register_rows = avx512 && M != L && size_l % kU16PerGroup == 0 && x_m == 1 && threshold < 65536u &&
-                  3 * 32 * ((size_m + 31) / 32) <= 4 * size_m;
-#endif
+  // The register rows (where the row has them): L's runs are whole calls (its size a multiple of 8,
+  // so every outer and M offset is too), x is dense along M like y, the threshold fits the 16-bit
+  // compare, and M fills the 32-call blocks to 3/4 at least. Their tiles span all of M, so rows are
+  // written whole.
+  const bool register_rows = rows != nullptr && M != L && size_l % kU16PerGroup == 0 && x_m == 1 &&
+                             threshold < 65536u && 3 * 32 * ((size_m + 31) / 32) <= 4 * size_m;
   // Generic tiles hold about kTileElems draws: short L runs make tall tiles along M, and the other way.
   const int64_t tile_l = register_rows ? 256 : std::min(size_l, std::max<int64_t>(256, kTileElems / std::min(size_m, kTileM)));
   const int64_t tile_m = register_rows ? size_m : std::min(size_m, std::max(kTileM, kTileElems / tile_l));
@@ -313,15 +240,14 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
         for (int64_t t = t0; t < t1; ++t) {
           const Tile tile = locate(t);
           const int64_t nl = tile.nl, nm = tile.nm;
-#if DROPREG_HAVE_AVX512_DROPOUT
-          if (register_rows) {  // m0 = 0, nm = size_m
-            cpu::dropout_rows_avx512<scalar_t>(tile.x, tile.y, nl, nm, x_l, y_l,
-                                               static_cast<uint64_t>(tile.first / kU16PerGroup),
-                                               static_cast<uint64_t>(lm / kU16PerGroup), threshold,
-                                               static_cast<double>(scale), seed, offset, keep.data());
-            continue;
+          if constexpr (rows != nullptr) {
+            if (register_rows) {  // m0 = 0, nm = size_m
+              rows(tile.x, tile.y, nl, nm, x_l, y_l, static_cast<uint64_t>(tile.first / kU16PerGroup),
+                   static_cast<uint64_t>(lm / kU16PerGroup), threshold, static_cast<double>(scale), seed, offset,
+                   keep.data());
+              continue;
+            }
           }
-#endif
           // The calls of each m's run of nl logical indices f .. f + nl - 1, f = first + m·lm. Runs
           // that abut (channels_last, when a tile spans L) make one range of calls.
           int64_t count = 0;
@@ -338,24 +264,24 @@ void dropout_strided_kernel(const at::Tensor& x_t, at::Tensor& y_t, uint32_t thr
               }
             }
           }
-          philox_words(seed, offset, ids.data(), count, words.data());
+          philox_words<isa, scalar_t, acc_t>(seed, offset, ids.data(), count, words.data());
           const uint16_t* halves = reinterpret_cast<const uint16_t*>(words.data());  // u16 e of call k: 8k + e
           for (int64_t m = 0; m < nm; ++m) {  // where m's draws start
             const int64_t f = tile.first + m * lm;
             runs[m] = halves + (lm == nl ? f - g_first * kU16PerGroup : first_id[m] * kU16PerGroup + f % kU16PerGroup);
           }
           if (nm == 1) {  // one run along L: its draws are in place
-            apply_u16<scalar_t, acc_t>(tile.x, tile.y, runs[0], nl, x_l, y_l, threshold, scale);
+            apply_u16<isa, scalar_t, acc_t>(tile.x, tile.y, runs[0], nl, x_l, y_l, threshold, scale);
             continue;
           }
-          transpose_u16(runs.data(), nm, nl, u16.data());  // the draws in the tile's memory order: u16[l·nm + m]
+          cpu::transpose_u16(runs.data(), nm, nl, u16.data());  // the draws in the tile's memory order: u16[l·nm + m]
           if (dense_tiles && nm == tile_m) {
-            apply_u16<scalar_t, acc_t>(tile.x, tile.y, u16.data(), nl * nm, 1, 1, threshold, scale);
+            apply_u16<isa, scalar_t, acc_t>(tile.x, tile.y, u16.data(), nl * nm, 1, 1, threshold, scale);
             continue;
           }
           for (int64_t l = 0; l < nl; ++l) {
-            apply_u16<scalar_t, acc_t>(tile.x + l * x_l, tile.y + l * y_l, u16.data() + l * nm, nm, x_m, 1, threshold,
-                                       scale);
+            apply_u16<isa, scalar_t, acc_t>(tile.x + l * x_l, tile.y + l * y_l, u16.data() + l * nm, nm, x_m, 1,
+                                            threshold, scale);
           }
         }
     };
@@ -385,8 +311,11 @@ void dropout_into_strided(const at::Tensor& x, at::Tensor& y, double p, const at
   const uint32_t threshold = dropout_threshold(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu_strided", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_strided_kernel<scalar_t, acc_t>(x, y, threshold, dropout_scale<acc_t>(p), static_cast<uint64_t>(state[0]),
-                                            static_cast<uint64_t>(state[1]));
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(cpu::CpuOp::kDropoutStrided, isa);
+      dropout_strided_kernel<isa, scalar_t, acc_t>(x, y, threshold, dropout_scale<acc_t>(p),
+                                                   static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]));
+    });
   });
 }
 
@@ -397,8 +326,11 @@ void dropout_into(const at::Tensor& x, at::Tensor& y, double p, const at::Tensor
   const uint32_t threshold = dropout_threshold(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                    x.numel(), threshold, dropout_scale<acc_t>(p), seed, offset);
+    cpu::with_cpu_isa([&]<Isa isa>() {
+      cpu::note_entry(cpu::CpuOp::kDropout, isa);
+      dropout_kernel<isa, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(), threshold,
+                                           dropout_scale<acc_t>(p), seed, offset);
+    });
   });
 }
 
@@ -411,9 +343,6 @@ void dropout_cpu_(at::Tensor& x, double p, const at::Tensor& rng) {
 }
 
 }  // namespace
-
-// The CPU dropout path this process takes (declared in ops.cpp, reported by build_info).
-const char* dropout_cpu_capability() { return cpu::cpu_path_name(); }
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("dropout", &dropout_cpu);

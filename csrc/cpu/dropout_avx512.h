@@ -1,24 +1,14 @@
 // AVX-512 dropout: Philox on 32 calls at once and the mask applied from the registers, 256 elements
-// (32 calls x 8 u16 draws) per step, for f64 / f32 / f16 / bf16, fresh output or in place.
+// (32 calls x 8 u16 draws) per step, for f64 / f32 / f16 / bf16, fresh output or in place; the rows
+// of a channels_last tile and the apply from draws in memory for the strided walk. Intrinsics in
+// functions with a target attribute, not at::vec::Vectorized (isa.h says why).
 //
-// Why intrinsics in target("avx512...") functions and not at::vec::Vectorized: ATen's vector types
-// take their width from the CPU_CAPABILITY the translation unit is compiled for, and an extension
-// cannot compile one file for AVX-512 without also emitting AVX-512 copies of shared inline
-// functions, which the linker may then pick for every caller. Function-level targets confine the
-// AVX-512 code to these functions; dropout.cpp calls them only where the CPU has the instructions.
-//
-// Per step: 10 Philox rounds on four independent sets of 8 calls (one per 64-bit lane, so that
-// _mm512_mul_epu32 gives each round's full 64-bit product), a merge into 16-call registers, a 4x4
-// transpose of the words within each 128-bit lane (lane L of register r then
-// holds call 4L + r's four words, i.e. its 8 u16 in element order), one 16-bit compare per
-// register (the keep test), and masked multiplies of the loaded elements (dropped -> +0). Rounding
-// to f16 by the F16C instruction (round to nearest even), to bf16 on the bits (round to nearest
-// even, NaN -> 0x7FC0, as c10's conversions do; the contiguous bf16 path rounds 32 at a time and
-// leaves a NaN's bits as the multiply made them, which the NaN policy allows).
+// Per step: philox32 (philox_simd.h) leaves lane L of register r holding call 4L + r's four words,
+// i.e. its 8 u16 in element order; one 16-bit compare per register gives the keep bits, and masked
+// multiplies of the loaded elements write the kept ones (dropped -> +0). Rounding as
+// load_store_simd.h's; the contiguous bf16 path rounds 32 at a time and leaves a NaN's bits as the
+// multiply made them, which the NaN policy allows (docs/numerics.md).
 #pragma once
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DROPREG_HAVE_AVX512_DROPOUT 1
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -27,130 +17,16 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cpu_capability.h"
-#include "cpu_kernels.h"
+#include "blocks.h"
+#include "isa.h"
+#include "load_store_simd.h"
 #include "philox.h"
-
-#define DROPREG_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c,fma")))
+#include "philox_simd.h"
 
 namespace dropreg {
 namespace cpu {
 
 constexpr int64_t kAvx512StepElems = 32 * kU16PerGroup;  // 256 elements, 32 Philox calls
-
-DROPREG_AVX512 inline __m512i set1_u32(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-
-// The mask of the first min(left, 16) lanes of a 16-lane register.
-DROPREG_AVX512 inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
-
-// The state of 8 calls, one per 64-bit lane, in the low 32 bits of each (the high bits are junk
-// that no step reads): _mm512_mul_epu32 then gives the whole 64-bit product of a round with no
-// shuffles, its high half one shift away and its low half in place.
-struct Calls8 {
-  __m512i c0, c1, c2, c3;
-};
-
-DROPREG_AVX512 inline Calls8 calls8(uint64_t first_call, uint64_t s, int step) {
-  const __m512i g = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first_call)),
-                                     _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
-                                                        _mm512_set1_epi64(step)));
-  return {g, _mm512_srli_epi64(g, 32), _mm512_set1_epi64(static_cast<long long>(s)),
-          _mm512_set1_epi64(static_cast<long long>(s >> 32))};
-}
-
-DROPREG_AVX512 inline void round8(Calls8& c, __m512i m0, __m512i m1, __m512i key0, __m512i key1) {
-  const __m512i p0 = _mm512_mul_epu32(c.c0, m0);
-  const __m512i p1 = _mm512_mul_epu32(c.c2, m1);
-  // 0x96: a ^ b ^ c
-  c.c0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c.c1, key0, 0x96);
-  c.c1 = p1;
-  c.c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), c.c3, key1, 0x96);
-  c.c3 = p0;
-}
-
-// Interleaves the even calls' words (low 32 bits of each 64-bit lane) with the odd calls' into one
-// register of 16 calls in order.
-DROPREG_AVX512 inline __m512i merge_calls(__m512i even, __m512i odd) {
-  return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
-// Lane L of t[r] := call 4L + r's four words (a 4x4 transpose of 32-bit words in each 128-bit lane).
-DROPREG_AVX512 inline void transpose_words(__m512i c0, __m512i c1, __m512i c2, __m512i c3, __m512i* t) {
-  const __m512i a0 = _mm512_unpacklo_epi32(c0, c1), a1 = _mm512_unpacklo_epi32(c2, c3);
-  const __m512i a2 = _mm512_unpackhi_epi32(c0, c1), a3 = _mm512_unpackhi_epi32(c2, c3);
-  t[0] = _mm512_unpacklo_epi64(a0, a1);
-  t[1] = _mm512_unpackhi_epi64(a0, a1);
-  t[2] = _mm512_unpacklo_epi64(a2, a3);
-  t[3] = _mm512_unpackhi_epi64(a2, a3);
-}
-
-// The ten rounds of Philox4x32-10 on 32 calls (four independent chains of 8, so that the multiplies
-// of one hide the latency of the others').
-DROPREG_AVX512 inline void rounds32(Calls8 (&c)[4], uint64_t seed) {
-  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const __m512i key0 = set1_u32(k0), key1 = set1_u32(k1);
-    for (int h = 0; h < 4; ++h) round8(c[h], m0, m1, key0, key1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-}
-
-// The words of calls first_group .. first_group + 31 of stream s, as two transposed sets of 16
-// (t[0..3] for the first 16 calls, t[4..7] for the next). Four independent chains of rounds (even
-// and odd calls of each set), so that the multiplies of one hide the latency of the others'.
-// Always inlined: its callers keep t in registers (out of line, the 8 registers go through memory).
-DROPREG_AVX512 __attribute__((always_inline)) inline void philox32(uint64_t seed, uint64_t s, uint64_t first_group,
-                                                                    __m512i (&t)[8]) {
-  Calls8 c[4] = {calls8(first_group, s, 2), calls8(first_group + 1, s, 2), calls8(first_group + 16, s, 2),
-                 calls8(first_group + 17, s, 2)};
-  rounds32(c, seed);
-  for (int set = 0; set < 2; ++set) {
-    const Calls8& even = c[2 * set];
-    const Calls8& odd = c[2 * set + 1];
-    transpose_words(merge_calls(even.c0, odd.c0), merge_calls(even.c1, odd.c1), merge_calls(even.c2, odd.c2),
-                    merge_calls(even.c3, odd.c3), t + 4 * set);
-  }
-}
-
-// The four words of each of the calls ids[0..count) of stream s, into words[4·k + w] (call k, word
-// w): 32 calls a step in the four chains of philox32, from a list of arbitrary call ids.
-DROPREG_AVX512 inline void philox_list(uint64_t seed, uint64_t s, const uint64_t* ids, int64_t count,
-                                       uint32_t* words) {
-  const __m512i s_lo = _mm512_set1_epi64(static_cast<long long>(s));
-  const __m512i s_hi = _mm512_set1_epi64(static_cast<long long>(s >> 32));
-  for (int64_t k0 = 0; k0 < count; k0 += 32) {
-    Calls8 c[4];
-    for (int h = 0; h < 4; ++h) {
-      const int64_t left = count - k0 - 8 * h;
-      const __mmask8 in = left >= 8 ? 0xFF : (left <= 0 ? 0 : static_cast<__mmask8>((1u << left) - 1));
-      const __m512i g = _mm512_maskz_loadu_epi64(in, ids + k0 + 8 * h);
-      c[h] = {g, _mm512_srli_epi64(g, 32), s_lo, s_hi};
-    }
-    rounds32(c, seed);
-    const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
-    const __m512i first4 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    const __m512i last4 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (int h = 0; h < 4; ++h) {
-      const int64_t left = count - k0 - 8 * h;
-      if (left <= 0) break;
-      // 64-bit lane j of w01 = (word 0, word 1) of call j, of w23 = (word 2, word 3).
-      const __m512i w01 = _mm512_or_si512(_mm512_and_si512(c[h].c0, low), _mm512_slli_epi64(c[h].c1, 32));
-      const __m512i w23 = _mm512_or_si512(_mm512_and_si512(c[h].c2, low), _mm512_slli_epi64(c[h].c3, 32));
-      // 128-bit lanes: calls 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi); then in call order, 4 calls a register.
-      const __m512i lo = _mm512_unpacklo_epi64(w01, w23), hi = _mm512_unpackhi_epi64(w01, w23);
-      uint32_t* out = words + 4 * (k0 + 8 * h);
-      const __mmask16 in0 = left >= 4 ? 0xFFFF : static_cast<__mmask16>((1u << (4 * left)) - 1);
-      const __mmask16 in1 = left >= 8 ? 0xFFFF : (left <= 4 ? 0 : static_cast<__mmask16>((1u << (4 * (left - 4))) - 1));
-      _mm512_mask_storeu_epi32(out, in0, _mm512_permutex2var_epi64(lo, first4, hi));
-      _mm512_mask_storeu_epi32(out + 16, in1, _mm512_permutex2var_epi64(lo, last4, hi));
-    }
-  }
-}
 
 // Keep bits of the 128 elements of 16 calls: bit e of bits[e / 64] for element e.
 DROPREG_AVX512 inline void keep_bits(const __m512i* t, uint32_t threshold, uint64_t* bits) {
@@ -168,35 +44,6 @@ DROPREG_AVX512 inline void keep_bits(const __m512i* t, uint32_t threshold, uint6
   }
 }
 
-// 16 elements of type scalar_t <-> 16 floats (f32, f16, bf16); `mask` limits the memory access.
-template <typename scalar_t>
-DROPREG_AVX512 inline __m512 load16(const scalar_t* p, __mmask16 mask) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return _mm512_maskz_loadu_ps(mask, p);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
-  } else {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-}
-
-template <typename scalar_t>
-DROPREG_AVX512 inline void store16(scalar_t* p, __m512 v, __mmask16 mask) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm512_mask_storeu_ps(p, mask, v);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(rounded));
-  }
-}
-
 // 32 bf16 at once, for the contiguous dropout: x·scale rounded to bf16 (to nearest even) as two
 // registers of the rounded bits (not yet shifted down). Unpacking with zero makes each bf16 the
 // high half of a float; the unpack order is undone by the pack in store32_bf16. A NaN keeps its
@@ -205,12 +52,6 @@ DROPREG_AVX512 inline void store16(scalar_t* p, __m512 v, __mmask16 mask) {
 struct Bf16Pair {
   __m512i lo, hi;
 };
-
-DROPREG_AVX512 inline __m512i round_bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-}
 
 DROPREG_AVX512 inline Bf16Pair mul32_bf16(const c10::BFloat16* x, __mmask32 in, __m512 scale) {
   const __m512i raw = _mm512_maskz_loadu_epi16(in, x);
@@ -320,9 +161,10 @@ DROPREG_AVX512 void dropout_rows_avx512(const scalar_t* x, scalar_t* y, int64_t 
 
 // y[0..n) = dropout of x[0..n) with draws u16[0..n) (a tile's, laid out in memory order): one
 // 16-bit compare and one masked multiply per 16 elements (8 for f64). y may be x. threshold < 2^16.
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 DROPREG_AVX512 void apply_u16_avx512(const scalar_t* x, scalar_t* y, const uint16_t* u16, int64_t n,
-                                     uint32_t threshold, double scale_d) {
+                                     uint32_t threshold, acc_t scale_acc) {
+  const double scale_d = static_cast<double>(scale_acc);
   const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
@@ -343,9 +185,10 @@ DROPREG_AVX512 void apply_u16_avx512(const scalar_t* x, scalar_t* y, const uint1
 
 // y[0..n) = dropout of x[0..n) for the elements whose first index is `first` (a multiple of 256):
 // calls first/8 ... of the mask stream. y may be x. threshold < 2^16.
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 DROPREG_AVX512 void dropout_avx512(const scalar_t* x, scalar_t* y, int64_t n, int64_t first, uint32_t threshold,
-                                   double scale_d, uint64_t seed, uint64_t offset) {
+                                   acc_t scale_acc, uint64_t seed, uint64_t offset) {
+  const double scale_d = static_cast<double>(scale_acc);
   const uint64_t s = offset + kStreamDropoutMask;
   for (int64_t base = 0; base < n; base += kAvx512StepElems) {
     __m512i t[8];
@@ -389,7 +232,3 @@ DROPREG_AVX512 void dropout_avx512(const scalar_t* x, scalar_t* y, int64_t n, in
 
 }  // namespace cpu
 }  // namespace dropreg
-
-#else
-#define DROPREG_HAVE_AVX512_DROPOUT 0
-#endif

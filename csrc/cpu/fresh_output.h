@@ -1,23 +1,24 @@
-// Row kernels that write a fresh output tensor. A fresh tensor's pages are mapped on their first
-// write, one page fault per 4 KiB; on the VMs this project is measured on, those faults cost more
-// than the writes themselves. So one thread maps the output's pages ahead of the others
-// (MADV_POPULATE_WRITE: mapped, not written, so it never races with a row being written; one call
-// per ~1 MiB instead of a trap per page), in row order, while the others compute the rows behind
-// it; a thread that catches up maps the next pages too instead of waiting; the mapping thread
-// computes rows once everything is mapped. The faults overlap the compute instead of adding to it.
-// (On an AMD EPYC VM two threads populated an output no faster than one, so there the helper
-// should only replace idle waiting; not measured since. On an Intel Xeon VM they populate ~2x
-// faster, and the helper brought a fresh-output dropout from 0.84 to ~1.0 of a fresh torch.mul.)
-// Without MADV_POPULATE_WRITE (Linux < 5.14, not Linux) or with one thread, the rows are computed
-// in order and fault as they go.
+// Kernels that write a fresh output tensor. A fresh tensor's pages are mapped on their first write,
+// one page fault per 4 KiB, and those faults can cost more than the writes themselves. So one
+// thread maps the output's pages ahead of the others (MADV_POPULATE_WRITE: mapped, not written, so
+// it never races with a task's writes; one call per ~1 MiB instead of a trap per page), in task
+// order, while the others compute the tasks behind it; a thread that catches up maps the next pages
+// too instead of waiting; the mapping thread computes tasks once everything is mapped. The faults
+// overlap the compute instead of adding to it. Without MADV_POPULATE_WRITE (Linux < 5.14, not
+// Linux), with one thread, or with DROPREG_CPU_PREFAULT=0, the tasks are computed in order and fault
+// as they go. docs/cpu_backend.md has the measurements behind this.
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -31,12 +32,28 @@ namespace cpu {
 constexpr int64_t kPageBytes = 4096;
 constexpr int64_t kMapChunkBytes = int64_t{1} << 20;  // mapped per call: ~256 faults, one syscall
 
+// Whether fresh outputs are mapped ahead of their writers: DROPREG_CPU_PREFAULT=1 (the default) or
+// =0, read once per process like DROPREG_CPU_CAPABILITY. Another value is an error at first use.
+inline bool prefault_enabled() {
+  static const bool enabled = [] {
+    const char* asked = std::getenv("DROPREG_CPU_PREFAULT");
+    if (asked == nullptr || *asked == '\0') return true;
+    const std::string_view value(asked);
+    TORCH_CHECK(value == "0" || value == "1", "environment variable DROPREG_CPU_PREFAULT must be 0 or 1, got '",
+                value, "'");
+    return value == "1";
+  }();
+  return enabled;
+}
+
+// The bytes map_pages has populated since the process started (dropreg_ext._C.cpu_prefaulted_bytes).
+inline std::atomic<int64_t> g_prefaulted_bytes{0};
+
 // Maps the whole pages of [begin, end) writable without writing them; false where the kernel
 // cannot (then nothing was done). Where the range's last page is mapped already, the range is
 // taken to be memory the allocator reused (an output below glibc's mmap threshold, up to 32 MiB,
-// usually is) and left alone: populating mapped pages still walks them one by one, ~0.15 µs a
-// page on these VMs, which made a 4 MiB dropout 1.7x slower. A page that is not mapped after all
-// faults when it is written.
+// usually is) and left alone: populating mapped pages still walks them one by one, which costs
+// more than it saves. A page that is not mapped after all faults when it is written.
 inline bool map_pages(char* begin, char* end) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   const auto first = (reinterpret_cast<uintptr_t>(begin) + kPageBytes - 1) & ~uintptr_t(kPageBytes - 1);
@@ -46,7 +63,9 @@ inline bool map_pages(char* begin, char* end) {
   if (mincore(reinterpret_cast<void*>(last - kPageBytes), kPageBytes, &resident) == 0 && (resident & 1) != 0) {
     return true;
   }
-  return madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE) == 0;
+  if (madvise(reinterpret_cast<void*>(first), last - first, MADV_POPULATE_WRITE) != 0) return false;
+  g_prefaulted_bytes.fetch_add(static_cast<int64_t>(last - first), std::memory_order_relaxed);
+  return true;
 #else
   (void)begin;
   (void)end;
@@ -59,8 +78,8 @@ inline bool map_pages(char* begin, char* end) {
 // in order by every thread in chunks of tasks_per_chunk. The outputs' pages are mapped group by
 // group (a group: the chunks of ~1 MiB of output, one madvise call per output), in order, by
 // thread 0 ahead of the others (see above); a thread whose next chunk is not mapped yet maps the
-// next unmapped group itself rather than wait: where the kernel populates in parallel (some VMs
-// do, ~2x with two threads) the mapping is shared, where it serializes the helper was idle anyway.
+// next unmapped group itself rather than wait: where the kernel populates in parallel the mapping
+// is shared, where it serializes the helper was idle anyway.
 // make_worker() is called once per thread and returns its `void(int64_t t0, int64_t t1)` (so a
 // thread can keep its own scratch buffers).
 template <typename Offset, typename MakeWorker>
@@ -74,7 +93,7 @@ void parallel_tasks_fresh(int64_t T, int64_t tasks_per_chunk, const std::vector<
   const int64_t groups = (chunks + chunks_per_group - 1) / chunks_per_group;
   std::atomic<int64_t> next{0};        // the next chunk to compute
   std::atomic<int64_t> next_group{0};  // the next group to map
-  std::atomic<bool> mapping{threads > 1 && chunk_bytes >= kPageBytes};
+  std::atomic<bool> mapping{prefault_enabled() && threads > 1 && chunk_bytes >= kPageBytes};
   std::unique_ptr<std::atomic<bool>[]> mapped(new std::atomic<bool>[groups]);
   for (int64_t g = 0; g < groups; ++g) mapped[g].store(false, std::memory_order_relaxed);
   // Claims the next unmapped group and maps it; false when every group is claimed or the kernel

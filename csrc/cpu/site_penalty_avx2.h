@@ -1,39 +1,21 @@
 // AVX2 loops of the CPU site penalty (site_penalty.cpp) for float accumulation on CPUs with AVX2 +
-// F16C and no AVX-512: the loops of site_penalty_avx512.h at 8 elements a register, on whole
-// 16-element steps (the caller takes the portable loop for a chunk of another length). A chunk's
-// 16 partial sums are two registers (element k adds to lane k % 16, the lanes summed in order), so
-// the sums are the AVX-512 path's and the portable loop's bit for bit. Compiled without FMA
-// (DROPREG_AVX2_NO_FMA of dropout_avx2.h): GCC contracts a vector a·b + c into an FMA
-// where it may, and the backward's products and sums must be rounded one by one, in the order of
-// regularizer.h's formulas, to be the reference's bits.
+// F16C and no AVX-512: the loops of site_penalty_avx512.h at 8 elements a register (their ISA
+// twins), on whole 16-element steps (the caller takes the portable loop for a chunk of another
+// length). A chunk's 16 partial sums are two registers (element k adds to lane k % 16, the lanes
+// summed in order), so the sums are the AVX-512 path's and the portable loop's bit for bit. Compiled
+// without FMA (DROPREG_AVX2_NO_FMA): the backward rounds each product and sum in the order of
+// site_penalty.h's formulas (docs/numerics.md).
 #pragma once
 
-#include "dropout_avx2.h"
+#include <immintrin.h>
 
-#if DROPREG_HAVE_AVX2_DROPOUT
+#include <cstdint>
 
-#define DROPREG_HAVE_AVX2_SITE 1
+#include "isa.h"
+#include "load_store_simd.h"
 
 namespace dropreg {
 namespace cpu {
-
-// Rounded to nearest even, as site_penalty_avx512.h's store16: a NaN becomes bf16's 0x7FC0.
-template <typename scalar_t>
-DROPREG_AVX2_NO_FMA inline void site_store8(scalar_t* p, __m256 v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm256_storeu_ps(p, v);
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-  }
-}
 
 // The η of elements k .. k + 7 of a chunk (k a multiple of 8), from the chunk's Philox words u as
 // site_penalty_avx512.h's site_eta16 reads them: bit k of the Rademacher stream, or u16 draw k of
@@ -55,9 +37,9 @@ DROPREG_AVX2_NO_FMA inline __m256 site_eta8(const uint32_t* u, int64_t k, bool r
 // The chunk's two sums Σ (g_e h)² and Σ g_i η h over m elements, m a multiple of 16 (ge / gi may be
 // null: that sum is 0).
 template <typename scalar_t>
-DROPREG_AVX2_NO_FMA void site_sums8(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
-                                    const uint32_t* u, bool rademacher, float amplitude, float negative,
-                                    uint32_t threshold, float* explicit_sum, float* implicit_sum) {
+DROPREG_AVX2_NO_FMA void site_sums_avx2(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
+                                        const uint32_t* u, bool rademacher, float amplitude, float negative,
+                                        uint32_t threshold, float* explicit_sum, float* implicit_sum) {
   const __m256 a = _mm256_set1_ps(amplitude), neg = _mm256_set1_ps(negative);
   const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
   __m256 se[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, si[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -92,10 +74,10 @@ DROPREG_AVX2_NO_FMA void site_sums8(const scalar_t* h, const scalar_t* ge, const
 // dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h over m elements of a chunk, m a multiple
 // of 8, each product and sum rounded in site_penalty_avx512.h's order.
 template <typename scalar_t>
-DROPREG_AVX2_NO_FMA void site_backward8(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge,
-                                        const scalar_t* gi, int64_t m, const uint32_t* u, bool rademacher,
-                                        float amplitude, float negative, uint32_t threshold, scalar_t* dh,
-                                        scalar_t* dge, scalar_t* dgi) {
+DROPREG_AVX2_NO_FMA void site_backward_avx2(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge,
+                                            const scalar_t* gi, int64_t m, const uint32_t* u, bool rademacher,
+                                            float amplitude, float negative, uint32_t threshold, scalar_t* dh,
+                                            scalar_t* dge, scalar_t* dgi) {
   const __m256 a = _mm256_set1_ps(amplitude), neg = _mm256_set1_ps(negative);
   const __m256 a2 = _mm256_set1_ps(a2_s), b = _mm256_set1_ps(b_s);
   const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
@@ -106,20 +88,16 @@ DROPREG_AVX2_NO_FMA void site_backward8(float a2_s, float b_s, const scalar_t* h
       const __m256 gev = load8<scalar_t>(ge + k);
       const __m256 a2g = _mm256_mul_ps(a2, gev);
       d = _mm256_add_ps(d, _mm256_mul_ps(_mm256_mul_ps(a2g, gev), hv));  // 0 + term: +0 for a -0 term
-      site_store8<scalar_t>(dge + k, _mm256_mul_ps(_mm256_mul_ps(a2g, hv), hv));
+      store8<scalar_t>(dge + k, _mm256_mul_ps(_mm256_mul_ps(a2g, hv), hv));
     }
     if (gi != nullptr) {
       const __m256 eta = site_eta8(u, k, rademacher, a, neg, thr);
       d = _mm256_add_ps(d, _mm256_mul_ps(_mm256_mul_ps(b, load8<scalar_t>(gi + k)), eta));
-      site_store8<scalar_t>(dgi + k, _mm256_mul_ps(_mm256_mul_ps(b, eta), hv));
+      store8<scalar_t>(dgi + k, _mm256_mul_ps(_mm256_mul_ps(b, eta), hv));
     }
-    site_store8<scalar_t>(dh + k, d);
+    store8<scalar_t>(dh + k, d);
   }
 }
 
 }  // namespace cpu
 }  // namespace dropreg
-
-#else
-#define DROPREG_HAVE_AVX2_SITE 0
-#endif

@@ -2,16 +2,17 @@
 // inputs), 16 elements a register, η made in the registers from the Philox words (a bit per
 // element for Rademacher noise, a 16-bit compare for the dropout kind). The forward keeps 16
 // partial sums per chunk (element k adds to lane k % 16, the lanes summed in order), as the
-// portable loop does; the backward's products and sums are rounded one by one in the order of
-// regularizer.h's formulas (the _round intrinsics are never contracted into FMAs), so dh, dg_e and
-// dg_i are the reference's bit for bit.
+// portable loop does; the backward rounds each product and sum in the order of site_penalty.h's
+// formulas (the _round intrinsics are never contracted: docs/numerics.md), so dh, dg_e and dg_i
+// are the reference's bit for bit.
 #pragma once
 
-#include "dropout_avx512.h"
+#include <immintrin.h>
 
-#if DROPREG_HAVE_AVX512_DROPOUT
+#include <cstdint>
 
-#define DROPREG_HAVE_AVX512_SITE 1
+#include "isa.h"
+#include "load_store_simd.h"
 
 namespace dropreg {
 namespace cpu {
@@ -33,9 +34,9 @@ DROPREG_AVX512 inline __m512 site_eta16(const uint32_t* u, int64_t k, bool radem
 
 // The chunk's two sums Σ (g_e h)² and Σ g_i η h over m elements (ge / gi may be null: that sum is 0).
 template <typename scalar_t>
-DROPREG_AVX512 void site_sums16(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
-                                const uint32_t* u, bool rademacher, float amplitude, float negative,
-                                uint32_t threshold, float* explicit_sum, float* implicit_sum) {
+DROPREG_AVX512 void site_sums_avx512(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
+                                     const uint32_t* u, bool rademacher, float amplitude, float negative,
+                                     uint32_t threshold, float* explicit_sum, float* implicit_sum) {
   const __m512 a = _mm512_set1_ps(amplitude), neg = _mm512_set1_ps(negative);
   const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
   __m512 se = _mm512_setzero_ps(), si = _mm512_setzero_ps();
@@ -65,9 +66,10 @@ DROPREG_AVX512 void site_sums16(const scalar_t* h, const scalar_t* ge, const sca
 
 // dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h over m elements of a chunk.
 template <typename scalar_t>
-DROPREG_AVX512 void site_backward16(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge, const scalar_t* gi,
-                                    int64_t m, const uint32_t* u, bool rademacher, float amplitude, float negative,
-                                    uint32_t threshold, scalar_t* dh, scalar_t* dge, scalar_t* dgi) {
+DROPREG_AVX512 void site_backward_avx512(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge,
+                                         const scalar_t* gi, int64_t m, const uint32_t* u, bool rademacher,
+                                         float amplitude, float negative, uint32_t threshold, scalar_t* dh,
+                                         scalar_t* dge, scalar_t* dgi) {
   const __m512 a = _mm512_set1_ps(amplitude), neg = _mm512_set1_ps(negative);
   const __m512 a2 = _mm512_set1_ps(a2_s), b = _mm512_set1_ps(b_s);
   const __m256i thr = _mm256_set1_epi16(static_cast<short>(threshold));
@@ -95,7 +97,3 @@ DROPREG_AVX512 void site_backward16(float a2_s, float b_s, const scalar_t* h, co
 
 }  // namespace cpu
 }  // namespace dropreg
-
-#else
-#define DROPREG_HAVE_AVX512_SITE 0
-#endif

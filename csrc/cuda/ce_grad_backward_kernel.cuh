@@ -10,9 +10,9 @@
 #include <cstdint>
 #include <limits>
 
+#include "cross_entropy.h"
 #include "cross_entropy_common.cuh"
 #include "cuda_utils.cuh"
-#include "regularizer.h"
 
 namespace dropreg {
 namespace ce {

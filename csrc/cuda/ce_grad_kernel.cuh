@@ -5,8 +5,8 @@
 
 #include <cstdint>
 
+#include "cross_entropy.h"
 #include "cross_entropy_common.cuh"
-#include "regularizer.h"
 
 namespace dropreg {
 namespace ce {

@@ -43,7 +43,6 @@
 #include "cross_entropy_host.h"
 #include "cross_entropy_sample_kernel.cuh"
 #include "cuda_utils.cuh"
-#include "regularizer.h"
 #include "rng.cuh"
 #include "static_switch.h"
 

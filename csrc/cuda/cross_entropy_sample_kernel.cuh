@@ -29,10 +29,10 @@
 #include <cstdint>
 #include <limits>
 
+#include "cross_entropy.h"
 #include "cross_entropy_common.cuh"
 #include "cuda_utils.cuh"
 #include "philox.h"
-#include "regularizer.h"
 #include "rng.cuh"
 
 namespace dropreg {

@@ -7,7 +7,7 @@
 //                          bytes/elem: read h, g_e, g_i, write dh, dg_e, dg_i (6·sizeof(T)).
 // Missing g_e / g_i drop their terms and their loads: which ones are given is a template flag, so
 // the loop holds no null checks and a step's loads are all issued before its arithmetic; so is the
-// noise kind. η is the site-noise stream of the logical contiguous index of h (regularizer.h):
+// noise kind. η is the site-noise stream of the logical contiguous index of h (site_penalty.h):
 // forward and backward see the same η, never stored.
 //
 // Layout (warp_tile_map.h's SiteRunMap, warp_tile.cuh's accesses): a warp takes the elements in
@@ -39,8 +39,8 @@
 #include "cuda_utils.cuh"
 #include "dropout.h"
 #include "philox.h"
-#include "regularizer.h"
 #include "rng.cuh"
+#include "site_penalty.h"
 #include "site_penalty_host.h"
 #include "static_switch.h"
 #include "warp_tile.cuh"

@@ -2,7 +2,8 @@
 //
 //   y_i = keep_i ? x_i * scale : +0,   keep_i = u16(i) >= t,   t = round(p * 2^16) in [0, 2^16],
 //   scale = 2^16 / (2^16 - t) = 1/(1 - p') for the quantized p' = t / 2^16  (0 when t = 2^16),
-// computed in acc_t (float for f16/bf16/f32, double for f64) and rounded once to the output dtype.
+// computed in acc_t (float for f16/bf16/f32, double for f64) and rounded once to the output dtype
+// (the rounding and NaN rules of every backend: docs/numerics.md).
 // Dropout is linear in x with the same mask, so the backward (and every higher derivative) is the
 // same function applied to the incoming gradient: the mask is regenerated, never stored.
 #pragma once

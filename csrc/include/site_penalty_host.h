@@ -1,16 +1,34 @@
 // Host-side argument checks (defined in checks.cpp) and helpers of the site-penalty ops, shared by
-// the CPU and CUDA launchers: metadata only, no host sync.
+// the CPU and CUDA launchers: metadata only, no host sync; the noise amplitude in double.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
 
 #include "checks.h"
-#include "regularizer.h"
+#include "dropout.h"
+#include "site_penalty.h"
 
 namespace dropreg {
+
+// "rademacher" -> kRademacher, "dropout" -> kDropoutNoise; anything else is a user error.
+NoiseKind parse_noise(const std::string& noise);
+
+// The site-noise drop probability: q = 1 would make q/(1-q) infinite.
+void check_noise_prob(double q);
+
+// The positive noise value `a` of site_noise_value, in double (cast once to acc_t by the caller),
+// as reference.site_noise_amplitude: pow(·, 0.5) rather than sqrt mirrors Python's `** 0.5` bit
+// for bit; the dropout kind's t / (2^16 - t) is q'/(1-q') for the quantized q' = t / 2^16.
+inline double site_noise_amplitude(double q, NoiseKind kind) {
+  if (kind == kRademacher) return std::pow(q / (1.0 - q), 0.5);
+  const uint32_t t = dropout_threshold(q);
+  return static_cast<double>(t) / static_cast<double>(65536u - t);
+}
 
 // g: the gradient at the site for h (h's shape, dtype and device), when given.
 void check_site_grad(const std::optional<at::Tensor>& g, const char* name, const at::Tensor& h);

@@ -1,0 +1,107 @@
+// Per-element math of the cross-entropy ops (docs/design.md §2, fused op 2), written once for the
+// CPU kernels (cpu/cross_entropy*) and the CUDA kernels (cuda/cross_entropy.cu). Every formula
+// mirrors dropreg_ext/reference.py, including the order of the floating-point operations where
+// that order is visible. acc_t is float for f16/bf16/f32 logits and double for f64 (at::opmath_type).
+//
+// The Gumbel stream (philox.h layout): u32 of the element i = r·C + c of z,
+//   u = ((u32 >> 9) + 1/2)·2^-23,  G = -log(-log u).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "philox.h"
+
+namespace dropreg {
+
+// exp / log in acc_t by their libm names on the host and the device alike (never the fast
+// __expf / __logf: the Gumbel argmax and the loss are compared against the reference, so the fast
+// intrinsics' error matters).
+DROPREG_HOST_DEVICE float acc_exp(float x) { return expf(x); }
+DROPREG_HOST_DEVICE double acc_exp(double x) { return exp(x); }
+DROPREG_HOST_DEVICE float acc_log(float x) { return logf(x); }
+DROPREG_HOST_DEVICE double acc_log(double x) { return log(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Gumbel noise (reference.gumbel_noise), always float32 whatever the logits' dtype.
+// ---------------------------------------------------------------------------------------------
+
+// u = ((u32 >> 9) + 1/2) · 2^-23: the top 23 bits centred in their cell, so u ∈ [2^-24, 1 - 2^-24]
+// lies strictly inside (0, 1) and every step is exact in float32 (no log(0), no rounding to 1).
+DROPREG_HOST_DEVICE float uniform_open01(uint32_t u) {
+  return (static_cast<float>(u >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
+}
+
+// Standard Gumbel G = -log(-log u); finite, in [-2.8, 16.6] for the u above.
+DROPREG_HOST_DEVICE float gumbel_from_uint32(uint32_t u) {
+  return -acc_log(-acc_log(uniform_open01(u)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The states of the one-pass cross-entropy: log-sum-exp and Gumbel-max argmax (merge order fixed
+// by the caller, so results are deterministic).
+// ---------------------------------------------------------------------------------------------
+
+// (m, s) stands for Σ exp(x) = s · exp(m). Empty state: (-inf, 0).
+template <typename acc_t>
+struct LseState {
+  acc_t m;
+  acc_t s;
+};
+
+template <typename acc_t>
+DROPREG_HOST_DEVICE LseState<acc_t> lse_identity() {
+  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+}
+
+// Running argmax of score = z + G. Empty state: (-inf, INT64_MAX), which loses to every element.
+template <typename acc_t>
+struct ArgmaxState {
+  acc_t score;
+  int64_t index;
+};
+
+template <typename acc_t>
+DROPREG_HOST_DEVICE ArgmaxState<acc_t> argmax_identity() {
+  return {-std::numeric_limits<acc_t>::infinity(), std::numeric_limits<int64_t>::max()};
+}
+
+// torch.argmax semantics: NaN beats every number (the first NaN wins), otherwise the larger score
+// wins and ties go to the smaller index. A total order, so any merge order gives the same winner.
+template <typename acc_t>
+DROPREG_HOST_DEVICE ArgmaxState<acc_t> argmax_merge(ArgmaxState<acc_t> a, ArgmaxState<acc_t> b) {
+  const bool a_nan = a.score != a.score;
+  const bool b_nan = b.score != b.score;
+  bool take_a;
+  if (a_nan || b_nan) {
+    take_a = a_nan && (!b_nan || a.index < b.index);
+  } else {
+    take_a = a.score > b.score || (a.score == b.score && a.index < b.index);
+  }
+  return take_a ? a : b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy gradient and its VJP (reference.ce_grad / ce_grad_backward), per element.
+// ---------------------------------------------------------------------------------------------
+
+// p = softmax(z)_c = exp(z - lse).
+template <typename acc_t>
+DROPREG_HOST_DEVICE acc_t softmax_prob(acc_t z, acc_t lse) {
+  return acc_exp(z - lse);
+}
+
+// G = (p - [c == label]) · row_scale, for a valid row.
+template <typename acc_t>
+DROPREG_HOST_DEVICE acc_t ce_grad_element(acc_t z, acc_t lse, bool is_label, acc_t row_scale) {
+  return (softmax_prob<acc_t>(z, lse) - (is_label ? acc_t(1) : acc_t(0))) * row_scale;
+}
+
+// grad_z = row_scale · p · (u - ⟨p, u⟩), for a valid row (pu = ⟨p, u⟩ of the row).
+template <typename acc_t>
+DROPREG_HOST_DEVICE acc_t ce_grad_backward_element(acc_t p, acc_t u, acc_t pu, acc_t row_scale) {
+  return row_scale * p * (u - pu);
+}
+
+}  // namespace dropreg
