@@ -23,8 +23,8 @@ template <typename scalar_t, typename acc_t>
 void indexed_kernel(const scalar_t* x, scalar_t* y, int64_t n, const IndexMap& map, uint32_t threshold, acc_t scale,
                     uint64_t seed, uint64_t offset) {
   // Rows: runs along the innermost merged dim, whose indices step by its stride.
-  const int64_t row = map.dims > 0 ? map.sizes[map.dims - 1] : n;
-  const uint64_t step = map.dims > 0 ? static_cast<uint64_t>(map.strides[map.dims - 1]) : 1;
+  const int64_t row = map.dims > 0 ? map.inner_size() : n;
+  const uint64_t step = static_cast<uint64_t>(map.inner_stride());
   const int64_t rows = row > 0 ? n / row : 0;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row, 1)), [&](int64_t r0, int64_t r1) {
     MaskReader reader{seed, offset};

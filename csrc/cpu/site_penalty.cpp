@@ -85,10 +85,13 @@ void for_each_chunk(int64_t n, const NoiseParams& np, bool noise, const Vector& 
   constexpr cpu::SitePenaltyLoops<scalar_t, acc_t> loops = cpu::kSitePenaltyLoops<isa, scalar_t, acc_t>;
   const int64_t per_call = np.kind == kRademacher ? kBitsPerGroup : kU16PerGroup;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // The buffers hold one chunk, no more than n elements: a small site does not zero a whole chunk's.
+  const int64_t cap = std::min(kChunk, n);
+  const int64_t cap_calls = (cap + kU16PerGroup - 1) / kU16PerGroup;  // the most calls a chunk makes
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> eta(kChunk);
-    std::vector<uint64_t> ids(loops.words != nullptr ? kChunk / kU16PerGroup : 0);
-    std::vector<uint32_t> words(loops.words != nullptr ? kChunk / 2 : 0);
+    std::vector<acc_t> eta(static_cast<size_t>(cap));
+    std::vector<uint64_t> ids(loops.words != nullptr ? static_cast<size_t>(cap_calls) : 0);
+    std::vector<uint32_t> words(loops.words != nullptr ? static_cast<size_t>(4 * cap_calls) : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t m = std::min(kChunk, n - begin);
@@ -200,16 +203,20 @@ at::Tensor site_penalty_cpu(const at::Tensor& h_in, const std::optional<at::Tens
   const at::Tensor h = h_in.contiguous();
   const at::Tensor ge = contiguous_or_undefined(g_e);
   const at::Tensor gi = contiguous_or_undefined(g_i);
-  double sums[2];
+  at::Tensor out = at::empty({2}, h.options().dtype(acc_type(h)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    double sums[2];
     cpu::with_cpu_isa([&]<Isa isa>() {
       cpu::note_entry(cpu::CpuOp::kSitePenalty, isa);
       penalty_kernel<isa, scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), const_ptr_or_null<scalar_t>(ge),
                                            const_ptr_or_null<scalar_t>(gi), h.numel(), np, sums);
     });
+    acc_t* o = out.data_ptr<acc_t>();  // the double sums rounded once, to nearest
+    o[0] = static_cast<acc_t>(sums[0]);
+    o[1] = static_cast<acc_t>(sums[1]);
   });
-  return at::tensor({sums[0], sums[1]}, h.options().dtype(at::kDouble)).to(acc_type(h));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cpu(

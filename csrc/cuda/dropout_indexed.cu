@@ -35,8 +35,8 @@ __global__ void __launch_bounds__(kThreads)
   const cuda::RngState state = cuda::load_rng(rng);
   cuda::store_rng(rng, state);
   MaskReader reader{state.seed, state.offset};
-  const int64_t row = map.dims > 0 ? map.sizes[map.dims - 1] : (n > 0 ? n : 1);
-  const uint64_t step = map.dims > 0 ? static_cast<uint64_t>(map.strides[map.dims - 1]) : 1;
+  const int64_t row = map.dims > 0 ? map.inner_size() : (n > 0 ? n : 1);
+  const uint64_t step = static_cast<uint64_t>(map.inner_stride());
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kElems;
   for (int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kElems; first < n;
        first += stride) {

@@ -267,8 +267,9 @@ __device__ __forceinline__ void site_backward_step(acc_t a2, acc_t b, const scal
   if constexpr (kHasGe) {
     cuda::for_each_elem<Tile>([&](int q, int e) {
       // 0 + term, as the reference's zeros + ...: a -0 term gives +0 there too.
-      dhx[q][e] = add_rn(dhx[q][e], site_dh_explicit<acc_t>(a2, ex[q][e], hx[q][e]));
-      dgx[q][e] = site_dg_explicit<acc_t>(a2, ex[q][e], hx[q][e]);
+      const SitePartGrad<acc_t> part = site_explicit_grad<acc_t>(a2, ex[q][e], hx[q][e]);
+      dhx[q][e] = add_rn(dhx[q][e], part.dh);
+      dgx[q][e] = part.dg;
     });
     cuda::store_tile<kFull, Tile>(dg_e, base, n, noise.lane, dgx);
   }
@@ -276,8 +277,9 @@ __device__ __forceinline__ void site_backward_step(acc_t a2, acc_t b, const scal
     acc_t eta[Tile::kVecs][Tile::kV];
     noise.step(run_base, s, eta);
     cuda::for_each_elem<Tile>([&](int q, int e) {
-      dhx[q][e] = add_rn(dhx[q][e], site_dh_implicit<acc_t>(b, ix[q][e], eta[q][e]));
-      dgx[q][e] = site_dg_implicit<acc_t>(b, eta[q][e], hx[q][e]);
+      const SitePartGrad<acc_t> part = site_implicit_grad<acc_t>(b, ix[q][e], eta[q][e], hx[q][e]);
+      dhx[q][e] = add_rn(dhx[q][e], part.dh);
+      dgx[q][e] = part.dg;
     });
     cuda::store_tile<kFull, Tile>(dg_i, base, n, noise.lane, dgx);
   }

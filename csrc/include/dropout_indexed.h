@@ -21,14 +21,31 @@ struct IndexMap {
   int64_t strides[kMaxIndexDims] = {};
   uint64_t base = 0;
 
-  // The index of flat position p (row-major over sizes).
+  // The index of flat position p (row-major over sizes). The loops run over every slot with the
+  // unused ones skipped, so that a GPU reads sizes and strides at constant places (a loop to `dims`
+  // would index them at run time: local memory).
   DROPREG_HOST_DEVICE uint64_t index_of(int64_t p) const {
     uint64_t index = base;
-    for (int k = dims - 1; k >= 0; --k) {
-      index += static_cast<uint64_t>((p % sizes[k]) * strides[k]);
-      p /= sizes[k];
+#pragma unroll
+    for (int k = kMaxIndexDims - 1; k >= 0; --k) {
+      if (k < dims) {
+        index += static_cast<uint64_t>((p % sizes[k]) * strides[k]);
+        p /= sizes[k];
+      }
     }
     return index;
+  }
+
+  // The size and the index stride of the innermost merged dim ({1, 1} without dims).
+  DROPREG_HOST_DEVICE int64_t inner_size() const { return dims > 0 ? slot(sizes, dims - 1) : 1; }
+  DROPREG_HOST_DEVICE int64_t inner_stride() const { return dims > 0 ? slot(strides, dims - 1) : 1; }
+
+ private:
+  DROPREG_HOST_DEVICE static int64_t slot(const int64_t (&values)[kMaxIndexDims], int k) {
+    int64_t value = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxIndexDims; ++j) value = j == k ? values[j] : value;
+    return value;
   }
 };
 
@@ -45,7 +62,11 @@ struct MaskReader {
       words = philox_group(seed, offset, kStreamDropoutMask, g);
       group = g;
     }
-    return group_u16(words, static_cast<int>(index & 7));
+    // group_u16 with the word chosen by selects: a run-time index into the words would put them in
+    // local memory on a GPU.
+    const uint32_t w = static_cast<uint32_t>(index >> 1) & 3u;
+    const uint32_t word = w == 0 ? words.x[0] : w == 1 ? words.x[1] : w == 2 ? words.x[2] : words.x[3];
+    return (word >> ((index & 1) * 16)) & 0xFFFFu;
   }
 };
 
