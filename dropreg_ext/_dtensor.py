@@ -74,6 +74,23 @@ def local_mask_shape(x, mask_shape: tuple) -> tuple:
     return tuple(1 if n == 1 else m for n, m in zip(mask_shape, local_shape))
 
 
+# The regularizer's double backward through DTensor ops gives the single-device gradients under torch
+# 2.14 (tests/test_tensor_parallel.py), but not under torch 2.11 (measured there: the same terms, the
+# weight gradients up to 0.06 off on a 2-rank MLP). The versions between were not tested.
+DOUBLE_BACKWARD_MIN_TORCH = (2, 14)
+
+
+def check_double_backward() -> None:
+    """Raise where the regularizer's terms on DTensor sites would get wrong gradients."""
+    if torch.torch_version.TorchVersion(torch.__version__) < DOUBLE_BACKWARD_MIN_TORCH:
+        need = ".".join(map(str, DOUBLE_BACKWARD_MIN_TORCH))
+        raise NotImplementedError(
+            f"DropoutRegularizer with DTensor (tensor-parallel) sites needs torch >= {need} (tested); under "
+            f"torch {torch.__version__} the double backward through DTensor ops gives wrong weight gradients. "
+            "Upgrade torch, or regularize the unsharded model (dr.Dropout itself is exact on DTensors here)"
+        )
+
+
 def check_no_fsdp(model: torch.nn.Module) -> None:
     """Raise for a model wrapped by FSDP2 (``fully_shard``): the regularizer's double backward is not
     supported there."""

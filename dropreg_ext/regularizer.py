@@ -207,6 +207,8 @@ class DropoutRegularizer:
     def terms(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> tuple:
         """(J, Σ_i λ_i R_i, T) as tensors with their graphs, for the last captured forward."""
         sites = self._take_sites()
+        if _dtensor.is_dtensor(logits) or any(_dtensor.is_dtensor(s.h) for s in sites):
+            _dtensor.check_double_backward()
         for site in sites:
             if site.h._version != site.version:
                 raise RuntimeError(

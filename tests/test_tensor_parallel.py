@@ -112,8 +112,11 @@ def _tensor_parallel(mesh) -> dict:
         single32.fc2.weight.normal_(generator=torch.Generator().manual_seed(6))
     tp32 = _tp(copy.deepcopy(single32), mesh)
     out["float32"] = {"single": _step(single32, x.float(), 9, []), "tp": _step(tp32, x.float(), 9, [])}
-    out["regularizer"] = {"single": _regularized_step(MLP(dr.Dropout(0.5)), x),
-                          "tp": _regularized_step(_tp(MLP(dr.Dropout(0.5)), mesh), x)}
+    out["regularizer"] = {"single": _regularized_step(MLP(dr.Dropout(0.5)), x)}
+    try:
+        out["regularizer"]["tp"] = _regularized_step(_tp(MLP(dr.Dropout(0.5)), mesh), x)
+    except NotImplementedError as exc:  # a torch whose DTensor double backward is not exact
+        out["regularizer"]["error"] = str(exc)
     out["kinds"] = _kinds_on_shards(mesh)
     out["errors"] = _unsupported_placements(mesh)
     return out
@@ -265,7 +268,14 @@ def test_partial_placement_is_refused_with_the_alternative(ranks):
 
 def test_regularizer_on_tensor_parallel_sites_is_the_single_devices(ranks):
     """Sharded sites: the same sampled labels and terms (the loss bit for bit), the gradients within the
-    rounding of the reordered sums (the softmax is not dyadic)."""
+    rounding of the reordered sums (the softmax is not dyadic). Under a torch older than the one this
+    was checked on, a clear error instead (its DTensor double backward is not exact)."""
+    from dropreg_ext._dtensor import DOUBLE_BACKWARD_MIN_TORCH
+
+    if torch.torch_version.TorchVersion(torch.__version__) < DOUBLE_BACKWARD_MIN_TORCH:
+        for r in ranks:
+            assert "needs torch >=" in r["tp"]["regularizer"]["error"]
+        return
     for rank, r in enumerate(ranks):
         (terms_s, grads_s), (terms_t, grads_t) = r["tp"]["regularizer"]["single"], r["tp"]["regularizer"]["tp"]
         assert terms_s["explicit"] > 0 and terms_s["implicit"] != 0, "the terms are not active"
