@@ -59,19 +59,14 @@ def shard_box(x) -> tuple:
 
 
 def index_map(x, mask_shape: Optional[tuple] = None) -> tuple:
-    """(index_strides, index_base) of this rank's shard of ``x`` (or of the mask of shape ``mask_shape``,
-    broadcast over x: its dims of size 1 are whole on every rank) for ops.dropout_indexed."""
+    """(index_strides, index_base, local shape) of this rank's shard of ``x``, or of the mask of shape
+    ``mask_shape`` broadcast over x (its dims of size 1 are whole on every rank), for
+    ops.dropout_indexed."""
     offsets, local_shape = shard_box(x)
     shape = tuple(x.shape) if mask_shape is None else tuple(mask_shape)
     strides = _row_major_strides(shape)
     base = sum(o * s for o, s, n in zip(offsets, strides, shape) if n != 1)
-    return strides, base
-
-
-def local_mask_shape(x, mask_shape: tuple) -> tuple:
-    """The shape of this rank's part of a mask of ``mask_shape`` broadcast over DTensor ``x``."""
-    _, local_shape = shard_box(x)
-    return tuple(1 if n == 1 else m for n, m in zip(mask_shape, local_shape))
+    return strides, base, tuple(1 if n == 1 else m for n, m in zip(shape, local_shape))
 
 
 # The regularizer's double backward through DTensor ops gives the single-device gradients under torch

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 __all__ = ["checkpoint_context"]
 
-# The ops that read the generator: every <op>_draw of the C++ backends and the state alone (which the
-# Python backends' draws call).
-_DRAW_OPS = ("rng_state", "dropout_draw", "dropout_draw_", "dropout_indexed_draw", "cross_entropy_sample_draw",
-             "cross_entropy_sample_grad_draw", "site_penalty_draw")
+# The ops that read the generator: every <op>_draw of the C++ backends, the in-place dropout's, and the
+# state alone (which the Python backends' draws call).
+_DRAW_OPS = ("rng_state", "dropout_draw_", *(f"{name}_draw" for name in ops.DRAWS))
 
 
 def checkpoint_context():

@@ -133,14 +133,14 @@ def dropout(
 def _dropout_dtensor(input, p: float, inplace: bool, seed: Optional[int], mask_shape: Optional[tuple] = None):
     """Dropout of a DTensor: each rank's shard with the whole tensor's mask (``_dtensor``), or with the
     whole mask of ``mask_shape`` broadcast over it; differentiable through to_local / from_local."""
-    strides, base = _dtensor.index_map(input, mask_shape)
+    strides, base, local_shape = _dtensor.index_map(input, mask_shape)
     local = input.to_local()
     backend = resolve_backend(local)
     draw = ops.BACKEND_OPS[backend]["dropout_indexed_draw"]
     if mask_shape is None:
         y = draw(local if local.is_contiguous() else _dense(local), p, strides, base, seed)[0]
     else:
-        ones = torch.ones(_dtensor.local_mask_shape(input, mask_shape), dtype=local.dtype, device=local.device)
+        ones = torch.ones(local_shape, dtype=local.dtype, device=local.device)
         y = local * draw(ones, p, strides, base, seed)[0]
     out = _dtensor.from_local(y, input)
     return input.copy_(out) if inplace else out

@@ -189,7 +189,12 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
     (:func:`dropout_scale`); computed in float32 (float64 for float64 inputs) and rounded once to x's
     dtype; dropped elements are +0; y has x's layout (``torch.empty_like``). Differentiable through
     plain autograd."""
-    keep = dropout_keep(x.shape, p, rng.to(x.device))
+    return _apply_keep(x, dropout_keep(x.shape, p, rng.to(x.device)), p)
+
+
+def _apply_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x / (1 - p') where ``keep``, +0 elsewhere: in float32 (float64 for float64 x) rounded once to
+    x's dtype, in x's layout."""
     acc = acc_dtype(x.dtype)
     scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
     scaled = (x.to(acc) * scale).to(x.dtype)
@@ -228,12 +233,7 @@ def dropout_indexed(x: torch.Tensor, p: float, rng: torch.Tensor, index_strides:
     and layout rules as :func:`dropout`; ``dropout(x, p, rng)`` is the case strides = x's row-major
     strides, base 0."""
     index = logical_index(x.shape, index_strides, index_base, x.device)
-    keep = philox_uint16_at(rng, STREAM_DROPOUT_MASK, index) >= dropout_threshold(p)
-    acc = acc_dtype(x.dtype)
-    scale = torch.tensor(dropout_scale(p), dtype=acc, device=x.device)
-    scaled = (x.to(acc) * scale).to(x.dtype)
-    y = torch.where(keep, scaled, torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.empty_like(x).copy_(y)
+    return _apply_keep(x, philox_uint16_at(rng, STREAM_DROPOUT_MASK, index) >= dropout_threshold(p), p)
 
 
 SELU_ALPHA = 1.7580993408473766  # SELU's λ·α: its negative saturation value, negated

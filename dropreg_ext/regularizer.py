@@ -207,8 +207,6 @@ class DropoutRegularizer:
     def terms(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> tuple:
         """(J, Σ_i λ_i R_i, T) as tensors with their graphs, for the last captured forward."""
         sites = self._take_sites()
-        if _dtensor.is_dtensor(logits) or any(_dtensor.is_dtensor(s.h) for s in sites):
-            _dtensor.check_double_backward()
         for site in sites:
             if site.h._version != site.version:
                 raise RuntimeError(
@@ -229,6 +227,7 @@ class DropoutRegularizer:
             raise TypeError(f"argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
         head_call = self._head_call_of(logits)
         if _dtensor.is_dtensor(logits):
+            _dtensor.check_double_backward()
             # Sharded logits (a column-parallel head): the whole rows, as on one device. The head's
             # row-product shortcut is for plain weights; the path through z gives the same terms.
             logits, head_call = logits.full_tensor(), None
@@ -325,6 +324,7 @@ class DropoutRegularizer:
             shared = shared_mask_dims(site, self.shared_masks)
             h, ge, gi = self._shared_products(site, g_e[i], g_i[i], shared) if shared else (site.h, g_e[i], g_i[i])
             if _dtensor.is_dtensor(h):
+                _dtensor.check_double_backward()
                 # A sharded site: the whole tensors (their backward scatters the gradients back), so
                 # that the sums and the noise are the single device's on every rank.
                 h, ge, gi = (None if t is None else t.full_tensor() for t in (h, ge, gi))
