@@ -13,21 +13,33 @@
 // ops' own derivatives, third order, are composite PyTorch registered in ops.py), and below autograd
 // otherwise, so that first-order backward never enters a Python autograd kernel.
 // torch.compile traces these like Python autograd (the forward runs below autograd on the fake).
+// The nodes are written as torch's generated ones are (a Node with its saved state, wired by
+// set_history), not as torch::autograd::Function: that costs a fraction of the host time per call
+// (no IValue maps, no output wrapping), which is what decides small calls (bench --only overhead).
+// Forward-mode AD is not implemented and says so.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace dropreg {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using at::Tensor;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 template <typename Sig>
@@ -75,6 +87,58 @@ DROPREG_OP(site_penalty_backward_op, "site_penalty_backward",
                                               c10::string_view, const Tensor&))
 #undef DROPREG_OP
 
+// ---------------------------------------------------------------------------------------------
+// Nodes and their wiring
+// ---------------------------------------------------------------------------------------------
+
+// torch holds autograd nodes by c10::intrusive_ptr (2.14) or by std::shared_ptr freed with deleteNode,
+// which unwinds long chains without recursion (2.11): getptr() tells which.
+using NodePtr = decltype(std::declval<Node&>().getptr());
+
+template <typename T>
+auto new_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });  // found by ADL, where it exists
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+// A node of type T for this call if autograd records it (grad mode on and an input requiring grad),
+// else null. `inputs` are the differentiable inputs, in the order T::apply returns their gradients.
+template <typename T, typename... Inputs>
+auto record(const Inputs&... inputs) -> decltype(new_node<T>()) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(inputs) || ...), "dropreg::", T::kOp,
+                              ": forward-mode AD is not implemented; use reverse mode (backward, autograd.grad)");
+  if (!torch::autograd::compute_requires_grad(inputs...)) return nullptr;
+  auto node = new_node<T>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
+// The base of our nodes: their name, and their saved tensors freed once a backward that does not
+// retain the graph has run (SavedVariable then raises torch's "backward a second time" error).
+template <typename Derived, size_t kSaved>
+struct SavingNode : Node {
+  std::string name() const override { return std::string("dropreg::") + Derived::kOp + "Backward"; }
+
+  void release_variables() override {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable& s : saved) s.reset_data();
+  }
+
+  // The saved tensors; an output of this node's own op (is_output) is unpacked with the node.
+  std::vector<Tensor> unpack() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<Tensor> out;
+    out.reserve(kSaved);
+    for (const SavedVariable& s : saved) out.push_back(s.unpack(getptr()));
+    return out;
+  }
+
+  SavedVariable saved[kSaved];
+};
+
 // A backward's op call: recorded by autograd while a graph is being built, below autograd otherwise.
 template <typename Call>
 auto in_backward(const Call& call) {
@@ -83,115 +147,89 @@ auto in_backward(const Call& call) {
   return call();
 }
 
+template <typename Call>
+auto below_autograd(const Call& call) {
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return call();
+}
+
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // ---------------------------------------------------------------------------------------------
-// dropout, dropout_draw
+// dropout, dropout_draw, dropout_indexed(_draw)
 // ---------------------------------------------------------------------------------------------
 
 // Under create_graph the gradient's dropout is recorded too, which gives every higher order.
-Tensor dropout_backward(AutogradContext* ctx, const Tensor& grad) {
-  if (!grad.defined()) return Tensor();
-  const Tensor rng = ctx->get_saved_variables()[0];
-  return in_backward([&] { return dropout_op().call(grad, ctx->saved_data["p"].toDouble(), rng); });
+struct DropoutBackward : SavingNode<DropoutBackward, 1> {  // saved: rng
+  static constexpr const char* kOp = "dropout";
+  double p = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    const Tensor rng = unpack()[0];
+    return {in_backward([&] { return dropout_op().call(grads[0], p, rng); })};
+  }
+};
+
+Tensor wire_dropout(const Tensor& x, double p, const Tensor& rng, const Tensor& y) {
+  if (auto node = record<DropoutBackward>(x)) {
+    node->p = p;
+    node->saved[0] = SavedVariable(rng, false);
+    torch::autograd::set_history(y, node);
+  }
+  return y;
 }
 
-class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, double p, const Tensor& rng) {
-    ctx->saved_data["p"] = p;
-    ctx->save_for_backward({rng});
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return dropout_op().call(x, p, rng);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_backward(ctx, grads[0]), Tensor(), Tensor()};
-  }
-};
-
-class DropoutDrawFunction : public torch::autograd::Function<DropoutDrawFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, double p, std::optional<int64_t> seed) {
-    Tensor y, rng;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, rng) = dropout_draw_op().call(x, p, seed);
-    }
-    ctx->saved_data["p"] = p;
-    ctx->save_for_backward({rng});
-    ctx->mark_non_differentiable({rng});
-    ctx->set_materialize_grads(false);  // no zeros for the state's (absent) gradient
-    return {y, rng};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_backward(ctx, grads[0]), Tensor(), Tensor()};
-  }
-};
-
-// dropout_indexed(_draw): the same with the mask at each element's logical index (linear in x too).
-Tensor dropout_indexed_backward(AutogradContext* ctx, const Tensor& grad) {
-  if (!grad.defined()) return Tensor();
-  const Tensor rng = ctx->get_saved_variables()[0];
-  const std::vector<int64_t> strides = ctx->saved_data["index_strides"].toIntVector();
-  const int64_t base = ctx->saved_data["index_base"].toInt();
-  return in_backward([&] { return dropout_indexed_op().call(grad, ctx->saved_data["p"].toDouble(), rng, strides, base); });
+Tensor dropout_autograd(const Tensor& x, double p, const Tensor& rng) {
+  return wire_dropout(x, p, rng, below_autograd([&] { return dropout_op().call(x, p, rng); }));
 }
 
-void save_indexed(AutogradContext* ctx, double p, c10::IntArrayRef index_strides, int64_t index_base,
-                  const Tensor& rng) {
-  ctx->saved_data["p"] = p;
-  ctx->saved_data["index_strides"] = index_strides.vec();
-  ctx->saved_data["index_base"] = index_base;
-  ctx->save_for_backward({rng});
+std::tuple<Tensor, Tensor> dropout_draw_autograd(const Tensor& x, double p, std::optional<int64_t> seed) {
+  auto [y, rng] = below_autograd([&] { return dropout_draw_op().call(x, p, seed); });
+  return {wire_dropout(x, p, rng, y), rng};
 }
 
-class DropoutIndexedFunction : public torch::autograd::Function<DropoutIndexedFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, double p, const Tensor& rng,
-                        c10::IntArrayRef index_strides, int64_t index_base) {
-    save_indexed(ctx, p, index_strides, index_base, rng);
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return dropout_indexed_op().call(x, p, rng, index_strides, index_base);
-  }
+// The same with the mask at each element's logical index (linear in x too).
+struct DropoutIndexedBackward : SavingNode<DropoutIndexedBackward, 1> {  // saved: rng
+  static constexpr const char* kOp = "dropout_indexed";
+  double p = 0;
+  std::vector<int64_t> index_strides;
+  int64_t index_base = 0;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_indexed_backward(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {Tensor()};
+    const Tensor rng = unpack()[0];
+    return {in_backward([&] { return dropout_indexed_op().call(grads[0], p, rng, index_strides, index_base); })};
   }
 };
 
-class DropoutIndexedDrawFunction : public torch::autograd::Function<DropoutIndexedDrawFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, double p, c10::IntArrayRef index_strides,
-                               int64_t index_base, std::optional<int64_t> seed) {
-    Tensor y, rng;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, rng) = dropout_indexed_draw_op().call(x, p, index_strides, index_base, seed);
-    }
-    save_indexed(ctx, p, index_strides, index_base, rng);
-    ctx->mark_non_differentiable({rng});
-    ctx->set_materialize_grads(false);  // no zeros for the state's (absent) gradient
-    return {y, rng};
+Tensor wire_dropout_indexed(const Tensor& x, double p, const Tensor& rng, c10::IntArrayRef index_strides,
+                            int64_t index_base, const Tensor& y) {
+  if (auto node = record<DropoutIndexedBackward>(x)) {
+    node->p = p;
+    node->index_strides = index_strides.vec();
+    node->index_base = index_base;
+    node->saved[0] = SavedVariable(rng, false);
+    torch::autograd::set_history(y, node);
   }
+  return y;
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {dropout_indexed_backward(ctx, grads[0]), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
+Tensor dropout_indexed_autograd(const Tensor& x, double p, const Tensor& rng, c10::IntArrayRef index_strides,
+                                int64_t index_base) {
+  const Tensor y = below_autograd([&] { return dropout_indexed_op().call(x, p, rng, index_strides, index_base); });
+  return wire_dropout_indexed(x, p, rng, index_strides, index_base, y);
+}
+
+std::tuple<Tensor, Tensor> dropout_indexed_draw_autograd(const Tensor& x, double p, c10::IntArrayRef index_strides,
+                                                         int64_t index_base, std::optional<int64_t> seed) {
+  auto [y, rng] = below_autograd([&] { return dropout_indexed_draw_op().call(x, p, index_strides, index_base, seed); });
+  return {wire_dropout_indexed(x, p, rng, index_strides, index_base, y), rng};
+}
 
 // ---------------------------------------------------------------------------------------------
 // cross_entropy_sample(_draw), cross_entropy_sample_grad(_draw), ce_grad
 // ---------------------------------------------------------------------------------------------
-
-// Saves what the cross-entropy backwards read: z, target, lse (an output), true_scale (may be undefined).
-void save_ce(AutogradContext* ctx, const Tensor& z, const Tensor& target, const Tensor& lse,
-             const OptTensor& true_scale, int64_t ignore_index) {
-  ctx->saved_data["ignore_index"] = ignore_index;
-  ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no pass for it
-  ctx->save_for_backward({z, target, lse, true_scale.value_or(Tensor())});
-}
 
 // The gradient in z of ⟨grad_lse, lse⟩: grad_lse ⊙ softmax(z) (undefined if grad_lse is).
 Tensor lse_grad(const Tensor& z, const Tensor& lse, const Tensor& grad_lse) {
@@ -204,262 +242,171 @@ Tensor add_defined(const Tensor& a, const Tensor& b) {
   return b.defined() ? a + b : a;
 }
 
-// d/dz of ⟨grad_loss, loss⟩ + ⟨grad_lse, lse⟩ for cross_entropy_sample's outputs.
-Tensor ce_sample_backward(AutogradContext* ctx, const Tensor& grad_loss, const Tensor& grad_lse) {
-  const auto saved = ctx->get_saved_variables();
-  const Tensor &z = saved[0], &target = saved[1], &lse = saved[2];
-  const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-  Tensor grad_z;
-  if (grad_loss.defined()) {
-    const Tensor row_scale = grad_loss.to(lse.scalar_type());
-    grad_z = in_backward([&] { return ce_grad_op().call(z, lse, target, row_scale, ignore_index); });
-  }
-  return add_defined(grad_z, lse_grad(z, lse, grad_lse));
-}
+// d/dz of ⟨grad_loss, loss⟩ + ⟨grad_lse, lse⟩ for cross_entropy_sample's outputs (loss, lse; ŷ
+// and the state are not differentiable).
+struct CeSampleBackward : SavingNode<CeSampleBackward, 3> {  // saved: z, target, lse (an output)
+  static constexpr const char* kOp = "cross_entropy_sample";
+  static constexpr bool kSavesTrueScale = false;
+  int64_t ignore_index = 0;
 
-class CrossEntropySampleFunction : public torch::autograd::Function<CrossEntropySampleFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target, const Tensor& rng,
-                               int64_t ignore_index) {
-    Tensor loss, lse, yhat;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, lse, yhat) = ce_sample_op().call(z, target, rng, ignore_index);
+  variable_list apply(variable_list&& grads) override {
+    const Tensor &grad_loss = grads[0], &grad_lse = grads[1];
+    const std::vector<Tensor> s = unpack();
+    const Tensor &z = s[0], &target = s[1], &lse = s[2];
+    Tensor grad_z;
+    if (grad_loss.defined()) {
+      const Tensor row_scale = grad_loss.to(lse.scalar_type());
+      grad_z = in_backward([&] { return ce_grad_op().call(z, lse, target, row_scale, ignore_index); });
     }
-    save_ce(ctx, z, target, lse, std::nullopt, ignore_index);
-    ctx->mark_non_differentiable({yhat});
-    return {loss, lse, yhat};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {ce_sample_backward(ctx, grads[0], grads[1]), Tensor(), Tensor(), Tensor()};
+    return {add_defined(grad_z, lse_grad(z, lse, grad_lse))};
   }
 };
 
-class CrossEntropySampleDrawFunction : public torch::autograd::Function<CrossEntropySampleDrawFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target, int64_t ignore_index,
-                               std::optional<int64_t> seed) {
-    Tensor loss, lse, yhat, rng;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, lse, yhat, rng) = ce_sample_draw_op().call(z, target, ignore_index, seed);
-    }
-    save_ce(ctx, z, target, lse, std::nullopt, ignore_index);
-    ctx->mark_non_differentiable({yhat, rng});
-    return {loss, lse, yhat, rng};
+// Wires the node of a cross-entropy op whose differentiable outputs are `outputs` (loss, lse, ...).
+template <typename T>
+void wire_ce(const Tensor& z, const Tensor& target, const Tensor& lse, int64_t ignore_index,
+             std::initializer_list<Tensor> outputs, const Tensor& true_scale = Tensor()) {
+  if (auto node = record<T>(z)) {
+    node->ignore_index = ignore_index;
+    for (const Tensor& out : outputs) torch::autograd::set_history(out, node);
+    node->saved[0] = SavedVariable(z, false);
+    node->saved[1] = SavedVariable(target, false);
+    node->saved[2] = SavedVariable(lse, true);
+    if constexpr (T::kSavesTrueScale) node->saved[3] = SavedVariable(true_scale, false);
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {ce_sample_backward(ctx, grads[0], grads[1]), Tensor(), Tensor(), Tensor()};
-  }
-};
-
-// d/dz of the cotangents of cross_entropy_sample_grad's loss, lse, G and G_true: one backward op for
-// loss, G and G_true (ŷ fixed by the draw), softmax for lse.
-Tensor ce_sample_grad_backward(AutogradContext* ctx, const variable_list& grads) {
-  const auto saved = ctx->get_saved_variables();
-  const Tensor &z = saved[0], &target = saved[1], &lse = saved[2], &true_scale = saved[3];
-  const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-  const Tensor &grad_loss = grads[0], &grad_lse = grads[1], &grad_g = grads[3];
-  // Without true_scale, G_true is an empty placeholder (AOT autograd may hand it zeros).
-  const Tensor grad_g_true = true_scale.defined() ? grads[4] : Tensor();
-  Tensor grad_z;
-  if (grad_loss.defined() || grad_g.defined() || grad_g_true.defined()) {
-    const OptTensor loss_cotangent = grad_loss.defined() ? OptTensor(grad_loss.to(lse.scalar_type())) : std::nullopt;
-    grad_z = in_backward([&] {
-      return ce_sample_grad_backward_op().call(loss_cotangent, opt(grad_g), opt(grad_g_true), z, lse, target,
-                                               opt(true_scale), ignore_index);
-    });
-  }
-  return add_defined(grad_z, lse_grad(z, lse, grad_lse));
-}
-
-class CrossEntropySampleGradFunction : public torch::autograd::Function<CrossEntropySampleGradFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target, const Tensor& rng,
-                               int64_t ignore_index, const OptTensor& true_scale) {
-    Tensor loss, lse, yhat, grad, grad_true;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, lse, yhat, grad, grad_true) = ce_sample_grad_op().call(z, target, rng, ignore_index, true_scale);
-    }
-    save_ce(ctx, z, target, lse, true_scale, ignore_index);
-    ctx->mark_non_differentiable({yhat});
-    return {loss, lse, yhat, grad, grad_true};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {ce_sample_grad_backward(ctx, grads), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
-
-class CrossEntropySampleGradDrawFunction : public torch::autograd::Function<CrossEntropySampleGradDrawFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& target, int64_t ignore_index,
-                               const OptTensor& true_scale, std::optional<int64_t> seed) {
-    Tensor loss, lse, yhat, grad, grad_true, rng;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, lse, yhat, grad, grad_true, rng) =
-          ce_sample_grad_draw_op().call(z, target, ignore_index, true_scale, seed);
-    }
-    save_ce(ctx, z, target, lse, true_scale, ignore_index);
-    ctx->mark_non_differentiable({yhat, rng});
-    return {loss, lse, yhat, grad, grad_true, rng};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {ce_sample_grad_backward(ctx, grads), Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-};
-
-// G = row_scale ⊙ (softmax(z) - onehot(label)), a function of z and row_scale (lse = logsumexp(z)
-// is an input for speed): its VJP is ce_grad_backward.
-class CeGradFunction : public torch::autograd::Function<CeGradFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& z, const Tensor& lse, const Tensor& label,
-                        const Tensor& row_scale, int64_t ignore_index) {
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->save_for_backward({z, lse, label, row_scale});
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return ce_grad_op().call(z, lse, label, row_scale, ignore_index);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    auto [grad_z, grad_scale] = in_backward(
-        [&] { return ce_grad_backward_op().call(grads[0], saved[0], saved[1], saved[2], saved[3], ignore_index); });
-    return {grad_z, Tensor(), Tensor(), grad_scale, Tensor()};
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// site_penalty(_draw)
-// ---------------------------------------------------------------------------------------------
-
-void save_site(AutogradContext* ctx, const Tensor& h, const OptTensor& g_e, const OptTensor& g_i, double q,
-               c10::string_view noise, const Tensor& rng) {
-  ctx->saved_data["q"] = q;
-  ctx->saved_data["noise"] = std::string(noise);
-  ctx->save_for_backward({h, g_e.value_or(Tensor()), g_i.value_or(Tensor()), rng});
-  ctx->set_materialize_grads(false);  // no zeros for a draw's state (no gradient)
-}
-
-// dh, dg_e, dg_i for grad = [a, b]; undefined for a missing g_e / g_i.
-variable_list site_backward(AutogradContext* ctx, const Tensor& grad) {
-  if (!grad.defined()) return {Tensor(), Tensor(), Tensor()};
-  const auto saved = ctx->get_saved_variables();
-  const Tensor &h = saved[0], &g_e = saved[1], &g_i = saved[2], &rng = saved[3];
-  const std::string noise = ctx->saved_data["noise"].toStringRef();
-  auto [dh, dge, dgi] = in_backward([&] {
-    return site_penalty_backward_op().call(grad.contiguous(), h, opt(g_e), opt(g_i), ctx->saved_data["q"].toDouble(),
-                                           noise, rng);
-  });
-  return {dh, g_e.defined() ? dge : Tensor(), g_i.defined() ? dgi : Tensor()};
-}
-
-class SitePenaltyFunction : public torch::autograd::Function<SitePenaltyFunction> {
- public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& h, const OptTensor& g_e, const OptTensor& g_i, double q,
-                        c10::string_view noise, const Tensor& rng) {
-    save_site(ctx, h, g_e, g_i, q, noise, rng);
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return site_penalty_op().call(h, g_e, g_i, q, noise, rng);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out = site_backward(ctx, grads[0]);
-    out.resize(6);
-    return out;
-  }
-};
-
-class SitePenaltyDrawFunction : public torch::autograd::Function<SitePenaltyDrawFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& h, const OptTensor& g_e, const OptTensor& g_i,
-                               double q, c10::string_view noise, std::optional<int64_t> seed) {
-    Tensor out, rng;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out, rng) = site_penalty_draw_op().call(h, g_e, g_i, q, noise, seed);
-    }
-    save_site(ctx, h, g_e, g_i, q, noise, rng);
-    ctx->mark_non_differentiable({rng});
-    return {out, rng};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out = site_backward(ctx, grads[0]);
-    out.resize(6);
-    return out;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// The Autograd kernels
-// ---------------------------------------------------------------------------------------------
-
-template <size_t... I>
-auto as_tuple(const variable_list& v, std::index_sequence<I...>) {
-  return std::make_tuple(v[I]...);
-}
-
-template <size_t N>
-auto as_tuple(const variable_list& v) {
-  return as_tuple(v, std::make_index_sequence<N>{});
-}
-
-Tensor dropout_autograd(const Tensor& x, double p, const Tensor& rng) { return DropoutFunction::apply(x, p, rng); }
-
-std::tuple<Tensor, Tensor> dropout_draw_autograd(const Tensor& x, double p, std::optional<int64_t> seed) {
-  return as_tuple<2>(DropoutDrawFunction::apply(x, p, seed));
-}
-
-Tensor dropout_indexed_autograd(const Tensor& x, double p, const Tensor& rng, c10::IntArrayRef index_strides,
-                                int64_t index_base) {
-  return DropoutIndexedFunction::apply(x, p, rng, index_strides, index_base);
-}
-
-std::tuple<Tensor, Tensor> dropout_indexed_draw_autograd(const Tensor& x, double p, c10::IntArrayRef index_strides,
-                                                         int64_t index_base, std::optional<int64_t> seed) {
-  return as_tuple<2>(DropoutIndexedDrawFunction::apply(x, p, index_strides, index_base, seed));
 }
 
 CeSample ce_sample_autograd(const Tensor& z, const Tensor& target, const Tensor& rng, int64_t ignore_index) {
-  return as_tuple<3>(CrossEntropySampleFunction::apply(z, target, rng, ignore_index));
+  auto [loss, lse, yhat] = below_autograd([&] { return ce_sample_op().call(z, target, rng, ignore_index); });
+  wire_ce<CeSampleBackward>(z, target, lse, ignore_index, {loss, lse});
+  return {loss, lse, yhat};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> ce_sample_draw_autograd(const Tensor& z, const Tensor& target,
                                                                    int64_t ignore_index, std::optional<int64_t> seed) {
-  return as_tuple<4>(CrossEntropySampleDrawFunction::apply(z, target, ignore_index, seed));
+  auto [loss, lse, yhat, rng] = below_autograd([&] { return ce_sample_draw_op().call(z, target, ignore_index, seed); });
+  wire_ce<CeSampleBackward>(z, target, lse, ignore_index, {loss, lse});
+  return {loss, lse, yhat, rng};
 }
+
+// d/dz of the cotangents of cross_entropy_sample_grad's loss, lse, G and G_true: one backward op for
+// loss, G and G_true (ŷ fixed by the draw), softmax for lse.
+struct CeSampleGradBackward : SavingNode<CeSampleGradBackward, 4> {  // saved: z, target, lse, true_scale
+  static constexpr const char* kOp = "cross_entropy_sample_grad";
+  static constexpr bool kSavesTrueScale = true;
+  int64_t ignore_index = 0;
+
+  variable_list apply(variable_list&& grads) override {  // grads: loss, lse, G, G_true
+    const std::vector<Tensor> s = unpack();
+    const Tensor &z = s[0], &target = s[1], &lse = s[2], &true_scale = s[3];
+    const Tensor &grad_loss = grads[0], &grad_lse = grads[1], &grad_g = grads[2];
+    // Without true_scale, G_true is an empty placeholder (AOT autograd may hand it zeros).
+    const Tensor grad_g_true = true_scale.defined() ? grads[3] : Tensor();
+    Tensor grad_z;
+    if (grad_loss.defined() || grad_g.defined() || grad_g_true.defined()) {
+      const OptTensor loss_cotangent = grad_loss.defined() ? OptTensor(grad_loss.to(lse.scalar_type())) : std::nullopt;
+      grad_z = in_backward([&] {
+        return ce_sample_grad_backward_op().call(loss_cotangent, opt(grad_g), opt(grad_g_true), z, lse, target,
+                                                 opt(true_scale), ignore_index);
+      });
+    }
+    return {add_defined(grad_z, lse_grad(z, lse, grad_lse))};
+  }
+};
 
 CeSampleGrad ce_sample_grad_autograd(const Tensor& z, const Tensor& target, const Tensor& rng, int64_t ignore_index,
                                      const OptTensor& true_scale) {
-  return as_tuple<5>(CrossEntropySampleGradFunction::apply(z, target, rng, ignore_index, true_scale));
+  auto [loss, lse, yhat, grad, grad_true] =
+      below_autograd([&] { return ce_sample_grad_op().call(z, target, rng, ignore_index, true_scale); });
+  wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad, grad_true},
+                                true_scale.value_or(Tensor()));
+  return {loss, lse, yhat, grad, grad_true};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_sample_grad_draw_autograd(
     const Tensor& z, const Tensor& target, int64_t ignore_index, const OptTensor& true_scale,
     std::optional<int64_t> seed) {
-  return as_tuple<6>(CrossEntropySampleGradDrawFunction::apply(z, target, ignore_index, true_scale, seed));
+  auto [loss, lse, yhat, grad, grad_true, rng] =
+      below_autograd([&] { return ce_sample_grad_draw_op().call(z, target, ignore_index, true_scale, seed); });
+  wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad, grad_true},
+                                true_scale.value_or(Tensor()));
+  return {loss, lse, yhat, grad, grad_true, rng};
 }
+
+// G = row_scale ⊙ (softmax(z) - onehot(label)), a function of z and row_scale (lse = logsumexp(z)
+// is an input for speed, not differentiated): its VJP is ce_grad_backward.
+struct CeGradBackward : SavingNode<CeGradBackward, 4> {  // saved: z, lse, label, row_scale
+  static constexpr const char* kOp = "ce_grad";
+  int64_t ignore_index = 0;
+
+  variable_list apply(variable_list&& grads) override {  // returns: z, row_scale
+    if (!grads[0].defined()) return {Tensor(), Tensor()};
+    const std::vector<Tensor> s = unpack();
+    auto [grad_z, grad_scale] =
+        in_backward([&] { return ce_grad_backward_op().call(grads[0], s[0], s[1], s[2], s[3], ignore_index); });
+    return {grad_z, grad_scale};
+  }
+};
 
 Tensor ce_grad_autograd(const Tensor& z, const Tensor& lse, const Tensor& label, const Tensor& row_scale,
                         int64_t ignore_index) {
-  return CeGradFunction::apply(z, lse, label, row_scale, ignore_index);
+  const Tensor out = below_autograd([&] { return ce_grad_op().call(z, lse, label, row_scale, ignore_index); });
+  if (auto node = record<CeGradBackward>(z, row_scale)) {
+    node->ignore_index = ignore_index;
+    node->saved[0] = SavedVariable(z, false);
+    node->saved[1] = SavedVariable(lse, false);
+    node->saved[2] = SavedVariable(label, false);
+    node->saved[3] = SavedVariable(row_scale, false);
+    torch::autograd::set_history(out, node);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// site_penalty(_draw)
+// ---------------------------------------------------------------------------------------------
+
+// dh, dg_e, dg_i for grad = [a, b] (η regenerated from rng); undefined for a missing g_e / g_i.
+struct SitePenaltyBackward : SavingNode<SitePenaltyBackward, 4> {  // saved: h, g_e, g_i, rng
+  static constexpr const char* kOp = "site_penalty";
+  double q = 0;
+  std::string noise;
+
+  variable_list apply(variable_list&& grads) override {  // returns: h, g_e, g_i
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
+    const std::vector<Tensor> s = unpack();
+    const Tensor &h = s[0], &g_e = s[1], &g_i = s[2], &rng = s[3];
+    auto [dh, dge, dgi] = in_backward([&] {
+      return site_penalty_backward_op().call(grads[0].contiguous(), h, opt(g_e), opt(g_i), q, noise, rng);
+    });
+    return {dh, g_e.defined() ? dge : Tensor(), g_i.defined() ? dgi : Tensor()};
+  }
+};
+
+Tensor wire_site(const Tensor& h, const OptTensor& g_e, const OptTensor& g_i, double q, c10::string_view noise,
+                 const Tensor& rng, const Tensor& out) {
+  if (auto node = record<SitePenaltyBackward>(h, g_e, g_i)) {
+    node->q = q;
+    node->noise = std::string(noise);
+    node->saved[0] = SavedVariable(h, false);
+    node->saved[1] = SavedVariable(g_e.value_or(Tensor()), false);
+    node->saved[2] = SavedVariable(g_i.value_or(Tensor()), false);
+    node->saved[3] = SavedVariable(rng, false);
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 Tensor site_penalty_autograd(const Tensor& h, const OptTensor& g_e, const OptTensor& g_i, double q,
                              c10::string_view noise, const Tensor& rng) {
-  return SitePenaltyFunction::apply(h, g_e, g_i, q, noise, rng);
+  const Tensor out = below_autograd([&] { return site_penalty_op().call(h, g_e, g_i, q, noise, rng); });
+  return wire_site(h, g_e, g_i, q, noise, rng, out);
 }
 
 std::tuple<Tensor, Tensor> site_penalty_draw_autograd(const Tensor& h, const OptTensor& g_e, const OptTensor& g_i,
                                                       double q, c10::string_view noise, std::optional<int64_t> seed) {
-  return as_tuple<2>(SitePenaltyDrawFunction::apply(h, g_e, g_i, q, noise, seed));
+  auto [out, rng] = below_autograd([&] { return site_penalty_draw_op().call(h, g_e, g_i, q, noise, seed); });
+  return {wire_site(h, g_e, g_i, q, noise, rng, out), rng};
 }
 
 }  // namespace

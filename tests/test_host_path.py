@@ -102,6 +102,35 @@ def test_ops_dispatched_per_call(device, name):
         assert bwd.ops == want_bwd, f"{name} backward on {device}: dispatched {bwd.ops}, expected {want_bwd}"
 
 
+@pytest.mark.parametrize("name", CALLS)
+def test_autograd_node_contract(name):
+    """The C++ autograd nodes behave as torch's own: named, saved state freed by a backward that does
+    not retain the graph (a second backward raises torch's error), retained with retain_graph=True
+    (the same gradient twice), and forward-mode AD refused with a message saying so."""
+    forward, _, want_bwd = _calls(torch.device("cpu"))[name]
+    if want_bwd is None:
+        pytest.skip("in place: no node of ours")
+    out = forward()
+    assert out.grad_fn.name().startswith("dropreg::") and out.grad_fn.name().endswith("Backward")
+    grad = torch.ones_like(out)
+    leaf = out.grad_fn.next_functions[0][0].variable  # the call's first input
+    first = torch.autograd.grad(out, leaf, grad, retain_graph=True)
+    again = torch.autograd.grad(out, leaf, grad)
+    assert torch.equal(first[0], again[0])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, leaf, grad)
+
+
+def test_forward_mode_ad_is_refused():
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(16)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones(16))
+        with pytest.raises(NotImplementedError, match="dropreg::dropout: forward-mode AD is not implemented"):
+            dr.functional.dropout(dual, 0.5)
+
+
 def test_counter_sees_helper_ops():
     """The count can fail: torch's own dropout dispatches more than one op per call."""
     x = torch.randn(16, requires_grad=True)
