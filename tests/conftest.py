@@ -40,6 +40,10 @@ def requires_cuda(obj):
     return obj
 
 
+# A test parametrized over devices: "cpu", and "cuda" marked and skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=list(CUDA_MARKS))]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped cleanly without one)")
 
