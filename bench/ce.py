@@ -39,8 +39,8 @@ import torch.nn.functional as F
 import dropreg_ext as dr
 
 from .config import Config, dtype_name
-from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
-from .measure import Timing, peak_bytes, time_fns, timed_row
+from .dropout import FLOOR, case_rows, fresh_compile, our_backends
+from .measure import Timing, run_cases, time_fns, timed_row
 
 MODE = "sample+grad"
 FLOOR_WARM = FLOOR + "-warm"  # the floor's product into an output whose pages are mapped already
@@ -149,21 +149,11 @@ def run_case(case: Case, cfg: Config) -> list:
         calls[name] = case_call(make(), case)
     timings = time_fns(calls, cfg.device, cfg.ce_reps)
     copy_gbps = 2 * case.z.element_size() * case.numel / (timings["copy"].median_ms / 1e3) / 1e9
-    rows = []
-    for name, timing in timings.items():
-        row = _row(case, name, "copy" if name == "copy" else MODE, timing, copy_gbps)
-        if name not in ("copy", FLOOR, FLOOR_WARM):
-            row["peak_bytes"] = peak_bytes(calls[name], cfg.device)
-        rows.append(row)
-    add_ratios(rows)
-    add_floor_ratios(rows)
-    return rows
+    return case_rows(timings, calls, lambda name, t: _row(case, name, "copy" if name == "copy" else MODE, t, copy_gbps),
+                     lambda name: name not in ("copy", FLOOR, FLOOR_WARM), cfg.device)
 
 
 def run(cfg: Config, progress: Callable[[str], None]) -> list:
     """All cross-entropy cases of ``cfg``; ``progress(label)`` is called before each case."""
-    rows = []
-    for dtype, n, c in case_keys(cfg):
-        progress(f"ce {dtype_name(dtype)} N={n} C={c}")
-        rows += run_case(Case(dtype, n, c, cfg.device), cfg)
-    return rows
+    return run_cases(case_keys(cfg), lambda dtype, n, c: f"ce {dtype_name(dtype)} N={n} C={c}",
+                     lambda dtype, n, c: run_case(Case(dtype, n, c, cfg.device), cfg), progress)

@@ -77,6 +77,11 @@ def size_text(row: dict) -> str:
     return f"{row['rows']}x{row['classes']}" if "classes" in row else size_label(row["numel"])
 
 
+def case_cells(row: dict) -> list:
+    """The first cells of an op table's row: dtype, size, mode, provider and the median in ms."""
+    return [row["dtype"], size_text(row), row["mode"], row["provider"], f"{row['median_ms']:.3f}"]
+
+
 def native_backend(device_type: str) -> str:
     return "cuda" if device_type == "cuda" else "cpu"
 

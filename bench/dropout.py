@@ -30,7 +30,7 @@ import dropreg_ext as dr
 
 from .checks import size_label
 from .config import Config, dtype_name
-from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
+from .measure import ElementwiseCase, Timing, peak_bytes, run_cases, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "bwd", "fwd+bwd", "inplace")
 BASELINES = ("eager", "compile")
@@ -114,12 +114,8 @@ def min_bytes_per_elem(mode: str, itemsize: int) -> int:
 
 
 @dataclasses.dataclass
-class Case:
+class Case(ElementwiseCase):
     """One (dtype, n) point: the tensors every provider shares."""
-
-    dtype: torch.dtype
-    numel: int
-    device: torch.device
 
     def __post_init__(self) -> None:
         self.x, self.g = seeded_randn(2, self.numel, self.dtype, self.device)
@@ -202,15 +198,8 @@ def run_case(case: Case, cfg: Config) -> list:
     timings = time_fns(calls, cfg.device, cfg.op_reps)
     copy = timings[("copy", "copy")]
     copy_gbps = min_bytes_per_elem("copy", case.x.element_size()) * case.numel / (copy.median_ms / 1e3) / 1e9
-    rows = []
-    for (provider, mode), timing in timings.items():
-        row = _row(case, provider, mode, timing, copy_gbps)
-        if mode == "fwd+bwd" and provider != FLOOR:
-            row["peak_bytes"] = peak_bytes(calls[(provider, mode)], cfg.device)
-        rows.append(row)
-    add_ratios(rows)
-    add_floor_ratios(rows)
-    return rows
+    return case_rows(timings, calls, lambda key, timing: _row(case, *key, timing, copy_gbps),
+                     lambda key: key[1] == "fwd+bwd" and key[0] != FLOOR, cfg.device)
 
 
 def add_ratios(rows: list) -> None:
@@ -224,10 +213,23 @@ def add_ratios(rows: list) -> None:
                 row[f"speedup_vs_{base}"] = ref["median_ms"] / row["median_ms"]
 
 
+def case_rows(timings: dict, calls: dict, make_row: Callable[[object, Timing], dict],
+              with_peak: Callable[[object], bool], device: torch.device) -> list:
+    """The rows of one case, in timing order: ``make_row(key, timing)`` for each timed call, with
+    ``peak_bytes`` of ``calls[key]`` where ``with_peak(key)``, then the ratios (:func:`add_ratios`,
+    :func:`add_floor_ratios`). Used by every section that times calls against the copy."""
+    rows = []
+    for key, timing in timings.items():
+        row = make_row(key, timing)
+        if with_peak(key):
+            row["peak_bytes"] = peak_bytes(calls[key], device)
+        rows.append(row)
+    add_ratios(rows)
+    add_floor_ratios(rows)
+    return rows
+
+
 def run(cfg: Config, progress: Callable[[str], None]) -> list:
     """All dropout cases of ``cfg``; ``progress(label)`` is called before each case."""
-    rows = []
-    for dtype, numel in case_keys(cfg):
-        progress(f"dropout {dtype_name(dtype)} n={size_label(numel)}")
-        rows += run_case(Case(dtype, numel, cfg.device), cfg)
-    return rows
+    return run_cases(case_keys(cfg), lambda dtype, numel: f"dropout {dtype_name(dtype)} n={size_label(numel)}",
+                     lambda dtype, numel: run_case(Case(dtype, numel, cfg.device), cfg), progress)

@@ -23,7 +23,7 @@ import dropreg_ext as dr
 
 from .config import Config, dtype_name
 from .dropout import FLOOR, add_floor_ratios, add_ratios, our_backends
-from .measure import time_fns, timed_row
+from .measure import run_cases, time_fns, timed_row
 
 MODES = ("fwd", "fwd+bwd")
 KINDS = ("channels_last", "dropout2d", "locked")
@@ -94,8 +94,5 @@ def run_case(kind: str, numel: int, cfg: Config) -> list:
 
 
 def run(cfg: Config, progress: Callable[[str], None]) -> list:
-    rows = []
-    for kind, numel in case_keys(cfg):
-        progress(f"kinds {kind} {dtype_name(torch.float32)}")
-        rows += run_case(kind, numel, cfg)
-    return rows
+    return run_cases(case_keys(cfg), lambda kind, numel: f"kinds {kind} {dtype_name(torch.float32)}",
+                     lambda kind, numel: run_case(kind, numel, cfg), progress)

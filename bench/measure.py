@@ -147,6 +147,27 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
+@dataclasses.dataclass
+class ElementwiseCase:
+    """One (dtype, n) point of an elementwise benchmark. A section's subclass, a dataclass too (so that
+    its ``__init__`` calls its ``__post_init__``), makes there the tensors every provider of the point shares."""
+
+    dtype: torch.dtype
+    numel: int
+    device: torch.device
+
+
+def run_cases(keys: list, label: Callable[..., str], run_case: Callable[..., list],
+              progress: Callable[[str], None]) -> list:
+    """The rows of every case of a section, case by case in the order of ``keys``:
+    ``progress(label(*key))`` is called before ``run_case(*key)``."""
+    rows = []
+    for key in keys:
+        progress(label(*key))
+        rows += run_case(*key)
+    return rows
+
+
 def seeded_randn(count: int, shape, dtype: torch.dtype, device: torch.device) -> list:
     """``count`` standard normal tensors of ``shape`` from one generator seeded 0 on ``device``:
     every provider of a case sees the same inputs, every run the same values."""

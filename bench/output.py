@@ -12,7 +12,7 @@ import json
 import os
 from typing import Optional
 
-from .checks import REG_FUSED_GRAPH, format_check, size_text
+from .checks import REG_FUSED_GRAPH, case_cells, format_check
 from .train import cuda_only_variants
 
 MIB = 2**20
@@ -48,11 +48,7 @@ def op_table(rows: list, section: str) -> str:
     body = [
         [
             *([r["case"]] if kinds else []),
-            r["dtype"],
-            size_text(r),
-            r["mode"],
-            r["provider"],
-            f"{r['median_ms']:.3f}",
+            *case_cells(r),
             f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
             r["reps"],
             f"{r['gbps_eff']:.2f}",
@@ -200,25 +196,25 @@ SITE_NOTES = """\
 g_e, g_i (3 x itemsize per element); fwd+bwd adds a read of the three and a write of their gradients (9 x).
 of floor: vs the sums of h, g_e, g_i (fwd), plus a fresh torch.mul of each (fwd+bwd)."""
 
+# The per-op sections of the report, in print order: section, heading (formatted with the run's meta),
+# the notes printed below the table.
+OP_SECTIONS = (
+    ("dropout", "dropout, p={p}", TABLE_NOTES),
+    ("kinds", "dropout kinds and layouts, vs the floor (fresh torch.mul on the same tensor)", None),
+    ("ce", "cross-entropy + sampled label + gradient", CE_NOTES),
+    ("site", "site penalty, q={p}", SITE_NOTES),
+)
+
 
 def print_report(result: dict) -> None:
     rows = result["rows"]
     sections = {r["section"] for r in rows}
-    if "dropout" in sections:
-        print(f"\n== dropout, p={result['meta']['p']} ==")
-        print(op_table(rows, "dropout"))
-        print(TABLE_NOTES)
-    if "kinds" in sections:
-        print("\n== dropout kinds and layouts, vs the floor (fresh torch.mul on the same tensor) ==")
-        print(op_table(rows, "kinds"))
-    if "ce" in sections:
-        print("\n== cross-entropy + sampled label + gradient ==")
-        print(op_table(rows, "ce"))
-        print(CE_NOTES)
-    if "site" in sections:
-        print(f"\n== site penalty, q={result['meta']['p']} ==")
-        print(op_table(rows, "site"))
-        print(SITE_NOTES)
+    for section, heading, notes in OP_SECTIONS:
+        if section in sections:
+            print(f"\n== {heading.format(**result['meta'])} ==")
+            print(op_table(rows, section))
+            if notes:
+                print(notes)
     if "overhead" in sections:
         print("\n== host cost per call (16 elements, 1 thread, interleaved medians) ==")
         print(overhead_table(rows))

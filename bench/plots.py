@@ -51,32 +51,43 @@ def op_plot(rows: list, meta: dict, section: str, dtype: str, path: str) -> None
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("effective GB/s (counted bytes / median time)")
     axes[-1].legend(fontsize="small")
+    _save(fig, meta, path)
+
+
+def _save(fig, meta: dict, path: str) -> None:
+    """The run's device and versions as the figure's title, then the PNG written and the figure closed."""
     fig.suptitle(_title(meta), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _speedup_bars(cases: list, bars: dict, ylabel: str, title: str, meta: dict, path: str,
+                  one_label: str | None = None) -> None:
+    """Grouped bars per case, one series per ``bars`` entry (label -> a value per case), each bar
+    labelled "1.23x", and a gray line at 1 (in the legend as ``one_label`` when given)."""
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 2, 4.2))
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [c + (i - (len(bars) - 1) / 2) * width for c in range(len(cases))]
+        ax.bar_label(ax.bar(xs, values, width, label=label), fmt="%.2fx", fontsize="small")
+    ax.axhline(1.0, color="gray", linewidth=0.8, label=one_label)
+    ax.set_xticks(range(len(cases)), cases)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small")
+    _save(fig, meta, path)
 
 
 def train_plot(rows: list, meta: dict, path: str) -> None:
     rows = [r for r in rows if r["section"] == "train" and r["provider"] != EAGER]
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    variants = list(dict.fromkeys(r["provider"] for r in rows))
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 2, 4.2))
-    for i, variant in enumerate(variants):
+    bars = {}
+    for variant in dict.fromkeys(r["provider"] for r in rows):
         by_case = {r["case"]: r["speedup_vs_eager"] for r in rows if r["provider"] == variant}
-        xs = [c + (i - (len(variants) - 1) / 2) * width for c in range(len(cases))]
-        bars = ax.bar(xs, [by_case.get(c, 0.0) for c in cases], width, label=variant)
-        ax.bar_label(bars, fmt="%.2fx", fontsize="small")
-    ax.axhline(1.0, color="gray", linewidth=0.8, label="eager = 1")
-    ax.set_xticks(range(len(cases)), cases)
-    ax.set_ylabel("speedup vs eager (median step time)")
-    ax.set_title("training step speedup", fontsize="medium")
-    ax.legend(fontsize="small")
-    fig.suptitle(_title(meta), fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        bars[variant] = [by_case.get(c, 0.0) for c in cases]
+    _speedup_bars(cases, bars, "speedup vs eager (median step time)", "training step speedup", meta, path,
+                  one_label="eager = 1")
 
 
 def train_reg_plot(rows: list, meta: dict, path: str) -> None:
@@ -86,21 +97,8 @@ def train_reg_plot(rows: list, meta: dict, path: str) -> None:
         "reg_fused vs reg_plain (same objective)": [r.get("speedup_vs_reg_plain", 0.0) for r in fused],
         "reg_fused vs eager dropout step": [r["speedup_vs_eager"] for r in fused],
     }
-    cases = [r["case"] for r in fused]
-    width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 2, 4.2))
-    for i, (label, values) in enumerate(bars.items()):
-        xs = [c + (i - (len(bars) - 1) / 2) * width for c in range(len(cases))]
-        ax.bar_label(ax.bar(xs, values, width, label=label), fmt="%.2fx", fontsize="small")
-    ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_xticks(range(len(cases)), cases)
-    ax.set_ylabel("speedup (baseline median / reg_fused median)")
-    ax.set_title("regularized training step (explicit sampled + implicit)", fontsize="medium")
-    ax.legend(fontsize="small")
-    fig.suptitle(_title(meta), fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _speedup_bars([r["case"] for r in fused], bars, "speedup (baseline median / reg_fused median)",
+                  "regularized training step (explicit sampled + implicit)", meta, path)
 
 
 def write_plots(result: dict, out_dir: str) -> list:

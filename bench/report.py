@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from .checks import format_check, size_text
+from .checks import case_cells, format_check
 from .output import PHASE_NOTES, dropout_memory_headlines, phase_table_rows, regularizer_headlines
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -40,11 +40,7 @@ HEADLINE_HEADERS = ["dtype", "size", "mode", "provider", "median ms", "eff GB/s"
 def _headline_table(rows: list, size_header: str) -> str:
     body = [
         [
-            r["dtype"],
-            size_text(r),
-            r["mode"],
-            r["provider"],
-            f"{r['median_ms']:.3f}",
+            *case_cells(r),
             f"{r['gbps_eff']:.3g}",
             f"{r['pct_copy']:.0f}%",
             _opt(r, "speedup_vs_eager", ".2f"),

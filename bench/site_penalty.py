@@ -31,8 +31,8 @@ import dropreg_ext as dr
 
 from .checks import size_label
 from .config import Config, dtype_name
-from .dropout import FLOOR, add_floor_ratios, add_ratios, fresh_compile, our_backends
-from .measure import Timing, peak_bytes, seeded_randn, time_fns, timed_row
+from .dropout import FLOOR, case_rows, fresh_compile, our_backends
+from .measure import ElementwiseCase, Timing, run_cases, seeded_randn, time_fns, timed_row
 
 MODES = ("fwd", "fwd+bwd")
 NOISE = "rademacher"
@@ -71,12 +71,8 @@ def bytes_per_elem(mode: str, itemsize: int) -> int:
 
 
 @dataclasses.dataclass
-class Case:
+class Case(ElementwiseCase):
     """One (dtype, n) point: h, g_e, g_i (and copies requiring grad) shared by every provider."""
-
-    dtype: torch.dtype
-    numel: int
-    device: torch.device
 
     def __post_init__(self) -> None:
         self.inputs = seeded_randn(3, self.numel, self.dtype, self.device)
@@ -130,21 +126,11 @@ def run_case(case: Case, cfg: Config) -> list:
     timings = time_fns(calls, cfg.device, cfg.op_reps)
     copy_s = timings[("copy", "copy")].median_ms / 1e3
     copy_gbps = bytes_per_elem("copy", x.element_size()) * case.numel / copy_s / 1e9
-    rows = []
-    for (name, mode), timing in timings.items():
-        row = _row(case, name, mode, timing, copy_gbps)
-        if mode == "fwd+bwd" and name != FLOOR:
-            row["peak_bytes"] = peak_bytes(calls[(name, mode)], cfg.device)
-        rows.append(row)
-    add_ratios(rows)
-    add_floor_ratios(rows)
-    return rows
+    return case_rows(timings, calls, lambda key, timing: _row(case, *key, timing, copy_gbps),
+                     lambda key: key[1] == "fwd+bwd" and key[0] != FLOOR, cfg.device)
 
 
 def run(cfg: Config, progress: Callable[[str], None]) -> list:
     """All site-penalty cases of ``cfg``; ``progress(label)`` is called before each case."""
-    rows = []
-    for dtype, numel in case_keys(cfg):
-        progress(f"site {dtype_name(dtype)} n={size_label(numel)}")
-        rows += run_case(Case(dtype, numel, cfg.device), cfg)
-    return rows
+    return run_cases(case_keys(cfg), lambda dtype, numel: f"site {dtype_name(dtype)} n={size_label(numel)}",
+                     lambda dtype, numel: run_case(Case(dtype, numel, cfg.device), cfg), progress)

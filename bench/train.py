@@ -224,6 +224,9 @@ def _has_transformers() -> bool:
     return True
 
 
+# GPT-2 small (124M parameters) on a batch of 8 x 512 tokens: the "large" scale of both GPT-2 cases.
+GPT2_SMALL = dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512)
+
 CASES = [
     # The cases the GPU verdict judges (bench/checks.py, gpu_verdict) come first, so that a run cut short
     # by bench/gpu_check.sh's time limit has measured them.
@@ -245,7 +248,7 @@ CASES = [
         "tokens",
         {
             "small": dict(vocab=4096, dim=128, layers=2, heads=4, batch=4, seq=128),
-            "large": dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512),
+            "large": GPT2_SMALL,
         },
         _gpt2_workload,
         variants=(EAGER, REG_PLAIN, REG_FUSED),
@@ -273,7 +276,7 @@ CASES = [
         "tokens",
         {
             "small": dict(vocab=8192, dim=256, layers=4, heads=8, batch=4, seq=512),
-            "large": dict(vocab=50257, dim=768, layers=12, heads=12, batch=8, seq=512),
+            "large": GPT2_SMALL,
         },
         _gpt2_workload,
         variants=(EAGER, DROPREG),

@@ -10,6 +10,7 @@ context, so the suite collects on a machine without a GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 
@@ -37,6 +38,10 @@ def requires_cuda(obj):
     for mark in CUDA_MARKS:
         obj = mark(obj)
     return obj
+
+
+# A test parametrized over devices: "cpu", and "cuda" marked and skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=list(CUDA_MARKS))]
 
 
 def pytest_configure(config):
@@ -265,6 +270,41 @@ def assert_yhat_matches(yhat: torch.Tensor, yhat_ref: torch.Tensor, z: torch.Ten
             f"scores {top.values.tolist()} (columns {cols}) are {gap:.3g} apart (> {allowed:.3g})"
         )
         warnings.warn(f"{what}: yhat row {r} differs from the reference on a float tie (gap {gap:.3g})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Error bounds built from the inputs (u = acc_eps(dtype), the unit roundoff of the compute dtype), float64
+# ------------------------------------------------------------------------------------------------
+
+
+def rounded_once_bound(expected: torch.Tensor, dtype: torch.dtype, compute_error) -> torch.Tensor:
+    """Error bound of a value computed within ``compute_error`` in the compute dtype and then rounded
+    once to ``dtype``: compute_error + rtol·|expected| + atol (the TOL entry of ``dtype``)."""
+    tol = TOL[dtype]
+    return compute_error + tol["rtol"] * expected.detach().cpu().double().abs() + tol["atol"]
+
+
+def reordered_sum_bound(terms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Error bound of a sum of n terms computed in the compute dtype of ``dtype`` in another order:
+    4u·(1 + √n)·Σ|t| (the products' own roundings are in the 1)."""
+    return 4 * acc_eps(dtype) * (1 + math.sqrt(terms.numel())) * terms.abs().sum()
+
+
+def lse_bound(z: torch.Tensor, t: torch.Tensor, lse_ref: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Error bound of cross-entropy's lse and loss per row: 4u·(√C + |lse| + |z_y|) -- √C for the
+    reordered sum of C exponentials (relative error of the sum = absolute error of its log), |lse| and
+    |z_y| for the roundings of m + log(s) and lse - z_y (z_y read at column 0 on ignored rows)."""
+    za, t = z.detach().cpu().double(), t.cpu()
+    z_y = za.gather(1, torch.where(t == ignore_index, 0, t)[:, None]).squeeze(1).abs()
+    return 4 * acc_eps(z.dtype) * (math.sqrt(z.shape[1]) + lse_ref.detach().cpu().double().abs() + z_y)
+
+
+def ce_grad_bound(z: torch.Tensor, lse: torch.Tensor, row_scale: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Error bound of ce_grad: p = exp(z - lse) in the compute dtype, 4u·|s|·p·(2 + |z - lse|) (the
+    exp's argument has an error relative to its size), then one rounding to z's dtype."""
+    arg = z.detach().cpu().double() - lse.detach().cpu().double()[:, None]
+    s = row_scale.detach().cpu().double().abs()[:, None]
+    return rounded_once_bound(expected, z.dtype, 4 * acc_eps(z.dtype) * s * arg.exp() * (2 + arg.abs()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 import textbook
 import torch
 from conftest import (
-    CUDA_MARKS,
+    DEVICES,
     DTYPES,
     TOL,
     acc_dtype,
@@ -178,7 +178,7 @@ MEMORY_ORDER_CASES = {
 @pytest.mark.parametrize("case", list(MEMORY_ORDER_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.4, 1.0], ids=["p0", "p0.4", "p1"])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=list(CUDA_MARKS))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_memory_order_layouts_match_the_logical_mask(device, case, dtype, p):
     x = MEMORY_ORDER_CASES[case]().to(device=device, dtype=dtype)
     assert not x.is_contiguous()
@@ -546,7 +546,7 @@ def test_opcheck_philox(backend):
 
 
 @pytest.mark.skipif(not dr._ext.HAS_CPU, reason="dropreg_ext._C not loaded")
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=list(CUDA_MARKS))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_dropout_inplace(device):
     # dropout_ has no autograd formula (dr.functional.dropout only calls it when no graph is
     # needed), so it is checked with inputs that do not require grad; opcheck then runs the

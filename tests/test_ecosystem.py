@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    DEVICES,
     acc_dtype,
     assert_bitwise_equal,
     op_backends,
@@ -245,7 +246,9 @@ def test_compile_fullgraph_triton_backend_cuda(fresh_dynamo):
 # ------------------------------------------------------------------------------------------------
 
 
-def _autocast_model_check(device: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_linear_dropout_linear(device, dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), dr.Dropout(0.5), torch.nn.Linear(32, 4)).to(device)
     seen = []
@@ -266,17 +269,8 @@ def _autocast_model_check(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
-def test_autocast_cpu_linear_dropout_linear(dtype):
-    _autocast_model_check("cpu", dtype)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", LOW_DTYPES)
-def test_autocast_cuda_linear_dropout_linear(dtype):
-    _autocast_model_check("cuda", dtype)
-
-
-def _autocast_regularizer_check(device: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_regularizer(device, dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), dr.Dropout(0.3),
                                 torch.nn.Linear(16, 5)).to(device)
@@ -293,17 +287,6 @@ def _autocast_regularizer_check(device: str, dtype: torch.dtype) -> None:
     assert float(reg.last["explicit"]) > 0
     for p in model.parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all())
-
-
-@pytest.mark.parametrize("dtype", LOW_DTYPES)
-def test_autocast_cpu_regularizer(dtype):
-    _autocast_regularizer_check("cpu", dtype)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", LOW_DTYPES)
-def test_autocast_cuda_regularizer(dtype):
-    _autocast_regularizer_check("cuda", dtype)
 
 
 # ------------------------------------------------------------------------------------------------

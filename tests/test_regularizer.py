@@ -462,14 +462,33 @@ def _objective(model, target, **kwargs):
     return f
 
 
-@pytest.mark.parametrize("explicit, implicit, noise", GRADCHECK_CONFIGS)
-@pytest.mark.parametrize("be", FAST_BACKENDS)
-def test_objective_gradcheck_wrt_input(be, explicit, implicit, noise):
+def _objective_of_input(be, explicit, implicit, noise):
+    """Backend ``be`` set; the objective of mlp(q=0.3, seed=1) for targets [1, 3], and a fixed
+    (2, 3) float64 input requiring grad."""
     dr.set_backend(be.name)
     model = mlp(q=0.3, seed=1)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, generator=gen, dtype=F64, requires_grad=True)
-    f = _objective(model, torch.tensor([1, 3]), explicit=explicit, implicit=implicit, noise=noise)
+    return _objective(model, torch.tensor([1, 3]), explicit=explicit, implicit=implicit, noise=noise), x
+
+
+def _assert_gradcheck_wrt_weight(f, model, x, name):
+    """gradcheck and gradgradcheck of ``f(x, params)`` w.r.t. the parameter ``name``, made an explicit
+    input through torch.func.functional_call (the other parameters detached)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    w = params[name].clone().requires_grad_()
+
+    def g(w):
+        return f(x, {**params, name: w})
+
+    assert torch.autograd.gradcheck(g, (w,))
+    assert torch.autograd.gradgradcheck(g, (w,))
+
+
+@pytest.mark.parametrize("explicit, implicit, noise", GRADCHECK_CONFIGS)
+@pytest.mark.parametrize("be", FAST_BACKENDS)
+def test_objective_gradcheck_wrt_input(be, explicit, implicit, noise):
+    f, x = _objective_of_input(be, explicit, implicit, noise)
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
 
@@ -481,15 +500,8 @@ def test_objective_gradcheck_wrt_parameter(be):
     model = mlp(q=0.4, seed=2)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, generator=gen, dtype=F64)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    w = params["0.weight"].clone().requires_grad_()
     f = _objective(model, torch.tensor([0, 2]), explicit="sampled", implicit=True, noise="dropout")
-
-    def g(w):
-        return f(x, {**params, "0.weight": w})
-
-    assert torch.autograd.gradcheck(g, (w,))
-    assert torch.autograd.gradgradcheck(g, (w,))
+    _assert_gradcheck_wrt_weight(f, model, x, "0.weight")
 
 
 @pytest.mark.parametrize("be", FAST_BACKENDS)
@@ -500,25 +512,14 @@ def test_head_objective_gradcheck_wrt_head_weight(be):
     model = mlp(q=0.4, seed=5, d_h=3, c=6)  # C > d: the implicit cotangent from the sampled one
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 3, generator=gen, dtype=F64)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    w = params["3.weight"].clone().requires_grad_()
     f = _objective(model, torch.tensor([0, IGNORE, 5]), explicit="sampled", implicit=True, noise="rademacher",
                    head=model[-1])
-
-    def g(w):
-        return f(x, {**params, "3.weight": w})
-
-    assert torch.autograd.gradcheck(g, (w,))
-    assert torch.autograd.gradgradcheck(g, (w,))
+    _assert_gradcheck_wrt_weight(f, model, x, "3.weight")
 
 
 @pytest.mark.parametrize("be", TRITON_BACKENDS)
 def test_objective_gradcheck_triton(be):
-    dr.set_backend(be.name)
-    model = mlp(q=0.3, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, generator=gen, dtype=F64, requires_grad=True)
-    f = _objective(model, torch.tensor([1, 3]), explicit="sampled", implicit=True, noise="rademacher")
+    f, x = _objective_of_input(be, "sampled", True, "rademacher")
     assert torch.autograd.gradcheck(f, (x,), fast_mode=True)
 
 
@@ -602,10 +603,16 @@ def _k_case():
     return model, torch.randn(6, 3, generator=gen, dtype=F64), torch.tensor([0, 1, IGNORE, 3, 2, 1])
 
 
-@pytest.mark.parametrize("be", REG_BACKENDS)
-def test_k1_equals_plain_dropout_loss(be):
+@pytest.fixture
+def k_case(be):
+    """The DROPOUT_k case (model, input, targets) with the test's backend ``be`` set as the global one."""
     dr.set_backend(be.name)
-    model, x, target = _k_case()
+    return _k_case()
+
+
+@pytest.mark.parametrize("be", REG_BACKENDS)
+def test_k1_equals_plain_dropout_loss(k_case):
+    model, x, target = k_case
     torch.manual_seed(3)
     a = dr.k_sample_loss(model, x, target, 1)
     ga = torch.autograd.grad(a, list(model.parameters()))
@@ -620,9 +627,8 @@ def test_k1_equals_plain_dropout_loss(be):
 
 
 @pytest.mark.parametrize("be", FAST_BACKENDS)
-def test_k_sample_loss_is_mean_of_k_losses(be):
-    dr.set_backend(be.name)
-    model, x, target = _k_case()
+def test_k_sample_loss_is_mean_of_k_losses(k_case):
+    model, x, target = k_case
     torch.manual_seed(4)
     a = dr.k_sample_loss(model, x, target, 3)
     torch.manual_seed(4)
@@ -691,10 +697,9 @@ def test_k_sample_bad_k(k):
 
 
 @pytest.mark.parametrize("be", REG_BACKENDS)
-def test_no_grad_records_nothing_and_returns_J(be):
+def test_no_grad_records_nothing_and_returns_J(k_case):
     """Under torch.no_grad() the model runs as usual (dropout applied) and loss() returns J only."""
-    dr.set_backend(be.name)
-    model, x, target = _k_case()
+    model, x, target = k_case
     reg = dr.DropoutRegularizer(model, explicit="sampled", implicit=True)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -711,9 +716,8 @@ def test_no_grad_records_nothing_and_returns_J(be):
 
 
 @pytest.mark.parametrize("be", REG_BACKENDS)
-def test_eval_mode_has_no_sites(be):
-    dr.set_backend(be.name)
-    model, x, target = _k_case()
+def test_eval_mode_has_no_sites(k_case):
+    model, x, target = k_case
     model.eval()
     reg = dr.DropoutRegularizer(model)
     with reg.capture():

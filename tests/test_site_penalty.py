@@ -17,12 +17,13 @@ import torch
 from conftest import (
     CPU_BACKENDS,
     DTYPES,
-    TOL,
     acc_dtype,
     acc_eps,
     assert_bitwise_equal,
     assert_within,
     op_backends,
+    reordered_sum_bound,
+    rounded_once_bound,
     sized_cases,
 )
 
@@ -95,19 +96,12 @@ def _check_backward(be, got, grad, h, g_e, g_i, q, noise, rng, what):
     rounding = {"dh": term_e + term_i,
                 "dg_e": 2 * a * g_e.cpu().double().abs() * hd * hd if g_e is not None else None,
                 "dg_i": b * eta * hd}
-    eps, tol = acc_eps(h.dtype), TOL[h.dtype]
     for out, ref, g, name in zip(got, want, (h, g_e, g_i), ("dh", "dg_e", "dg_i")):
         if g is None:
             assert out.numel() == 0, f"{what} {name}: empty tensor for a missing input"
             continue
-        bound = 8 * eps * rounding[name] + tol["rtol"] * ref.abs() + tol["atol"]
+        bound = rounded_once_bound(ref, h.dtype, 8 * acc_eps(h.dtype) * rounding[name])
         assert_within(out, ref, bound, f"{what} {name} (reference vs textbook)")
-
-
-def _sum_bound(terms, dtype):
-    """Error bound of a sum of n terms computed in the compute dtype in another order:
-    4u·(1 + √n)·Σ|t| (u = unit roundoff; the products' own roundings are in the 1)."""
-    return 4 * acc_eps(dtype) * (1 + math.sqrt(terms.numel())) * terms.abs().sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,11 +178,11 @@ def test_matches_reference(be, dtype, noise, shape):
     assert out.dtype == acc_dtype(dtype) and out.shape == (2,) and out.device == h.device
     te, ti = _terms(h, g_e, g_i, q, noise, rng)
     what = f"{be} {dtype} {noise} {shape}"
-    assert_within(out[0], expected[0], _sum_bound(te, dtype), f"{what} explicit")
-    assert_within(out[1], expected[1], _sum_bound(ti, dtype), f"{what} implicit")
+    assert_within(out[0], expected[0], reordered_sum_bound(te, dtype), f"{what} explicit")
+    assert_within(out[1], expected[1], reordered_sum_bound(ti, dtype), f"{what} implicit")
     # the reference itself against the float64 sums of the same terms
-    assert_within(expected[0], te.sum(), _sum_bound(te, dtype), f"{what} reference explicit")
-    assert_within(expected[1], ti.sum(), _sum_bound(ti, dtype), f"{what} reference implicit")
+    assert_within(expected[0], te.sum(), reordered_sum_bound(te, dtype), f"{what} reference explicit")
+    assert_within(expected[1], ti.sum(), reordered_sum_bound(ti, dtype), f"{what} reference implicit")
 
     grad = torch.tensor([0.75, -1.25], dtype=acc_dtype(dtype), device=be.device)
     got = _ops(be)["site_penalty_backward"](grad, h, g_e, g_i, q, noise, rng)
@@ -211,8 +205,8 @@ def test_large_site_matches_reference(be, n):
     q, noise = 0.35, "dropout"
     out = dr.ops.site_penalty(h, g_e, g_i, q, noise, rng, backend=be.name)
     te, ti = _terms(h, g_e, g_i, q, noise, rng)
-    assert_within(out[0], te.sum(), _sum_bound(te, h.dtype), f"{be} n={n} explicit")
-    assert_within(out[1], ti.sum(), _sum_bound(ti, h.dtype), f"{be} n={n} implicit")
+    assert_within(out[0], te.sum(), reordered_sum_bound(te, h.dtype), f"{be} n={n} explicit")
+    assert_within(out[1], ti.sum(), reordered_sum_bound(ti, h.dtype), f"{be} n={n} implicit")
     grad = torch.tensor([0.75, -1.25], device=be.device)
     got = _ops(be)["site_penalty_backward"](grad, h, g_e, g_i, q, noise, rng)
     _check_backward(be, got, grad, h, g_e, g_i, q, noise, rng, f"{be} n={n}")
@@ -228,7 +222,7 @@ def test_missing_g(be, given, noise):
     out = dr.ops.site_penalty(h, g_e, g_i, 0.2, noise, rng, backend=be.name)
     te, ti = _terms(h, g_e, g_i, 0.2, noise, rng)
     assert_within(out, torch.stack([te.sum(), ti.sum()]),
-                  torch.stack([_sum_bound(te, h.dtype), _sum_bound(ti, h.dtype)]), f"{be} {given}")
+                  torch.stack([reordered_sum_bound(te, h.dtype), reordered_sum_bound(ti, h.dtype)]), f"{be} {given}")
     if g_e is None:
         assert out[0] == 0
     if g_i is None:
@@ -296,7 +290,8 @@ def test_noncontiguous(be):
                                backend=be.name)
     if be.name == "reference":
         te, ti = _terms(h, g_e, g_i, 0.4, "dropout", rng)
-        assert_within(got, want, torch.stack([_sum_bound(te, h.dtype), _sum_bound(ti, h.dtype)]), f"{be}")
+        bound = torch.stack([reordered_sum_bound(te, h.dtype), reordered_sum_bound(ti, h.dtype)])
+        assert_within(got, want, bound, f"{be}")
     else:
         assert_bitwise_equal(got, want, f"{be} forward")
     grad = torch.tensor([0.5, 2.0], device=be.device)

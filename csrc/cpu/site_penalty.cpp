@@ -225,12 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cpu(
   const NoiseKind kind = check_site_args(h_in, g_e, g_i, q, std::string(noise), rng);
   check_site_output_grad(grad, h_in);
   const NoiseParams np = noise_params(q, kind, rng);
-  const at::Tensor h = h_in.contiguous();
-  const at::Tensor ge = contiguous_or_undefined(g_e);
-  const at::Tensor gi = contiguous_or_undefined(g_i);
-  at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
-  at::Tensor dge = empty_like_or_none(ge, h);
-  at::Tensor dgi = empty_like_or_none(gi, h);
+  const SiteBackwardIo io = site_backward_io(h_in, g_e, g_i);
+  const at::Tensor& h = io.h;
   const at::Tensor g = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "site_penalty_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -238,12 +234,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cpu(
     cpu::with_cpu_isa([&]<Isa isa>() {
       cpu::note_entry(cpu::CpuOp::kSitePenaltyBackward, isa);
       penalty_backward_kernel<isa, scalar_t, acc_t>(
-          ab[0], ab[1], h.const_data_ptr<scalar_t>(), const_ptr_or_null<scalar_t>(ge), const_ptr_or_null<scalar_t>(gi),
-          h.numel(), np, dh.data_ptr<scalar_t>(), ge.defined() ? dge.data_ptr<scalar_t>() : nullptr,
-          gi.defined() ? dgi.data_ptr<scalar_t>() : nullptr);
+          ab[0], ab[1], h.const_data_ptr<scalar_t>(), const_ptr_or_null<scalar_t>(io.g_e),
+          const_ptr_or_null<scalar_t>(io.g_i), h.numel(), np, io.grad_h.data_ptr<scalar_t>(),
+          io.g_e.defined() ? io.grad_g_e.data_ptr<scalar_t>() : nullptr,
+          io.g_i.defined() ? io.grad_g_i.data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {dh, dge, dgi};
+  return {io.grad_h, io.grad_g_e, io.grad_g_i};
 }
 
 }  // namespace

@@ -72,7 +72,8 @@ DROPREG_AVX2_NO_FMA void site_sums_avx2(const scalar_t* h, const scalar_t* ge, c
 }
 
 // dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h over m elements of a chunk, m a multiple
-// of 8, each product and sum rounded in site_penalty_avx512.h's order.
+// of 8, each product and sum rounded in site_penalty_avx512.h's order: site_backward_avx512 at half
+// the width (its ISA twin).
 template <typename scalar_t>
 DROPREG_AVX2_NO_FMA void site_backward_avx2(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge,
                                             const scalar_t* gi, int64_t m, const uint32_t* u, bool rademacher,

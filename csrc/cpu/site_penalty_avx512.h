@@ -4,7 +4,7 @@
 // partial sums per chunk (element k adds to lane k % 16, the lanes summed in order), as the
 // portable loop does; the backward rounds each product and sum in the order of site_penalty.h's
 // formulas (the _round intrinsics are never contracted: docs/numerics.md), so dh, dg_e and dg_i
-// are the reference's bit for bit.
+// are the reference's bit for bit. Their ISA twins at 8 elements a register: site_penalty_avx2.h.
 #pragma once
 
 #include <immintrin.h>

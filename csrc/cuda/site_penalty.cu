@@ -442,15 +442,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
   const NoiseKind kind = check_site_args(h, g_e, g_i, q, std::string(noise), rng);
   check_site_output_grad(grad, h);
   const c10::cuda::CUDAGuard guard(h.device());
-  const at::Tensor hc = h.contiguous();
-  const at::Tensor ec = contiguous_or_undefined(g_e);
-  const at::Tensor ic = contiguous_or_undefined(g_i);
-  at::Tensor grad_h = at::empty_like(hc, at::MemoryFormat::Contiguous);
-  at::Tensor grad_g_e = empty_like_or_none(ec, h);
-  at::Tensor grad_g_i = empty_like_or_none(ic, h);
+  const SiteBackwardIo io = site_backward_io(h, g_e, g_i);
+  const at::Tensor& hc = io.h;
   const int64_t n = hc.numel();
-  if (n == 0) return {grad_h, grad_g_e, grad_g_i};
-  if (!ec.defined() && !ic.defined()) return {grad_h.zero_(), grad_g_e, grad_g_i};
+  if (n == 0) return {io.grad_h, io.grad_g_e, io.grad_g_i};
+  if (!io.g_e.defined() && !io.g_i.defined()) return {io.grad_h.zero_(), io.grad_g_e, io.grad_g_i};
   const at::Tensor gc = grad.contiguous();
   const at::Tensor rc = rng.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -458,16 +454,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> site_penalty_backward_cuda(
       at::kHalf, at::kBFloat16, hc.scalar_type(), "site_penalty_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr uintptr_t kAlign = SiteTile<scalar_t>::kAlign;
-        const SiteInputs<scalar_t> in(hc, ec, ic);
-        scalar_t* dhp = grad_h.data_ptr<scalar_t>();
-        scalar_t* dep = ec.defined() ? grad_g_e.data_ptr<scalar_t>() : nullptr;
-        scalar_t* dip = ic.defined() ? grad_g_i.data_ptr<scalar_t>() : nullptr;
+        const SiteInputs<scalar_t> in(hc, io.g_e, io.g_i);
+        scalar_t* dhp = io.grad_h.data_ptr<scalar_t>();
+        scalar_t* dep = io.g_e.defined() ? io.grad_g_e.data_ptr<scalar_t>() : nullptr;
+        scalar_t* dip = io.g_i.defined() ? io.grad_g_i.data_ptr<scalar_t>() : nullptr;
         const bool vec =
             in.aligned() && is_aligned(dhp, kAlign) && is_aligned(dep, kAlign) && is_aligned(dip, kAlign);
         launch_backward<scalar_t, acc_t>(gc.const_data_ptr<acc_t>(), in, dhp, dep, dip, n, vec, kind,
                                          noise_params<acc_t>(q, kind), cuda::given_rng(rc), stream);
       });
-  return {grad_h, grad_g_e, grad_g_i};
+  return {io.grad_h, io.grad_g_e, io.grad_g_i};
 }
 
 }  // namespace

@@ -57,4 +57,20 @@ inline at::Tensor empty_like_or_none(const at::Tensor& t, const at::Tensor& h) {
   return t.defined() ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::empty({0}, h.options());
 }
 
+// The site backward's buffers, shared by the CPU and CUDA launchers (after their argument checks):
+// the inputs made contiguous and the gradients allocated contiguous, like their inputs.
+struct SiteBackwardIo {
+  at::Tensor h, g_e, g_i;                 // contiguous; g_e / g_i undefined when not given
+  at::Tensor grad_h, grad_g_e, grad_g_i;  // grad_g_e / grad_g_i empty when their g is not given
+};
+
+inline SiteBackwardIo site_backward_io(const at::Tensor& h, const std::optional<at::Tensor>& g_e,
+                                       const std::optional<at::Tensor>& g_i) {
+  SiteBackwardIo io{h.contiguous(), contiguous_or_undefined(g_e), contiguous_or_undefined(g_i), {}, {}, {}};
+  io.grad_h = at::empty_like(io.h, at::MemoryFormat::Contiguous);
+  io.grad_g_e = empty_like_or_none(io.g_e, h);
+  io.grad_g_i = empty_like_or_none(io.g_i, h);
+  return io;
+}
+
 }  // namespace dropreg
