@@ -87,6 +87,10 @@ void parallel_tasks_fresh(int64_t T, int64_t tasks_per_chunk, const std::vector<
                           const MakeWorker& make_worker) {
   if (T <= 0) return;
   const int64_t chunks = (T + tasks_per_chunk - 1) / tasks_per_chunk;
+  if (chunks == 1) {  // what one thread would do, without the scheduling (small calls: host cost)
+    make_worker()(0, T);
+    return;
+  }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   const int64_t chunk_bytes = std::max<int64_t>(1, offset(T) / chunks);  // on average
   const int64_t chunks_per_group = std::max<int64_t>(1, kMapChunkBytes / chunk_bytes);
