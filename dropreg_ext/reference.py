@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of every op: the ground truth the kernels are tested against, and the home
-of the random-number contract (v2), implemented once per backend and tested bit for bit.
+of the random-number contract (v2; v3 for the Gumbel streams), implemented once per backend and tested
+bit for bit.
 
 Philox4x32-10 (Random123 constants) is written here with int64 tensor arithmetic. Every stream of a
 call draws from the same counter layout, a call (a *group* g) giving four 32-bit words::
@@ -18,7 +19,9 @@ dropout mask (:data:`STREAM_DROPOUT_MASK`) 8                     u16(i): half i 
 and dropout-kind site noise (site)                               word (i >> 1) & 3 of group i >> 3
 Rademacher site noise (site)             128                    bit i & 31 of word (i >> 5) & 3 of
                                                                 group i >> 7
-Gumbel noise (:data:`STREAM_GUMBEL`)     4                      u32(i): word i & 3 of group i >> 2
+Gumbel filter bits (:data:`STREAM_GUMBEL`) 8                   h(i): u16(i), the mask's layout
+Gumbel refinement                        4                      v(i): word i & 3 of group i >> 2
+(:data:`STREAM_GUMBEL_REFINE`)
 =======================================  =====================  ======================================
 
 Keep test (mask and dropout-kind noise): an element is dropped iff ``u16 < t``,
@@ -27,11 +30,13 @@ Keep test (mask and dropout-kind noise): an element is dropped iff ``u16 < t``,
 ``1/(1-q') = 2^16/(2^16 - t)`` (0 when t = 2^16), so E[y] = x exactly; the drop rate differs from q by
 at most 2^-17 and the variance factor q'/(1-q') from q/(1-q) by at most 2^-17/(1-q)². Site noise:
 Rademacher η = ±sqrt(q/(1-q)) (+ iff the bit is 1; q itself, no quantization); dropout kind
-η = q'/(1-q') when kept, else -1 (mean 0 exactly). Gumbel: u = ((u32 >> 9) + 1/2)·2^-23, exact in
-float32 and strictly inside (0, 1), G = -log(-log u).
+η = q'/(1-q') when kept, else -1 (mean 0 exactly). Gumbel (contract v3): u = (k + 1/2)·2^-23 with the
+23-bit k = (h << 7) | (v >> 25), exact in float32 and strictly inside (0, 1), G = -log(-log u): the
+kernels draw h for every element (it alone decides the candidate filter) and v only for candidates
+(docs/numerics.md, "The Gumbel stream, contract v3").
 
 The per-call state is an int64 tensor ``[seed, offset]`` on the input's device; the streams of one
-call differ in ``stream`` (0, 1, 2), so they never share counters; a call drawn from torch's
+call differ in ``stream`` (0 to 3), so they never share counters; a call drawn from torch's
 generator reserves the offsets offset + 0..3 (docs/design.md §3), and each regularizer site draws
 its own state.
 """
@@ -47,6 +52,7 @@ __all__ = [
     "STREAM_DROPOUT_MASK",
     "STREAM_SITE_NOISE",
     "STREAM_GUMBEL",
+    "STREAM_GUMBEL_REFINE",
     "philox4x32_10",
     "philox_words",
     "philox_uint32",
@@ -81,6 +87,7 @@ __all__ = [
 STREAM_DROPOUT_MASK = 0
 STREAM_SITE_NOISE = 1
 STREAM_GUMBEL = 2
+STREAM_GUMBEL_REFINE = 3
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -140,7 +147,7 @@ def philox_words(rng: torch.Tensor, stream: int, groups: int, device=None) -> to
 
 
 def philox_uint32(rng: torch.Tensor, stream: int, numel: int, device=None) -> torch.Tensor:
-    """u32(i) = word i & 3 of group i >> 2, for i in [0, numel) (the Gumbel stream's density)."""
+    """u32(i) = word i & 3 of group i >> 2, for i in [0, numel) (the Gumbel refinement's density)."""
     return philox_words(rng, stream, (numel + 3) // 4, device).reshape(-1)[:numel]
 
 
@@ -291,13 +298,17 @@ def _check_rows(z: torch.Tensor, label: torch.Tensor, ignore_index: int, name: s
 
 
 def gumbel_noise(rng: torch.Tensor, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Standard Gumbel noise G (float32, shape (rows, cols)) of the Gumbel stream.
+    """Standard Gumbel noise G (float32, shape (rows, cols)) of the Gumbel streams (contract v3).
 
-    u = ((u32(i) >> 9) + 1/2) · 2^-23 with i = r·cols + c (exact in float32, in (0, 1)),
-    G = -log(-log(u)).
+    With i = r·cols + c, h = u16(i) of :data:`STREAM_GUMBEL` and v = u32(i) of
+    :data:`STREAM_GUMBEL_REFINE`: u = (((h << 7) | (v >> 25)) + 1/2) · 2^-23 (exact in float32,
+    in (0, 1)), G = -log(-log(u)). The kernels draw v only for the candidates of their filter;
+    here it is drawn for every element.
     """
-    u32 = philox_uint32(rng, STREAM_GUMBEL, rows * cols, device).reshape(rows, cols)
-    u = ((u32 >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+    h = philox_uint16(rng, STREAM_GUMBEL, rows * cols, device)
+    v = philox_uint32(rng, STREAM_GUMBEL_REFINE, rows * cols, device)
+    k = ((h << 7) | (v >> 25)).reshape(rows, cols)
+    u = (k.to(torch.float32) + 0.5) * (2.0**-23)
     return -torch.log(-torch.log(u))
 
 

@@ -101,9 +101,11 @@ def test_reference_against_textbook():
     torch.testing.assert_close(loss, F.cross_entropy(z, t, ignore_index=IGNORE, reduction="none"),
                                rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=1e-15, atol=0)
-    # Gumbel-max with G = -log(-log u), u = ((u32 >> 9) + 1/2)·2^-23 from the Gumbel stream at i = r·C + c
-    u32 = R.philox_uint32(rng, R.STREAM_GUMBEL, z.numel()).reshape(z.shape)
-    u = ((u32 >> 9).double() + 0.5) * 2.0**-23
+    # Gumbel-max with G = -log(-log u), u = (k + 1/2)·2^-23 at i = r·C + c (contract v3): k's top 16 bits
+    # are the u16 h of the Gumbel stream, its low 7 the top 7 bits of the refinement stream's u32 v
+    h = R.philox_uint16(rng, R.STREAM_GUMBEL, z.numel()).reshape(z.shape)
+    v = R.philox_uint32(rng, R.STREAM_GUMBEL_REFINE, z.numel()).reshape(z.shape)
+    u = ((h * 2**7 + v // 2**25).double() + 0.5) * 2.0**-23
     assert float(u.min()) > 0 and float(u.max()) < 1
     g = (-torch.log(-torch.log(u.float()))).double()
     assert torch.equal(yhat[valid], (z + g).argmax(-1)[valid])
@@ -111,6 +113,42 @@ def test_reference_against_textbook():
     # the draw does not depend on the target's value (only on whether the row is ignored)
     t2 = torch.where(valid, (t + 1) % z.shape[1], t)
     assert torch.equal(R.cross_entropy_sample(z, t2, rng, IGNORE)[2], yhat)
+
+
+def _refinement_pairs(rng: torch.Tensor, rows: int, c: int) -> list:
+    """Per row, columns (i, j), i < j, whose 16 filter bits h are equal while the refinement's top 7
+    bits make u_j > u_i: a sampler that ignored the refinement would tie them and pick i."""
+    n = rows * c
+    h = R.philox_uint16(rng, R.STREAM_GUMBEL, n).reshape(rows, c)
+    top7 = (R.philox_uint32(rng, R.STREAM_GUMBEL_REFINE, n) >> 25).reshape(rows, c)
+    pairs = []
+    for r in range(rows):
+        first = {}
+        for col in range(c):
+            i = first.setdefault(int(h[r, col]), col)
+            if i != col and int(top7[r, col]) > int(top7[r, i]) and col >= 200:
+                pairs.append((i, col))
+                break
+        assert len(pairs) == r + 1, f"no pair of equal filter bits in row {r}"
+    return pairs
+
+
+@pytest.mark.parametrize("be", CE_BACKENDS)
+def test_cross_entropy_sample_uses_refinement(be):
+    """Two equal logits whose filter bits are equal (the rest of the row far below): only the
+    refinement's 7 bits tell their uniforms apart, so every backend must pick the later column, the
+    one with the larger u, past the row's first block (where the filter lets it through)."""
+    rows, c = 4, 3000
+    rng = dr.ops.make_rng("cpu", 314)
+    pairs = _refinement_pairs(rng, rows, c)
+    z = torch.full((rows, c), -100.0)
+    for r, (i, j) in enumerate(pairs):
+        z[r, i] = z[r, j] = 1.5
+    g = R.gumbel_noise(rng, rows, c)
+    assert all(float(g[r, j]) > float(g[r, i]) for r, (i, j) in enumerate(pairs))
+    t = torch.zeros(rows, dtype=torch.int64)
+    _, _, yhat = dr.ops.cross_entropy_sample(z.to(be.device), t.to(be.device), rng.to(be.device), backend=be.name)
+    assert yhat.cpu().tolist() == [j for _, j in pairs], f"{be}: pairs (i, j) {pairs}"
 
 
 def test_reference_ce_grad_against_autograd():
@@ -684,12 +722,12 @@ CHI2_PVALUE = 1e-6
 CHI2_STATS: dict = {}
 
 
-@pytest.mark.parametrize("be", CE_CPU_BACKENDS)
+@pytest.mark.parametrize("be", CE_BACKENDS)
 def test_yhat_frequencies_match_softmax(be):
-    """One row of logits repeated N times: the Gumbel stream is keyed by element index, so the N rows
-    are N independent draws. cpu/reference: N = 20000, C = 5, df = 4 (bound: statistic < 33.4);
-    triton (interpreted, ~50 ms a row): N = 40, C = 3 with all expected counts >= 8."""
-    if be.name == "triton":
+    """One row of logits repeated N times: the Gumbel streams are keyed by element index, so the N rows
+    are N independent draws. N = 20000, C = 5, df = 4 (bound: statistic < 33.4); interpreted Triton
+    (~50 ms a row): N = 40, C = 3 with all expected counts >= 8."""
+    if _fast(be):
         logits, n = torch.tensor([0.0, 0.4, 0.8]), 40
     else:
         logits, n = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3]), 20000
@@ -705,6 +743,51 @@ def test_yhat_frequencies_match_softmax(be):
     print(f"chi-square {be}: N={n} counts={counts.tolist()} expected={(n * probs).tolist()} "
           f"stat={stat:.3f} p={pvalue:.3g}")
     assert pvalue > CHI2_PVALUE, f"{be}: counts {counts.tolist()} vs {(n * probs).tolist()}: chi2 {stat}"
+
+
+VOCAB = 50257  # GPT-2's
+FIRST_EXACT_COLUMNS = 2048  # a row's first CPU block (128) and first Triton chunk (2048) are scored exactly
+
+
+def _concentrated_row(c: int, head: int = 300) -> tuple:
+    """A row of C logits whose mass sits on ``head`` classes at columns >= FIRST_EXACT_COLUMNS
+    (z ~ U(0, 3)), the rest a tail z ~ U(-5.5, -4) of about 20% of the mass: (logits, head columns)."""
+    gen = torch.Generator().manual_seed(26)
+    z = -5.5 + 1.5 * torch.rand(c, generator=gen)
+    cols = FIRST_EXACT_COLUMNS + torch.randperm(c - FIRST_EXACT_COLUMNS, generator=gen)[:head]
+    z[cols] = 3 * torch.rand(head, generator=gen)
+    return z, cols
+
+
+@pytest.mark.parametrize("be", CE_BACKENDS)
+def test_yhat_frequencies_match_softmax_large_c(be):
+    """C = 50257: one concentrated row repeated N times (N = 400; 48 for the reference and
+    interpreted Triton, whose draws are slow at this width). Bins: the head classes in about
+    N·P(head)/10 bins of nearly equal mass (in order of probability) and one tail bin, so every
+    expected count is >= 5. Most draws land past the first 2048 columns, where every backend has a
+    best score and its candidate filter (16 filter bits, then the refinement) decides."""
+    n = 48 if be.name == "reference" or _fast(be) else 400
+    logits, head = _concentrated_row(VOCAB)
+    probs = torch.softmax(logits.double(), -1)
+    head = head[probs[head].argsort()]
+    head_mass = float(probs[head].sum())
+    n_bins = int(n * head_mass // 10)
+    bin_of = torch.full((VOCAB,), n_bins, dtype=torch.int64)  # the tail's bin
+    mass_before = probs[head].cumsum(0) - probs[head]
+    bin_of[head] = (mass_before / head_mass * n_bins).floor().long().clamp(max=n_bins - 1)
+    bin_probs = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, bin_of, probs)
+    assert float((n * bin_probs).min()) >= 5, "chi-square needs expected counts >= ~5"
+
+    z = logits.repeat(n, 1).to(be.device)
+    t = torch.zeros(n, dtype=torch.int64, device=be.device)
+    _, _, yhat = dr.ops.cross_entropy_sample(z, t, dr.ops.make_rng(be.device, 2026), backend=be.name)
+    yhat = yhat.cpu()
+    assert int((yhat >= FIRST_EXACT_COLUMNS).sum()) >= n // 2, f"{be}: the filtered columns drew too few samples"
+    counts = torch.bincount(bin_of[yhat], minlength=n_bins + 1)
+    stat, pvalue = chi_square(counts, bin_probs)
+    print(f"chi-square {be} C={VOCAB}: N={n} bins={n_bins + 1} counts={counts.tolist()} stat={stat:.3f} "
+          f"p={pvalue:.3g}")
+    assert pvalue > CHI2_PVALUE, f"{be}: counts {counts.tolist()} vs {(n * bin_probs).tolist()}: chi2 {stat}"
 
 
 def test_chi_square_bound_df4():

@@ -139,8 +139,8 @@ LAYOUT_N = 37  # ten Philox groups, the last one partial
 @pytest.mark.parametrize("seed, offset", RNG_CASES)
 @pytest.mark.parametrize(
     "stream",
-    [R.STREAM_DROPOUT_MASK, R.STREAM_SITE_NOISE, R.STREAM_GUMBEL],
-    ids=["mask", "site-noise", "gumbel"],
+    [R.STREAM_DROPOUT_MASK, R.STREAM_SITE_NOISE, R.STREAM_GUMBEL, R.STREAM_GUMBEL_REFINE],
+    ids=["mask", "site-noise", "gumbel", "gumbel-refine"],
 )
 def test_reference_counter_layout(seed, offset, stream):
     rng = rng_tensor(seed, offset)
@@ -186,9 +186,11 @@ def test_backend_mask_follows_counter_layout(backend, seed, offset):
 
 def test_streams_do_not_share_counters():
     rng = rng_tensor(99, 1000)
-    words = [R.philox_uint32(rng, s, 4096) for s in (0, 1, 2)]
-    for a in range(3):
-        for b in range(a + 1, 3):
+    streams = (R.STREAM_DROPOUT_MASK, R.STREAM_SITE_NOISE, R.STREAM_GUMBEL, R.STREAM_GUMBEL_REFINE)
+    assert sorted(streams) == list(range(4))  # a call reserves the offsets offset + 0..3
+    words = [R.philox_uint32(rng, s, 4096) for s in streams]
+    for a in range(len(streams)):
+        for b in range(a + 1, len(streams)):
             assert not torch.equal(words[a], words[b])
             # not just shifted copies of one another within the call
             assert (words[a] == words[b]).float().mean() < 0.01

@@ -130,19 +130,19 @@ DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [1, 3, 6, 16, 37, 130])
 def test_several_rows_per_program(dtype, c):
-    """Small C: a (rows, groups, 4) tile per program, the last one partly past N."""
+    """Small C: a (rows, groups, 8) tile per program, the last one partly past N."""
     n = 2 * max(1, ce.ROW_TILE // ce._sample_plan(70, c).block) + 3
     assert ce._sample_plan(n, c).rows > 1
     _check(*_logits(n, c, dtype, seed=c), f"{dtype} ({n}, {c})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("c", [300, 301, 258], ids=["C300-aligned", "C301", "C258"])
+@pytest.mark.parametrize("c", [304, 301, 258], ids=["C304-aligned", "C301", "C258"])
 def test_several_chunks_per_row(plan, dtype, c):
     """Rows of 5-6 chunks: the candidate filter across chunks and G by a second loop."""
     plan(**MULTI_CHUNK)
     p = ce._sample_plan(5, c)
-    assert not p.one_chunk and p.splits == 1 and p.aligned == (c % 4 == 0)
+    assert not p.one_chunk and p.splits == 1 and p.aligned == (c % 8 == 0)
     _check(*_logits(5, c, dtype, seed=c), f"{dtype} (5, {c})")
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dropreg_ext import reference as R
 
 MASK32 = 2**32 - 1
-STREAMS = {"mask": 0, "site": 1, "gumbel": 2}
+STREAMS = {"mask": 0, "site": 1, "gumbel": 2, "gumbel-refine": 3}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,7 +35,7 @@ def _words(rng: torch.Tensor, stream: str, groups: int) -> torch.Tensor:
 
 
 def u32(rng: torch.Tensor, stream: str, numel: int) -> torch.Tensor:
-    """u32(i) = word i % 4 of group i // 4 (Gumbel density), int64 values (CPU)."""
+    """u32(i) = word i % 4 of group i // 4 (Gumbel refinement density), int64 values (CPU)."""
     i = torch.arange(numel)
     return _words(rng, stream, (numel + 3) // 4)[i // 4, i % 4]
 
@@ -73,8 +73,12 @@ def dropout(x: torch.Tensor, p: float, rng: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel(rng: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """G = -log(-log u), u = ((u32 >> 9) + 1/2)·2^-23 at i = r·C + c, float32 (CPU)."""
-    u = ((u32(rng, "gumbel", rows * cols) >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    """G = -log(-log u) at i = r·C + c, float32 (CPU): u = (k + 1/2)·2^-23, whose 23 bits k are the
+    16 filter bits of u16(i) of the Gumbel stream over the top 7 bits of u32(i) of the refinement
+    stream, i.e. k = h·128 + v // 2^25."""
+    n = rows * cols
+    k = u16(rng, "gumbel", n) * 128 + u32(rng, "gumbel-refine", n) // 2**25
+    u = (k.to(torch.float32) + 0.5) * 2.0**-23
     return (-torch.log(-torch.log(u))).reshape(rows, cols)
 
 

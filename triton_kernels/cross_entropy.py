@@ -7,14 +7,15 @@
     VJP    = row_scale·p ⊙ (u - ⟨p, u⟩)              ce_grad_backward, so G can sit in a create_graph graph
 
 with p = exp(z - lse). Math in float32 (float64 for float64 logits), rounded once to the output dtype.
-G_rc = -log(-log(u)), u = ((u32(i) >> 9) + 1/2)·2^-23, u32 from the Gumbel stream at the logical index
-i = r·C + c (``reference.gumbel_noise``), so ŷ does not depend on the tiling.
+G_rc = -log(-log(u)), u = (((h << 7) | (v >> 25)) + 1/2)·2^-23 at the logical index i = r·C + c, h the
+16 filter bits of the Gumbel stream and v the refinement stream's u32 (contract v3,
+``reference.gumbel_noise``), so ŷ does not depend on the tiling.
 
-The sample pass works on tiles of whole Philox groups of that flat index (4 elements per call): a
-row starts at i = r·C, so unless C % 4 == 0 its first and last group straddle the previous and next
-rows, and the tile's mask cuts them. Addressing z by the flat index (z is contiguous) keeps every
-group 4-element aligned whatever C is, so a thread owns whole groups and the Philox words never move
-between threads. The two logs of a Gumbel score are paid only by the elements that can still win
+The sample pass works on tiles of whole Philox groups of the filter bits at that flat index (8
+elements per call): a row starts at i = r·C, so unless C % 8 == 0 its first and last group straddle
+the previous and next rows, and the tile's mask cuts them. Addressing z by the flat index (z is
+contiguous) keeps every group 8-element aligned whatever C is, so a thread owns whole groups and the
+Philox words never move between threads. The two logs of a Gumbel score are paid only by the elements that can still win
 (an exact filter, :func:`_sample_chunk`): on long rows most chunks need none.
 
 Launch plans (:func:`_sample_plan`) depend on the shape only, never on the device:
@@ -35,12 +36,14 @@ import triton
 import triton.language as tl
 
 from ..reference import STREAM_GUMBEL as _STREAM_GUMBEL
+from ..reference import STREAM_GUMBEL_REFINE as _STREAM_GUMBEL_REFINE
 from ..reference import acc_dtype, sampled_label
 from ._launch import kernel_launcher, reduction_input
 from .philox import philox_groups
 from .rounding import round_to
 
 STREAM_GUMBEL = tl.constexpr(_STREAM_GUMBEL)
+STREAM_GUMBEL_REFINE = tl.constexpr(_STREAM_GUMBEL_REFINE)
 # float32 spacing of the Gumbel uniforms: u = (k + 1/2)·2^-23, k < 2^23, is exact and in (0, 1).
 TWO_POW_M23 = tl.constexpr(1.1920928955078125e-07)
 # Relative margin of the candidate filter: covers the rounding of exp(z - m)·exp(m - S) and of the
@@ -57,7 +60,7 @@ SPLIT_MIN_CHUNKS = 8  # chunks per split: its first chunk scores every element (
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample pass: helpers on (ROWS, BLOCK_G, 4) tiles, one tile row per Philox group
+# Sample pass: helpers on (ROWS, BLOCK_G, 8) tiles, one tile row per Philox group of the filter bits
 # ---------------------------------------------------------------------------------------------
 
 
@@ -81,17 +84,17 @@ def _row_min(t):
 @triton.jit
 def _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G: tl.constexpr, ALIGNED: tl.constexpr):
     """Chunk k of columns [lo, hi) of the rows starting at flat index ``start`` (ROWS,) int64, as
-    whole Philox groups: (group (ROWS, BLOCK_G, 1), flat index i, column, in-row mask (ROWS, BLOCK_G, 4)).
+    whole Philox groups: (group (ROWS, BLOCK_G, 1), flat index i, column, in-row mask (ROWS, BLOCK_G, 8)).
 
-    ALIGNED (C, lo and hi multiples of 4): a group lies wholly inside or outside [lo, hi), so the mask
-    is built per group and is constant over its 4 elements: the load is one vector access a group.
+    ALIGNED (C, lo and hi multiples of 8): a group lies wholly inside or outside [lo, hi), so the mask
+    is built per group and is constant over its 8 elements: the load is whole vector accesses.
     """
     start = start[:, None, None]
-    group = ((start + lo) >> 2) + k + tl.arange(0, BLOCK_G)[None, :, None]
-    i = group * 4 + tl.arange(0, 4)[None, None, :]
+    group = ((start + lo) >> 3) + k + tl.arange(0, BLOCK_G)[None, :, None]
+    i = group * 8 + tl.arange(0, 8)[None, None, :]
     col = (i - start).to(tl.int32)
     if ALIGNED:
-        first = (group * 4 - start).to(tl.int32)
+        first = (group * 8 - start).to(tl.int32)
         in_row = tl.broadcast_to((first >= lo) & (first < hi) & row_ok[:, None, None], i.shape)
     else:
         in_row = (col >= lo) & (col < hi) & row_ok[:, None, None]
@@ -99,12 +102,28 @@ def _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
-def _gumbel_bits(rng_ptr, group):
-    """u32 of the Gumbel stream at elements 4·group + (0..3): a (ROWS, BLOCK_G, 4) uint32 tile whose
-    tile row is one Philox call (the lane selects are per register: no data moves)."""
+def _words_in_order(r0, r1, r2, r3):
+    """The words of calls (R, G, K) as an (R, G, 4·K) tile in call order, by joins (no per-lane
+    selects): join(join(r0, r2), join(r1, r3))[.., c, b] is word 2c + b."""
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.reshape(words, (r0.shape[0], r0.shape[1], 4 * r0.shape[2]))
+
+
+@triton.jit
+def _filter_bits(rng_ptr, group):
+    """h, the u16 of the Gumbel stream at elements 8·group + (0..7) (half lane & 1, low first, of word
+    lane >> 1): a (ROWS, BLOCK_G, 8) uint32 tile whose tile row is one Philox call."""
     r0, r1, r2, r3 = philox_groups(rng_ptr, STREAM_GUMBEL, group)
-    lane = tl.arange(0, 4)[None, None, :]
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    words = _words_in_order(r0, r1, r2, r3)
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), (group.shape[0], group.shape[1], 8))
+
+
+@triton.jit
+def _refinement_bits(rng_ptr, group):
+    """v, the u32 of the refinement stream at elements 8·group + (0..7) (word lane & 3 of call
+    2·group + (lane >> 2)): a (ROWS, BLOCK_G, 8) uint32 tile, two Philox calls a tile row."""
+    r0, r1, r2, r3 = philox_groups(rng_ptr, STREAM_GUMBEL_REFINE, group * 2 + tl.arange(0, 2)[None, None, :])
+    return _words_in_order(r0, r1, r2, r3)
 
 
 @triton.jit
@@ -155,16 +174,18 @@ def _sample_chunk(
     ``best_col``); per lane Σ exp(z - m) (``sum_exp``, rescaled when m grows). With e = exp(z - m),
     the lse's own exponentials:
 
-        z + G > S  ⇔  E < exp(z - S) = e·exp(m - S),   E = -log u ≥ 1 - u,
+        z + G > S  ⇔  E < exp(z - S) = e·exp(m - S),   E = -log u ≥ 1 - u ≥ (w + 1/2)·2^-23,
 
-    so an element with 1 - u ≥ e·exp(m - S)·FILTER_MARGIN cannot beat S. Only a chunk with a
-    candidate computes the two logs of the exact score (the reference's formula, so ŷ is its bit for
-    bit), and only the candidates' scores count. After a row's first chunk about exp(lse - S) =
-    O(1) of its elements pass, so most chunks of a long row skip the logs. Everything is a candidate
-    while S = -inf (a row's first chunk), and so is an element whose e is NaN (a NaN logit, or any
-    logit once m is NaN); a +inf logit has e = 1 and passes unless S = +inf already, a -inf logit
-    has e = 0 and score -inf: both are filtered correctly. The row's winner w has z_w ≥ m - 19.5
-    (G is in [-2.8, 16.6]), so its e never underflows and an overflowing exp(m - S) cannot drop it.
+    w = (2^16 - 1 - h)·2^7 from the filter bits h alone (the smallest 1 - u any refinement gives), so
+    an element with (w + 1/2)·2^-23 ≥ e·exp(m - S)·FILTER_MARGIN cannot beat S. Only a chunk with a
+    candidate draws the refinement bits and computes the two logs of the exact score (the reference's
+    formula, so ŷ is its bit for bit), and only the candidates' scores count. After a row's first
+    chunk about exp(lse - S) = O(1) of its elements pass, so most chunks of a long row skip the
+    refinement and the logs. Everything is a candidate while S = -inf (a row's first chunk), and so
+    is an element whose e is NaN (a NaN logit, or any logit once m is NaN); a +inf logit has e = 1
+    and passes unless S = +inf already, a -inf logit has e = 0 and score -inf: both are filtered
+    correctly. The row's winning element has z ≥ m - 19.5 (G is in [-2.8, 16.6]), so its e never
+    underflows and an overflowing exp(m - S) cannot drop it.
     """
     group, i, col, in_row = _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G, ALIGNED)
     x = tl.load(z_ptr + i, mask=in_row, other=float("-inf")).to(sum_exp.dtype)
@@ -179,12 +200,15 @@ def _sample_chunk(
     m = m_new
 
     if any_valid:  # ignored rows skip the Gumbel draw
-        u = ((_gumbel_bits(rng_ptr, group) >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
+        h = _filter_bits(rng_ptr, group)
+        one_minus_u = ((((h ^ 0xFFFF) << 7).to(tl.float32) + 0.5) * TWO_POW_M23).to(sum_exp.dtype)
         exact = best == float("-inf")
         bound = tl.exp(m - tl.where(exact, m, best)) * FILTER_MARGIN
-        passes = ((1.0 - u).to(sum_exp.dtype) < e * bound[:, None, None]) | (e != e)
+        passes = (one_minus_u < e * bound[:, None, None]) | (e != e)
         cand = in_row & valid[:, None, None] & (exact[:, None, None] | passes)
         if tl.max(cand.to(tl.int32)) > 0:
+            v = _refinement_bits(rng_ptr, group)
+            u = (((h << 7) | (v >> 25)).to(tl.float32) + 0.5) * TWO_POW_M23
             score = tl.where(cand, x + (-tl.log(-tl.log(u))).to(sum_exp.dtype), float("-inf"))
             chunk_best, chunk_col = _row_argmax(score, tl.where(cand, col, NO_COLUMN))
             best, best_col = _argmax_combine(best, best_col, chunk_best, chunk_col)
@@ -225,7 +249,7 @@ def _cross_entropy_sample_kernel(
     ALIGNED: tl.constexpr,
     GRAD: tl.constexpr,
 ):
-    """ROWS whole rows per program, each read once in chunks of 4·BLOCK_G elements (one chunk if
+    """ROWS whole rows per program, each read once in chunks of 8·BLOCK_G elements (one chunk if
     ONE_CHUNK) by :func:`_sample_chunk`; then lse, loss = lse - z[target] and ŷ per row.
 
     GRAD (the fused op): also G = exp(z - lse) - onehot(ŷ) (0 on ignored rows), from the registers
@@ -246,7 +270,7 @@ def _cross_entropy_sample_kernel(
     acc_ty: tl.constexpr = lse_ptr.dtype.element_ty
 
     m = tl.full((ROWS,), float("-inf"), acc_ty)
-    sum_exp = tl.zeros((ROWS, BLOCK_G, 4), acc_ty)
+    sum_exp = tl.zeros((ROWS, BLOCK_G, 8), acc_ty)
     best = tl.full((ROWS,), float("-inf"), acc_ty)
     yhat = tl.zeros((ROWS,), tl.int32)  # an all -inf row samples column 0, as torch.argmax
     if ONE_CHUNK:
@@ -254,7 +278,7 @@ def _cross_entropy_sample_kernel(
             z_ptr, rng_ptr, start, 0, n_cols, 0, row_ok, valid, any_valid, m, sum_exp, best, yhat, BLOCK_G, ALIGNED
         )
     else:
-        n_groups = n_cols >> 2 if ALIGNED else (n_cols + 6) >> 2  # at most, for any row start
+        n_groups = n_cols >> 3 if ALIGNED else (n_cols + 14) >> 3  # at most, for any row start
         for k in range(0, n_groups, BLOCK_G):
             m, sum_exp, best, yhat, _x, _i, _col, _in_row = _sample_chunk(
                 z_ptr, rng_ptr, start, 0, n_cols, k, row_ok, valid, any_valid, m, sum_exp, best, yhat, BLOCK_G, ALIGNED
@@ -312,10 +336,10 @@ def _cross_entropy_sample_split_kernel(
     acc_ty: tl.constexpr = part_ptr.dtype.element_ty
 
     m = tl.full((1,), float("-inf"), acc_ty)
-    sum_exp = tl.zeros((1, BLOCK_G, 4), acc_ty)
+    sum_exp = tl.zeros((1, BLOCK_G, 8), acc_ty)
     best = tl.full((1,), float("-inf"), acc_ty)
     best_col = tl.zeros((1,), tl.int32)
-    n_groups = (hi - lo) >> 2 if ALIGNED else (hi - lo + 6) >> 2
+    n_groups = (hi - lo) >> 3 if ALIGNED else (hi - lo + 14) >> 3
     for k in range(0, n_groups, BLOCK_G):
         m, sum_exp, best, best_col, _x, _i, _col, _in_row = _sample_chunk(
             z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col, BLOCK_G, ALIGNED
@@ -534,8 +558,8 @@ def _num_warps(elements: int) -> int:
 
 def _sample_plan(n: int, c: int) -> SamplePlan:
     """The launch plan of the sample pass: from the shape alone, never from the device."""
-    aligned = c % 4 == 0
-    span = c if aligned else 4 * ((c + 6) >> 2)  # elements of the groups a row can straddle
+    aligned = c % 8 == 0
+    span = c if aligned else 8 * ((c + 14) >> 3)  # elements of the groups a row can straddle
     block = max(16, triton.next_power_of_2(span))
     if block <= MAX_BLOCK_C:
         rows = max(1, ROW_TILE // block)
@@ -545,7 +569,7 @@ def _sample_plan(n: int, c: int) -> SamplePlan:
     splits, split_cols = 1, c
     if n < SPLIT_PROGRAMS and chunks >= 2 * SPLIT_MIN_CHUNKS:
         wanted = min(triton.cdiv(SPLIT_PROGRAMS, n), chunks // SPLIT_MIN_CHUNKS)
-        split_cols = triton.cdiv(chunks, wanted) * block  # a multiple of 4: splits keep ALIGNED
+        split_cols = triton.cdiv(chunks, wanted) * block  # a multiple of 8: splits keep ALIGNED
         splits = triton.cdiv(c, split_cols)
     return SamplePlan(block, 1, False, aligned, splits, split_cols, _num_warps(block))
 
@@ -585,7 +609,7 @@ def _sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_ind
             c,
             ignore_index,
             ROWS=plan.rows,
-            BLOCK_G=plan.block // 4,
+            BLOCK_G=plan.block // 8,
             ONE_CHUNK=plan.one_chunk,
             ALIGNED=plan.aligned,
             GRAD=grad,
@@ -603,7 +627,7 @@ def _sample(z: torch.Tensor, target: torch.Tensor, rng: torch.Tensor, ignore_ind
         c,
         plan.split_cols,
         ignore_index,
-        BLOCK_G=plan.block // 4,
+        BLOCK_G=plan.block // 8,
         ALIGNED=plan.aligned,
         num_warps=plan.num_warps,
     )

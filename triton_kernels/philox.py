@@ -5,7 +5,8 @@ docstring, ``csrc/include/philox.h``)::
     counter = (lo32(g), hi32(g), lo32(s), hi32(s)),   s = offset + stream (mod 2^64)
 
 and the three densities at which the streams read a call's four words: u32 (4 elements per call,
-Gumbel), u16 (8, the mask and dropout-kind noise) and single bits (128, Rademacher noise). Written
+the Gumbel refinement), u16 (8, the mask, dropout-kind noise and the Gumbel filter bits) and single
+bits (128, Rademacher noise). Written
 out rather than calling ``tl.philox`` so the layout, not Triton's, is the contract.
 """
 

@@ -6,8 +6,9 @@
 // rows from the registers (cross_entropy_avx512.h, cross_entropy_avx2.h), the same arithmetic in
 // the same order as the portable loops below, which run elsewhere. The fused op keeps the row's
 // exp(z - max) in a per-thread buffer (a row of 50k floats fits in L2) and writes G from it, so z
-// is read once and G written once. The Gumbel draws use the global element index r·C + c, so ŷ
-// does not depend on threading.
+// is read once and G written once. The Gumbel draws (contract v3: 16 filter bits a logit, the
+// refinement for candidates only) use the global element index r·C + c, so ŷ does not depend on
+// threading.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,13 +42,28 @@ using cpu::kSumLanes;  // Σ exp(z - m): partials in double, summed in lane orde
 // Rows per parallel task: enough elements per task to amortize scheduling.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
-// Exact Gumbel scores z + G for the elements k[0..n) of a block (G as in reference.gumbel_noise:
-// the same SLEEF log, so the same bits), merged into `best` in index order. zb and ub are indexed
-// by the same offsets k; the column of offset k is first_col + k.
+// Candidates in a block beyond which their refinement draws are computed for the span of calls
+// they touch at once (vectorized, as a row's first block and short rows need) rather than one
+// scalar Philox call each.
+constexpr int64_t kScalarRefinements = 2;
+
+// Exact Gumbel scores z + G for the elements k[0..n) of the block at flat index blk (G as in
+// reference.gumbel_noise: h the block's filter bits, v the refinement draws, the same SLEEF log, so
+// the same bits), merged into `best` in index order. zb and hb are indexed by the same offsets k;
+// the column of offset k is first_col + k.
 template <Isa isa, typename scalar_t, typename acc_t>
-void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k, int64_t n,
-                        int64_t first_col, float* scratch, ArgmaxState<acc_t>& best) {
-  for (int64_t j = 0; j < n; ++j) scratch[j] = uniform_open01(ub[k[j]]);
+void merge_exact_scores(const scalar_t* zb, const uint16_t* hb, const int32_t* k, int64_t n, int64_t blk,
+                        int64_t first_col, const GumbelStreams& streams, uint64_t seed, uint64_t offset,
+                        float* scratch, ArgmaxState<acc_t>& best) {
+  if (n > kScalarRefinements) {
+    alignas(64) uint32_t v[kBlockElems];
+    const int64_t first = k[0] / 4, calls = k[n - 1] / 4 + 1 - first;
+    cpu::philox_calls<isa>(seed, offset, kStreamGumbelRefine, static_cast<uint64_t>(blk) / 4 + first, calls,
+                           v + 4 * first);
+    for (int64_t j = 0; j < n; ++j) scratch[j] = gumbel_uniform(hb[k[j]], v[k[j]]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) scratch[j] = gumbel_uniform(hb[k[j]], streams.refinement(blk + k[j]));
+  }
   cpu::vlog<isa>(scratch, n);
   for (int64_t j = 0; j < n; ++j) scratch[j] = -scratch[j];
   cpu::vlog<isa>(scratch, n);
@@ -65,13 +81,13 @@ void merge_exact_scores(const scalar_t* zb, const uint32_t* ub, const int32_t* k
 // The offsets [lo, hi) of the 128-element block at flat index blk (z points there) update the row
 // state `st`; e[k] = exp(z[k] - m) at offsets [lo, hi) (stored at e_out when not null: the fused
 // gradient's row buffer), their sum into partial k % kSumLanes (the block's 8 elements of a lane
-// summed in acc_t first, in order); u[0..128) the Gumbel u32 of the block (stream: offset +
-// kStreamGumbel); the candidates of the filter (see sample_row) into cand, all of [lo, hi) on the
-// exact path. Returns their number. The AVX-512 loop does the same arithmetic in the same order;
-// only its exp differs, within 2 ulp.
+// summed in acc_t first, in order); h the block's filter bits (stream: offset + kStreamGumbel, the
+// calls from first_call that [lo, hi) touches); the candidates of the filter (see sample_row) into
+// cand, all of [lo, hi) on the exact path. Returns their number. The AVX-512 loop does the same
+// arithmetic in the same order; only its exp differs, within 2 ulp.
 template <Isa isa, typename scalar_t, typename acc_t>
 int64_t sample_block_portable(const scalar_t* z, int64_t lo, int64_t hi, cpu::RowState<acc_t>& st, uint64_t seed,
-                     uint64_t stream, uint64_t first_call, acc_t* e_out, uint32_t* u, int32_t* cand) {
+                     uint64_t stream, uint64_t first_call, acc_t* e_out, uint16_t* h, int32_t* cand) {
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   alignas(64) acc_t e_block[kBlockElems];
   acc_t* e = e_out != nullptr ? e_out : e_block;
@@ -93,11 +109,16 @@ int64_t sample_block_portable(const scalar_t* z, int64_t lo, int64_t hi, cpu::Ro
       st.partial[lane] += static_cast<double>(lane_sum);
     }
   }
-  cpu::philox_block<isa>(seed, 0, stream, first_call, u);
+  alignas(64) uint32_t words[kBlockElems / 2];
+  const int64_t call_lo = lo / kU16PerGroup, call_hi = (hi + kU16PerGroup - 1) / kU16PerGroup;
+  cpu::philox_calls<isa>(seed, 0, stream, first_call + static_cast<uint64_t>(call_lo), call_hi - call_lo,
+                         words + 4 * call_lo);
+  for (int64_t k = lo; k < hi; ++k) h[k] = static_cast<uint16_t>(words[k >> 1] >> (16 * (k & 1)));
   const bool exact = st.nonfinite || !(st.bound < kInf);
   int64_t count = 0;
   for (int64_t k = lo; k < hi; ++k) {
-    const acc_t one_minus_u = acc_t(1) - static_cast<acc_t>(uniform_open01(u[k]));
+    // 1 - u >= (w + 1/2)·2^-23 (exact), whatever the refinement: the filter needs h alone.
+    const acc_t one_minus_u = (static_cast<acc_t>(gumbel_filter_w(h[k])) + acc_t(0.5)) * acc_t(1.1920928955078125e-07);
     cand[count] = static_cast<int32_t>(k);
     count += exact || one_minus_u < e[k] * st.bound;
   }
@@ -182,23 +203,26 @@ struct GradRowBuffer {
   acc_t* col(int64_t c) { return e.data() + kBlockElems + c; }
 };
 
-// One row's sample pass. Per 128-element block of flat indices (aligned, so that a block's Gumbel
-// draws are 32 whole Philox calls): the online max m (earlier sums rescaled when it grows),
+// One row's sample pass. Per 128-element block of flat indices (aligned, so that a block's filter
+// bits are 16 whole Philox calls): the online max m (earlier sums rescaled when it grows),
 // Σ exp(z - m) for the log-sum-exp, and the Gumbel-max argmax ŷ = argmax_c z_c + G_c,
 // G_c = -log E_c, E_c = -log u_c. Computing both logs for every element would triple the
 // transcendental work, so the exact score is computed only for candidates: with S the best score
 // so far, z_c + G_c > S  ⇔  E_c < exp(z_c - S) = e_c · exp(m - S), and E_c ≥ 1 - u_c, so an
 // element with 1 - u_c ≥ e_c · exp(m - S) · (1 + 1e-3) cannot win (the margin covers the float
-// rounding of e_c and of the scores). About exp(lse - S) = O(1) elements per row pass the filter;
-// they get the reference's exact score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is
-// seen, the rest of the row takes the exact path. With `grad`, the e of every column and the m of
-// every block stay in its buffer for the gradient.
+// rounding of e_c and of the scores). The filter reads 1 - u_c's lower bound from the 16 filter
+// bits h_c alone (gumbel_filter_w); a candidate then draws its refinement bits, the rest of u_c.
+// About exp(lse - S) = O(1) elements per row pass the filter; they get the reference's exact
+// score, so ŷ is the reference's bit for bit. Once a NaN or ±inf is seen, the rest of the row takes
+// the exact path. With `grad`, the e of every column and the m of every block stay in its buffer
+// for the gradient.
 template <Isa isa, typename scalar_t, typename acc_t>
 cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uint64_t seed, uint64_t offset,
                                 GradRowBuffer<acc_t>* grad) {
-  alignas(64) uint32_t u[kBlockElems];
+  alignas(64) uint16_t h[kBlockElems];
   alignas(64) float scratch[kBlockElems];
   alignas(64) int32_t cand[kBlockElems];
+  const GumbelStreams streams(seed, offset);
   cpu::RowState<acc_t> st;
   const int64_t end = begin + C;
   int64_t b = 0;
@@ -207,9 +231,10 @@ cpu::RowState<acc_t> sample_row(const scalar_t* z, int64_t begin, int64_t C, uin
     const int64_t hi = std::min(end, blk + kBlockElems) - blk;
     acc_t* e_out = grad != nullptr ? grad->col(blk - begin) : nullptr;
     const int64_t count = RowLoops<isa, scalar_t, acc_t>::sample_block(
-        z + blk, lo, hi, st, seed, offset + kStreamGumbel, static_cast<uint64_t>(blk) / 4, e_out, u, cand);
+        z + blk, lo, hi, st, seed, offset + kStreamGumbel, static_cast<uint64_t>(blk) / kU16PerGroup, e_out, h, cand);
     if (count > 0) {  // most blocks have none once a best score exists
-      merge_exact_scores<isa, scalar_t, acc_t>(z + blk, u, cand, count, blk - begin, scratch, st.best);
+      merge_exact_scores<isa, scalar_t, acc_t>(z + blk, h, cand, count, blk, blk - begin, streams, seed, offset,
+                                               scratch, st.best);
       st.update_bound();
     }
     if (grad != nullptr) grad->block_max[b] = st.m;

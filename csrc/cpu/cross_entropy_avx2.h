@@ -49,45 +49,36 @@ inline int in_row_lanes(int64_t lo, int64_t hi, int j) {
   return bits;
 }
 
-// One 128-element block of the sample pass: sample_block_avx512's contract (z points at flat
-// index blk, [lo, hi) the offsets that belong to the row, e_out nullable, u[0..128) the draws,
-// candidates into cand), 8 logits a register.
-template <typename scalar_t>
-DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
-                                       uint64_t stream, uint64_t first_call, float* e_out, uint32_t* u,
-                                       int32_t* cand) {
+// sample_block_avx2 after its draws, over the registers j0 .. j1 - 1 that [lo, hi) touches (kFull:
+// all 16, unrolled, the logits in registers); sum[j & 1] keeps the partials of the full block's
+// order. A skipped register's lanes are outside the row: they would add exact zeros.
+template <bool kFull, typename scalar_t>
+DROPREG_AVX2 __attribute__((always_inline)) inline int64_t sample_registers_avx2(
+    const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, float* e_out, const uint16_t* h, int32_t* cand) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const bool full = lo == 0 && hi == kBlockElems;  // every block but a row's first and last
-  {
-    __m256i d[8];
-    for (int half = 0; half < 2; ++half) {  // 16 calls = 64 draws of u32 each
-      philox16(seed, stream, first_call + 16 * half, d);
-      for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(u + 64 * half + 8 * j), d[j]);
-    }
-  }
+  const int j0 = kFull ? 0 : static_cast<int>(lo / 8);
+  const int j1 = kFull ? 16 : static_cast<int>((hi + 7) / 8);
   // A row's first and last blocks: the row's logits as floats, -inf around them.
   alignas(32) float padded[kBlockElems];
-  if (!full) {
-    for (int64_t k = 0; k < kBlockElems; ++k) {
-      padded[k] = k >= lo && k < hi ? static_cast<float>(z[k]) : -kInf;
-    }
+  if (!kFull) {
+    for (int64_t k = 8 * j0; k < 8 * j1; ++k) padded[k] = k >= lo && k < hi ? static_cast<float>(z[k]) : -kInf;
   }
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 x[16];
   __m256 mx = _mm256_set1_ps(-kInf);
   int bad = 0;
-  for (int j = 0; j < 16; ++j) {
+  for (int j = j0; j < j1; ++j) {
     _mm_prefetch(reinterpret_cast<const char*>(z + 8 * j) + kPrefetchBytes, _MM_HINT_T0);
-    x[j] = full ? load8<scalar_t>(z + 8 * j) : _mm256_load_ps(padded + 8 * j);
+    x[j] = kFull ? load8<scalar_t>(z + 8 * j) : _mm256_load_ps(padded + 8 * j);
     mx = _mm256_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
     // |x| >= inf or NaN; the padding's -inf is not the row's
     const int lanes_bad = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(x[j], abs_mask), _mm256_set1_ps(kInf),
                                                            _CMP_NLT_UQ));
-    bad |= full ? lanes_bad : lanes_bad & in_row_lanes(lo, hi, j);
+    bad |= kFull ? lanes_bad : lanes_bad & in_row_lanes(lo, hi, j);
   }
   if (bad != 0) {
     st.nonfinite = true;
-    for (int j = 0; j < 16; ++j) st.nan |= _mm256_movemask_ps(_mm256_cmp_ps(x[j], x[j], _CMP_UNORD_Q)) != 0;
+    for (int j = j0; j < j1; ++j) st.nan |= _mm256_movemask_ps(_mm256_cmp_ps(x[j], x[j], _CMP_UNORD_Q)) != 0;
   }
   alignas(32) float lane_max[8];
   _mm256_store_ps(lane_max, mx);
@@ -97,18 +88,18 @@ DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi
   const bool add = st.m > -kInf;  // while m = -inf every value so far is -inf and adds 0
   const bool exact = st.nonfinite || !(st.bound < kInf);
   const __m256 mv = _mm256_set1_ps(st.m);
-  // The filter on the integers, as the AVX-512 block: d = 2^23 - (u32 >> 9) < fma(e, bound·2^23, 1/2).
+  // The filter on the integers, as the AVX-512 block: w = gumbel_filter_w(h) < fma(e, bound·2^23, -1/2).
   const __m256 big_b = _mm256_set1_ps(st.bound * 8388608.0f);
-  const __m256 half_v = _mm256_set1_ps(0.5f);
-  const __m256i two23 = _mm256_set1_epi32(1 << 23);
+  const __m256 minus_half = _mm256_set1_ps(-0.5f);
+  const __m256i all16 = _mm256_set1_epi32(0xFFFF);
   __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t count = 0;
-  for (int j = 0; j < 16; ++j) {
+  for (int j = j0; j < j1; ++j) {
     const __m256 e = exp_nonpositive_avx2(_mm256_sub_ps(x[j], mv));  // the padding's -inf gives 0
     sum[j & 1] = _mm256_add_ps(sum[j & 1], e);
-    int pass = full ? 0xFF : in_row_lanes(lo, hi, j);
+    int pass = kFull ? 0xFF : in_row_lanes(lo, hi, j);
     if (e_out != nullptr) {
-      if (full) {
+      if (kFull) {
         _mm256_storeu_ps(e_out + 8 * j, e);
       } else {
         alignas(32) float tmp[8];
@@ -119,22 +110,45 @@ DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi
       }
     }
     if (!exact) {
-      const __m256i k = _mm256_srli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(u + 8 * j)), 9);
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(two23, k));
-      pass &= _mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_fmadd_ps(e, big_b, half_v), _CMP_LT_OQ));
+      const __m256i hj = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(h + 8 * j)));
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_slli_epi32(_mm256_xor_si256(hj, all16), 7));
+      pass &= _mm256_movemask_ps(_mm256_cmp_ps(w, _mm256_fmadd_ps(e, big_b, minus_half), _CMP_LT_OQ));
     }
     for (; pass != 0; pass &= pass - 1) cand[count++] = static_cast<int32_t>(8 * j + __builtin_ctz(pass));
   }
   if (add) {
-    for (int h = 0; h < 2; ++h) {
-      double* part = st.partial + 8 * h;
-      const __m256d lo_sum = _mm256_add_pd(_mm256_load_pd(part), _mm256_cvtps_pd(_mm256_castps256_ps128(sum[h])));
-      const __m256d hi_sum = _mm256_add_pd(_mm256_load_pd(part + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum[h], 1)));
+    for (int k = 0; k < 2; ++k) {
+      double* part = st.partial + 8 * k;
+      const __m256d lo_sum = _mm256_add_pd(_mm256_load_pd(part), _mm256_cvtps_pd(_mm256_castps256_ps128(sum[k])));
+      const __m256d hi_sum = _mm256_add_pd(_mm256_load_pd(part + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sum[k], 1)));
       _mm256_store_pd(part, lo_sum);
       _mm256_store_pd(part + 4, hi_sum);
     }
   }
   return count;
+}
+
+// One 128-element block of the sample pass: sample_block_avx512's contract (z points at flat
+// index blk, [lo, hi) the offsets that belong to the row, e_out nullable, h[0..128) the filter
+// bits, candidates into cand), 8 logits a register; the filter bits of the calls [lo, hi) touches
+// (philox16: 8 calls when they lie in one half of the block, else 16).
+template <typename scalar_t>
+DROPREG_AVX2 int64_t sample_block_avx2(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, uint64_t seed,
+                                       uint64_t stream, uint64_t first_call, float* e_out, uint16_t* h,
+                                       int32_t* cand) {
+  {
+    __m256i d[8];
+    const bool high_half = lo >= kBlockElems / 2;
+    if (hi <= kBlockElems / 2 || high_half) {
+      philox16<1>(seed, stream, first_call + (high_half ? 8 : 0), d);
+      for (int j = 0; j < 4; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(h + (high_half ? 64 : 0) + 16 * j), d[j]);
+    } else {
+      philox16<2>(seed, stream, first_call, d);
+      for (int j = 0; j < 8; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(h + 16 * j), d[j]);
+    }
+  }
+  if (lo == 0 && hi == kBlockElems) return sample_registers_avx2<true>(z, lo, hi, st, e_out, h, cand);
+  return sample_registers_avx2<false>(z, lo, hi, st, e_out, h, cand);
 }
 
 // scale_block_avx512's contract (g[k] = (e[k]·f - [k == y])·s for the offsets [lo, hi), the

@@ -43,90 +43,77 @@ DROPREG_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// philox32's registers t[0..3] (128-bit lane L of t[r]: call 4L + r's four words) in element
-// order: u[j] = the words of calls 4j .. 4j + 3, i.e. the u32 of elements 16j .. 16j + 15.
-DROPREG_AVX512 inline void calls_to_elements(const __m512i* t, __m512i* u) {
-  const __m512i p0 = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0));
-  const __m512i p1 = _mm512_shuffle_i32x4(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1));
-  const __m512i p2 = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(2, 0, 2, 0));
-  const __m512i p3 = _mm512_shuffle_i32x4(t[2], t[3], _MM_SHUFFLE(3, 1, 3, 1));
-  u[0] = _mm512_shuffle_i32x4(p0, p2, _MM_SHUFFLE(2, 0, 2, 0));
-  u[1] = _mm512_shuffle_i32x4(p1, p3, _MM_SHUFFLE(2, 0, 2, 0));
-  u[2] = _mm512_shuffle_i32x4(p0, p2, _MM_SHUFFLE(3, 1, 3, 1));
-  u[3] = _mm512_shuffle_i32x4(p1, p3, _MM_SHUFFLE(3, 1, 3, 1));
+// The filter bits of a block's offsets [lo, hi) (the Gumbel stream at the u16 density: its 16 calls
+// from first_call, 8 elements each) into h[0..128), in element order: only the calls that [lo, hi)
+// touches, one chain of 8 when they lie in one half of the block.
+DROPREG_AVX512 inline void filter_bits_avx512(uint64_t seed, uint64_t stream, uint64_t first_call, int64_t lo,
+                                              int64_t hi, uint16_t* h) {
+  uint32_t* words = reinterpret_cast<uint32_t*>(h);  // a call's four words are its 8 u16 in order
+  if (hi <= kBlockElems / 2) {
+    philox_run_avx512<1>(seed, stream, first_call, words);
+  } else if (lo >= kBlockElems / 2) {
+    philox_run_avx512<1>(seed, stream, first_call + 8, words + 32);
+  } else {
+    philox_run_avx512<2>(seed, stream, first_call, words);
+  }
 }
 
-// One 128-element block of the sample pass, all in registers: the block is the flat indices
-// [blk, blk + 128) (blk a multiple of 128, so its Gumbel draws are the 32 calls from blk / 4), of
-// which [lo, hi) (offsets from blk) belong to the row. `z` points at flat index blk. In the order
-// of the portable loops of cross_entropy.cpp: the block max (NaN never wins) and the non-finite
-// flags; the running max and the earlier partial sums rescaled when it grows; e = exp(z - m)
-// (exp_nonpositive_avx512) and their sum, added over the 8 registers in order, into the 16 double partials;
-// e stored at e_out[0..128) when e_out is not null (the fused gradient's row buffer); the u32
-// draws stored at u[0..128); the offsets of the elements that may beat the best score so far
-// (the filter of cross_entropy.cpp: 1 - u < e·bound; every element of the row when `exact`)
-// into cand in increasing order. Returns their number.
-template <typename scalar_t>
-DROPREG_AVX512 int64_t sample_block_avx512(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st,
-                                           uint64_t seed, uint64_t stream, uint64_t first_call, float* e_out,
-                                           uint32_t* u, int32_t* cand) {
+// sample_block_avx512 after its draws, over the registers j0 .. j1 - 1 that [lo, hi) touches
+// (kFull: all 8, unrolled, the logits in registers). A skipped register's lanes are outside the
+// row: they would add exact zeros to the sum and pass no candidate.
+template <bool kFull, typename scalar_t>
+DROPREG_AVX512 __attribute__((always_inline)) inline int64_t sample_registers_avx512(
+    const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, float* e_out, const uint16_t* h, int32_t* cand) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: QNaN, +inf, -inf, SNaN
-  const bool full = lo == 0 && hi == kBlockElems;   // every block but a row's first and last
+  const int j0 = kFull ? 0 : static_cast<int>(lo / 16);
+  const int j1 = kFull ? 8 : static_cast<int>((hi + 15) / 16);
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
-  // The draws first, into u (L1): the Philox chains and the logits' registers are not live together.
-  {
-    __m512i t[8], w[8];
-    philox32(seed, stream, first_call, t);
-    calls_to_elements(t, w);
-    calls_to_elements(t + 4, w + 4);
-    for (int j = 0; j < 8; ++j) _mm512_store_si512(u + 16 * j, w[j]);
-  }
   __mmask16 in[8];
   __m512 x[8];
   __m512 mx = neg_inf;
   __mmask16 bad = 0;
-  for (int j = 0; j < 8; ++j) {
-    in[j] = full ? static_cast<__mmask16>(0xFFFF) : lanes_between(lo - 16 * j, hi - 16 * j);
+  for (int j = j0; j < j1; ++j) {
+    in[j] = kFull ? static_cast<__mmask16>(0xFFFF) : lanes_between(lo - 16 * j, hi - 16 * j);
     _mm_prefetch(reinterpret_cast<const char*>(z + 16 * j) + kPrefetchBytes, _MM_HINT_T0);
     x[j] = load16<scalar_t>(z + 16 * j, in[j]);
-    if (!full) x[j] = _mm512_mask_blend_ps(in[j], neg_inf, x[j]);
+    if (!kFull) x[j] = _mm512_mask_blend_ps(in[j], neg_inf, x[j]);
     mx = _mm512_max_ps(x[j], mx);  // vmaxps returns its second operand when either is NaN
     bad |= _mm512_mask_fpclass_ps_mask(in[j], x[j], kNonFinite);
   }
   if (bad != 0) {
     st.nonfinite = true;
-    for (int j = 0; j < 8; ++j) st.nan |= _mm512_mask_cmp_ps_mask(in[j], x[j], x[j], _CMP_UNORD_Q) != 0;
+    for (int j = j0; j < j1; ++j) st.nan |= _mm512_mask_cmp_ps_mask(in[j], x[j], x[j], _CMP_UNORD_Q) != 0;
   }
   const float block_max = _mm512_reduce_max_ps(mx);
   if (block_max > st.m) st.raise_max(block_max);
   const bool add = st.m > -kInf;  // while m = -inf every value so far is -inf and adds 0
   const bool exact = st.nonfinite || !(st.bound < kInf);
   const __m512 mv = _mm512_set1_ps(st.m);
-  // The filter 1 - u < e·bound on the integers: with u = (k + 1/2)·2^-23 (k = u32 >> 9) it is
-  // d - 1/2 < e·B for d = 2^23 - k (exact in float) and B = bound·2^23, i.e. d < fma(e, B, 1/2):
-  // one rounding, like the portable e·bound (and covered by the same 1e-3 margin: a winner needs
-  // e·B > 1/2, where the rounding is ~2^-24 relative).
+  // The filter 1 - u < e·bound on the integers: 1 - u >= (w + 1/2)·2^-23 with w = gumbel_filter_w(h)
+  // (cross_entropy.h: (2^16 - 1 - h)·2^7, exact in float), so with B = bound·2^23 an element passes
+  // iff w < fma(e, B, -1/2): one rounding, like the portable e·bound (and covered by the same 1e-3
+  // margin: a winner needs e·B > 1/2, where the rounding is ~2^-24 relative).
   const __m512 big_b = _mm512_set1_ps(st.bound * 8388608.0f);
-  const __m512 half = _mm512_set1_ps(0.5f);
-  const __m512i two23 = _mm512_set1_epi32(1 << 23);
+  const __m512 minus_half = _mm512_set1_ps(-0.5f);
+  const __m512i all16 = _mm512_set1_epi32(0xFFFF);
   const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 sum = _mm512_setzero_ps();
   int64_t count = 0;
-  for (int j = 0; j < 8; ++j) {
+  for (int j = j0; j < j1; ++j) {
     __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(x[j], mv));
-    if (!full) e = _mm512_maskz_mov_ps(in[j], e);
+    if (!kFull) e = _mm512_maskz_mov_ps(in[j], e);
     sum = _mm512_add_ps(sum, e);
     if (e_out != nullptr) _mm512_mask_storeu_ps(e_out + 16 * j, in[j], e);
     __mmask16 pass = in[j];
     if (!exact) {
-      const __m512i k = _mm512_srli_epi32(_mm512_load_si512(u + 16 * j), 9);
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(two23, k));
-      pass = _mm512_mask_cmp_ps_mask(in[j], d, _mm512_fmadd_ps(e, big_b, half), _CMP_LT_OQ);
+      const __m512i hj = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(h + 16 * j)));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_slli_epi32(_mm512_xor_si512(hj, all16), 7));
+      pass = _mm512_mask_cmp_ps_mask(in[j], w, _mm512_fmadd_ps(e, big_b, minus_half), _CMP_LT_OQ);
     }
     if (pass != 0) {
-      // Compressed in a register, then stored whole (count <= 16·j, so the 16 slots stay within
-      // cand's 128): the compress-store form takes ~50 cycles on Zen 4, this ~4.
+      // Compressed in a register, then stored whole (count <= 16·(j - j0), so the 16 slots stay
+      // within cand's 128): the compress-store form takes ~50 cycles on Zen 4, this ~4.
       const __m512i offsets = _mm512_add_epi32(step, _mm512_set1_epi32(16 * j));
       _mm512_storeu_si512(cand + count, _mm512_maskz_compress_epi32(pass, offsets));
       count += __builtin_popcount(pass);
@@ -141,6 +128,27 @@ DROPREG_AVX512 int64_t sample_block_avx512(const scalar_t* z, int64_t lo, int64_
     _mm512_store_pd(st.partial + 8, hi_sum);
   }
   return count;
+}
+
+// One 128-element block of the sample pass, all in registers: the block is the flat indices
+// [blk, blk + 128) (blk a multiple of 128, so its filter bits are the 16 calls from blk / 8), of
+// which [lo, hi) (offsets from blk) belong to the row. `z` points at flat index blk. In the order
+// of the portable loops of cross_entropy.cpp: the block max (NaN never wins) and the non-finite
+// flags; the running max and the earlier partial sums rescaled when it grows; e = exp(z - m)
+// (exp_nonpositive_avx512) and their sum, added over the registers in order, into the 16 double
+// partials; e stored at e_out[0..128) when e_out is not null (the fused gradient's row buffer);
+// the filter bits of [lo, hi) stored at h; the offsets of the elements that may beat the best
+// score so far (the filter of cross_entropy.cpp; every element of the row when `exact`) into cand
+// in increasing order. Returns their number. Only the registers and Philox calls that [lo, hi)
+// touches are computed (a row of a 4-column tensor takes one register and one chain).
+template <typename scalar_t>
+DROPREG_AVX512 int64_t sample_block_avx512(const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st,
+                                           uint64_t seed, uint64_t stream, uint64_t first_call, float* e_out,
+                                           uint16_t* h, int32_t* cand) {
+  // The draws first, into h (L1): the Philox chains and the logits' registers are not live together.
+  filter_bits_avx512(seed, stream, first_call, lo, hi, h);
+  if (lo == 0 && hi == kBlockElems) return sample_registers_avx512<true>(z, lo, hi, st, e_out, h, cand);
+  return sample_registers_avx512<false>(z, lo, hi, st, e_out, h, cand);
 }
 
 // g[k] = (e[k]·f - [k == y])·s rounded to scalar_t for the offsets k in [lo, hi) of a 128-element

@@ -135,7 +135,7 @@ DROPREG_AVX512 void dropout_rows_avx512(const scalar_t* x, scalar_t* y, int64_t 
         c[h] = {g, _mm512_srli_epi64(g, 32), _mm512_set1_epi64(static_cast<long long>(s)),
                 _mm512_set1_epi64(static_cast<long long>(s >> 32))};
       }
-      rounds32(c, seed);
+      philox_rounds(c, seed);
       for (int q = 0; q < 4; ++q) {  // rows l0 + 2q (low halves of word q) and l0 + 2q + 1 (high halves)
         uint32_t rows[2] = {0, 0};
         for (int pair = 0; pair < 2; ++pair) {  // m = 16·pair .. 16·pair + 15: chains 2·pair, 2·pair + 1

@@ -64,7 +64,7 @@ template <typename scalar_t, typename acc_t>
 struct CrossEntropyLoops {
   // A 128-element block of the sample pass (cross_entropy_avx512.h: sample_block_avx512).
   int64_t (*sample_block)(const scalar_t* z, int64_t lo, int64_t hi, RowState<acc_t>& st, uint64_t seed,
-                          uint64_t stream, uint64_t first_call, acc_t* e_out, uint32_t* u, int32_t* cand) = nullptr;
+                          uint64_t stream, uint64_t first_call, acc_t* e_out, uint16_t* h, int32_t* cand) = nullptr;
   // g[k] = (e[k]·f - [k == y])·s over a block's offsets [lo, hi).
   void (*scale_block)(const acc_t* e, int64_t lo, int64_t hi, acc_t f, int64_t y, acc_t s, scalar_t* g) = nullptr;
   // ce_grad's row: g[k] = (exp(z[k] - l) - [k == y])·s.

@@ -1,5 +1,5 @@
-// Philox4x32-10 on many calls at once from the registers: 32 calls (AVX-512) or 16 calls (AVX2),
-// each a hand-written vector twin of philox.h's philox4x32_10, and the words of an arbitrary list
+// Philox4x32-10 on many calls at once from the registers: chains of 8 calls (AVX-512) or 4 calls
+// (AVX2), 32 or 16 calls a step, each a hand-written vector twin of philox.h's philox4x32_10, and the words of an arbitrary list
 // of calls. x86-64 with GCC only (isa.h: DROPREG_X86_SIMD).
 //
 // A call's state sits in the low 32 bits of a 64-bit lane (the high bits are junk that no step
@@ -63,14 +63,15 @@ DROPREG_AVX512 inline void transpose_words(__m512i c0, __m512i c1, __m512i c2, _
   t[3] = _mm512_unpackhi_epi64(a2, a3);
 }
 
-// The ten rounds on 32 calls, four chains of 8.
-DROPREG_AVX512 inline void rounds32(Calls8 (&c)[4], uint64_t seed) {
+// The ten rounds on kChains chains of 8 calls (32 calls: four chains).
+template <int kChains>
+DROPREG_AVX512 inline void philox_rounds(Calls8 (&c)[kChains], uint64_t seed) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     const __m512i key0 = set1_u32(k0), key1 = set1_u32(k1);
-    for (int h = 0; h < 4; ++h) round8(c[h], m0, m1, key0, key1);
+    for (int h = 0; h < kChains; ++h) round8(c[h], m0, m1, key0, key1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
@@ -84,13 +85,25 @@ DROPREG_AVX512 __attribute__((always_inline)) inline void philox32(uint64_t seed
                                                                     __m512i (&t)[8]) {
   Calls8 c[4] = {calls8(first_group, s, 2), calls8(first_group + 1, s, 2), calls8(first_group + 16, s, 2),
                  calls8(first_group + 17, s, 2)};
-  rounds32(c, seed);
+  philox_rounds(c, seed);
   for (int set = 0; set < 2; ++set) {
     const Calls8& even = c[2 * set];
     const Calls8& odd = c[2 * set + 1];
     transpose_words(merge_calls(even.c0, odd.c0), merge_calls(even.c1, odd.c1), merge_calls(even.c2, odd.c2),
                     merge_calls(even.c3, odd.c3), t + 4 * set);
   }
+}
+
+// A chain's 8 calls' words in call order: w[0] = the four words of calls 0..3, w[1] of calls 4..7.
+DROPREG_AVX512 inline void chain_words(const Calls8& c, __m512i (&w)[2]) {
+  const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
+  // 64-bit lane j of w01 = (word 0, word 1) of call j, of w23 = (word 2, word 3).
+  const __m512i w01 = _mm512_or_si512(_mm512_and_si512(c.c0, low), _mm512_slli_epi64(c.c1, 32));
+  const __m512i w23 = _mm512_or_si512(_mm512_and_si512(c.c2, low), _mm512_slli_epi64(c.c3, 32));
+  // 128-bit lanes: calls 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi); then in call order, 4 calls a register.
+  const __m512i lo = _mm512_unpacklo_epi64(w01, w23), hi = _mm512_unpackhi_epi64(w01, w23);
+  w[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
+  w[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
 }
 
 // The four words of each of the calls ids[0..count) of stream s, into words[4·k + w] (call k, word
@@ -107,24 +120,33 @@ DROPREG_AVX512 inline void philox_list_avx512(uint64_t seed, uint64_t s, const u
       const __m512i g = _mm512_maskz_loadu_epi64(in, ids + k0 + 8 * h);
       c[h] = {g, _mm512_srli_epi64(g, 32), s_lo, s_hi};
     }
-    rounds32(c, seed);
-    const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll);
-    const __m512i first4 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    const __m512i last4 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    philox_rounds(c, seed);
     for (int h = 0; h < 4; ++h) {
       const int64_t left = count - k0 - 8 * h;
       if (left <= 0) break;
-      // 64-bit lane j of w01 = (word 0, word 1) of call j, of w23 = (word 2, word 3).
-      const __m512i w01 = _mm512_or_si512(_mm512_and_si512(c[h].c0, low), _mm512_slli_epi64(c[h].c1, 32));
-      const __m512i w23 = _mm512_or_si512(_mm512_and_si512(c[h].c2, low), _mm512_slli_epi64(c[h].c3, 32));
-      // 128-bit lanes: calls 0, 2, 4, 6 (lo) and 1, 3, 5, 7 (hi); then in call order, 4 calls a register.
-      const __m512i lo = _mm512_unpacklo_epi64(w01, w23), hi = _mm512_unpackhi_epi64(w01, w23);
+      __m512i w[2];
+      chain_words(c[h], w);
       uint32_t* out = words + 4 * (k0 + 8 * h);
       const __mmask16 in0 = left >= 4 ? 0xFFFF : static_cast<__mmask16>((1u << (4 * left)) - 1);
       const __mmask16 in1 = left >= 8 ? 0xFFFF : (left <= 4 ? 0 : static_cast<__mmask16>((1u << (4 * (left - 4))) - 1));
-      _mm512_mask_storeu_epi32(out, in0, _mm512_permutex2var_epi64(lo, first4, hi));
-      _mm512_mask_storeu_epi32(out + 16, in1, _mm512_permutex2var_epi64(lo, last4, hi));
+      _mm512_mask_storeu_epi32(out, in0, w[0]);
+      _mm512_mask_storeu_epi32(out + 16, in1, w[1]);
     }
+  }
+}
+
+// The words of calls first .. first + 8·kChains - 1 of stream s in call order, words[4·k + w] =
+// word w of call first + k: chain h holds the 8 consecutive calls from first + 8h.
+template <int kChains>
+DROPREG_AVX512 inline void philox_run_avx512(uint64_t seed, uint64_t s, uint64_t first, uint32_t* words) {
+  Calls8 c[kChains];
+  for (int h = 0; h < kChains; ++h) c[h] = calls8(first + 8 * static_cast<uint64_t>(h), s, 1);
+  philox_rounds(c, seed);
+  for (int h = 0; h < kChains; ++h) {
+    __m512i w[2];
+    chain_words(c[h], w);
+    _mm512_storeu_si512(words + 32 * h, w[0]);
+    _mm512_storeu_si512(words + 32 * h + 16, w[1]);
   }
 }
 
@@ -152,32 +174,34 @@ DROPREG_AVX2 inline void round4(Calls4& c, __m256i m0, __m256i m1, __m256i key0,
   c.c3 = p0;
 }
 
-// The ten rounds on 16 calls, four chains of 4.
-DROPREG_AVX2 inline void rounds16(Calls4 (&c)[4], uint64_t seed) {
+// The ten rounds on kChains chains of 4 calls (16 calls: four chains).
+template <int kChains>
+DROPREG_AVX2 inline void philox_rounds(Calls4 (&c)[kChains], uint64_t seed) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
-    for (int h = 0; h < 4; ++h) round4(c[h], m0, m1, key0, key1);
+    for (int h = 0; h < kChains; ++h) round4(c[h], m0, m1, key0, key1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
 }
 
-// The draws of calls first .. first + 15 of stream s: d[j] = the 16 u16 of calls 2j and 2j + 1,
-// i.e. elements 16j .. 16j + 15 of the step, in order (the u32 of elements 8j .. 8j + 7). Out of
-// line for every caller (its chains fill the 16 registers: d goes through memory either way).
-DROPREG_AVX2 __attribute__((noinline)) inline void philox16(uint64_t seed, uint64_t s, uint64_t first,
-                                                            __m256i (&d)[8]) {
+// The draws of calls first .. first + 8·kSets - 1 of stream s (16 calls: kSets = 2): d[j] = the 16
+// u16 of calls 2j and 2j + 1, i.e. elements 16j .. 16j + 15 of the step, in order (the u32 of
+// elements 8j .. 8j + 7), for j < 4·kSets. Out of line for every caller (its chains fill the 16
+// registers: d goes through memory either way).
+template <int kSets = 2>
+DROPREG_AVX2 __attribute__((noinline)) void philox16(uint64_t seed, uint64_t s, uint64_t first, __m256i (&d)[8]) {
   const __m256i even = _mm256_setr_epi64x(0, 2, 4, 6);
-  Calls4 c[4];
-  for (int h = 0; h < 4; ++h) {  // chains: calls first + {0,2,4,6}, + {1,3,5,7}, + {8,...}, + {9,...}
+  Calls4 c[2 * kSets];
+  for (int h = 0; h < 2 * kSets; ++h) {  // chains: calls first + {0,2,4,6}, + {1,3,5,7}, + {8,...}, + {9,...}
     const uint64_t g = first + static_cast<uint64_t>(8 * (h >> 1) + (h & 1));
     c[h] = calls4(_mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(g)), even), s);
   }
-  rounds16(c, seed);
-  for (int set = 0; set < 2; ++set) {
+  philox_rounds(c, seed);
+  for (int set = 0; set < kSets; ++set) {
     const Calls4& ev = c[2 * set];
     const Calls4& od = c[2 * set + 1];
     // w[q]: word q of the set's 8 calls, in call order (even calls' low words, odd calls' shifted up).
@@ -212,7 +236,7 @@ DROPREG_AVX2 inline void philox_list_avx2(uint64_t seed, uint64_t s, const uint6
     for (int h = 0; h < 4; ++h) {
       c[h] = calls4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(step_ids + 4 * h)), s);
     }
-    rounds16(c, seed);
+    philox_rounds(c, seed);
     alignas(32) uint32_t tail[4 * kAvx2StepCalls];
     uint32_t* out = n < kAvx2StepCalls ? tail : words + 4 * k0;
     const __m256i low = _mm256_set1_epi64x(0xFFFFFFFFll);

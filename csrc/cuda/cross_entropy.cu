@@ -2,7 +2,7 @@
 //
 //   cross_entropy_sample       one read pass over each row of z (N, C):
 //                                lse_r  = log Σ_c exp(z_rc)
-//                                ŷ_r    = argmax_c (z_rc + G_rc)    (Gumbel-max, G: kStreamGumbel)
+//                                ŷ_r    = argmax_c (z_rc + G_rc)    (Gumbel-max, G: contract v3)
 //                                loss_r = lse_r - z_r[target_r]
 //                              bytes/elem: sizeof(T) read, nothing written per element.
 //   cross_entropy_sample_grad  the same kernel, keeping the row in shared memory, then

@@ -4,8 +4,9 @@
 // Chunks. Elements are taken in chunks of consecutive flat indices i = r·C + c, aligned to
 // multiples of the chunk size: one or two 16-byte vector loads when the chunk lies inside the row
 // and the tensors are aligned, else element by element (the rows' edge chunks: the alignment shift
-// of Apex's xentropy). The sample's chunks are 8 elements (4 for double), i.e. whole Philox calls
-// of the Gumbel stream (groups i >> 2); ce_grad_backward's are one 16-byte vector.
+// of Apex's xentropy). The sample's chunks are 8 elements (4 for double), i.e. a whole Philox call
+// of the Gumbel stream's filter bits (group i >> 3; half of one for double); ce_grad_backward's
+// are one 16-byte vector.
 //
 // Row layout (RowPlan): a function of C and the dtype only, never of N or of the device, so the
 // reduction trees, and every result, are the same bits on every GPU and batch size.
@@ -72,10 +73,10 @@ struct Chunk {
   using Vec = cuda::AlignedVec<scalar_t, kV>;
 };
 
-// The sample kernel's chunk (and ce_grad's, which visits rows the same way): two Philox calls (8
-// elements, one or two vectors) for 2- and 4-byte types, so the per-chunk work (the bound, the
-// share, the loop) is spread over 8 elements; one call for double (whose 8 elements would not fit
-// the register budget).
+// The sample kernel's chunk (and ce_grad's, which visits rows the same way): one Philox call of the
+// filter bits (8 elements, one or two vectors) for 2- and 4-byte types, so the per-chunk work (the
+// bound, the share, the loop) is spread over 8 elements; half a call for double (whose 8 elements
+// would not fit the register budget).
 template <typename scalar_t>
 using SampleChunk = Chunk<scalar_t, sizeof(scalar_t) == 8 ? 4 : 8>;
 

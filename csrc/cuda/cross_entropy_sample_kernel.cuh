@@ -8,9 +8,10 @@
 //   1 - u < e · exp(m - S + δ),   δ = 1e-3 + |S|·2^-22
 // can (δ covers the rounding of e, of the bound and of the scores, as the margin of the CPU's
 // filter in cross_entropy.cpp; the |S| term keeps it valid for huge logits, whose scores round
-// to a coarse grid). The test costs
-// one FMA and one compare per element (1 - u is read exactly from the bits of the draw), and a
-// chunk's Philox calls are skipped when none of its elements can pass. S is the largest of the
+// to a coarse grid). The test reads 1 - u's lower bound from the 16 filter bits h of the Gumbel
+// stream alone (contract v3, cross_entropy.h: one Philox call a chunk of 8) and costs one FMA and
+// one compare per element; a chunk's Philox call is skipped when none of its elements can pass,
+// and a candidate draws its refinement bits (the rest of u) with one call of its own. S is the largest of the
 // thread's best score, m - 2.82 (the max element scores at least m + min G = m - 2.8115) and the
 // bound the row's threads share every kShareEvery chunks; each thread seeds its best with the
 // exact score of its first chunk's max, so the first shared bound is already near the row's best
@@ -75,10 +76,9 @@ __device__ __forceinline__ float filter_bound(float d) {
 }
 __device__ __forceinline__ double filter_bound(double d) { return exp(d) * 8388608.0; }
 
-// 1 - u of the Gumbel stream's word w as the float 2^23 + v, where 1 - u = (v + 1/2)·2^-23:
-// u = ((w >> 9) + 1/2)·2^-23 gives v = 2^23 - 1 - (w >> 9), i.e. the 23 low bits flipped, under
-// the exponent of 2^23. Exact, and no conversion instruction.
-__device__ __forceinline__ float one_minus_u_bits(uint32_t w) { return __uint_as_float((w >> 9) ^ 0x4B7FFFFFu); }
+// The filter's 1 - u >= (w + 1/2)·2^-23 of filter bits h (gumbel_filter_w) as the float 2^23 + w:
+// w < 2^23 under the exponent of 2^23. Exact, and no conversion instruction.
+__device__ __forceinline__ float filter_w_bits(uint32_t h) { return __uint_as_float(0x4B000000u | gumbel_filter_w(h)); }
 
 // The best-score bound shared between threads, as an int whose order is the float order (the
 // bound rounded down to float; NaN counts as -inf).
@@ -133,13 +133,13 @@ __device__ __forceinline__ void butterfly_ce(LseState<acc_t>& l, ArgmaxState<acc
 // cross_entropy_sample (and the fused gradient)
 // ---------------------------------------------------------------------------------------------
 
-// Philox4x32-10 of the Gumbel stream (philox.h's PhiloxStream, the same words) for the kCalls
-// consecutive groups of a chunk, computed side by side; the round keys are computed once per
-// thread.
+// Philox4x32-10 of the Gumbel streams (cross_entropy.h's GumbelStreams, the same words): the
+// filter bits' kCalls consecutive groups of a chunk, computed side by side, and a candidate's
+// refinement; the round keys are computed once per thread.
 struct GumbelPhilox {
-  PhiloxStream stream;
+  GumbelStreams streams;
 
-  __device__ __forceinline__ GumbelPhilox(uint64_t seed, uint64_t offset) : stream(seed, offset, kStreamGumbel) {}
+  __device__ __forceinline__ GumbelPhilox(uint64_t seed, uint64_t offset) : streams(seed, offset) {}
 
   template <int kCalls>
   __device__ __forceinline__ void operator()(uint64_t group, Philox4 (&r)[kCalls]) const {
@@ -147,18 +147,33 @@ struct GumbelPhilox {
     for (int c = 0; c < kCalls; ++c) {
       r[c].x[0] = static_cast<uint32_t>(group + c);
       r[c].x[1] = static_cast<uint32_t>((group + c) >> 32);
-      r[c].x[2] = stream.c2;
-      r[c].x[3] = stream.c3;
+      r[c].x[2] = streams.filter.c2;
+      r[c].x[3] = streams.filter.c3;
     }
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
 #pragma unroll
       for (int c = 0; c < kCalls; ++c) {
-        philox_round(r[c].x[0], r[c].x[1], r[c].x[2], r[c].x[3], stream.key.k0[round], stream.key.k1[round]);
+        philox_round(r[c].x[0], r[c].x[1], r[c].x[2], r[c].x[3], streams.filter.key.k0[round],
+                     streams.filter.key.k1[round]);
       }
     }
   }
+
+  // G of flat index i with filter bits h: its refinement bits drawn (one Philox call).
+  __device__ __forceinline__ float gumbel_at(uint64_t i, uint32_t h) const { return gumbel(h, streams.refinement(i)); }
 };
+
+// The filter bits of element e of the chunk at flat index base (kElems elements, base a multiple of
+// kElems) from the chunk's call r (group base / 8): u16 (base % 8) + e of the call, by selects for a
+// 4-element chunk, whose half of the call is known only at run time.
+template <int kElems>
+__device__ __forceinline__ uint32_t chunk_filter_bits(const Philox4& r, int64_t base, int e) {
+  static_assert(kElems == 4 || kElems == 8, "a chunk is half a filter call or a whole one");
+  if constexpr (kElems == 8) return group_u16(r, e);
+  const uint32_t word = (base & 4) != 0 ? r.x[2 + (e >> 1)] : r.x[e >> 1];
+  return (word >> ((e & 1) * 16)) & 0xFFFFu;
+}
 
 // Block mode's shared state: the warps' partial states, the shared bound, and the row's result
 // broadcast to the fused gradient.
@@ -217,34 +232,35 @@ __device__ __forceinline__ void write_row(const SampleArgs<scalar_t, acc_t>& a, 
 // The Gumbel-max step of the chunk at flat index base (t = e·bound + 2^23 of its elements, e =
 // their exp(z - m), bound = exp(m - S + δ)·2^23): the candidates' exact scores merged into
 // `best`; a candidate's logit is read again (a cache hit; the hot path keeps no logits in
-// registers). An edge chunk's elements outside the row [begin, end) (read as -inf, so their t is
+// registers), and its refinement bits are drawn. An edge chunk's elements outside the row [begin, end) (read as -inf, so their t is
 // 2^23, or NaN while the bound is infinite) are skipped among the candidates, where the rare
 // draws are: the per-element tests need no masks.
 template <typename scalar_t, typename acc_t, int kElems>
 __device__ __forceinline__ void sample_candidates(const acc_t (&t)[kElems], const scalar_t* __restrict__ z,
                                                   int64_t base, int64_t begin, int64_t end,
                                                   const GumbelPhilox& philox, ArgmaxState<acc_t>& best) {
-  // 2^23 + v < t whenever 1 - u = (v + 1/2)·2^-23 < e·bound (v is an integer and t is rounded
-  // once), so the test only ever adds candidates. t <= 2^23 everywhere: no u can pass, no draw.
+  // 2^23 + w < t whenever (w + 1/2)·2^-23 < e·bound (w is an integer and t is rounded once), and
+  // 1 - u >= (w + 1/2)·2^-23 whatever the refinement, so the test only ever adds candidates.
+  // t <= 2^23 everywhere: no u can pass, no draw.
   bool need = false;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) need = need || !(t[e] <= acc_t(kTwo23));  // NaN: needed
   if (!need) return;
-  Philox4 r[kElems / 4];
-  philox(static_cast<uint64_t>(base) / 4, r);
+  Philox4 r[1];
+  philox(static_cast<uint64_t>(base) / kU16PerGroup, r);
   unsigned cand = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
-    cand |= !(static_cast<acc_t>(one_minus_u_bits(r[e / 4].x[e % 4])) >= t[e]) ? 1u << e : 0u;
+    cand |= !(static_cast<acc_t>(filter_w_bits(chunk_filter_bits<kElems>(r[0], base, e))) >= t[e]) ? 1u << e : 0u;
   }
   while (cand != 0) {
     const int e = __ffs(cand) - 1;
     cand &= cand - 1;
     if (base + e < begin || base + e >= end) continue;
-    uint32_t w = r[0].x[0];
+    uint32_t h = chunk_filter_bits<kElems>(r[0], base, 0);
 #pragma unroll
-    for (int i = 1; i < kElems; ++i) w = e == i ? r[i / 4].x[i % 4] : w;
-    const acc_t score = static_cast<acc_t>(z[base + e]) + static_cast<acc_t>(gumbel_from_uint32(w));
+    for (int i = 1; i < kElems; ++i) h = e == i ? chunk_filter_bits<kElems>(r[0], base, i) : h;
+    const acc_t score = static_cast<acc_t>(z[base + e]) + static_cast<acc_t>(philox.gumbel_at(base + e, h));
     best = argmax_merge<acc_t>(best, ArgmaxState<acc_t>{score, base + e - begin});
   }
 }
@@ -324,12 +340,11 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min
           int e_max = kElems - 1;
 #pragma unroll
           for (int e = kElems - 2; e >= 0; --e) e_max = x[e] == cm ? e : e_max;
+          const uint64_t i_max = static_cast<uint64_t>(base + e_max);
           Philox4 r[1];
-          philox(static_cast<uint64_t>(base + e_max) / 4, r);
-          const int word = static_cast<int>((base + e_max) % 4);
-          const uint32_t w = word == 0 ? r[0].x[0] : (word == 1 ? r[0].x[1] : (word == 2 ? r[0].x[2] : r[0].x[3]));
-          best = argmax_merge<acc_t>(best, ArgmaxState<acc_t>{cm + static_cast<acc_t>(gumbel_from_uint32(w)),
-                                                              base + e_max - rc.begin});
+          philox(i_max / kU16PerGroup, r);
+          const float g = philox.gumbel_at(i_max, select_u16(r[0], i_max));
+          best = argmax_merge<acc_t>(best, ArgmaxState<acc_t>{cm + static_cast<acc_t>(g), base + e_max - rc.begin});
         }
       }
 

@@ -3,8 +3,11 @@
 // mirrors dropreg_ext/reference.py, including the order of the floating-point operations where
 // that order is visible. acc_t is float for f16/bf16/f32 logits and double for f64 (at::opmath_type).
 //
-// The Gumbel stream (philox.h layout): u32 of the element i = r·C + c of z,
-//   u = ((u32 >> 9) + 1/2)·2^-23,  G = -log(-log u).
+// The Gumbel streams (contract v3, philox.h layout; docs/numerics.md "The Gumbel stream,
+// contract v3") at the element i = r·C + c of z:
+//   h = u16(i) of kStreamGumbel (8 elements a Philox call), v = u32(i) of kStreamGumbelRefine,
+//   u = (k + 1/2)·2^-23 with k = (h << 7) | (v >> 25),  G = -log(-log u).
+// h alone decides the candidate filter; the kernels draw v for the candidates only.
 #pragma once
 
 #include <cmath>
@@ -27,16 +30,51 @@ DROPREG_HOST_DEVICE double acc_log(double x) { return log(x); }
 // Gumbel noise (reference.gumbel_noise), always float32 whatever the logits' dtype.
 // ---------------------------------------------------------------------------------------------
 
-// u = ((u32 >> 9) + 1/2) · 2^-23: the top 23 bits centred in their cell, so u ∈ [2^-24, 1 - 2^-24]
-// lies strictly inside (0, 1) and every step is exact in float32 (no log(0), no rounding to 1).
-DROPREG_HOST_DEVICE float uniform_open01(uint32_t u) {
-  return (static_cast<float>(u >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
+// u = (k + 1/2)·2^-23, k = (h << 7) | (v >> 25): the midpoint of one of the 2^23 cells of (0, 1),
+// so u ∈ [2^-24, 1 - 2^-24] lies strictly inside (0, 1) and every step is exact in float32 (no
+// log(0), no rounding to 1).
+DROPREG_HOST_DEVICE float gumbel_uniform(uint32_t h, uint32_t v) {
+  return (static_cast<float>((h << 7) | (v >> 25)) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
 }
 
 // Standard Gumbel G = -log(-log u); finite, in [-2.8, 16.6] for the u above.
-DROPREG_HOST_DEVICE float gumbel_from_uint32(uint32_t u) {
-  return -acc_log(-acc_log(uniform_open01(u)));
+DROPREG_HOST_DEVICE float gumbel(uint32_t h, uint32_t v) { return -acc_log(-acc_log(gumbel_uniform(h, v))); }
+
+// The candidate filter's view of 1 - u, from h alone: k <= (h << 7) + 127, so
+//   1 - u >= (w + 1/2)·2^-23,  w = 2^23 - 1 - ((h << 7) + 127) = (2^16 - 1 - h)·2^7,
+// the smallest 1 - u that any refinement v can give (exact: w < 2^23). A filter that passes every
+// element with (w + 1/2)·2^-23 < e·bound passes every element that v2's test on the whole u would.
+DROPREG_HOST_DEVICE uint32_t gumbel_filter_w(uint32_t h) { return (0xFFFFu - h) << 7; }
+
+// Word w & 3 of a call and u16 e & 7 of a call (philox.h's group_u16) by selects, not r.x[i]: a
+// dynamic index would put r in a GPU thread's local memory.
+DROPREG_HOST_DEVICE uint32_t select_word(const Philox4& r, uint64_t w) {
+  return (w & 2) != 0 ? ((w & 1) != 0 ? r.x[3] : r.x[2]) : ((w & 1) != 0 ? r.x[1] : r.x[0]);
 }
+DROPREG_HOST_DEVICE uint32_t select_u16(const Philox4& r, uint64_t e) {
+  return (select_word(r, e >> 1) >> ((e & 1) * 16)) & 0xFFFFu;
+}
+
+// The two Gumbel streams of one call (seed, offset): one key schedule, each stream's counter
+// words 2-3. filter(g) is call g of the filter bits; refinement(i) is v of element i, word i & 3
+// of call i >> 2 of the refinement stream (one Philox call, paid by a candidate).
+struct GumbelStreams {
+  PhiloxStream filter;
+  uint32_t refine_c2;
+  uint32_t refine_c3;
+
+  DROPREG_HOST_DEVICE GumbelStreams(uint64_t seed, uint64_t offset)
+      : filter(seed, offset, kStreamGumbel),
+        refine_c2(static_cast<uint32_t>(offset + kStreamGumbelRefine)),
+        refine_c3(static_cast<uint32_t>((offset + kStreamGumbelRefine) >> 32)) {}
+
+  DROPREG_HOST_DEVICE uint32_t refinement(uint64_t i) const {
+    const uint64_t g = i >> 2;
+    const Philox4 r =
+        philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), refine_c2, refine_c3, filter.key);
+    return select_word(r, i);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // The states of the one-pass cross-entropy: log-sum-exp and Gumbel-max argmax (merge order fixed

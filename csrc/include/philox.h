@@ -4,14 +4,16 @@
 // triton_kernels/philox.py and the int64-arithmetic twin is dropreg_ext/reference.py::philox4x32_10.
 // All three are tested against the Random123 known-answer vectors and against each other.
 //
-// Counter layout (the random-number contract v2, docs/design.md §3 and reference.py's docstring):
+// Counter layout (the random-number contract v2, v3 for the Gumbel streams: docs/design.md §3 and
+// reference.py's docstring):
 //   key     = (lo32(seed), hi32(seed))
 //   counter = (lo32(g), hi32(g), lo32(s), hi32(s)),  s = offset + stream  (mod 2^64)
 // one call (group g) gives four words, read at each stream's density by the logical (row-major)
 // element index i of the tensor the stream is drawn for:
 //   mask, dropout-kind site noise:  u16(i) = half i & 1 (low first) of word (i >> 1) & 3, g = i >> 3
 //   Rademacher site noise:          bit(i) = bit i & 31 of word (i >> 5) & 3,            g = i >> 7
-//   Gumbel noise:                   u32(i) = word i & 3,                                  g = i >> 2
+//   Gumbel filter bits:             h(i) = u16(i), the mask's layout
+//   Gumbel refinement:              u32(i) = word i & 3,                                  g = i >> 2
 // Nothing depends on threads, grids, tiling or memory layout.
 #pragma once
 
@@ -35,6 +37,7 @@ enum Stream : uint64_t {
   kStreamDropoutMask = 0,
   kStreamSiteNoise = 1,
   kStreamGumbel = 2,
+  kStreamGumbelRefine = 3,
 };
 
 struct Philox4 {
