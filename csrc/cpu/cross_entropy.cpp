@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -197,8 +198,9 @@ struct RowLoops {
 // max m_b after each block b.
 template <typename acc_t>
 struct GradRowBuffer {
-  std::vector<acc_t> e;
-  std::vector<acc_t> block_max;
+  // Inline for rows of up to 256 columns (no heap allocation per call for small ones).
+  c10::SmallVector<acc_t, 2 * kBlockElems + 256> e;
+  c10::SmallVector<acc_t, 4> block_max;
   explicit GradRowBuffer(int64_t C) : e(static_cast<size_t>(C + 2 * kBlockElems)), block_max(static_cast<size_t>(C / kBlockElems + 2)) {}
   acc_t* col(int64_t c) { return e.data() + kBlockElems + c; }
 };
@@ -401,13 +403,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cp
   const at::Tensor z = z_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1);
-  at::Tensor loss = at::empty({N}, z.options().dtype(acc_type(z)));
-  at::Tensor lse = at::empty({N}, z.options().dtype(acc_type(z)));
-  at::Tensor yhat = at::empty({N}, z.options().dtype(at::kLong));
+  at::Tensor loss = cpu::fresh_cpu({N}, acc_type(z));
+  at::Tensor lse = cpu::fresh_cpu({N}, acc_type(z));
+  at::Tensor yhat = cpu::fresh_cpu({N}, at::kLong);
   at::Tensor grad;
-  if (with_grad) grad = at::empty_like(z, at::MemoryFormat::Contiguous);
+  if (with_grad) grad = cpu::fresh_cpu(z.sizes(), z.scalar_type());
   const bool with_true = with_grad && true_scale.has_value();
-  at::Tensor grad_true = with_true ? at::empty_like(z, at::MemoryFormat::Contiguous) : z.new_empty({0});
+  at::Tensor grad_true = cpu::fresh_cpu(with_true ? z.sizes() : c10::IntArrayRef{0}, z.scalar_type());
   const at::Tensor scale = with_true ? true_scale->contiguous() : at::Tensor();
   const at::Tensor state_tensor = rng.contiguous();  // kept alive while `state` is read
   const int64_t* state = state_tensor.const_data_ptr<int64_t>();
@@ -464,7 +466,7 @@ at::Tensor cross_entropy_sample_grad_backward_cpu(const std::optional<at::Tensor
                                                   const std::optional<at::Tensor>& true_scale, int64_t ignore_index) {
   check_sample_grad_backward_args(grad_loss, grad_g, grad_g_true, z_in, lse, target, true_scale);
   const at::Tensor z = z_in.contiguous();
-  at::Tensor grad_z = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor grad_z = cpu::fresh_cpu(z.sizes(), z.scalar_type());
   const auto contiguous = [](const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); };
   const at::Tensor gl = contiguous(grad_loss), ug = contiguous(grad_g), ut = contiguous(grad_g_true);
   const at::Tensor ts = grad_g_true ? contiguous(true_scale) : at::Tensor();
@@ -488,7 +490,7 @@ at::Tensor ce_grad_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::
                        const at::Tensor& row_scale, int64_t ignore_index) {
   check_ce_grad_args(z_in, lse, label, row_scale);
   const at::Tensor z = z_in.contiguous();
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor out = cpu::fresh_cpu(z.sizes(), z.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::with_cpu_isa([&]<Isa isa>() {
@@ -509,8 +511,8 @@ std::tuple<at::Tensor, at::Tensor> ce_grad_backward_cpu(const at::Tensor& u_in, 
   check_cotangent(u_in, z_in);
   const at::Tensor z = z_in.contiguous();
   const at::Tensor u = u_in.contiguous();
-  at::Tensor grad_z = at::empty_like(z, at::MemoryFormat::Contiguous);
-  at::Tensor grad_scale = at::empty_like(row_scale, at::MemoryFormat::Contiguous);
+  at::Tensor grad_z = cpu::fresh_cpu(z.sizes(), z.scalar_type());
+  at::Tensor grad_scale = cpu::fresh_cpu(row_scale.sizes(), row_scale.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ce_grad_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::with_cpu_isa([&]<Isa isa>() {

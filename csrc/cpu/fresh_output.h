@@ -9,6 +9,7 @@
 // as they go. docs/cpu_backend.md has the measurements behind this.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
 #include <c10/util/Exception.h>
@@ -71,6 +72,12 @@ inline bool map_pages(char* begin, char* end) {
   (void)end;
   return false;
 #endif
+}
+
+// A fresh contiguous CPU tensor for an op's output: what at::empty's CPU kernel makes, without a
+// second trip through the dispatcher (~2k instructions less per tensor, which small calls feel).
+inline at::Tensor fresh_cpu(c10::IntArrayRef sizes, c10::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
 }
 
 // Tasks [0, T) of a kernel writing fresh outputs, task t writing bytes [offset(t), offset(t + 1))
