@@ -63,7 +63,8 @@ DROPREG_AVX512 inline void transpose_words(__m512i c0, __m512i c1, __m512i c2, _
   t[3] = _mm512_unpackhi_epi64(a2, a3);
 }
 
-// The ten rounds on kChains chains of 8 calls (32 calls: four chains).
+// The ten rounds on kChains chains of 8 calls (32 calls: four chains); its ISA twin at 4 calls a
+// register is the AVX2 philox_rounds below.
 template <int kChains>
 DROPREG_AVX512 inline void philox_rounds(Calls8 (&c)[kChains], uint64_t seed) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
@@ -174,7 +175,8 @@ DROPREG_AVX2 inline void round4(Calls4& c, __m256i m0, __m256i m1, __m256i key0,
   c.c3 = p0;
 }
 
-// The ten rounds on kChains chains of 4 calls (16 calls: four chains).
+// The ten rounds on kChains chains of 4 calls (16 calls: four chains): the AVX-512 philox_rounds'
+// ISA twin.
 template <int kChains>
 DROPREG_AVX2 inline void philox_rounds(Calls4 (&c)[kChains], uint64_t seed) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
