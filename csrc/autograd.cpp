@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <array>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -128,11 +129,10 @@ struct SavingNode : Node {
   }
 
   // The saved tensors; an output of this node's own op (is_output) is unpacked with the node.
-  std::vector<Tensor> unpack() {
+  std::array<Tensor, kSaved> unpack() {
     const std::lock_guard<std::mutex> lock(mutex_);
-    std::vector<Tensor> out;
-    out.reserve(kSaved);
-    for (const SavedVariable& s : saved) out.push_back(s.unpack(getptr()));
+    std::array<Tensor, kSaved> out;
+    for (size_t i = 0; i < kSaved; ++i) out[i] = saved[i].unpack(getptr());
     return out;
   }
 
@@ -141,16 +141,14 @@ struct SavingNode : Node {
 
 // A backward's op call: recorded by autograd while a graph is being built, below autograd otherwise.
 template <typename Call>
-auto in_backward(const Call& call) {
-  if (at::GradMode::is_enabled()) return call();
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+auto below_autograd(const Call& call) {
+  const at::AutoDispatchBelowADInplaceOrView below;
   return call();
 }
 
 template <typename Call>
-auto below_autograd(const Call& call) {
-  const at::AutoDispatchBelowADInplaceOrView below;
-  return call();
+auto in_backward(const Call& call) {
+  return at::GradMode::is_enabled() ? call() : below_autograd(call);
 }
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -251,7 +249,7 @@ struct CeSampleBackward : SavingNode<CeSampleBackward, 3> {  // saved: z, target
 
   variable_list apply(variable_list&& grads) override {
     const Tensor &grad_loss = grads[0], &grad_lse = grads[1];
-    const std::vector<Tensor> s = unpack();
+    const auto s = unpack();
     const Tensor &z = s[0], &target = s[1], &lse = s[2];
     Tensor grad_z;
     if (grad_loss.defined()) {
@@ -297,7 +295,7 @@ struct CeSampleGradBackward : SavingNode<CeSampleGradBackward, 4> {  // saved: z
   int64_t ignore_index = 0;
 
   variable_list apply(variable_list&& grads) override {  // grads: loss, lse, G, G_true
-    const std::vector<Tensor> s = unpack();
+    const auto s = unpack();
     const Tensor &z = s[0], &target = s[1], &lse = s[2], &true_scale = s[3];
     const Tensor &grad_loss = grads[0], &grad_lse = grads[1], &grad_g = grads[2];
     // Without true_scale, G_true is an empty placeholder (AOT autograd may hand it zeros).
@@ -341,7 +339,7 @@ struct CeGradBackward : SavingNode<CeGradBackward, 4> {  // saved: z, lse, label
 
   variable_list apply(variable_list&& grads) override {  // returns: z, row_scale
     if (!grads[0].defined()) return {Tensor(), Tensor()};
-    const std::vector<Tensor> s = unpack();
+    const auto s = unpack();
     auto [grad_z, grad_scale] =
         in_backward([&] { return ce_grad_backward_op().call(grads[0], s[0], s[1], s[2], s[3], ignore_index); });
     return {grad_z, grad_scale};
@@ -374,7 +372,7 @@ struct SitePenaltyBackward : SavingNode<SitePenaltyBackward, 4> {  // saved: h, 
 
   variable_list apply(variable_list&& grads) override {  // returns: h, g_e, g_i
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
-    const std::vector<Tensor> s = unpack();
+    const auto s = unpack();
     const Tensor &h = s[0], &g_e = s[1], &g_i = s[2], &rng = s[3];
     auto [dh, dge, dgi] = in_backward([&] {
       return site_penalty_backward_op().call(grads[0].contiguous(), h, opt(g_e), opt(g_i), q, noise, rng);

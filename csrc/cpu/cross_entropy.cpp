@@ -40,6 +40,10 @@ using cpu::Isa;
 using cpu::kBlockElems;
 using cpu::kSumLanes;  // Σ exp(z - m): partials in double, summed in lane order at the row's end
 
+// Rows of up to this many columns keep their per-thread row buffers inline (no heap allocation
+// per call: what small calls feel).
+constexpr int64_t kInlineRowColumns = 256;
+
 // Rows per parallel task: enough elements per task to amortize scheduling.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
@@ -198,9 +202,8 @@ struct RowLoops {
 // max m_b after each block b.
 template <typename acc_t>
 struct GradRowBuffer {
-  // Inline for rows of up to 256 columns (no heap allocation per call for small ones).
-  c10::SmallVector<acc_t, 2 * kBlockElems + 256> e;
-  c10::SmallVector<acc_t, 4> block_max;
+  c10::SmallVector<acc_t, kInlineRowColumns + 2 * kBlockElems> e;
+  c10::SmallVector<acc_t, kInlineRowColumns / kBlockElems + 2> block_max;
   explicit GradRowBuffer(int64_t C) : e(static_cast<size_t>(C + 2 * kBlockElems)), block_max(static_cast<size_t>(C / kBlockElems + 2)) {}
   acc_t* col(int64_t c) { return e.data() + kBlockElems + c; }
 };
@@ -303,7 +306,8 @@ void labelled_rows(int64_t N, int64_t C, const int64_t* label, int64_t ignore_in
                    scalar_t* out, const Row& row, const Ignored& ignored) {
   parallel_rows(N, C, {out}, [&] {
     const size_t row_buffer = buffers ? static_cast<size_t>(C) : 0;
-    return [&, p = std::vector<acc_t>(row_buffer), w = std::vector<acc_t>(row_buffer)](int64_t r0, int64_t r1) mutable {
+    using RowBuffer = c10::SmallVector<acc_t, kInlineRowColumns>;
+    return [&, p = RowBuffer(row_buffer), w = RowBuffer(row_buffer)](int64_t r0, int64_t r1) mutable {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* gr = out + r * C;
         if (labelled_row(label[r], r, C, ignore_index, name)) {
