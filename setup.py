@@ -93,7 +93,9 @@ def _extension(cpp_extension):
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = _want_cuda(cuda_home)
     # checks.cpp: every op's argument checks, compiled by the host compiler for CPU and CUDA alike.
-    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp", "draw.cpp")]
+    sources = [
+        os.path.join("csrc", name) for name in ("ops.cpp", "checks.cpp", "autograd.cpp", "draw.cpp", "entry.cpp")
+    ]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -ffp-contract=off: no multiply-add fused by the compiler where the kernels round each product and

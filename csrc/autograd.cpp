@@ -24,6 +24,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "registered_ops.h"
+
 #include <array>
 #include <memory>
 #include <mutex>
@@ -37,56 +39,9 @@
 namespace dropreg {
 namespace {
 
-using at::Tensor;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-// The registered ops the forwards and backwards call (found once, at first use).
-#define DROPREG_OP(fn, name, ...)                                    \
-  c10::TypedOperatorHandle<__VA_ARGS__> fn() {                       \
-    static const auto op = find_op<__VA_ARGS__>("dropreg::" name); \
-    return op;                                                       \
-  }
-
-using CeSample = std::tuple<Tensor, Tensor, Tensor>;
-using CeSampleGrad = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-DROPREG_OP(dropout_op, "dropout", Tensor(const Tensor&, double, const Tensor&))
-DROPREG_OP(dropout_draw_op, "dropout_draw", std::tuple<Tensor, Tensor>(const Tensor&, double, std::optional<int64_t>))
-DROPREG_OP(dropout_indexed_op, "dropout_indexed",
-           Tensor(const Tensor&, double, const Tensor&, c10::IntArrayRef, int64_t))
-DROPREG_OP(dropout_indexed_draw_op, "dropout_indexed_draw",
-           std::tuple<Tensor, Tensor>(const Tensor&, double, c10::IntArrayRef, int64_t, std::optional<int64_t>))
-DROPREG_OP(ce_sample_op, "cross_entropy_sample", CeSample(const Tensor&, const Tensor&, const Tensor&, int64_t))
-DROPREG_OP(ce_sample_draw_op, "cross_entropy_sample_draw",
-           std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, std::optional<int64_t>))
-DROPREG_OP(ce_sample_grad_op, "cross_entropy_sample_grad",
-           CeSampleGrad(const Tensor&, const Tensor&, const Tensor&, int64_t, const OptTensor&))
-DROPREG_OP(ce_sample_grad_draw_op, "cross_entropy_sample_grad_draw",
-           std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t,
-                                                                      const OptTensor&, std::optional<int64_t>))
-DROPREG_OP(ce_sample_grad_backward_op, "cross_entropy_sample_grad_backward",
-           Tensor(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-                  const OptTensor&, int64_t))
-DROPREG_OP(ce_grad_op, "ce_grad", Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t))
-DROPREG_OP(ce_grad_backward_op, "ce_grad_backward",
-           std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                      int64_t))
-DROPREG_OP(site_penalty_op, "site_penalty",
-           Tensor(const Tensor&, const OptTensor&, const OptTensor&, double, c10::string_view, const Tensor&))
-DROPREG_OP(site_penalty_draw_op, "site_penalty_draw",
-           std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double, c10::string_view,
-                                      std::optional<int64_t>))
-DROPREG_OP(site_penalty_backward_op, "site_penalty_backward",
-           std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double,
-                                              c10::string_view, const Tensor&))
-#undef DROPREG_OP
 
 // ---------------------------------------------------------------------------------------------
 // Nodes and their wiring
@@ -298,7 +253,7 @@ struct CeSampleGradBackward : SavingNode<CeSampleGradBackward, 4> {  // saved: z
     const auto s = unpack();
     const Tensor &z = s[0], &target = s[1], &lse = s[2], &true_scale = s[3];
     const Tensor &grad_loss = grads[0], &grad_lse = grads[1], &grad_g = grads[2];
-    // Without true_scale, G_true is an empty placeholder (AOT autograd may hand it zeros).
+    // Without true_scale the node has no G_true output (wire_ce_sample_grad).
     const Tensor grad_g_true = true_scale.defined() ? grads[3] : Tensor();
     Tensor grad_z;
     if (grad_loss.defined() || grad_g.defined() || grad_g_true.defined()) {
@@ -312,12 +267,21 @@ struct CeSampleGradBackward : SavingNode<CeSampleGradBackward, 4> {  // saved: z
   }
 };
 
+// Without true_scale, G_true is an empty placeholder: not an output of the node.
+void wire_ce_sample_grad(const Tensor& z, const Tensor& target, int64_t ignore_index, const OptTensor& true_scale,
+                         const Tensor& loss, const Tensor& lse, const Tensor& grad, const Tensor& grad_true) {
+  if (true_scale.has_value()) {
+    wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad, grad_true}, *true_scale);
+  } else {
+    wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad});
+  }
+}
+
 CeSampleGrad ce_sample_grad_autograd(const Tensor& z, const Tensor& target, const Tensor& rng, int64_t ignore_index,
                                      const OptTensor& true_scale) {
   auto [loss, lse, yhat, grad, grad_true] =
       below_autograd([&] { return ce_sample_grad_op().call(z, target, rng, ignore_index, true_scale); });
-  wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad, grad_true},
-                                true_scale.value_or(Tensor()));
+  wire_ce_sample_grad(z, target, ignore_index, true_scale, loss, lse, grad, grad_true);
   return {loss, lse, yhat, grad, grad_true};
 }
 
@@ -326,8 +290,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_sample_grad_draw_a
     std::optional<int64_t> seed) {
   auto [loss, lse, yhat, grad, grad_true, rng] =
       below_autograd([&] { return ce_sample_grad_draw_op().call(z, target, ignore_index, true_scale, seed); });
-  wire_ce<CeSampleGradBackward>(z, target, lse, ignore_index, {loss, lse, grad, grad_true},
-                                true_scale.value_or(Tensor()));
+  wire_ce_sample_grad(z, target, ignore_index, true_scale, loss, lse, grad, grad_true);
   return {loss, lse, yhat, grad, grad_true, rng};
 }
 

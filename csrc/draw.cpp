@@ -3,24 +3,26 @@
 // outputs the base op's followed by the state; so this kernel draws the state as rng_state does (two
 // words of the CPU generator on the host, under its lock, as torch's own CPU samplers take them: no
 // tensor op is dispatched), puts it where the base op takes `rng`, calls the base op's CPU kernel on
-// the same stack and appends the state. (The CUDA ops have draw kernels of their own, which read
+// the same arguments and appends the state. (The CUDA ops have draw kernels of their own, which read
 // the generator's state in the op's kernel: cuda/rng.cuh.) Also the CPU kernel of rng_state.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <mutex>
 #include <optional>
-#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "registered_ops.h"
 
 namespace dropreg {
 namespace {
 
 // [seed, 0] for an explicit seed, else two words of torch's default CPU generator.
-at::Tensor draw_state(const std::optional<int64_t>& seed) {
-  at::Tensor rng = at::detail::empty_cpu({2}, at::kLong, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+Tensor draw_state(const std::optional<int64_t>& seed) {
+  Tensor rng = at::detail::empty_cpu({2}, at::kLong, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   int64_t* state = rng.data_ptr<int64_t>();
   if (seed.has_value()) {
     state[0] = *seed;
@@ -35,51 +37,68 @@ at::Tensor draw_state(const std::optional<int64_t>& seed) {
   return rng;
 }
 
-class DrawKernel final : public c10::OperatorKernel {
- public:
-  // base: the op whose `rng` argument (at position rng_index) the draw op replaces.
-  DrawKernel(std::string base, size_t rng_index) : base_name_(std::move(base)), rng_index_(rng_index) {}
+// The draw ops' CPU kernels: the state drawn, passed to the base op's CPU kernel where it takes
+// `rng` (typed, straight to that kernel: every key above the backend was handled for the draw op),
+// and appended to its outputs.
+constexpr c10::DispatchKeySet kCpu{c10::DispatchKey::CPU};
 
-  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-    const size_t num_args = op.schema().arguments().size();  // the base op's, with seed for rng
-    const std::optional<int64_t> seed = torch::jit::pop(*stack).toOptional<int64_t>();
-    at::Tensor rng = draw_state(seed);
-    stack->insert(stack->end() - static_cast<std::ptrdiff_t>(num_args - 1 - rng_index_), rng);
-    // Straight to the base op's CPU kernel: every key above the backend was handled for this op.
-    base().redispatchBoxed(kCpu, stack);
-    stack->emplace_back(std::move(rng));
+template <typename Out>
+auto with_state(Out&& out, const Tensor& rng) {
+  if constexpr (std::is_same_v<std::decay_t<Out>, Tensor>) {
+    return std::make_tuple(std::forward<Out>(out), rng);
+  } else {
+    return std::tuple_cat(std::forward<Out>(out), std::make_tuple(rng));
   }
-
- private:
-  static constexpr c10::DispatchKeySet kCpu{c10::DispatchKey::CPU};
-
-  const c10::OperatorHandle& base() {
-    std::call_once(found_, [&] { base_ = c10::Dispatcher::singleton().findSchemaOrThrow(base_name_.c_str(), ""); });
-    return *base_;
-  }
-
-  std::string base_name_;
-  size_t rng_index_;
-  std::once_flag found_;
-  std::optional<c10::OperatorHandle> base_;
-};
-
-torch::CppFunction draw_kernel(const char* base, size_t rng_index) {
-  return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<DrawKernel>(base, rng_index));
 }
 
-at::Tensor rng_state_cpu(const at::Tensor&, std::optional<int64_t> seed) { return draw_state(seed); }
+std::tuple<Tensor, Tensor> dropout_draw_cpu(const Tensor& x, double p, std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  return with_state(dropout_op().redispatch(kCpu, x, p, rng), rng);
+}
+
+Tensor dropout_draw_inplace_cpu(Tensor& x, double p, std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  dropout_inplace_op().redispatch(kCpu, x, p, rng);
+  return rng;
+}
+
+std::tuple<Tensor, Tensor> dropout_indexed_draw_cpu(const Tensor& x, double p, c10::IntArrayRef index_strides,
+                                                    int64_t index_base, std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  return with_state(dropout_indexed_op().redispatch(kCpu, x, p, rng, index_strides, index_base), rng);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ce_sample_draw_cpu(const Tensor& z, const Tensor& target,
+                                                              int64_t ignore_index, std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  return with_state(ce_sample_op().redispatch(kCpu, z, target, rng, ignore_index), rng);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_sample_grad_draw_cpu(
+    const Tensor& z, const Tensor& target, int64_t ignore_index, const OptTensor& true_scale,
+    std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  return with_state(ce_sample_grad_op().redispatch(kCpu, z, target, rng, ignore_index, true_scale), rng);
+}
+
+std::tuple<Tensor, Tensor> site_penalty_draw_cpu(const Tensor& h, const OptTensor& g_e, const OptTensor& g_i,
+                                                 double q, c10::string_view noise, std::optional<int64_t> seed) {
+  const Tensor rng = draw_state(seed);
+  return with_state(site_penalty_op().redispatch(kCpu, h, g_e, g_i, q, noise, rng), rng);
+}
+
+Tensor rng_state_cpu(const Tensor&, std::optional<int64_t> seed) { return draw_state(seed); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("rng_state", &rng_state_cpu);
-  m.impl("dropout_draw", draw_kernel("dropreg::dropout", 2));
-  m.impl("dropout_draw_", draw_kernel("dropreg::dropout_", 2));
-  m.impl("dropout_indexed_draw", draw_kernel("dropreg::dropout_indexed", 2));
-  m.impl("cross_entropy_sample_draw", draw_kernel("dropreg::cross_entropy_sample", 2));
-  m.impl("cross_entropy_sample_grad_draw", draw_kernel("dropreg::cross_entropy_sample_grad", 2));
-  m.impl("site_penalty_draw", draw_kernel("dropreg::site_penalty", 5));
+  m.impl("dropout_draw", &dropout_draw_cpu);
+  m.impl("dropout_draw_", &dropout_draw_inplace_cpu);
+  m.impl("dropout_indexed_draw", &dropout_indexed_draw_cpu);
+  m.impl("cross_entropy_sample_draw", &ce_sample_draw_cpu);
+  m.impl("cross_entropy_sample_grad_draw", &ce_sample_grad_draw_cpu);
+  m.impl("site_penalty_draw", &site_penalty_draw_cpu);
 }
 
 }  // namespace dropreg

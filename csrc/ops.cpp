@@ -1,5 +1,6 @@
-// Operator schemas of the dropreg namespace and the Python module that carries the build facts and
-// what the CPU backend did (which dispatch-table rows ran, how many bytes it mapped ahead).
+// Operator schemas of the dropreg namespace and the Python module that carries the build facts,
+// what the CPU backend did (which dispatch-table rows ran, how many bytes it mapped ahead) and the
+// public calls' entry points (entry.cpp).
 // Kernels: cpu/*.cpp (CPU) and cuda/*.cu (CUDA). Fakes and autograd: dropreg_ext/ops.py, but dropout's
 // autograd: autograd.cpp.
 #include <Python.h>
@@ -9,6 +10,7 @@
 
 #include "cpu/fresh_output.h"
 #include "cpu/isa.h"
+#include "entry.h"
 
 namespace {
 
@@ -85,7 +87,11 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
 }  // namespace
 
 // Importing _C from Python loads this library, which runs the TORCH_LIBRARY registrations below.
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module != nullptr && PyModule_AddFunctions(module, dropreg::kEntryMethods) != 0) Py_CLEAR(module);
+  return module;
+}
 
 TORCH_LIBRARY(dropreg, m) {
   // x: any shape, f64/f32/f16/bf16; rng: int64 [seed, offset] on x's device.

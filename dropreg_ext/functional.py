@@ -115,9 +115,8 @@ def dropout(
         return _dropout_dtensor(input, p, inplace, seed)
     backend = resolve_backend(input)
     # input and p are checked: the registered op itself, which draws its state (one launch on a GPU)
-    draw = ops.BACKEND_OPS[backend]["dropout_draw"]
     if not inplace:
-        return draw(input if input.is_contiguous() else _dense(input), p, seed)[0]
+        return ops._draw("dropout", backend, (input if input.is_contiguous() else _dense(input), p, seed))
     needs_graph = torch.is_grad_enabled() and input.requires_grad
     # The kernels write in place contiguous tensors, and on the CPU any dense layout (memory order).
     writable = input.is_contiguous() or (backend == "cpu" and is_dense(input))
@@ -127,7 +126,7 @@ def dropout(
         # rejects graphs that saved the old values (as it does for torch's in-place dropout).
         torch.autograd.graph.increment_version(input)
         return input
-    return input.copy_(draw(_dense(input), p, seed)[0])
+    return input.copy_(ops._draw("dropout", backend, (_dense(input), p, seed)))
 
 
 def _dropout_dtensor(input, p: float, inplace: bool, seed: Optional[int], mask_shape: Optional[tuple] = None):

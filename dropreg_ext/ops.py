@@ -140,25 +140,43 @@ def _spec(**fields) -> OpSpec:
 
 # Filled by the registration loop at the end: backend -> {op name -> registered op}.
 BACKEND_OPS: dict = {}
+NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ ops
+# The C++ draw ops' entry points from Python, by base op (csrc/entry.cpp; those with a public caller).
+ENTRIES: dict = {}
 
 
 def _call(name: str, backend: Optional[str], *args):
     """The registered op ``name`` on the backend that runs it for its first argument; an op's ``rng``
-    of None draws a fresh state (its ``_draw`` form). Arguments are checked by the op (module
-    docstring); the Python check names a bad argument where the op raised."""
-    check = SPECS[name].check
-    if torch.compiler.is_compiling():
-        check(*args)
+    of None draws a fresh state (its ``_draw`` form, :func:`_draw`). Arguments are checked by the op
+    (module docstring); the Python check names a bad argument where the op raised."""
+    if _is_compiling():
+        SPECS[name].check(*args)
     try:
-        ops = BACKEND_OPS[resolve_backend(args[0], backend)]
-        rng_index = DRAWS.get(name)
-        if rng_index is None or args[rng_index] is not None:
-            return ops[name](*args)
-        out = ops[f"{name}_draw"](*args[:rng_index], *args[rng_index + 1:], None)[:-1]
+        on = resolve_backend(args[0], backend)
+        i = DRAWS.get(name)
+        if i is None or args[i] is not None:
+            return BACKEND_OPS[on][name](*args)
+        return _draw(name, on, (*args[:i], *args[i + 1:], None))
     except Exception:
-        check(*args)
+        SPECS[name].check(*args)
         raise
+
+
+def _draw(name: str, backend: str, args: tuple):
+    """``<name>_draw(*args)`` on ``backend`` without the state it drew; a single output as that tensor.
+    On the C++ backends the call takes the op's entry point in ``_C`` (csrc/entry.cpp: the same
+    dispatcher call, without a torch.ops call's boxing; cross_entropy_sample_grad's leaves out the
+    empty G_true when true_scale is None), except where Python must see the registered op: an
+    argument or mode with ``__torch_function__``, or torch.compile tracing."""
+    entry = ENTRIES.get(name) if backend in NATIVE_BACKENDS else None
+    if entry is not None and not _has_torch_function(args) and not _is_compiling():
+        return entry(*args)
+    out = BACKEND_OPS[backend][f"{name}_draw"](*args)[:-1]
     return out[0] if len(out) == 1 else out
+
+
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
 
 
 def _empty_like_shape(t: Tensor, dtype=None) -> Tensor:
@@ -853,6 +871,8 @@ if _ext.HAS_CPU:
         **_native, **{f"{name}_draw": getattr(torch.ops.dropreg, f"{name}_draw") for name in DRAWS}
     }
     _register_autograd(_native, {name: f"dropreg::{name}" for name in SPECS}, native=True)
+    ENTRIES.update({name: getattr(_ext.C, name)
+                    for name in ("dropout", "cross_entropy_sample", "cross_entropy_sample_grad", "site_penalty")})
 
 if _ext.HAS_TRITON:
     from . import triton_kernels

@@ -317,7 +317,7 @@ class DropoutRegularizer:
                 g_i = site_grads(head_vjp(ops.ce_grad(z, lse, t, ones / n_eff, ignore_index)))
 
         explicit = implicit = zero
-        site_penalty = ops.BACKEND_OPS[ops.resolve_backend(z)]["site_penalty_draw"]  # arguments checked here
+        backend = ops.resolve_backend(z)
         for i, site in enumerate(sites):
             if g_e[i] is None and g_i[i] is None:
                 continue  # the logits do not depend on this site
@@ -328,9 +328,10 @@ class DropoutRegularizer:
                 # A sharded site: the whole tensors (their backward scatters the gradients back), so
                 # that the sums and the noise are the single device's on every rank.
                 h, ge, gi = (None if t is None else t.full_tensor() for t in (h, ge, gi))
-            # Each site's noise at a state of its own, drawn by the op (kept for its backward); without
-            # the noise term the state is a constant seed, which leaves the generator alone.
-            pen = site_penalty(h, ge, gi, site.q, self.noise, None if gi is not None else 0)[0]
+            # Each site's noise at a state of its own, drawn by the op, which checks the arguments (the
+            # state is kept for its backward); without the noise term the state is a constant seed,
+            # which leaves the generator alone.
+            pen = ops._draw("site_penalty", backend, (h, ge, gi, site.q, self.noise, None if gi is not None else 0))
             lam = self.scale * 0.5 * site.q / (1.0 - site.q)
             explicit = explicit + lam * pen[0]
             implicit = implicit + pen[1]

@@ -17,6 +17,7 @@ import contextlib
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dropreg_ext as dr
@@ -129,6 +130,76 @@ def test_forward_mode_ad_is_refused():
         dual = fwAD.make_dual(x, torch.ones(16))
         with pytest.raises(NotImplementedError, match="dropreg::dropout: forward-mode AD is not implemented"):
             dr.functional.dropout(dual, 0.5)
+
+
+# The public calls that take a C entry point (csrc/entry.cpp) when their state is drawn, by the
+# entry's name: the call, on plain CPU tensors that require grad.
+def _entry_calls() -> dict:
+    x, z, t, h, g_e, g_i = _inputs("cpu")
+    return {
+        "dropout": lambda: dr.functional.dropout(x, 0.3),
+        "cross_entropy_sample": lambda: dr.ops.cross_entropy_sample(z, t),
+        "cross_entropy_sample_grad": lambda: dr.ops.cross_entropy_sample_grad(z, t, true_scale=torch.rand(8)),
+        "site_penalty": lambda: dr.ops.site_penalty(h, g_e, None, 0.3, "dropout"),
+    }
+
+
+class _Passthrough(TorchFunctionMode):
+    """A __torch_function__ mode that changes nothing: with it active, the public calls must go through
+    the registered op (Python sees it), not the C entry point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.funcs: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _differentiable(outputs) -> list:
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [o for o in outputs if o.requires_grad]
+
+
+@pytest.mark.parametrize("name", list(_entry_calls()))
+def test_entry_point_is_the_registered_op(name, monkeypatch):
+    """A public call on plain tensors takes its C entry point, and gives what the registered <op>_draw
+    gives at the same generator state, bit for bit, gradients included; under a __torch_function__
+    mode it takes the registered op, which the mode sees."""
+    taken = []
+    entry = dr.ops.ENTRIES[name]
+    monkeypatch.setitem(dr.ops.ENTRIES, name, lambda *args: taken.append(name) or entry(*args))
+    call = _entry_calls()[name]
+    leaves = None
+    results = []
+    for mode in (contextlib.nullcontext(), _Passthrough()):
+        torch.manual_seed(0)
+        with mode:
+            out = call()
+        outs = out if isinstance(out, tuple) else (out,)
+        first = _differentiable(out)[0]
+        leaves = leaves or [e[0].variable for e in first.grad_fn.next_functions if e[0] is not None]
+        grads = torch.autograd.grad(first, leaves, torch.ones_like(first))
+        results.append((outs, grads))
+        if isinstance(mode, _Passthrough):
+            assert f"{name}_draw" in [str(getattr(f, "__name__", f)) for f in mode.funcs], mode.funcs
+    assert taken == [name], "the C entry point serves the plain call only"
+    (outs_entry, grads_entry), (outs_op, grads_op) = results
+    assert len(outs_entry) == len(outs_op)
+    for a, b in zip(outs_entry + grads_entry, outs_op + grads_op):
+        assert torch.equal(a, b)
+
+
+def test_entry_point_argument_errors():
+    """The entry points name a wrongly typed argument (the Python layer checks values before)."""
+    x = torch.randn(4)
+    with pytest.raises(TypeError, match="argument 'p' must be a float, got str"):
+        dr._ext.C.dropout(x, "0.5", None)
+    with pytest.raises(TypeError, match="argument 'noise' must be a str, got int"):
+        dr._ext.C.site_penalty(x, None, None, 0.5, 1, None)
+    with pytest.raises(TypeError, match="takes 4 positional arguments, got 3"):
+        dr._ext.C.cross_entropy_sample(x, x, -100)
 
 
 def test_counter_sees_helper_ops():
