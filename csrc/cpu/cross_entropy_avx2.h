@@ -22,7 +22,8 @@ namespace dropreg {
 namespace cpu {
 
 // exp(x) for x <= 0: exp_nonpositive_avx512 at half the width (its ISA twin): x = n·ln2 + r, e^r by
-// its degree-7 Taylor polynomial, 2^n built in the exponent bits; x < -87.3, -inf and NaN give 0.
+// its degree-7 Taylor polynomial, 2^n built in the exponent bits (AVX2 has no scalef), so
+// x < -87.3, -inf and NaN give 0.
 DROPREG_AVX2 inline __m256 exp_nonpositive_avx2(__m256 x) {
   const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);  // false for NaN
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
@@ -51,7 +52,9 @@ inline int in_row_lanes(int64_t lo, int64_t hi, int j) {
 
 // sample_block_avx2 after its draws, over the registers j0 .. j1 - 1 that [lo, hi) touches (kFull:
 // all 16, unrolled, the logits in registers); sum[j & 1] keeps the partials of the full block's
-// order. A skipped register's lanes are outside the row: they would add exact zeros.
+// order. A skipped register's lanes are outside the row: they would add exact zeros. The ISA twin
+// of sample_registers_avx512: AVX2 has no mask registers, so the row's edges are padded with -inf
+// and its lanes kept as bits.
 template <bool kFull, typename scalar_t>
 DROPREG_AVX2 __attribute__((always_inline)) inline int64_t sample_registers_avx2(
     const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, float* e_out, const uint16_t* h, int32_t* cand) {

@@ -26,6 +26,7 @@ namespace cpu {
 // scalef. x < -104 (where exp is below the least subnormal), -inf and NaN give 0. For the
 // log-sum-exp's sum and the candidate filter only: the sum is within rounding of SLEEF's (the lse
 // is a rounded value anyway), the filter has a 1e-3 margin; G and the exact Gumbel scores keep SLEEF.
+// Its ISA twin at 8 lanes is exp_nonpositive_avx2, which lacks scalef and stops at -87.3.
 DROPREG_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // NaN -> -104 (vmaxps returns its second operand)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -60,7 +61,8 @@ DROPREG_AVX512 inline void filter_bits_avx512(uint64_t seed, uint64_t stream, ui
 
 // sample_block_avx512 after its draws, over the registers j0 .. j1 - 1 that [lo, hi) touches
 // (kFull: all 8, unrolled, the logits in registers). A skipped register's lanes are outside the
-// row: they would add exact zeros to the sum and pass no candidate.
+// row: they would add exact zeros to the sum and pass no candidate. Its ISA twin at 8 lanes is
+// sample_registers_avx2, which pads the row's edges for want of masks.
 template <bool kFull, typename scalar_t>
 DROPREG_AVX512 __attribute__((always_inline)) inline int64_t sample_registers_avx512(
     const scalar_t* z, int64_t lo, int64_t hi, RowState<float>& st, float* e_out, const uint16_t* h, int32_t* cand) {

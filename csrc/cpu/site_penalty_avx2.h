@@ -35,7 +35,8 @@ DROPREG_AVX2_NO_FMA inline __m256 site_eta8(const uint32_t* u, int64_t k, bool r
 }
 
 // The chunk's two sums Σ (g_e h)² and Σ g_i η h over m elements, m a multiple of 16 (ge / gi may be
-// null: that sum is 0).
+// null: that sum is 0): site_sums_avx512 at half the width (its ISA twin), each of its registers
+// as two; with no masks for a chunk's tail, whole 16-element steps only.
 template <typename scalar_t>
 DROPREG_AVX2_NO_FMA void site_sums_avx2(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
                                         const uint32_t* u, bool rademacher, float amplitude, float negative,

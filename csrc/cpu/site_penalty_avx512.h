@@ -33,6 +33,7 @@ DROPREG_AVX512 inline __m512 site_eta16(const uint32_t* u, int64_t k, bool radem
 #define DROPREG_ADD(x, y) _mm512_add_round_ps(x, y, _MM_FROUND_CUR_DIRECTION)
 
 // The chunk's two sums Σ (g_e h)² and Σ g_i η h over m elements (ge / gi may be null: that sum is 0).
+// Its ISA twin at 8 lanes is site_sums_avx2, which has no masks for a chunk's tail.
 template <typename scalar_t>
 DROPREG_AVX512 void site_sums_avx512(const scalar_t* h, const scalar_t* ge, const scalar_t* gi, int64_t m,
                                      const uint32_t* u, bool rademacher, float amplitude, float negative,
@@ -64,7 +65,8 @@ DROPREG_AVX512 void site_sums_avx512(const scalar_t* h, const scalar_t* ge, cons
   *implicit_sum = sum_i;
 }
 
-// dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h over m elements of a chunk.
+// dh = 2a·g_e²·h + b·g_i·η, dg_e = 2a·g_e·h², dg_i = b·η·h over m elements of a chunk. Its ISA
+// twin at 8 lanes is site_backward_avx2, which has no masks for a chunk's tail.
 template <typename scalar_t>
 DROPREG_AVX512 void site_backward_avx512(float a2_s, float b_s, const scalar_t* h, const scalar_t* ge,
                                          const scalar_t* gi, int64_t m, const uint32_t* u, bool rademacher,

@@ -53,19 +53,46 @@ struct BackwardArgs {
   bool on_chip;  // z and u kept in shared memory between the passes
 };
 
+// This thread's chunk `it` of z and u (flat index base) as acc_t, read as whole 16-byte vectors:
+// from the stash when `from_stash`, else from global memory, kept in the stash when `to_stash`.
+// Pass 1 reads its full chunks so; pass 2 its full ones, and its edge ones too when on_chip.
+template <int kThreads, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_zu_vecs(const BackwardArgs<scalar_t, acc_t>& a,
+                                             typename BackwardChunk<scalar_t>::Vec* stash_z,
+                                             typename BackwardChunk<scalar_t>::Vec* stash_u, int it, int64_t base,
+                                             bool from_stash, bool to_stash,
+                                             acc_t (&zx)[BackwardChunk<scalar_t>::kElems],
+                                             acc_t (&ux)[BackwardChunk<scalar_t>::kElems]) {
+  using C = BackwardChunk<scalar_t>;
+  using Vec = typename C::Vec;
+  Vec zv[C::kVecs], uv[C::kVecs];
+#pragma unroll
+  for (int w = 0; w < C::kVecs; ++w) {
+    zv[w] = from_stash ? *stash_slot<C, kThreads>(stash_z, it, w) : reinterpret_cast<const Vec*>(a.z + base)[w];
+    uv[w] = from_stash ? *stash_slot<C, kThreads>(stash_u, it, w) : reinterpret_cast<const Vec*>(a.u + base)[w];
+  }
+  if (to_stash) {
+#pragma unroll
+    for (int w = 0; w < C::kVecs; ++w) {
+      *stash_slot<C, kThreads>(stash_z, it, w) = zv[w];
+      *stash_slot<C, kThreads>(stash_u, it, w) = uv[w];
+    }
+  }
+  unpack<C, acc_t>(zv, zx);
+  unpack<C, acc_t>(uv, ux);
+}
+
 // Pass 1 reads z and u (keeping them in shared memory when on_chip) for ⟨p, u⟩; pass 2 writes
 // grad_z from shared memory or a second read. The two passes do the same arithmetic either way.
 template <typename scalar_t, typename acc_t, bool kBlockMode>
 __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min_blocks<acc_t, kBlockMode>())
     ce_grad_backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
   using C = BackwardChunk<scalar_t>;
-  using Vec = typename C::Vec;
   constexpr int kThreads = RowLanes<kBlockMode>::kThreads;
   constexpr int kElems = C::kElems;
   __shared__ acc_t sh[kRowWarps];
-  extern __shared__ __align__(16) unsigned char smem[];
-  Vec* const stash_z = reinterpret_cast<Vec*>(smem) + threadIdx.x;  // this thread's chunks of z ...
-  Vec* const stash_u = stash_z + a.plan.iters * C::kVecs * kThreads;  // ... and of u
+  auto* const stash_z = thread_stash<C>();  // this thread's chunks of z ...
+  auto* const stash_u = stash_z + a.plan.iters * C::kVecs * kThreads;  // ... and of u
   const RowLanes<kBlockMode> lanes(a.plan);
 
   // Uniform loop bound, and `valid` is uniform over a row's lanes: row_sum's barriers and shuffles
@@ -96,21 +123,7 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min
         const int64_t base = (first + j) * kElems;
         acc_t zx[kElems], ux[kElems];
         if (j >= full_lo && j < full_hi) {
-          Vec zv[C::kVecs], uv[C::kVecs];
-#pragma unroll
-          for (int w = 0; w < C::kVecs; ++w) {
-            zv[w] = reinterpret_cast<const Vec*>(a.z + base)[w];
-            uv[w] = reinterpret_cast<const Vec*>(a.u + base)[w];
-          }
-          if (a.on_chip) {
-#pragma unroll
-            for (int w = 0; w < C::kVecs; ++w) {
-              *stash_slot<C, kThreads>(stash_z, it, w) = zv[w];
-              *stash_slot<C, kThreads>(stash_u, it, w) = uv[w];
-            }
-          }
-          unpack<C, acc_t>(zv, zx);
-          unpack<C, acc_t>(uv, ux);
+          load_zu_vecs<kThreads>(a, stash_z, stash_u, it, base, /*from_stash=*/false, /*to_stash=*/a.on_chip, zx, ux);
         } else {
 #pragma unroll
           for (int e = 0; e < kElems; ++e) {
@@ -140,15 +153,11 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min
       if (p.valid) {
         acc_t zx[kElems], ux[kElems];
         if (a.on_chip || full) {
-          Vec zv[C::kVecs], uv[C::kVecs];
-#pragma unroll
-          for (int w = 0; w < C::kVecs; ++w) {
-            zv[w] = a.on_chip ? *stash_slot<C, kThreads>(stash_z, it, w) : reinterpret_cast<const Vec*>(a.z + base)[w];
-            uv[w] = a.on_chip ? *stash_slot<C, kThreads>(stash_u, it, w) : reinterpret_cast<const Vec*>(a.u + base)[w];
-          }
-          unpack<C, acc_t>(zv, zx);
-          unpack<C, acc_t>(uv, ux);
+          load_zu_vecs<kThreads>(a, stash_z, stash_u, it, base, /*from_stash=*/a.on_chip, /*to_stash=*/false, zx, ux);
         } else {
+          // Elements outside the row read as 0 and are never stored. Pass 1's loop (raw values kept
+          // for the stash) would serve here too, but costs the Half block-mode kernel a register in
+          // nvcc 13.0's code.
 #pragma unroll
           for (int e = 0; e < kElems; ++e) {
             const bool in_row = base + e >= begin && base + e < end;

@@ -213,6 +213,13 @@ __device__ __forceinline__ typename C::Vec* stash_slot(typename C::Vec* mine, in
   return mine + (it * C::kVecs + w) * kThreads;
 }
 
+// `mine` of stash_slot: the block's dynamic shared memory, from this thread's first vector.
+template <typename C>
+__device__ __forceinline__ typename C::Vec* thread_stash() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<typename C::Vec*>(smem) + threadIdx.x;
+}
+
 // d as the place of an element in a chunk of kElems (d: its flat index less the chunk's base), -1
 // when it lies outside: the per-element one-hot test is then a 32-bit compare.
 template <int kElems>

@@ -274,8 +274,7 @@ __global__ void __launch_bounds__(RowLanes<kBlockMode>::kThreads, row_kernel_min
   constexpr int kElems = C::kElems;
   const scalar_t kNegInf = static_cast<scalar_t>(-std::numeric_limits<float>::infinity());
   __shared__ RowShared<acc_t> sh;
-  extern __shared__ __align__(16) unsigned char smem[];
-  Vec* const stash = reinterpret_cast<Vec*>(smem) + threadIdx.x;  // this thread's chunks (fused gradient)
+  Vec* const stash = thread_stash<C>();  // this thread's chunks (fused gradient)
   const bool fused = a.grad != nullptr;
   const RowLanes<kBlockMode> lanes(a.plan);
   const cuda::RngState state = cuda::load_rng(a.rng);
