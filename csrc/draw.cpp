@@ -37,55 +37,49 @@ Tensor draw_state(const std::optional<int64_t>& seed) {
   return rng;
 }
 
-// The draw ops' CPU kernels: the state drawn, passed to the base op's CPU kernel where it takes
-// `rng` (typed, straight to that kernel: every key above the backend was handled for the draw op),
-// and appended to its outputs.
+// The draw ops' CPU kernels, one template for all: the state drawn, passed to the base op's CPU
+// kernel where it takes `rng` (typed, straight to that kernel: every key above the backend was handled
+// for the draw op), and appended to its outputs (a base op without outputs: the state alone).
 constexpr c10::DispatchKeySet kCpu{c10::DispatchKey::CPU};
 
-template <typename Out>
-auto with_state(Out&& out, const Tensor& rng) {
-  if constexpr (std::is_same_v<std::decay_t<Out>, Tensor>) {
-    return std::make_tuple(std::forward<Out>(out), rng);
-  } else {
-    return std::tuple_cat(std::forward<Out>(out), std::make_tuple(rng));
+template <typename Handle>
+struct SignatureOf;
+
+template <typename Sig>
+struct SignatureOf<c10::TypedOperatorHandle<Sig>> {
+  using type = Sig;
+};
+
+// draw_op, base_op: the typed handles (registered_ops.h); kRng: where the base op takes `rng`.
+template <auto draw_op, auto base_op, size_t kRng, typename Sig = typename SignatureOf<decltype(draw_op())>::type>
+struct DrawCpu;
+
+template <auto draw_op, auto base_op, size_t kRng, typename Ret, typename... Args>
+struct DrawCpu<draw_op, base_op, kRng, Ret(Args...)> {
+  static Ret kernel(Args... args) {  // the base op's arguments without rng, then seed
+    const auto all = std::forward_as_tuple(args...);
+    const Tensor rng = draw_state(std::get<sizeof...(Args) - 1>(all));
+    return call_base(all, rng, std::make_index_sequence<kRng>(),
+                     std::make_index_sequence<sizeof...(Args) - 1 - kRng>());
   }
-}
 
-std::tuple<Tensor, Tensor> dropout_draw_cpu(const Tensor& x, double p, std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  return with_state(dropout_op().redispatch(kCpu, x, p, rng), rng);
-}
-
-Tensor dropout_draw_inplace_cpu(Tensor& x, double p, std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  dropout_inplace_op().redispatch(kCpu, x, p, rng);
-  return rng;
-}
-
-std::tuple<Tensor, Tensor> dropout_indexed_draw_cpu(const Tensor& x, double p, c10::IntArrayRef index_strides,
-                                                    int64_t index_base, std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  return with_state(dropout_indexed_op().redispatch(kCpu, x, p, rng, index_strides, index_base), rng);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> ce_sample_draw_cpu(const Tensor& z, const Tensor& target,
-                                                              int64_t ignore_index, std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  return with_state(ce_sample_op().redispatch(kCpu, z, target, rng, ignore_index), rng);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ce_sample_grad_draw_cpu(
-    const Tensor& z, const Tensor& target, int64_t ignore_index, const OptTensor& true_scale,
-    std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  return with_state(ce_sample_grad_op().redispatch(kCpu, z, target, rng, ignore_index, true_scale), rng);
-}
-
-std::tuple<Tensor, Tensor> site_penalty_draw_cpu(const Tensor& h, const OptTensor& g_e, const OptTensor& g_i,
-                                                 double q, c10::string_view noise, std::optional<int64_t> seed) {
-  const Tensor rng = draw_state(seed);
-  return with_state(site_penalty_op().redispatch(kCpu, h, g_e, g_i, q, noise, rng), rng);
-}
+ private:
+  template <typename All, size_t... Before, size_t... After>
+  static Ret call_base(const All& all, const Tensor& rng, std::index_sequence<Before...>,
+                       std::index_sequence<After...>) {
+    const auto call = [&] {
+      return base_op().redispatch(kCpu, std::get<Before>(all)..., rng, std::get<kRng + After>(all)...);
+    };
+    if constexpr (std::is_void_v<decltype(call())>) {
+      call();
+      return rng;
+    } else if constexpr (std::is_same_v<decltype(call()), Tensor>) {
+      return {call(), rng};
+    } else {
+      return std::tuple_cat(call(), std::make_tuple(rng));
+    }
+  }
+};
 
 Tensor rng_state_cpu(const Tensor&, std::optional<int64_t> seed) { return draw_state(seed); }
 
@@ -93,12 +87,12 @@ Tensor rng_state_cpu(const Tensor&, std::optional<int64_t> seed) { return draw_s
 
 TORCH_LIBRARY_IMPL(dropreg, CPU, m) {
   m.impl("rng_state", &rng_state_cpu);
-  m.impl("dropout_draw", &dropout_draw_cpu);
-  m.impl("dropout_draw_", &dropout_draw_inplace_cpu);
-  m.impl("dropout_indexed_draw", &dropout_indexed_draw_cpu);
-  m.impl("cross_entropy_sample_draw", &ce_sample_draw_cpu);
-  m.impl("cross_entropy_sample_grad_draw", &ce_sample_grad_draw_cpu);
-  m.impl("site_penalty_draw", &site_penalty_draw_cpu);
+  m.impl("dropout_draw", &DrawCpu<dropout_draw_op, dropout_op, 2>::kernel);
+  m.impl("dropout_draw_", &DrawCpu<dropout_draw_inplace_op, dropout_inplace_op, 2>::kernel);
+  m.impl("dropout_indexed_draw", &DrawCpu<dropout_indexed_draw_op, dropout_indexed_op, 2>::kernel);
+  m.impl("cross_entropy_sample_draw", &DrawCpu<ce_sample_draw_op, ce_sample_op, 2>::kernel);
+  m.impl("cross_entropy_sample_grad_draw", &DrawCpu<ce_sample_grad_draw_op, ce_sample_grad_op, 2>::kernel);
+  m.impl("site_penalty_draw", &DrawCpu<site_penalty_draw_op, site_penalty_op, 5>::kernel);
 }
 
 }  // namespace dropreg

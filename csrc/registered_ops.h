@@ -30,6 +30,7 @@ using CeSampleGrad = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 DROPREG_OP(dropout_op, "dropout", Tensor(const Tensor&, double, const Tensor&))
 DROPREG_OP(dropout_inplace_op, "dropout_", void(Tensor&, double, const Tensor&))
 DROPREG_OP(dropout_draw_op, "dropout_draw", std::tuple<Tensor, Tensor>(const Tensor&, double, std::optional<int64_t>))
+DROPREG_OP(dropout_draw_inplace_op, "dropout_draw_", Tensor(Tensor&, double, std::optional<int64_t>))
 DROPREG_OP(dropout_indexed_op, "dropout_indexed",
            Tensor(const Tensor&, double, const Tensor&, c10::IntArrayRef, int64_t))
 DROPREG_OP(dropout_indexed_draw_op, "dropout_indexed_draw",
