@@ -87,12 +87,13 @@ def _units(section: str, cfg: Config) -> int:
     return len(SECTIONS[section].case_keys(cfg))
 
 
-def build_result(cfg: Config, tags: dict, rows: list, elapsed: dict, load_start: float) -> dict:
-    """The content of results.json: run settings, tagged rows, acceptance checks. The 1-minute
-    load average at the start and now says how busy a shared machine was during the run."""
+def build_result(cfg: Config, tags: dict, meta: dict, rows: list, elapsed: dict, load_start: float) -> dict:
+    """The content of results.json: run settings (``meta``, :func:`describe` at the start), tagged
+    rows, acceptance checks. The 1-minute load average at the start and now says how busy a shared
+    machine was during the run."""
     rows = [{**tags, **row} for row in rows]
     return {
-        "meta": {**describe(cfg, tags), "elapsed_s": elapsed, "load_avg_1min": [load_start, env.load_average()]},
+        "meta": {**meta, "elapsed_s": elapsed, "load_avg_1min": [load_start, env.load_average()]},
         "rows": rows,
         "checks": checks.acceptance(rows, cfg.device.type),
     }
@@ -103,10 +104,13 @@ def run_sections(names: list, cfg: Config, tags: dict, out_dir: str) -> dict:
     interrupt (a section's ``run`` may yield its rows one by one, as the training section does), so a
     run cut short by a time limit (bench/gpu_check.sh sends SIGINT) still leaves what it measured."""
     rows, elapsed, load_start = [], {}, env.load_average()
+    # Described once, before the first write: a refresh writes into the tracked results, which would
+    # make the tree look dirty to every later write.
+    meta = describe(cfg, tags)
     progress = Progress(sum(_units(name, cfg) for name in names))
 
     def write() -> None:
-        output.write_results(build_result(cfg, tags, rows, elapsed, load_start), out_dir)
+        output.write_results(build_result(cfg, tags, meta, rows, elapsed, load_start), out_dir)
 
     def write_then_progress(label: str) -> None:
         write()
@@ -126,7 +130,7 @@ def run_sections(names: list, cfg: Config, tags: dict, out_dir: str) -> dict:
         raise
     finally:
         progress.close()
-    return build_result(cfg, tags, rows, elapsed, load_start)
+    return build_result(cfg, tags, meta, rows, elapsed, load_start)
 
 
 def describe(cfg: Config, tags: dict) -> dict:

@@ -110,15 +110,22 @@ def versions_line(tags: dict) -> str:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def git_state() -> dict:
+# Outputs, not what was measured: a refresh or a resumed reproduction rewrites them as it runs.
+RESULT_FOLDERS = ("bench/results", "repro/results")
+
+
+def git_state(root: str = REPO_ROOT) -> dict:
     """``{"commit": full hash of HEAD, "dirty": True if tracked files differ from it}`` for the
-    repository this code runs from; ``{"commit": None, "dirty": None}`` outside a git work tree
-    (e.g. an unpacked copy without .git) or without git. Untracked files do not count as dirty."""
+    repository at ``root`` (this code's); ``{"commit": None, "dirty": None}`` outside a git work tree
+    (e.g. an unpacked copy without .git) or without git. Untracked files and the results folders
+    (RESULT_FOLDERS) do not count as dirty."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, check=True,
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(f":(exclude){folder}" for folder in RESULT_FOLDERS))
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
