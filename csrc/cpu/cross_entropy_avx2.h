@@ -14,6 +14,7 @@
 
 #include "blocks.h"
 #include "cross_entropy_row.h"
+#include "exp_log.h"
 #include "isa.h"
 #include "load_store_simd.h"
 #include "philox_simd.h"
@@ -177,6 +178,35 @@ DROPREG_AVX2 void scale_block_avx2(const float* e, int64_t lo, int64_t hi, float
       const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(g + 8 * j), packed);
     }
+  }
+}
+
+// (exp(z_k - l) - [k == y]) · s for the 8 lanes k = k0 .. k0 + 7 (zv: their logits as floats).
+DROPREG_AVX2 inline __m256 grad_lanes_avx2(__m256 zv, int64_t k0, float l, int64_t y, float s) {
+  __m256 p = Sleef_expf8_u10(_mm256_sub_ps(zv, _mm256_set1_ps(l)));
+  if (y >= k0 && y < k0 + 8) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i is_y = _mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(y - k0)));
+    p = _mm256_sub_ps(p, _mm256_and_ps(_mm256_castsi256_ps(is_y), _mm256_set1_ps(1.0f)));
+  }
+  return _mm256_mul_ps(p, _mm256_set1_ps(s));
+}
+
+// g[k] = (exp(float(z[k]) - l) - [k == y]) · s for k < n, rounded to scalar_t: the row of ce_grad.
+// The ISA twin of grad_row_avx512 at 8 lanes, with SLEEF's 8-lane exp (the one the portable row's
+// vexp takes): AVX2 has no masks, so the row's tail goes through a padded register, as vexp's does.
+template <typename scalar_t>
+DROPREG_AVX2 void grad_row_avx2(const scalar_t* z, int64_t n, float l, int64_t y, float s, scalar_t* g) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(z + k) + kPrefetchBytes, _MM_HINT_T0);
+    store8<scalar_t>(g + k, grad_lanes_avx2(load8<scalar_t>(z + k), k, l, y, s));
+  }
+  if (k < n) {
+    alignas(32) float tail[8] = {};
+    for (int64_t j = 0; k + j < n; ++j) tail[j] = static_cast<float>(z[k + j]);
+    _mm256_store_ps(tail, grad_lanes_avx2(_mm256_load_ps(tail), k, l, y, s));
+    for (int64_t j = 0; k + j < n; ++j) g[k + j] = static_cast<scalar_t>(tail[j]);
   }
 }
 
