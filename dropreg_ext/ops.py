@@ -141,7 +141,7 @@ def _spec(**fields) -> OpSpec:
 # Filled by the registration loop at the end: backend -> {op name -> registered op}.
 BACKEND_OPS: dict = {}
 NATIVE_BACKENDS = ("cpu", "cuda")  # the C++ ops
-# The C++ draw ops' entry points from Python, by base op (csrc/entry.cpp; those with a public caller).
+# The C++ draw ops' entry points from Python, by base op: those csrc/entry.cpp defines.
 ENTRIES: dict = {}
 
 
@@ -871,8 +871,7 @@ if _ext.HAS_CPU:
         **_native, **{f"{name}_draw": getattr(torch.ops.dropreg, f"{name}_draw") for name in DRAWS}
     }
     _register_autograd(_native, {name: f"dropreg::{name}" for name in SPECS}, native=True)
-    ENTRIES.update({name: getattr(_ext.C, name)
-                    for name in ("dropout", "cross_entropy_sample", "cross_entropy_sample_grad", "site_penalty")})
+    ENTRIES.update({name: getattr(_ext.C, name) for name in DRAWS if hasattr(_ext.C, name)})
 
 if _ext.HAS_TRITON:
     from . import triton_kernels
