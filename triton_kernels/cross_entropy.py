@@ -86,8 +86,9 @@ def _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G: tl.constexpr, ALIGNED: tl.con
     """Chunk k of columns [lo, hi) of the rows starting at flat index ``start`` (ROWS,) int64, as
     whole Philox groups: (group (ROWS, BLOCK_G, 1), flat index i, column, in-row mask (ROWS, BLOCK_G, 8)).
 
-    ALIGNED (C, lo and hi multiples of 8): a group lies wholly inside or outside [lo, hi), so the mask
-    is built per group and is constant over its 8 elements: the load is whole vector accesses.
+    ALIGNED (C, lo and hi multiples of 8, or a chunk wholly inside [lo, hi): :func:`_chunk_inside`):
+    a group lies wholly inside or outside [lo, hi), so the mask is built per group and is constant
+    over its 8 elements: the load is whole vector accesses.
     """
     start = start[:, None, None]
     group = ((start + lo) >> 3) + k + tl.arange(0, BLOCK_G)[None, :, None]
@@ -99,6 +100,16 @@ def _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G: tl.constexpr, ALIGNED: tl.con
     else:
         in_row = (col >= lo) & (col < hi) & row_ok[:, None, None]
     return group, i, col, in_row
+
+
+@triton.jit
+def _chunk_inside(start, lo, hi, k, BLOCK_G: tl.constexpr):
+    """Whether chunk k of columns [lo, hi) lies wholly inside them in every row of the tile: then its
+    groups can take the ALIGNED mask and whole vector loads even when C % 8 != 0, where only a row's
+    first and last chunks straddle its edges."""
+    first = ((start + lo) >> 3) + k
+    inside = (first * 8 >= start + lo) & ((first + BLOCK_G) * 8 <= start + hi)
+    return tl.min(inside.to(tl.int32), 0) > 0
 
 
 @triton.jit
@@ -196,15 +207,19 @@ def _sample_chunk(
     # a +inf without NaN gives lse = +inf, as torch.logsumexp.
     shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(sum_exp.dtype)
     e = tl.where(x == shift[:, None, None], 1.0, tl.exp(x - shift[:, None, None])).to(sum_exp.dtype)
-    sum_exp = sum_exp * _rescale(m, shift)[:, None, None] + e
+    if tl.max((m_new != m).to(tl.int32), 0) > 0:  # the rescale is exactly 1 where m did not grow
+        sum_exp = sum_exp * _rescale(m, shift)[:, None, None]
+    sum_exp = sum_exp + e
     m = m_new
 
     if any_valid:  # ignored rows skip the Gumbel draw
         h = _filter_bits(rng_ptr, group)
-        one_minus_u = ((((h ^ 0xFFFF) << 7).to(tl.float32) + 0.5) * TWO_POW_M23).to(sum_exp.dtype)
+        # 1 - u >= (w + 1/2)·2^-23 with w = (2^16 - 1 - h)·2^7 (exact in float), so with B = bound·2^23
+        # the filter (w + 1/2)·2^-23 < e·bound reads w < e·B - 1/2: one fma, within FILTER_MARGIN.
+        w = ((h ^ 0xFFFF) << 7).to(sum_exp.dtype)
         exact = best == float("-inf")
-        bound = tl.exp(m - tl.where(exact, m, best)) * FILTER_MARGIN
-        passes = (one_minus_u < e * bound[:, None, None]) | (e != e)
+        big_b = tl.exp(m - tl.where(exact, m, best)) * (FILTER_MARGIN / TWO_POW_M23)
+        passes = (w < tl.fma(e, big_b[:, None, None], -0.5)) | (e != e)
         cand = in_row & valid[:, None, None] & (exact[:, None, None] | passes)
         if tl.max(cand.to(tl.int32)) > 0:
             v = _refinement_bits(rng_ptr, group)
@@ -213,6 +228,35 @@ def _sample_chunk(
             chunk_best, chunk_col = _row_argmax(score, tl.where(cand, col, NO_COLUMN))
             best, best_col = _argmax_combine(best, best_col, chunk_best, chunk_col)
     return m, sum_exp, best, best_col, x, i, col, in_row
+
+
+@triton.jit
+def _sample_chunks_step(z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col,
+                        BLOCK_G: tl.constexpr, ALIGNED: tl.constexpr):
+    """:func:`_sample_chunk` in a loop over a row's chunks, returning the state only: with whole
+    vector loads for every chunk when ALIGNED, else for the chunks wholly inside [lo, hi)."""
+    if ALIGNED:
+        m, sum_exp, best, best_col, _x, _i, _col, _in_row = _sample_chunk(
+            z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col, BLOCK_G, True
+        )
+    elif _chunk_inside(start, lo, hi, k, BLOCK_G):
+        m, sum_exp, best, best_col, _x, _i, _col, _in_row = _sample_chunk(
+            z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col, BLOCK_G, True
+        )
+    else:
+        m, sum_exp, best, best_col, _x, _i, _col, _in_row = _sample_chunk(
+            z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col, BLOCK_G, False
+        )
+    return m, sum_exp, best, best_col
+
+
+@triton.jit
+def _grad_chunk(z_ptr, g_ptr, start, n_cols, k, row_ok, lse, yhat, valid, BLOCK_G: tl.constexpr, ALIGNED: tl.constexpr):
+    """The fused gradient's pass over chunk k of the rows (a re-read of z): G = exp(z - lse) - onehot(ŷ)."""
+    g_ty: tl.constexpr = g_ptr.dtype.element_ty
+    _group, i, col, in_row = _chunk_tile(start, 0, n_cols, k, row_ok, BLOCK_G, ALIGNED)
+    x = tl.load(z_ptr + i, mask=in_row, other=0).to(lse.dtype)
+    tl.store(g_ptr + i, round_to(_sampled_grad(x, col, in_row, lse, yhat, valid), g_ty), mask=in_row)
 
 
 @triton.jit
@@ -280,7 +324,7 @@ def _cross_entropy_sample_kernel(
     else:
         n_groups = n_cols >> 3 if ALIGNED else (n_cols + 14) >> 3  # at most, for any row start
         for k in range(0, n_groups, BLOCK_G):
-            m, sum_exp, best, yhat, _x, _i, _col, _in_row = _sample_chunk(
+            m, sum_exp, best, yhat = _sample_chunks_step(
                 z_ptr, rng_ptr, start, 0, n_cols, k, row_ok, valid, any_valid, m, sum_exp, best, yhat, BLOCK_G, ALIGNED
             )
 
@@ -298,10 +342,12 @@ def _cross_entropy_sample_kernel(
             tl.store(g_ptr + i, round_to(_sampled_grad(x, col, in_row, lse, yhat, valid), g_ty), mask=in_row)
         else:
             for k in range(0, n_groups, BLOCK_G):
-                _group, i, col, in_row = _chunk_tile(start, 0, n_cols, k, row_ok, BLOCK_G, ALIGNED)
-                x = tl.load(z_ptr + i, mask=in_row, other=0).to(acc_ty)
-                g = _sampled_grad(x, col, in_row, lse, yhat, valid)
-                tl.store(g_ptr + i, round_to(g, g_ty), mask=in_row)
+                if ALIGNED:
+                    _grad_chunk(z_ptr, g_ptr, start, n_cols, k, row_ok, lse, yhat, valid, BLOCK_G, True)
+                elif _chunk_inside(start, 0, n_cols, k, BLOCK_G):
+                    _grad_chunk(z_ptr, g_ptr, start, n_cols, k, row_ok, lse, yhat, valid, BLOCK_G, True)
+                else:
+                    _grad_chunk(z_ptr, g_ptr, start, n_cols, k, row_ok, lse, yhat, valid, BLOCK_G, False)
 
 
 @triton.jit
@@ -341,7 +387,7 @@ def _cross_entropy_sample_split_kernel(
     best_col = tl.zeros((1,), tl.int32)
     n_groups = (hi - lo) >> 3 if ALIGNED else (hi - lo + 14) >> 3
     for k in range(0, n_groups, BLOCK_G):
-        m, sum_exp, best, best_col, _x, _i, _col, _in_row = _sample_chunk(
+        m, sum_exp, best, best_col = _sample_chunks_step(
             z_ptr, rng_ptr, start, lo, hi, k, row_ok, valid, any_valid, m, sum_exp, best, best_col, BLOCK_G, ALIGNED
         )
 
