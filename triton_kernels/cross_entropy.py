@@ -216,10 +216,11 @@ def _sample_chunk(
         h = _filter_bits(rng_ptr, group)
         # 1 - u >= (w + 1/2)·2^-23 with w = (2^16 - 1 - h)·2^7 (exact in float), so with B = bound·2^23
         # the filter (w + 1/2)·2^-23 < e·bound reads w < e·B - 1/2: one fma, within FILTER_MARGIN.
+        # Written as not(w >= ...), a NaN e (a NaN logit) passes too.
         w = ((h ^ 0xFFFF) << 7).to(sum_exp.dtype)
         exact = best == float("-inf")
         big_b = tl.exp(m - tl.where(exact, m, best)) * (FILTER_MARGIN / TWO_POW_M23)
-        passes = (w < tl.fma(e, big_b[:, None, None], -0.5)) | (e != e)
+        passes = ~(w >= tl.fma(e, big_b[:, None, None], -0.5))
         cand = in_row & valid[:, None, None] & (exact[:, None, None] | passes)
         if tl.max(cand.to(tl.int32)) > 0:
             v = _refinement_bits(rng_ptr, group)
