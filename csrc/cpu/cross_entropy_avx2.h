@@ -1,10 +1,10 @@
-// AVX2 inner loops of the CPU cross-entropy sample pass (cross_entropy.cpp), for float
-// accumulation on CPUs with AVX2 + FMA + F16C and no AVX-512: sample_block_avx512
-// (cross_entropy_avx512.h) at 8 logits a register, the same arithmetic in the same order (the
-// 16 partial sums: elements 8j..8j+7 of the block go to partials 0..7 for even j, 8..15 for odd),
-// with the Philox draws of philox16 (philox_simd.h). Its exp is the AVX-512 one's polynomial; below
-// -87.3 (where exp is subnormal) it gives 0: those elements add nothing the lse can see and cannot
-// win the Gumbel-max (that needs z > S - 16.6).
+// AVX2 inner loops of the CPU cross-entropy kernels (cross_entropy.cpp), for float accumulation
+// on CPUs with AVX2 + FMA + F16C and no AVX-512: each the AVX-512 loop of cross_entropy_avx512.h at
+// 8 logits a register, the same arithmetic in the same order (the 16 partial sums: elements
+// 8j..8j+7 go to partials 0..7 for even j, 8..15 for odd), the sample pass with the Philox draws
+// of philox16 (philox_simd.h). The sample pass's exp is the AVX-512 one's polynomial; below -87.3
+// (where exp is subnormal) it gives 0: those elements add nothing the lse can see and cannot win
+// the Gumbel-max (that needs z > S - 16.6). The gradients' exp is SLEEF's 8-lane one.
 #pragma once
 
 #include <immintrin.h>
@@ -208,6 +208,81 @@ DROPREG_AVX2 void grad_row_avx2(const scalar_t* z, int64_t n, float l, int64_t y
     _mm256_store_ps(tail, grad_lanes_avx2(_mm256_load_ps(tail), k, l, y, s));
     for (int64_t j = 0; k + j < n; ++j) g[k + j] = static_cast<scalar_t>(tail[j]);
   }
+}
+
+// softmax_dot2_row_avx512's contract at 8 lanes (its ISA twin): p[k] = exp(float(z[k]) - l) (SLEEF's
+// 8-lane exp, the portable row's vexp), w[k] = u_g[k] + s·u_t[k] (a null cotangent: 0), and
+// partial[k % 16] += p[k]·w[k] (the product in float, the sum in double): elements 8j .. 8j + 7 go
+// to partials 0..7 for even j, 8..15 for odd, each in increasing k.
+template <typename scalar_t>
+DROPREG_AVX2 void softmax_dot2_row_avx2(const scalar_t* z, const scalar_t* u_g, const scalar_t* u_t, float s,
+                                        int64_t n, float l, float* p, float* w, double* partial) {
+  const __m256 lv = _mm256_set1_ps(l), sv = _mm256_set1_ps(s);
+  __m256d acc[4] = {_mm256_load_pd(partial), _mm256_load_pd(partial + 4), _mm256_load_pd(partial + 8),
+                    _mm256_load_pd(partial + 12)};
+  const auto cotangent = [&](int64_t k) DROPREG_AVX2 {
+    __m256 wv = u_g != nullptr ? load8<scalar_t>(u_g + k) : _mm256_setzero_ps();
+    if (u_t != nullptr) wv = _mm256_add_ps(wv, _mm256_mul_ps(sv, load8<scalar_t>(u_t + k)));
+    return wv;
+  };
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 pv = Sleef_expf8_u10(_mm256_sub_ps(load8<scalar_t>(z + k), lv));
+    const __m256 wv = cotangent(k);
+    _mm256_storeu_ps(p + k, pv);
+    _mm256_storeu_ps(w + k, wv);
+    const __m256 prod = _mm256_mul_ps(pv, wv);
+    const int half = static_cast<int>((k / 8) & 1);
+    acc[2 * half] = _mm256_add_pd(acc[2 * half], _mm256_cvtps_pd(_mm256_castps256_ps128(prod)));
+    acc[2 * half + 1] = _mm256_add_pd(acc[2 * half + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
+  }
+  for (int q = 0; q < 4; ++q) _mm256_store_pd(partial + 4 * q, acc[q]);
+  if (k < n) {
+    alignas(32) float zt[8] = {};
+    for (int64_t j = 0; k + j < n; ++j) zt[j] = static_cast<float>(z[k + j]) - l;
+    alignas(32) float pt[8];
+    _mm256_store_ps(pt, Sleef_expf8_u10(_mm256_load_ps(zt)));
+    for (int64_t j = 0; k + j < n; ++j) {
+      p[k + j] = pt[j];
+      float wj = u_g != nullptr ? static_cast<float>(u_g[k + j]) : 0.0f;  // as cotangent() forms it
+      if (u_t != nullptr) wj = wj + s * static_cast<float>(u_t[k + j]);
+      w[k + j] = wj;
+      partial[(k + j) % kSumLanes] += static_cast<double>(p[k + j] * w[k + j]);
+    }
+  }
+}
+
+// softmax_vjp_row_avx512's contract at 8 lanes: g[k] = s·p[k]·(u[k] - pu), rounded to scalar_t.
+template <typename scalar_t>
+DROPREG_AVX2 void softmax_vjp_row_avx2(const float* p, const float* u, int64_t n, float pu, float s, scalar_t* g) {
+  const __m256 puv = _mm256_set1_ps(pu), sv = _mm256_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 sp = _mm256_mul_ps(sv, _mm256_loadu_ps(p + k));
+    store8<scalar_t>(g + k, _mm256_mul_ps(sp, _mm256_sub_ps(_mm256_loadu_ps(u + k), puv)));
+  }
+  for (; k < n; ++k) g[k] = static_cast<scalar_t>(ce_grad_backward_element<float>(p[k], u[k], pu, s));
+}
+
+// softmax_vjp2_row_avx512's contract at 8 lanes: g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]),
+// rounded to scalar_t.
+template <typename scalar_t>
+DROPREG_AVX2 void softmax_vjp2_row_avx2(const float* p, const float* w, int64_t n, float pw, float gl, int64_t y,
+                                        scalar_t* g) {
+  const __m256 pwv = _mm256_set1_ps(pw), glv = _mm256_set1_ps(gl);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 pv = _mm256_loadu_ps(p + k);
+    __m256 onehot_term = pv;  // p - [k == y]
+    if (y >= k && y < k + 8) {
+      const __m256 is_y = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(y - k))));
+      onehot_term = _mm256_sub_ps(pv, _mm256_and_ps(is_y, _mm256_set1_ps(1.0f)));
+    }
+    const __m256 vjp = _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(w + k), pwv));
+    store8<scalar_t>(g + k, _mm256_add_ps(vjp, _mm256_mul_ps(glv, onehot_term)));
+  }
+  for (; k < n; ++k) g[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? 1.0f : 0.0f)));
 }
 
 }  // namespace cpu

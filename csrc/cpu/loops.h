@@ -115,10 +115,10 @@ constexpr DropoutLoops<scalar_t, acc_t> kDropoutLoops<Isa::kAvx512, scalar_t, ac
     &dropout_avx512<scalar_t, acc_t>, kAvx512StepElems, &philox_list_avx512, &apply_u16_avx512<scalar_t, acc_t>,
     &dropout_rows_avx512<scalar_t>};
 
-template <typename scalar_t>  // cross-entropy, AVX2: the sample pass and ce_grad's row (the others' exp: SLEEF's)
+template <typename scalar_t>  // cross-entropy, AVX2: every loop
 constexpr CrossEntropyLoops<scalar_t, float> kCrossEntropyLoops<Isa::kAvx2, scalar_t, float>{
-    .sample_block = &sample_block_avx2<scalar_t>, .scale_block = &scale_block_avx2<scalar_t>,
-    .grad_row = &grad_row_avx2<scalar_t>};
+    &sample_block_avx2<scalar_t>,     &scale_block_avx2<scalar_t>,     &grad_row_avx2<scalar_t>,
+    &softmax_dot2_row_avx2<scalar_t>, &softmax_vjp_row_avx2<scalar_t>, &softmax_vjp2_row_avx2<scalar_t>};
 template <typename scalar_t>  // cross-entropy, AVX-512: every loop
 constexpr CrossEntropyLoops<scalar_t, float> kCrossEntropyLoops<Isa::kAvx512, scalar_t, float>{
     &sample_block_avx512<scalar_t>,     &scale_block_avx512<scalar_t>,     &grad_row_avx512<scalar_t>,
