@@ -193,10 +193,11 @@ def _sample_chunk(
     formula, so ŷ is its bit for bit), and only the candidates' scores count. After a row's first
     chunk about exp(lse - S) = O(1) of its elements pass, so most chunks of a long row skip the
     refinement and the logs. Everything is a candidate while S = -inf (a row's first chunk), and so
-    is an element whose e is NaN (a NaN logit, or any logit once m is NaN); a +inf logit has e = 1
-    and passes unless S = +inf already, a -inf logit has e = 0 and score -inf: both are filtered
-    correctly. The row's winning element has z ≥ m - 19.5 (G is in [-2.8, 16.6]), so its e never
-    underflows and an overflowing exp(m - S) cannot drop it.
+    is an element whose e is NaN (a NaN logit, or any logit once m is NaN), or whose bound is NaN; a
+    +inf logit has e = 1 and passes (once S = +inf, through the NaN bound, and its tie with S goes to
+    the earlier column), a -inf logit has e = 0 and score -inf: both are filtered correctly. The
+    row's winning element has z ≥ m - 19.5 (G is in [-2.8, 16.6]), so its e never underflows and an
+    overflowing exp(m - S) cannot drop it.
     """
     group, i, col, in_row = _chunk_tile(start, lo, hi, k, row_ok, BLOCK_G, ALIGNED)
     x = tl.load(z_ptr + i, mask=in_row, other=float("-inf")).to(sum_exp.dtype)
