@@ -170,11 +170,11 @@ void softmax_vjp_row_portable(const acc_t* p, const acc_t* u, int64_t n, acc_t p
   for (int64_t k = 0; k < n; ++k) g[k] = static_cast<scalar_t>(ce_grad_backward_element<acc_t>(p[k], u[k], pu, s));
 }
 
-// g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]).
+// g[k] = p[k]·(w[k] - pw) + gl·(p[k] - [k == y]) (sample_grad_backward_element).
 template <typename scalar_t, typename acc_t>
 void softmax_vjp2_row_portable(const acc_t* p, const acc_t* w, int64_t n, acc_t pw, acc_t gl, int64_t y, scalar_t* g) {
   for (int64_t k = 0; k < n; ++k) {
-    g[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? acc_t(1) : acc_t(0))));
+    g[k] = static_cast<scalar_t>(sample_grad_backward_element<acc_t>(p[k], w[k], pw, gl, k == y));
   }
 }
 

@@ -220,15 +220,16 @@ DROPREG_AVX2 void softmax_dot2_row_avx2(const scalar_t* z, const scalar_t* u_g, 
   const __m256 lv = _mm256_set1_ps(l), sv = _mm256_set1_ps(s);
   __m256d acc[4] = {_mm256_load_pd(partial), _mm256_load_pd(partial + 4), _mm256_load_pd(partial + 8),
                     _mm256_load_pd(partial + 12)};
-  const auto cotangent = [&](int64_t k) DROPREG_AVX2 {
-    __m256 wv = u_g != nullptr ? load8<scalar_t>(u_g + k) : _mm256_setzero_ps();
-    if (u_t != nullptr) wv = _mm256_add_ps(wv, _mm256_mul_ps(sv, load8<scalar_t>(u_t + k)));
+  // w of the 8 lanes from ug[0..8), ut[0..8) (null: 0).
+  const auto cotangent = [&](const scalar_t* ug, const scalar_t* ut) DROPREG_AVX2 {
+    __m256 wv = ug != nullptr ? load8<scalar_t>(ug) : _mm256_setzero_ps();
+    if (ut != nullptr) wv = _mm256_add_ps(wv, _mm256_mul_ps(sv, load8<scalar_t>(ut)));
     return wv;
   };
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
     const __m256 pv = Sleef_expf8_u10(_mm256_sub_ps(load8<scalar_t>(z + k), lv));
-    const __m256 wv = cotangent(k);
+    const __m256 wv = cotangent(u_g != nullptr ? u_g + k : nullptr, u_t != nullptr ? u_t + k : nullptr);
     _mm256_storeu_ps(p + k, pv);
     _mm256_storeu_ps(w + k, wv);
     const __m256 prod = _mm256_mul_ps(pv, wv);
@@ -237,17 +238,21 @@ DROPREG_AVX2 void softmax_dot2_row_avx2(const scalar_t* z, const scalar_t* u_g, 
     acc[2 * half + 1] = _mm256_add_pd(acc[2 * half + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
   }
   for (int q = 0; q < 4; ++q) _mm256_store_pd(partial + 4 * q, acc[q]);
-  if (k < n) {
+  if (k < n) {  // the tail through padded registers, as vexp's; its partial sums element by element
     alignas(32) float zt[8] = {};
-    for (int64_t j = 0; k + j < n; ++j) zt[j] = static_cast<float>(z[k + j]) - l;
-    alignas(32) float pt[8];
+    alignas(32) scalar_t ug[8] = {}, ut[8] = {};
+    for (int64_t j = 0; k + j < n; ++j) {
+      zt[j] = static_cast<float>(z[k + j]) - l;
+      if (u_g != nullptr) ug[j] = u_g[k + j];
+      if (u_t != nullptr) ut[j] = u_t[k + j];
+    }
+    alignas(32) float pt[8], wt[8];
     _mm256_store_ps(pt, Sleef_expf8_u10(_mm256_load_ps(zt)));
+    _mm256_store_ps(wt, cotangent(u_g != nullptr ? ug : nullptr, u_t != nullptr ? ut : nullptr));
     for (int64_t j = 0; k + j < n; ++j) {
       p[k + j] = pt[j];
-      float wj = u_g != nullptr ? static_cast<float>(u_g[k + j]) : 0.0f;  // as cotangent() forms it
-      if (u_t != nullptr) wj = wj + s * static_cast<float>(u_t[k + j]);
-      w[k + j] = wj;
-      partial[(k + j) % kSumLanes] += static_cast<double>(p[k + j] * w[k + j]);
+      w[k + j] = wt[j];
+      partial[(k + j) % kSumLanes] += static_cast<double>(pt[j] * wt[j]);
     }
   }
 }
@@ -282,7 +287,7 @@ DROPREG_AVX2 void softmax_vjp2_row_avx2(const float* p, const float* w, int64_t 
     const __m256 vjp = _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(w + k), pwv));
     store8<scalar_t>(g + k, _mm256_add_ps(vjp, _mm256_mul_ps(glv, onehot_term)));
   }
-  for (; k < n; ++k) g[k] = static_cast<scalar_t>(p[k] * (w[k] - pw) + gl * (p[k] - (k == y ? 1.0f : 0.0f)));
+  for (; k < n; ++k) g[k] = static_cast<scalar_t>(sample_grad_backward_element<float>(p[k], w[k], pw, gl, k == y));
 }
 
 }  // namespace cpu

@@ -142,4 +142,11 @@ DROPREG_HOST_DEVICE acc_t ce_grad_backward_element(acc_t p, acc_t u, acc_t pu, a
   return row_scale * p * (u - pu);
 }
 
+// The fused op's grad_z = p · (w - ⟨p, w⟩) + grad_loss · (p - [c == label]), for a valid row (w the
+// combined cotangent of G, pw = ⟨p, w⟩ of the row).
+template <typename acc_t>
+DROPREG_HOST_DEVICE acc_t sample_grad_backward_element(acc_t p, acc_t w, acc_t pw, acc_t grad_loss, bool is_label) {
+  return p * (w - pw) + grad_loss * (p - (is_label ? acc_t(1) : acc_t(0)));
+}
+
 }  // namespace dropreg
